@@ -1,0 +1,1 @@
+"""The catalog store: schema, Parquet and Postgres backends, HEALPix queries, association."""

@@ -1,0 +1,1 @@
+"""Orchestration: the only place that joins process and catalog."""

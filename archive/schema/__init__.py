@@ -1,0 +1,1 @@
+"""Packaged schema files (tables.yaml)."""

@@ -1,0 +1,1 @@
+"""Survey simulator with truth tables."""

@@ -1,0 +1,1 @@
+"""Sky geometry: HEALPix indexing, regions to index ranges, sky tiles. Pure."""
