@@ -1,1 +1,32 @@
-"""The image data model: Exposure (image, mask, variance, WCS, PSF, calibration, metadata) and FITS I/O."""
+"""The image data model: Exposure (image, mask, variance, WCS, PSF, calibration, metadata) and FITS I/O.
+
+Public names:
+
+- :class:`~archive.image.exposure.Exposure`, :class:`~archive.image.exposure.ExposureInfo`
+- :mod:`archive.image.mask` (named bit planes, :func:`~archive.image.mask.bits`)
+- :mod:`archive.image.psf` (:class:`GaussianPSF`, :class:`MoffatPSF`, :class:`PixelPSF`)
+- :class:`~archive.image.calib.PhotoCalib`
+- :func:`~archive.image.raw.read_raw` / :class:`~archive.image.raw.RawFrame`
+"""
+
+from archive.image.calib import PhotoCalib
+from archive.image.exposure import Exposure, ExposureInfo
+from archive.image.mask import DEFAULT_MASK_PLANES, bits
+from archive.image.psf import PSF, GaussianPSF, MoffatPSF, PixelPSF, add_point_sources
+from archive.image.raw import RawFrame, read_raw, write_raw
+
+__all__ = [
+    "DEFAULT_MASK_PLANES",
+    "PSF",
+    "Exposure",
+    "ExposureInfo",
+    "GaussianPSF",
+    "MoffatPSF",
+    "PhotoCalib",
+    "PixelPSF",
+    "RawFrame",
+    "add_point_sources",
+    "bits",
+    "read_raw",
+    "write_raw",
+]

@@ -1,0 +1,583 @@
+"""Point-spread-function models.
+
+Stamp convention (all classes)
+------------------------------
+Pixel centres sit at integer coordinates (pixel ``[iy, ix]`` of a numpy array
+covers ``ix - 0.5 <= x < ix + 0.5``).  ``psf.image(x, y, size)`` returns a
+``size x size`` float64 array (``size`` odd) whose **centre pixel**
+``[size // 2, size // 2]`` corresponds to the image pixel that contains
+``(x, y)``, namely ``(ix, iy) = (floor(x + 0.5), floor(y + 0.5))``.  Inside the
+stamp the PSF centroid sits at stamp coordinates
+``(size // 2 + dx, size // 2 + dy)`` with ``dx = x - ix`` and ``dy = y - iy`` in
+``[-0.5, 0.5)``.  Values are the PSF **integrated over each pixel** (the
+pixel-convolved or "effective" PSF), normalised so the stamp sums to exactly 1
+(the part of the profile outside the stamp is dropped and the rest rescaled).
+The stamp's lower-left pixel lies at image pixel :meth:`PSF.stamp_origin`.
+
+To add a star of flux F at (x, y) to an image: ``x0, y0 = psf.stamp_origin(x, y, s)``
+then ``image[y0:y0+s, x0:x0+s] += F * psf.image(x, y, s)`` (see
+:func:`add_point_sources` for a vectorised, edge-safe version).
+
+Positions given to a PSF are pixel coordinates of the image it belongs to.  A
+PSF taken from a sub-image (``Exposure.subimage``) carries the offset of that
+sub-image (:meth:`PSF.shifted`), so it keeps describing the same physical pixels.
+
+Every class round-trips through FITS: :meth:`PSF.to_hdu` writes a one-row
+binary table (EXTNAME ``PSF``, card ``PSFTYPE`` naming the class) and
+:func:`PSF.from_hdu` reads any registered class back with bit-identical
+parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import ClassVar
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+from scipy import ndimage, special
+
+from archive.errors import ValidationError
+
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+
+# --------------------------------------------------------------------------- polynomials
+def poly_terms(degree: int) -> list[tuple[int, int]]:
+    """Exponents ``(i, j)`` of the monomials ``u**i * v**j`` of total degree <= ``degree``.
+
+    Order: by total degree, then by increasing power of v:
+    ``1, u, v, u^2, u v, v^2, u^3, ...``.
+    """
+    if degree < 0:
+        raise ValidationError(f"polynomial degree must be >= 0, got {degree}")
+    return [(n - j, j) for n in range(degree + 1) for j in range(n + 1)]
+
+
+def n_poly_terms(degree: int) -> int:
+    """Number of monomials of total degree <= ``degree``."""
+    return (degree + 1) * (degree + 2) // 2
+
+
+def normalized_coords(x, y, bbox: tuple[float, float, float, float]):
+    """Map pixel coordinates to ``u, v`` in [-1, 1] over ``bbox = (x0, y0, x1, y1)``.
+
+    ``x0 -> -1`` and ``x1 -> +1`` (same for y); used by every spatially varying
+    model so fitted coefficients stay well conditioned.
+    """
+    x0, y0, x1, y1 = (float(b) for b in bbox)
+    sx = (x1 - x0) / 2.0 or 1.0
+    sy = (y1 - y0) / 2.0 or 1.0
+    u = (np.asarray(x, dtype=float) - (x0 + x1) / 2.0) / sx
+    v = (np.asarray(y, dtype=float) - (y0 + y1) / 2.0) / sy
+    return u, v
+
+
+def poly_design(x, y, degree: int, bbox: tuple[float, float, float, float]) -> np.ndarray:
+    """Design matrix ``(..., n_terms)`` of the monomials at positions (x, y) (pixels)."""
+    u, v = normalized_coords(x, y, bbox)
+    u = np.asarray(u)
+    v = np.asarray(v)
+    return np.stack([u**i * v**j for i, j in poly_terms(degree)], axis=-1)
+
+
+def degree_from_n_terms(n: int) -> int:
+    """Inverse of :func:`n_poly_terms`; raises when ``n`` is not a triangular count."""
+    d = 0
+    while n_poly_terms(d) < n:
+        d += 1
+    if n_poly_terms(d) != n:
+        raise ValidationError(f"{n} coefficients do not form a full 2-D polynomial")
+    return d
+
+
+def fwhm_from_image(img: np.ndarray, pixel_scale: float = 1.0) -> float:
+    """FWHM (in units of ``1 / pixel_scale`` pixels) of a centred, peaked profile.
+
+    Uses the area above half maximum: ``FWHM = 2 sqrt(area / pi)``, after cubic
+    up-sampling to at least 8 samples per unit so it works on coarse images.
+    ``pixel_scale`` is the number of samples per (native) pixel of ``img``.
+    """
+    a = np.asarray(img, dtype=float)
+    factor = max(1, int(math.ceil(8.0 / pixel_scale)))
+    if factor > 1:
+        a = ndimage.zoom(a, factor, order=3, grid_mode=True, mode="grid-constant")
+    peak = a.max()
+    if not peak > 0:
+        raise ValidationError("cannot measure FWHM of an image without a positive peak")
+    area = np.count_nonzero(a >= 0.5 * peak) / (pixel_scale * factor) ** 2
+    return 2.0 * math.sqrt(area / math.pi)
+
+
+# --------------------------------------------------------------------------- base class
+class PSF:
+    """Base class: see the module docstring for the stamp convention."""
+
+    #: Name written in the PSFTYPE card; registered automatically.
+    kind: ClassVar[str] = ""
+    _registry: ClassVar[dict[str, type["PSF"]]] = {}
+
+    #: offset added to positions before evaluating the model (see :meth:`shifted`)
+    x_offset: float = 0.0
+    y_offset: float = 0.0
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            PSF._registry[cls.kind] = cls
+
+    # ---- to implement
+    def _pixel_response(self, xm, ym, u, v) -> np.ndarray:
+        """Pixel-integrated PSF at offsets (u, v) (pixels) from its centre at model position (xm, ym).
+
+        Arrays broadcast together; the result need not be normalised.
+        """
+        raise NotImplementedError
+
+    def _fwhm_at(self, xm, ym):
+        """FWHM (pixels) at model-frame positions (vectorised)."""
+        raise NotImplementedError
+
+    def _reference_position(self) -> tuple[float, float]:
+        """Model-frame position used when ``fwhm()`` is called without a position."""
+        return (0.0, 0.0)
+
+    def _params(self) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def _from_params(cls, params: dict) -> "PSF":
+        raise NotImplementedError
+
+    # ---- public API
+    def image(self, x: float, y: float, size: int | None = None) -> np.ndarray:
+        """Normalised ``size x size`` stamp (float64, sum 1) of the PSF at pixel (x, y).
+
+        ``size`` must be odd; default :meth:`default_size`.  See the module
+        docstring for where the stamp sits.
+        """
+        if size is None:
+            size = self.default_size(x, y)
+        return self.render_stamps(np.array([float(x)]), np.array([float(y)]), size)[0]
+
+    def render_stamps(self, xs, ys, size: int) -> np.ndarray:
+        """Stamps ``(N, size, size)`` for N positions, same convention as :meth:`image`."""
+        size = _check_size(size)
+        xs = np.atleast_1d(np.asarray(xs, dtype=float))
+        ys = np.atleast_1d(np.asarray(ys, dtype=float))
+        if xs.shape != ys.shape or xs.ndim != 1:
+            raise ValidationError("render_stamps: xs and ys must be 1-D arrays of equal length")
+        if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys))):
+            raise ValidationError("render_stamps: positions must be finite")
+        dx = xs - np.floor(xs + 0.5)
+        dy = ys - np.floor(ys + 0.5)
+        g = np.arange(size, dtype=float) - size // 2
+        u = g[None, None, :] - dx[:, None, None]
+        v = g[None, :, None] - dy[:, None, None]
+        xm = (xs + self.x_offset)[:, None, None]
+        ym = (ys + self.y_offset)[:, None, None]
+        vals = np.asarray(self._pixel_response(xm, ym, u, v), dtype=float)
+        vals = np.broadcast_to(vals, (xs.size, size, size)).copy()
+        total = vals.sum(axis=(1, 2), keepdims=True)
+        if np.any(~(total > 0)):
+            raise ValidationError(f"{type(self).__name__}: PSF stamp has no positive flux")
+        return vals / total
+
+    @staticmethod
+    def stamp_origin(x: float, y: float, size: int) -> tuple[int, int]:
+        """Image pixel ``(x0, y0)`` of a stamp's lower-left pixel for a source at (x, y)."""
+        half = int(size) // 2
+        return int(math.floor(x + 0.5)) - half, int(math.floor(y + 0.5)) - half
+
+    def fwhm(self, x: float | None = None, y: float | None = None) -> float:
+        """Full width at half maximum in pixels at (x, y); model reference position when omitted."""
+        if x is None or y is None:
+            xm, ym = self._reference_position()
+        else:
+            xm, ym = float(x) + self.x_offset, float(y) + self.y_offset
+        return float(np.asarray(self._fwhm_at(np.asarray(xm), np.asarray(ym))))
+
+    def fwhm_at(self, xs, ys) -> np.ndarray:
+        """Vectorised :meth:`fwhm` (pixels) at arrays of positions."""
+        xm = np.asarray(xs, dtype=float) + self.x_offset
+        ym = np.asarray(ys, dtype=float) + self.y_offset
+        return np.broadcast_to(np.asarray(self._fwhm_at(xm, ym), dtype=float), np.broadcast(xm, ym).shape).copy()
+
+    def default_size(self, x: float | None = None, y: float | None = None) -> int:
+        """Odd stamp size holding the profile out to ~4 FWHM (at least 15)."""
+        f = self.fwhm(x, y)
+        return max(15, 2 * int(math.ceil(4.0 * f)) + 1)
+
+    def shifted(self, dx: float, dy: float) -> "PSF":
+        """Copy for an image whose pixel (0, 0) is pixel (dx, dy) of this PSF's image."""
+        new = copy.deepcopy(self)
+        new.x_offset = self.x_offset + float(dx)
+        new.y_offset = self.y_offset + float(dy)
+        return new
+
+    # ---- FITS
+    def to_hdu(self, extname: str = "PSF") -> fits.BinTableHDU:
+        """One-row binary table with the model parameters (exact doubles)."""
+        params = dict(self._params())
+        params["x_offset"] = float(self.x_offset)
+        params["y_offset"] = float(self.y_offset)
+        cols = {}
+        for name, value in params.items():
+            arr = np.asarray(value)
+            if arr.dtype.kind == "U":
+                cols[name] = [str(value)]
+            else:
+                cols[name] = arr[None, ...]
+        table = Table(cols)
+        hdu = fits.table_to_hdu(table)
+        hdu.header["EXTNAME"] = extname
+        hdu.header["PSFTYPE"] = (self.kind, "archive.image.psf class")
+        return hdu
+
+    @staticmethod
+    def from_hdu(hdu: fits.BinTableHDU) -> "PSF":
+        """Rebuild the PSF written by :meth:`to_hdu` (any registered class)."""
+        kind = hdu.header.get("PSFTYPE")
+        if kind not in PSF._registry:
+            raise ValidationError(
+                f"HDU {hdu.name!r}: unknown PSFTYPE {kind!r}; known: {', '.join(sorted(PSF._registry))}"
+            )
+        table = Table.read(hdu)
+        params = {}
+        for name in table.colnames:
+            value = table[name][0]
+            if isinstance(value, (bytes, np.bytes_)):
+                value = value.decode()
+            elif isinstance(value, np.ndarray):
+                value = np.array(value)
+            elif isinstance(value, np.generic):
+                value = value.item()
+            params[name] = value
+        x_off = float(params.pop("x_offset", 0.0))
+        y_off = float(params.pop("y_offset", 0.0))
+        psf = PSF._registry[kind]._from_params(params)
+        psf.x_offset = x_off
+        psf.y_offset = y_off
+        return psf
+
+    def __eq__(self, other) -> bool:
+        if type(self) is not type(other):
+            return NotImplemented
+        a, b = self._params(), other._params()
+        if a.keys() != b.keys() or (self.x_offset, self.y_offset) != (other.x_offset, other.y_offset):
+            return False
+        return all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _check_size(size) -> int:
+    s = int(size)
+    if s != size or s < 1 or s % 2 == 0:
+        raise ValidationError(f"PSF stamp size must be a positive odd integer, got {size!r}")
+    return s
+
+
+# --------------------------------------------------------------------------- Gaussian
+class GaussianPSF(PSF):
+    """Circular Gaussian of standard deviation ``sigma`` pixels (FWHM = 2.3548 sigma)."""
+
+    kind = "gaussian"
+
+    def __init__(self, sigma: float):
+        s = float(sigma)
+        if not (math.isfinite(s) and s > 0):
+            raise ValidationError(f"GaussianPSF sigma must be finite and > 0, got {sigma!r}")
+        self.sigma = s
+
+    def _pixel_response(self, xm, ym, u, v):
+        k = 1.0 / (math.sqrt(2.0) * self.sigma)
+        fx = 0.5 * (special.erf((u + 0.5) * k) - special.erf((u - 0.5) * k))
+        fy = 0.5 * (special.erf((v + 0.5) * k) - special.erf((v - 0.5) * k))
+        return fx * fy
+
+    def _fwhm_at(self, xm, ym):
+        return np.full(np.broadcast(xm, ym).shape, FWHM_PER_SIGMA * self.sigma)
+
+    def _params(self):
+        return {"sigma": self.sigma}
+
+    @classmethod
+    def _from_params(cls, p):
+        return cls(p["sigma"])
+
+    def __repr__(self):
+        return f"GaussianPSF(sigma={self.sigma!r})"
+
+
+# --------------------------------------------------------------------------- Moffat
+class MoffatPSF(PSF):
+    """Circular Moffat profile ``(1 + r^2 / alpha^2) ** -beta``, optionally varying over the detector.
+
+    Parameters
+    ----------
+    fwhm:
+        FWHM in pixels at the centre of ``bbox`` (everywhere when ``variation`` is empty).
+    beta:
+        Moffat exponent (> 1; 2.5-4.5 is typical of seeing).
+    variation:
+        Relative FWHM change as polynomial coefficients of the non-constant
+        terms of :func:`poly_terms` (``u, v, u^2, u v, v^2, ...`` over ``bbox``
+        mapped to [-1, 1]): ``FWHM(x, y) = fwhm * (1 + sum_t variation[t] * term_t(u, v))``.
+    bbox:
+        ``(x0, y0, x1, y1)`` pixel box of the detector, needed with ``variation``.
+    oversample:
+        sub-samples per pixel axis used to integrate the profile over pixels.
+    """
+
+    kind = "moffat"
+
+    def __init__(
+        self,
+        fwhm: float,
+        beta: float = 3.5,
+        variation=None,
+        bbox: tuple[float, float, float, float] | None = None,
+        oversample: int = 5,
+    ):
+        f = float(fwhm)
+        b = float(beta)
+        if not (math.isfinite(f) and f > 0):
+            raise ValidationError(f"MoffatPSF fwhm must be finite and > 0, got {fwhm!r}")
+        if not (math.isfinite(b) and b > 1):
+            raise ValidationError(f"MoffatPSF beta must be finite and > 1, got {beta!r}")
+        self.fwhm0 = f
+        self.beta = b
+        var = np.asarray(variation if variation is not None else [], dtype=float).ravel()
+        if var.size:
+            degree_from_n_terms(var.size + 1)
+            if bbox is None:
+                raise ValidationError("MoffatPSF: a spatial variation needs the detector bbox")
+        self.variation = var
+        self.bbox = tuple(float(v) for v in bbox) if bbox is not None else (0.0, 0.0, 0.0, 0.0)
+        self.oversample = int(oversample)
+        if self.oversample < 1:
+            raise ValidationError("MoffatPSF oversample must be >= 1")
+
+    def _fwhm_at(self, xm, ym):
+        if not self.variation.size:
+            return np.full(np.broadcast(xm, ym).shape, self.fwhm0)
+        deg = degree_from_n_terms(self.variation.size + 1)
+        design = poly_design(xm, ym, deg, self.bbox)[..., 1:]
+        return self.fwhm0 * (1.0 + design @ self.variation)
+
+    def _reference_position(self):
+        x0, y0, x1, y1 = self.bbox
+        return ((x0 + x1) / 2.0, (y0 + y1) / 2.0)
+
+    def _pixel_response(self, xm, ym, u, v):
+        fwhm = self._fwhm_at(xm, ym)
+        if np.any(~(fwhm > 0)):
+            raise ValidationError("MoffatPSF: spatial variation makes the FWHM non-positive here")
+        alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / self.beta) - 1.0))
+        inv_a2 = 1.0 / alpha**2
+        norm = (self.beta - 1.0) / math.pi * inv_a2
+        n = self.oversample
+        sub = (np.arange(n) + 0.5) / n - 0.5
+        out = None
+        for sy in sub:
+            vv = (v + sy) ** 2
+            for sx in sub:
+                term = (1.0 + ((u + sx) ** 2 + vv) * inv_a2) ** (-self.beta)
+                out = term if out is None else out + term
+        return out * (norm / (n * n))
+
+    def _params(self):
+        return {
+            "fwhm": self.fwhm0,
+            "beta": self.beta,
+            "variation": self.variation.copy(),
+            "bbox": np.array(self.bbox, dtype=float),
+            "oversample": self.oversample,
+        }
+
+    @classmethod
+    def _from_params(cls, p):
+        var = np.asarray(p["variation"], dtype=float)
+        bbox = tuple(np.asarray(p["bbox"], dtype=float))
+        return cls(p["fwhm"], p["beta"], variation=var if var.size else None,
+                   bbox=bbox if var.size else None, oversample=int(p["oversample"]))
+
+    def __repr__(self):
+        return f"MoffatPSF(fwhm={self.fwhm0!r}, beta={self.beta!r}, variation={self.variation.tolist()!r})"
+
+
+# --------------------------------------------------------------------------- pixelized
+class PixelPSF(PSF):
+    """Pixelized, spatially varying effective PSF.
+
+    The model at position (x, y) is ``M(x, y) = sum_k w_k(x, y) * basis[k]`` with
+    ``w_k(x, y) = sum_t coeffs[k, t] * term_t(u, v)`` (monomials of
+    :func:`poly_terms` up to ``degree`` over ``bbox`` mapped to [-1, 1]).
+
+    ``basis`` images (``K x S x S``, S odd) sample the **pixel-integrated** PSF
+    (what one native pixel would collect) at a spacing of ``1 / oversample``
+    native pixels, centred on element ``[(S-1)/2, (S-1)/2]``.  A native stamp
+    samples ``M`` at the native pixel-centre offsets with cubic-spline
+    interpolation and is normalised to sum 1.
+
+    With ``coeffs=None`` the basis has one image per monomial
+    (``K = n_poly_terms(degree)``) and ``coeffs`` is the identity - the natural
+    output of a per-pixel polynomial fit (see :meth:`from_psf`).
+    """
+
+    kind = "pixel"
+
+    def __init__(self, basis, coeffs=None, *, oversample: int = 1, degree: int = 0,
+                 bbox: tuple[float, float, float, float] | None = None):
+        b = np.asarray(basis, dtype=float)
+        if b.ndim == 2:
+            b = b[None]
+        if b.ndim != 3 or b.shape[1] != b.shape[2] or b.shape[1] % 2 == 0:
+            raise ValidationError(f"PixelPSF basis must be (K, S, S) with S odd, got shape {b.shape}")
+        if not np.all(np.isfinite(b)):
+            raise ValidationError("PixelPSF basis contains non-finite values")
+        self.degree = int(degree)
+        nt = n_poly_terms(self.degree)
+        if coeffs is None:
+            if b.shape[0] != nt:
+                raise ValidationError(
+                    f"PixelPSF without coeffs needs one basis image per term ({nt}), got {b.shape[0]}"
+                )
+            c = np.eye(nt)
+        else:
+            c = np.asarray(coeffs, dtype=float).reshape(b.shape[0], -1)
+            if c.shape[1] != nt:
+                raise ValidationError(f"PixelPSF coeffs must be (K, {nt}) for degree {degree}, got {c.shape}")
+        if self.degree > 0 and bbox is None:
+            raise ValidationError("PixelPSF: a spatially varying model needs the detector bbox")
+        self.basis = b
+        self.coeffs = c
+        self.oversample = int(oversample)
+        if self.oversample < 1:
+            raise ValidationError("PixelPSF oversample must be >= 1")
+        self.bbox = tuple(float(v) for v in bbox) if bbox is not None else (0.0, 0.0, 0.0, 0.0)
+
+    @classmethod
+    def from_psf(cls, psf: PSF, bbox: tuple[float, float, float, float], *, degree: int = 2,
+                 oversample: int = 2, size: int | None = None, n_grid: int = 5) -> "PixelPSF":
+        """Pixelize an analytic PSF (Gaussian/Moffat) over ``bbox`` with a per-pixel polynomial fit."""
+        if isinstance(psf, PixelPSF):
+            raise ValidationError("PixelPSF.from_psf needs an analytic PSF")
+        x0, y0, x1, y1 = bbox
+        if size is None:
+            size = 2 * int(math.ceil(max(psf.default_size(x, y) for x in (x0, x1) for y in (y0, y1)) / 2.0)) + 1
+        nsamp = 2 * ((_check_size(size) * oversample) // 2) + 1
+        g = (np.arange(nsamp) - nsamp // 2) / oversample
+        gx, gy = np.meshgrid(np.linspace(x0, x1, n_grid), np.linspace(y0, y1, n_grid))
+        gx, gy = gx.ravel(), gy.ravel()
+        xm = (gx + psf.x_offset)[:, None, None]
+        ym = (gy + psf.y_offset)[:, None, None]
+        samples = np.asarray(psf._pixel_response(xm, ym, g[None, None, :], g[None, :, None]))
+        samples = samples / samples.sum(axis=(1, 2), keepdims=True) * oversample**2
+        design = poly_design(gx, gy, degree, bbox)
+        sol, *_ = np.linalg.lstsq(design, samples.reshape(len(gx), -1), rcond=None)
+        return cls(sol.reshape(-1, nsamp, nsamp), None, oversample=oversample, degree=degree, bbox=bbox)
+
+    def model(self, x: float, y: float) -> np.ndarray:
+        """The oversampled model image ``M(x, y)`` (``S x S``)."""
+        w = poly_design(float(x) + self.x_offset, float(y) + self.y_offset, self.degree, self.bbox)
+        weights = self.coeffs @ w
+        return np.tensordot(weights, self.basis, axes=(0, 0))
+
+    def default_size(self, x=None, y=None) -> int:
+        half = int(((self.basis.shape[1] - 1) / 2) / self.oversample)
+        return 2 * half + 1
+
+    def render_stamps(self, xs, ys, size: int) -> np.ndarray:
+        size = _check_size(size)
+        xs = np.atleast_1d(np.asarray(xs, dtype=float))
+        ys = np.atleast_1d(np.asarray(ys, dtype=float))
+        if xs.shape != ys.shape or xs.ndim != 1:
+            raise ValidationError("render_stamps: xs and ys must be 1-D arrays of equal length")
+        c = (self.basis.shape[1] - 1) / 2.0
+        g = np.arange(size, dtype=float) - size // 2
+        out = np.empty((xs.size, size, size))
+        for n, (x, y) in enumerate(zip(xs, ys)):
+            dx = x - math.floor(x + 0.5)
+            dy = y - math.floor(y + 0.5)
+            coords_x = c + (g - dx) * self.oversample
+            coords_y = c + (g - dy) * self.oversample
+            yy, xx = np.meshgrid(coords_y, coords_x, indexing="ij")
+            stamp = ndimage.map_coordinates(self.model(x, y), [yy, xx], order=3, mode="constant", cval=0.0)
+            total = stamp.sum()
+            if not total > 0:
+                raise ValidationError(f"PixelPSF: stamp at ({x}, {y}) has no positive flux")
+            out[n] = stamp / total
+        return out
+
+    def _fwhm_at(self, xm, ym):
+        xs = np.atleast_1d(xm).ravel()
+        ys = np.atleast_1d(ym).ravel()
+        vals = [fwhm_from_image(self.model(x - self.x_offset, y - self.y_offset), self.oversample)
+                for x, y in zip(xs, ys)]
+        return np.asarray(vals).reshape(np.shape(xm)) if np.ndim(xm) else vals[0]
+
+    def _reference_position(self):
+        x0, y0, x1, y1 = self.bbox
+        return ((x0 + x1) / 2.0, (y0 + y1) / 2.0)
+
+    def _params(self):
+        return {
+            "basis": self.basis.copy(),
+            "coeffs": self.coeffs.copy(),
+            "oversample": self.oversample,
+            "degree": self.degree,
+            "bbox": np.array(self.bbox, dtype=float),
+        }
+
+    @classmethod
+    def _from_params(cls, p):
+        return cls(np.asarray(p["basis"], dtype=float), np.asarray(p["coeffs"], dtype=float),
+                   oversample=int(p["oversample"]), degree=int(p["degree"]),
+                   bbox=tuple(np.asarray(p["bbox"], dtype=float)))
+
+    def __repr__(self):
+        return (f"PixelPSF(K={self.basis.shape[0]}, S={self.basis.shape[1]}, oversample={self.oversample}, "
+                f"degree={self.degree})")
+
+
+# --------------------------------------------------------------------------- rendering
+def add_point_sources(image: np.ndarray, psf: PSF, xs, ys, fluxes, size: int | None = None,
+                      chunk: int = 2048) -> np.ndarray:
+    """Add point sources of ``fluxes`` (image units, total flux) at pixel (xs, ys) in place.
+
+    Stamps are rendered in vectorised chunks and accumulated with ``bincount``;
+    the parts falling outside the image are dropped.  Returns ``image``.
+    """
+    img = np.asarray(image)
+    if img.ndim != 2:
+        raise ValidationError("add_point_sources: image must be 2-D")
+    xs = np.atleast_1d(np.asarray(xs, dtype=float))
+    ys = np.atleast_1d(np.asarray(ys, dtype=float))
+    fl = np.broadcast_to(np.asarray(fluxes, dtype=float), xs.shape)
+    if xs.size == 0:
+        return image
+    ny, nx = img.shape
+    if size is None:
+        fw = float(np.max(psf.fwhm_at(xs, ys))) if not isinstance(psf, PixelPSF) else None
+        size = max(15, 2 * int(math.ceil(4.0 * fw)) + 1) if fw is not None else psf.default_size()
+    size = _check_size(size)
+    half = size // 2
+    keep = (xs > -half - 1) & (xs < nx + half) & (ys > -half - 1) & (ys < ny + half)
+    xs, ys, fl = xs[keep], ys[keep], fl[keep]
+    acc = np.zeros(img.size, dtype=float)
+    g = np.arange(size) - half
+    step = max(1, chunk * 225 // (size * size))
+    for start in range(0, xs.size, step):
+        sl = slice(start, start + step)
+        stamps = psf.render_stamps(xs[sl], ys[sl], size) * fl[sl, None, None]
+        ix = np.floor(xs[sl] + 0.5).astype(np.int64)[:, None, None] + g[None, None, :]
+        iy = np.floor(ys[sl] + 0.5).astype(np.int64)[:, None, None] + g[None, :, None]
+        ix, iy = np.broadcast_arrays(ix, iy)
+        ok = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
+        acc += np.bincount((iy[ok] * nx + ix[ok]), weights=stamps[ok], minlength=img.size)
+    img += acc.reshape(img.shape).astype(img.dtype, copy=False)
+    return image
