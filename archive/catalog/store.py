@@ -1,0 +1,186 @@
+"""The catalog store interface shared by the Parquet and Postgres backends.
+
+A store holds the schema's tables.  Reads return pandas DataFrames; writes go
+through a :class:`Transaction` that appends validated Arrow tables and deletes
+rows by key, and becomes visible all at once on commit (or not at all).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from archive.catalog.schema import Schema, Table, load_schema
+from archive.catalog.validate import conform
+from archive.errors import ArchiveError, NotFoundError
+from archive.sky.regions import Cone
+
+
+class Transaction(abc.ABC):
+    """A write transaction: appends and deletes that commit atomically.
+
+    Use as a context manager; leaving the block without an exception commits,
+    an exception rolls back and leaves the store as it was.
+    """
+
+    @abc.abstractmethod
+    def append(self, table: str, rows: pa.Table) -> None:
+        """Append rows that already conform to the table's Arrow schema."""
+
+    @abc.abstractmethod
+    def delete(self, table: str, column: str, values: Sequence, partitions: Iterable[int] | None = None) -> int:
+        """Delete rows whose ``column`` is in ``values``; return how many were deleted.
+
+        ``partitions`` (order-K pixels) is a hint that the rows can only be there.
+        """
+
+    @abc.abstractmethod
+    def query_region(self, table: str, region, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """Region query that sees this transaction's committed base state."""
+
+    @abc.abstractmethod
+    def commit(self) -> None: ...
+
+    @abc.abstractmethod
+    def rollback(self) -> None: ...
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.rollback()
+
+
+class CatalogStore(abc.ABC):
+    """Common behaviour of the backends; subclasses implement the storage."""
+
+    #: Short name of the backend ("parquet" or "postgres").
+    backend: str = ""
+
+    def __init__(self, schema: Schema | None = None) -> None:
+        self.schema = schema or load_schema()
+
+    # -- writing -----------------------------------------------------------
+    @abc.abstractmethod
+    def transaction(self) -> Transaction:
+        """Open a write transaction (takes the store's write lock where it has one)."""
+
+    def write(self, table: str, data, where: str | None = None) -> int:
+        """Validate ``data`` against ``table`` and append it in one atomic batch.
+
+        Returns the number of rows written.  Nothing is written if validation
+        fails or a key already exists.
+        """
+        return self.write_many({table: data}, where=where)
+
+    def write_many(self, batches: dict, where: str | None = None) -> int:
+        """Validate and append several tables' rows in one atomic transaction."""
+        arrows = {name: conform(self.schema[name], data, where) for name, data in batches.items()}
+        with self.transaction() as tx:
+            for name, arrow in arrows.items():
+                if arrow.num_rows:
+                    tx.append(name, arrow)
+        return sum(a.num_rows for a in arrows.values())
+
+    # -- reading -----------------------------------------------------------
+    @abc.abstractmethod
+    def query_region(self, table: str, region, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """Rows of a positional table whose (ra, dec) lies in ``region`` (exact)."""
+
+    def cone(self, table: str, ra: float, dec: float, radius_arcsec: float,
+             columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """Rows within ``radius_arcsec`` of (ra, dec) [deg], with a ``distance_arcsec`` column, nearest first."""
+        t = self.table(table)
+        if not t.positional:
+            raise ArchiveError(f"table {table!r} has no positions; cone search needs ra/dec")
+        if not (np.isfinite(ra) and np.isfinite(dec) and -90 <= dec <= 90):
+            raise ArchiveError(f"cone centre must have finite ra and dec in [-90, 90]; got ({ra}, {dec})")
+        if not (np.isfinite(radius_arcsec) and radius_arcsec > 0):
+            raise ArchiveError(f"cone radius must be a positive number of arcsec; got {radius_arcsec}")
+        if radius_arcsec > 180 * 3600:
+            raise ArchiveError(f"cone radius {radius_arcsec} arcsec is larger than the sky")
+        cols = self._columns(t, columns, need=("ra", "dec"))
+        region = Cone(ra % 360.0, dec, radius_arcsec / 3600.0)
+        df = self.query_region(table, region, cols)
+        from archive.sky.healpix import angular_separation_deg
+
+        dist = angular_separation_deg(region.ra, region.dec, df["ra"].to_numpy(), df["dec"].to_numpy()) * 3600.0
+        df = df.assign(distance_arcsec=dist).sort_values("distance_arcsec", kind="stable")
+        keep = list(columns) + ["distance_arcsec"] if columns else list(df.columns)
+        return df[keep].reset_index(drop=True)
+
+    @abc.abstractmethod
+    def get(self, table: str, ids: Sequence, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """Rows whose id column (first primary-key column) is in ``ids``."""
+
+    @abc.abstractmethod
+    def sql(self, query: str) -> pd.DataFrame:
+        """Run a read-only SQL query; a statement that would change data is refused."""
+
+    @abc.abstractmethod
+    def count(self, table: str) -> int:
+        """Number of rows in ``table``."""
+
+    def close(self) -> None:
+        """Release connections and temporary files."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- helpers -----------------------------------------------------------
+    def table(self, name: str) -> Table:
+        try:
+            return self.schema[name]
+        except KeyError as exc:
+            raise NotFoundError(str(exc.args[0])) from None
+
+    def _columns(self, t: Table, columns: Sequence[str] | None, need: Sequence[str] = ()) -> list[str]:
+        if columns is None:
+            return t.column_names
+        unknown = [c for c in columns if c not in t]
+        if unknown:
+            raise NotFoundError(f"table {t.name!r} has no column{'s' if len(unknown) > 1 else ''} "
+                                f"{', '.join(map(repr, unknown))}")
+        return list(dict.fromkeys(list(columns) + list(need)))
+
+
+def open_store(target: str, create: bool = False, **kwargs) -> CatalogStore:
+    """Open a store: a ``postgresql://`` / ``postgresql+psycopg://`` URL or a directory path.
+
+    ``create=True`` initialises an empty store (a new directory, or the schema
+    in an empty database).
+    """
+    target = str(target)
+    if target.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
+        from archive.catalog.postgres_store import PostgresStore
+
+        return PostgresStore(target, create=create, **kwargs)
+    if "://" in target:
+        raise ArchiveError(f"unsupported store URL {target!r}: use a directory path or postgresql+psycopg://...")
+    from archive.catalog.parquet_store import ParquetStore
+
+    return ParquetStore(target, create=create, **kwargs)
+
+
+def frame_from_arrow(arrow: pa.Table) -> pd.DataFrame:
+    """Arrow -> pandas; integer and bool columns holding nulls become nullable
+    pandas dtypes (a float64 would silently corrupt 64-bit ids)."""
+    df = arrow.to_pandas(ignore_metadata=True)
+    nullable = {pa.types.is_int64: "Int64", pa.types.is_int32: "Int32",
+                pa.types.is_int16: "Int16", pa.types.is_boolean: "boolean"}
+    for field in arrow.schema:
+        if arrow.column(field.name).null_count:
+            for test, dtype in nullable.items():
+                if test(field.type):
+                    df[field.name] = pd.array(arrow.column(field.name).to_pylist(), dtype=dtype)
+    return df

@@ -1,0 +1,1 @@
+"""Alembic revisions for the Postgres store (see archive.catalog.migrate)."""
