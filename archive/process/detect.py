@@ -1,0 +1,192 @@
+"""Matched-filter detection with a peak-based deblend.
+
+The background-subtracted image is correlated with a Gaussian of the PSF's FWHM,
+weighting every pixel by its inverse variance (masked pixels weigh zero):
+
+    flux(x)  = sum(P D w) / sum(P^2 w),   S/N(x) = sum(P D w) / sqrt(sum(P^2 w))
+
+Both sums are Gaussian filters (P^2 of a Gaussian is a narrower Gaussian), so the
+detection map costs two separable convolutions. Pixels above ``threshold`` sigma form
+footprints (8-connected, :func:`scipy.ndimage.label`); every local maximum of the
+S/N map in a footprint is a candidate peak, and a fainter peak survives the deblend
+only if it rises ``deblend_nsigma`` sigma (and ``deblend_contrast`` of its own S/N)
+above the lowest point on the straight line to the nearest brighter peak.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from archive.errors import ValidationError
+from archive.process.psfmodel import FWHM_PER_SIGMA
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DetectionConfig:
+    """Configuration of :func:`detect_sources`.
+
+    threshold: detection threshold in sigma of the matched-filter S/N map.
+    min_pixels: minimum number of above-threshold pixels in a footprint.
+    deblend: split footprints with several significant peaks.
+    deblend_nsigma: a secondary peak must exceed the saddle towards a brighter peak by this (sigma).
+    deblend_contrast: ... and by this fraction of its own peak S/N.
+    min_separation: peaks closer than this (px) to a brighter one are merged into it.
+    n_saddle_samples: samples along the peak-to-peak segment used to find the saddle.
+    """
+
+    threshold: float = 5.0
+    min_pixels: int = 3
+    deblend: bool = True
+    deblend_nsigma: float = 3.0
+    deblend_contrast: float = 0.1
+    min_separation: float = 1.5
+    n_saddle_samples: int = 12
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def matched_filter(image: np.ndarray, weight: np.ndarray, fwhm: float) -> tuple[np.ndarray, np.ndarray]:
+    """S/N and flux-estimate maps for point sources of Gaussian FWHM ``fwhm`` (px).
+
+    image: background-subtracted image; weight: inverse variance per pixel (0 where
+    masked). Returns ``(snr, flux)`` as float32 maps; flux is in the image's units.
+    """
+    if fwhm <= 0 or not np.isfinite(fwhm):
+        raise ValidationError(f"matched_filter: fwhm must be > 0 px, got {fwhm}")
+    s = fwhm / FWHM_PER_SIGMA
+    img = np.where(weight > 0, image, 0.0).astype(np.float32)
+    w = weight.astype(np.float32)
+    num = ndimage.gaussian_filter(img * w, s, truncate=4.0)
+    den = ndimage.gaussian_filter(w, s / np.sqrt(2.0), truncate=4.0) / np.float32(4.0 * np.pi * s * s)
+    den = np.maximum(den, np.float32(1e-30))
+    snr = num / np.sqrt(den)
+    snr[~(den > 1e-29)] = 0.0
+    flux = num / den
+    return snr.astype(np.float32), flux.astype(np.float32)
+
+
+def _refine(snr: np.ndarray, py: np.ndarray, px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-pixel peak positions by a separable parabola through the 3x3 neighbourhood."""
+    ny, nx = snr.shape
+    y0 = np.clip(py, 1, ny - 2)
+    x0 = np.clip(px, 1, nx - 2)
+    c = snr[y0, x0]
+    l, r = snr[y0, x0 - 1], snr[y0, x0 + 1]
+    d, u = snr[y0 - 1, x0], snr[y0 + 1, x0]
+    denx = l - 2 * c + r
+    deny = d - 2 * c + u
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dx = np.where(denx < 0, 0.5 * (l - r) / denx, 0.0)
+        dy = np.where(deny < 0, 0.5 * (d - u) / deny, 0.0)
+    dx = np.clip(np.nan_to_num(dx), -0.5, 0.5)
+    dy = np.clip(np.nan_to_num(dy), -0.5, 0.5)
+    return x0 + dx, y0 + dy
+
+
+def find_peaks(snr: np.ndarray, config: DetectionConfig | None = None) -> pd.DataFrame:
+    """Footprints and deblended peaks of an S/N map.
+
+    Returns a DataFrame with one row per accepted peak: ``x``, ``y`` (sub-pixel,
+    0-based), ``x_peak``, ``y_peak`` (integer), ``peak_snr``, ``footprint`` (label),
+    ``footprint_npix``, ``n_peaks`` (accepted peaks in the footprint), sorted by
+    decreasing ``peak_snr``.
+    """
+    cfg = config or DetectionConfig()
+    det = snr > cfg.threshold
+    labels, nlab = ndimage.label(det, structure=np.ones((3, 3), dtype=bool))
+    cols = ["x", "y", "x_peak", "y_peak", "peak_snr", "footprint", "footprint_npix", "n_peaks"]
+    if nlab == 0:
+        return pd.DataFrame({c: np.array([], dtype=np.float64) for c in cols})
+    npix = np.bincount(labels.ravel(), minlength=nlab + 1)
+    big = npix >= cfg.min_pixels
+    big[0] = False
+    # local maxima inside footprints; ties broken by a tiny position-dependent jitter
+    ny, nx = snr.shape
+    jit = snr + (np.arange(snr.size, dtype=np.float32).reshape(snr.shape) * np.float32(1e-7 / max(snr.size, 1)))
+    mx = ndimage.maximum_filter(jit, size=3, mode="constant", cval=-np.inf)
+    is_peak = (jit == mx) & det
+    py, px = np.nonzero(is_peak)
+    lab = labels[py, px]
+    keep = big[lab]
+    py, px, lab = py[keep], px[keep], lab[keep]
+    val = snr[py, px]
+    # footprints whose maximum is not a strict local max (e.g. edge plateaus): use the max pixel
+    have = np.zeros(nlab + 1, dtype=bool)
+    have[lab] = True
+    missing = np.nonzero(big & ~have)[0]
+    if missing.size:
+        pos = ndimage.maximum_position(snr, labels, missing)
+        my = np.array([p[0] for p in pos], dtype=np.int64)
+        mxx = np.array([p[1] for p in pos], dtype=np.int64)
+        py = np.concatenate([py, my])
+        px = np.concatenate([px, mxx])
+        lab = np.concatenate([lab, missing])
+        val = np.concatenate([val, snr[my, mxx]])
+    order = np.argsort(-val, kind="stable")
+    py, px, lab, val = py[order], px[order], lab[order], val[order]
+    accept = np.ones(py.size, dtype=bool)
+    # brightest peak of each footprint is always accepted
+    first = np.zeros(py.size, dtype=bool)
+    _, first_idx = np.unique(lab, return_index=True)
+    first[first_idx] = True
+    cand = ~first
+    if cand.any():
+        if not cfg.deblend:
+            accept[cand] = False
+        else:
+            accept &= _deblend_test(snr, px, py, lab, val, cand, cfg)
+    py, px, lab, val = py[accept], px[accept], lab[accept], val[accept]
+    xs, ys = _refine(snr, py, px)
+    npk = np.bincount(lab, minlength=nlab + 1)[lab]
+    out = pd.DataFrame({
+        "x": xs, "y": ys, "x_peak": px.astype(np.int64), "y_peak": py.astype(np.int64),
+        "peak_snr": val.astype(np.float64), "footprint": lab.astype(np.int64),
+        "footprint_npix": npix[lab].astype(np.int64), "n_peaks": npk.astype(np.int64),
+    })
+    log.debug("find_peaks: %d footprints above %.1f sigma, %d peaks", int(big.sum()), cfg.threshold, len(out))
+    return out
+
+
+def _deblend_test(snr, px, py, lab, val, cand, cfg: DetectionConfig) -> np.ndarray:
+    """For every candidate (non-brightest) peak, the saddle test against the nearest
+    brighter peak of the same footprint. Peaks are sorted by decreasing S/N."""
+    n = px.size
+    ok = np.ones(n, dtype=bool)
+    pts = np.column_stack([px, py]).astype(np.float64)
+    tree = cKDTree(pts)
+    k = min(n, 16)
+    dist, idx = tree.query(pts[cand], k=k)
+    dist = np.atleast_2d(dist)
+    idx = np.atleast_2d(idx)
+    ci = np.nonzero(cand)[0]
+    valid = (idx < n)
+    idx_c = np.where(valid, idx, 0)
+    brighter = valid & (idx_c < ci[:, None]) & (lab[idx_c] == lab[ci][:, None])
+    dist = np.where(brighter, dist, np.inf)
+    j = np.argmin(dist, axis=1)
+    nearest = idx_c[np.arange(ci.size), j]
+    has = np.isfinite(dist[np.arange(ci.size), j])
+    # fall back to the brightest peak of the footprint when none of the k nearest is brighter
+    _, fi = np.unique(lab, return_index=True)
+    brightest = np.zeros(lab.max() + 1, dtype=np.int64)
+    brightest[lab[fi]] = fi
+    nearest = np.where(has, nearest, brightest[lab[ci]])
+    d = np.hypot(px[ci] - px[nearest], py[ci] - py[nearest])
+    t = np.linspace(0.0, 1.0, cfg.n_saddle_samples)
+    sx = px[ci][:, None] + (px[nearest] - px[ci])[:, None] * t[None, :]
+    sy = py[ci][:, None] + (py[nearest] - py[ci])[:, None] * t[None, :]
+    prof = ndimage.map_coordinates(snr, [sy.ravel(), sx.ravel()], order=1, mode="nearest").reshape(sx.shape)
+    saddle = prof.min(axis=1)
+    rise = val[ci] - saddle
+    good = (d >= cfg.min_separation) & (rise >= cfg.deblend_nsigma) & (rise >= cfg.deblend_contrast * val[ci])
+    ok[ci] = good
+    return ok

@@ -1,0 +1,41 @@
+"""Measurement flag bits of the ``flags`` column and the default mask-plane layout.
+
+The low bits of ``flags`` are the image mask bits (OR within a radius of the source);
+measurement flags live from bit 32 up so they never collide with mask planes.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+#: Mask plane bit numbers used when an image carries no plane dictionary of its own.
+DEFAULT_MASK_PLANES: dict[str, int] = {
+    "BAD": 0, "SAT": 1, "CR": 2, "EDGE": 3, "NO_DATA": 4, "INTRP": 5,
+    "DETECTED": 6, "CLIPPED": 7, "STREAK": 8, "SUSPECT": 9,
+}
+
+FLAG_STAMP_EDGE = np.int64(1) << 32       #: the PSF-fit stamp runs off the image
+FLAG_CENTROID = np.int64(1) << 33         #: centroid fit did not converge / hit the shift limit
+FLAG_PSF_FLUX = np.int64(1) << 34         #: PSF fit failed (no usable pixels)
+FLAG_MOMENTS = np.int64(1) << 35          #: adaptive moments failed; PSF moments reported
+FLAG_BLENDED = np.int64(1) << 36          #: another source's model overlaps this one
+FLAG_APERTURE_EDGE = np.int64(1) << 37    #: the largest aperture runs off the image or over masked pixels
+FLAG_SECOND_PASS = np.int64(1) << 38      #: found on the residual image (detect-measure-subtract pass > 1)
+
+MEASUREMENT_FLAGS: dict[str, np.int64] = {
+    "STAMP_EDGE": FLAG_STAMP_EDGE, "CENTROID": FLAG_CENTROID, "PSF_FLUX": FLAG_PSF_FLUX,
+    "MOMENTS": FLAG_MOMENTS, "BLENDED": FLAG_BLENDED, "APERTURE_EDGE": FLAG_APERTURE_EDGE,
+    "SECOND_PASS": FLAG_SECOND_PASS,
+}
+
+
+def plane_bits(mask_planes: Mapping[str, int] | None, *names: str) -> int:
+    """OR of ``1 << bit`` for the named planes present in ``mask_planes`` (default layout if None)."""
+    planes = DEFAULT_MASK_PLANES if mask_planes is None else mask_planes
+    out = 0
+    for n in names:
+        if n in planes:
+            out |= 1 << int(planes[n])
+    return out

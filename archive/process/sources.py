@@ -1,0 +1,127 @@
+"""Iterative detect-measure-subtract (bright to faint) on a background-subtracted image.
+
+Pass 1 detects on the image, measures every source (simultaneous PSF fit) and
+subtracts the models; later passes detect on the residual, whose variance is
+inflated by ``model_error`` times the model (PSF-mismatch residuals of bright stars
+are then not significant), add the new peaks and re-measure everything together.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+from scipy.spatial import cKDTree
+
+from archive.errors import ValidationError
+from archive.process import flags as F_
+from archive.process.detect import DetectionConfig, find_peaks, matched_filter
+from archive.process.measure import MeasureConfig, measure_sources
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SourceConfig:
+    """Configuration of :func:`detect_and_measure`.
+
+    detection, measure: configs of the two sub-steps.
+    n_passes: detect-measure-subtract passes (1 = single pass).
+    model_error: fractional model error added to the residual variance in passes > 1.
+    merge_radius: a residual peak closer than this (px) to a known source is ignored.
+    no_detect_planes: mask planes whose pixels get zero weight in detection.
+    """
+
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    n_passes: int = 2
+    model_error: float = 0.03
+    merge_radius: float = 2.0
+    no_detect_planes: tuple[str, ...] = ("BAD", "SAT", "CR", "NO_DATA")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np.ndarray | None = None,
+                       mask_planes: Mapping[str, int] | None = None,
+                       background_variance: np.ndarray | None = None, background: np.ndarray | None = None,
+                       config: SourceConfig | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    """Detect and measure point sources on a background-subtracted image.
+
+    image: background-subtracted pixels (counts); variance: per-pixel variance
+    (counts^2); psf: a stamp PSF; mask: integer mask image (bits per
+    ``mask_planes``, default :data:`archive.process.flags.DEFAULT_MASK_PLANES`);
+    background_variance: smooth background variance (fit weights; default the
+    variance); background: the subtracted background (for the ``sky`` column).
+    Returns ``(sources, model)``: the measured DataFrame (see
+    :func:`archive.process.measure.measure_sources`, plus ``peak_snr``) sorted by
+    decreasing flux, and the model image of all sources.
+    """
+    cfg = config or SourceConfig()
+    image = np.asarray(image)
+    variance = np.asarray(variance)
+    if image.ndim != 2 or image.size == 0:
+        raise ValidationError(f"detect_and_measure: image must be a non-empty 2-D array, got shape {image.shape}")
+    if variance.shape != image.shape:
+        raise ValidationError(f"detect_and_measure: variance shape {variance.shape} differs from image shape {image.shape}")
+    bits = F_.plane_bits(mask_planes, *cfg.no_detect_planes)
+    usable = np.isfinite(image) & np.isfinite(variance) & (variance > 0)
+    if mask is not None and bits:
+        usable &= (np.asarray(mask) & bits) == 0
+    w = np.where(usable, 1.0 / np.where(usable, variance, 1.0), 0.0).astype(np.float32)
+    img = np.where(usable, image, 0.0).astype(np.float32)
+    fwhm = float(psf.fwhm())
+    snr, fmap = matched_filter(img, w, fwhm)
+    peaks = find_peaks(snr, cfg.detection)
+    xs = peaks["x"].to_numpy()
+    ys = peaks["y"].to_numpy()
+    guess = fmap[peaks["y_peak"].to_numpy(), peaks["x_peak"].to_numpy()].astype(np.float64)
+    peak_snr = peaks["peak_snr"].to_numpy()
+    second = np.zeros(xs.size, dtype=bool)
+    log.info("detect pass 1: %d sources above %.1f sigma", xs.size, cfg.detection.threshold)
+    df, model = measure_sources(image, variance, mask, psf, xs, ys, background_variance=background_variance,
+                                background=background, mask_planes=mask_planes, flux_guess=guess,
+                                config=cfg.measure, return_model=True)
+    for p in range(1, max(1, cfg.n_passes)):
+        resid = img - model.astype(np.float32)
+        var2 = variance + (cfg.model_error * model) ** 2
+        w2 = np.where(usable, 1.0 / np.where(usable, var2, 1.0), 0.0).astype(np.float32)
+        snr2, fmap2 = matched_filter(resid, w2, fwhm)
+        pk = find_peaks(snr2, cfg.detection)
+        if len(pk) == 0:
+            break
+        known = np.column_stack([df["x"].to_numpy(), df["y"].to_numpy()])
+        cand = np.column_stack([pk["x"].to_numpy(), pk["y"].to_numpy()])
+        if len(known):
+            d, _ = cKDTree(known).query(cand, k=1)
+            new = d > cfg.merge_radius
+        else:
+            new = np.ones(len(pk), dtype=bool)
+        if not new.any():
+            break
+        pk = pk[new]
+        log.info("detect pass %d: %d new sources on the residual", p + 1, len(pk))
+        xs = np.concatenate([df["x"].to_numpy(np.float64), pk["x"].to_numpy()])
+        ys = np.concatenate([df["y"].to_numpy(np.float64), pk["y"].to_numpy()])
+        guess = np.concatenate([df["psf_flux"].fillna(0).to_numpy(),
+                                fmap2[pk["y_peak"].to_numpy(), pk["x_peak"].to_numpy()].astype(np.float64)])
+        peak_snr = np.concatenate([peak_snr, pk["peak_snr"].to_numpy()])
+        second = np.concatenate([second, np.ones(len(pk), dtype=bool)])
+        df, model = measure_sources(image, variance, mask, psf, xs, ys, background_variance=background_variance,
+                                    background=background, mask_planes=mask_planes, flux_guess=guess,
+                                    config=cfg.measure, return_model=True)
+    df["peak_snr"] = peak_snr.astype(np.float32)
+    df.loc[second, "flags"] = df.loc[second, "flags"].to_numpy() | F_.FLAG_SECOND_PASS
+    # two starting points that converged onto one star: keep the first (brighter) one
+    if len(df) > 1:
+        pts = np.column_stack([df["x"].to_numpy(np.float64), df["y"].to_numpy(np.float64)])
+        pairs = cKDTree(pts).query_pairs(0.5, output_type="ndarray")
+        if len(pairs):
+            drop = np.unique(np.maximum(pairs[:, 0], pairs[:, 1]))
+            df = df.drop(index=df.index[drop])
+    df = df.sort_values("psf_flux", ascending=False, na_position="last").reset_index(drop=True)
+    return df, model
