@@ -9,7 +9,7 @@ Algorithm
    with a HEALPix grid join: objects are ordered by their nested order-29
    index (the store keeps them in that order; otherwise it is computed and
    sorted once); each source looks up the objects in its own order-k cell and
-   the 8 neighbouring cells (k chosen so a cell is at least 5 radii wide), and
+   the 8 neighbouring cells (k chosen so a cell is at least 3 radii wide), and
    exact separations are computed from 3-D unit vectors for those candidates
    only.  Cost is O(sources x local density), independent of the number of
    objects when they arrive sorted; correct at RA 0/360 and at the poles.
@@ -50,6 +50,7 @@ from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from archive.catalog.ids import new_ids
 from archive.errors import ValidationError
+from archive.sky.healpix import radec_to_healpix29
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +71,15 @@ def unit_vectors(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
     return out
 
 
-def healpix29(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
-    """Nested HEALPix order-29 index (int64) of positions in degrees."""
-    ra = np.asarray(ra, dtype=np.float64)
-    dec = np.asarray(dec, dtype=np.float64)
-    return np.asarray(hp.ang2pix(1 << 29, ra, dec, nest=True, lonlat=True), dtype=np.int64)
-
-
 def _grid_order(radius_arcsec: float) -> int:
-    """Largest HEALPix order whose pixels are at least 5 radii wide (<= 29)."""
+    """Largest HEALPix order whose pixels are at least 3 radii wide (<= 29).
+
+    A pixel's narrowest width is more than half its mean size (also in the
+    polar caps), so any point within the radius of a source lies in the
+    source's pixel or one of its 8 neighbours.
+    """
     for k in range(29, -1, -1):
-        if hp.nside2resol(1 << k) / _ARCSEC_RAD >= 5.0 * radius_arcsec:
+        if hp.nside2resol(1 << k) / _ARCSEC_RAD >= 3.0 * radius_arcsec:
             return k
     return 0
 
@@ -120,11 +119,11 @@ def candidate_pairs(src_ra: np.ndarray, src_dec: np.ndarray,
     k = _grid_order(radius_arcsec)
     shift = 2 * (29 - k)
     if obj_healpix29 is None:
-        obj_healpix29 = healpix29(obj_ra, obj_dec)
-    obj_cell = np.asarray(obj_healpix29, dtype=np.int64) >> shift
-    if obj_cell.size > 1 and not bool(np.all(obj_cell[1:] >= obj_cell[:-1])):
-        order = np.argsort(obj_cell, kind="stable")
-        obj_cell = obj_cell[order]
+        obj_healpix29 = radec_to_healpix29(obj_ra, obj_dec)
+    obj_hp = np.asarray(obj_healpix29, dtype=np.int64)
+    if obj_hp.size > 1 and not bool((obj_hp[1:] >= obj_hp[:-1]).all()):
+        order = np.argsort(obj_hp, kind="stable")
+        obj_hp = obj_hp[order]
     else:
         order = None
     if src_healpix29 is None:
@@ -136,9 +135,13 @@ def candidate_pairs(src_ra: np.ndarray, src_dec: np.ndarray,
     cells = np.vstack([src_cell[None, :], nbr.reshape(8, -1)])  # (9, n)
     cell_src = np.broadcast_to(np.arange(src_ra.size, dtype=np.int64), cells.shape).ravel()
     cells = cells.ravel()
-    lo = np.searchsorted(obj_cell, cells, side="left")
-    hi = np.searchsorted(obj_cell, cells, side="right")
-    hi[cells < 0] = lo[cells < 0]  # missing neighbours (-1) at base-pixel corners
+    valid = cells >= 0  # missing neighbours (-1) at some base-pixel corners
+    cells, cell_src = cells[valid], cell_src[valid]
+    srt_cells = np.argsort(cells, kind="stable")  # sorted keys make searchsorted fast
+    cells, cell_src = cells[srt_cells], cell_src[srt_cells]
+    # an order-k cell c holds the order-29 indices [c << shift, (c + 1) << shift)
+    lo = np.searchsorted(obj_hp, cells << shift, side="left")
+    hi = np.searchsorted(obj_hp, (cells + 1) << shift, side="left")
     counts = hi - lo
     total = int(counts.sum())
     if total == 0:
@@ -149,9 +152,13 @@ def candidate_pairs(src_ra: np.ndarray, src_dec: np.ndarray,
     pos = np.arange(total, dtype=np.int64) - np.repeat(starts - lo, counts)
     s_idx = np.repeat(cell_src, counts)
     o_idx = order[pos] if order is not None else pos
-    us = unit_vectors(src_ra[s_idx], src_dec[s_idx])
-    uo = unit_vectors(obj_ra[o_idx], obj_dec[o_idx])
-    chord2 = np.einsum("ij,ij->i", us - uo, us - uo)
+    # cheap cut in declination before any trigonometry
+    r_deg = radius_arcsec / 3600.0
+    near = np.abs(obj_dec[o_idx] - src_dec[s_idx]) <= r_deg * (1.0 + 1e-9) + 1e-12
+    s_idx, o_idx = s_idx[near], o_idx[near]
+    us = unit_vectors(src_ra, src_dec)[s_idx]
+    d = us - unit_vectors(obj_ra[o_idx], obj_dec[o_idx])
+    chord2 = np.einsum("ij,ij->i", d, d)
     chord_r = 2.0 * np.sin(0.5 * radius_arcsec * _ARCSEC_RAD)
     ok = chord2 <= chord_r * chord_r
     s_idx, o_idx = s_idx[ok], o_idx[ok]

@@ -54,8 +54,11 @@ def _field(rng, n, ra0, dec0, half_deg):
 
 
 @pytest.mark.parametrize("ra0,dec0", [(150.0, 2.0), (0.0, -30.0), (359.999, 60.0),
-                                      (0.0, 90.0), (123.0, -89.99), (45.0, 41.81)])
-@pytest.mark.parametrize("radius", [1.0, 4.0])
+                                      (0.0, 90.0), (123.0, -89.99), (45.0, 41.8103),
+                                      (90.0, 0.0), (0.0, 41.8103), (270.0, -41.8103),
+                                      (10.0, 89.9)])
+# 1.0737" is exactly a third of an order-16 pixel: the smallest cell/radius ratio used
+@pytest.mark.parametrize("radius", [1.0, 1.0737, 4.0])
 def test_candidate_pairs_equal_brute_force(ra0, dec0, radius):
     rng = np.random.default_rng(int(ra0 * 10 + dec0 * 100 + radius) % 2**32)
     half = 60 * radius * ARCSEC  # dense enough for many pairs
@@ -70,8 +73,8 @@ def test_candidate_pairs_equal_brute_force(ra0, dec0, radius):
     assert got == truth
     np.testing.assert_allclose(sep, sepm[s, o], atol=1e-6)
     # given sorted healpix29 of the objects gives the same answer
-    from archive.catalog.association import healpix29
-    hp = healpix29(ora, odec)
+    from archive.sky.healpix import radec_to_healpix29
+    hp = radec_to_healpix29(ora, odec)
     srt = np.argsort(hp)
     s2, o2, _ = candidate_pairs(sra, sdec, ora[srt], odec[srt], radius, obj_healpix29=hp[srt])
     assert set(zip(s2.tolist(), srt[o2].tolist())) == truth
