@@ -76,7 +76,7 @@ COVER_MARGIN_RAD: float = 1e-11
 #: Finest order ``default_order`` picks (order 18 pixels are ~0.8 arcsec).
 DEFAULT_ORDER_MAX: int = 18
 #: Refuse coverings with more pixels than this at any level of the descent.
-MAX_COVER_PIXELS: int = 20_000_000
+MAX_COVER_PIXELS: int = 10_000_000
 
 #: Resolution (deg) of order-0 pixels: sqrt(4 pi / 12) in degrees.
 _RESOL0_DEG = math.degrees(math.sqrt(4.0 * math.pi / 12.0))
@@ -147,6 +147,14 @@ class Region(ABC):
     def size_deg(self) -> float:
         """Characteristic radius of the region in degrees (to choose a coarse order)."""
 
+    @abstractmethod
+    def area_sr(self) -> float:
+        """Solid angle of the region in steradians."""
+
+    def area_deg2(self) -> float:
+        """Solid angle of the region in square degrees."""
+        return self.area_sr() * (180.0 / math.pi) ** 2
+
     def default_order(self) -> int:
         """A coarse order with pixels about half the region's radius, in [0, DEFAULT_ORDER_MAX].
 
@@ -162,6 +170,13 @@ class Region(ABC):
         cache = self.__dict__.setdefault("_pixel_cache", {})
         if o in cache:
             return cache[o]
+        # Every pixel of the covering is needed to tile the area: fail fast.
+        at_least = self.area_sr() / (4.0 * math.pi / (12 << (2 * o)))
+        if at_least > MAX_COVER_PIXELS:
+            raise ValidationError(
+                f"{self!r}: covering at order {o} needs at least {at_least:.3g} pixels "
+                f"(limit {MAX_COVER_PIXELS}); use a coarser order, e.g. {self.default_order()}"
+            )
         pix = np.arange(12, dtype=np.int64)
         for level in range(o + 1):
             if level > 0:
@@ -237,3 +252,205 @@ class Cone(Region):
 
     def size_deg(self) -> float:
         return self.radius_deg
+
+    def area_sr(self) -> float:
+        return 4.0 * math.pi * math.sin(self._radius_rad / 2.0) ** 2  # = 2 pi (1 - cos r)
+
+
+class Box(Region):
+    """RA/Dec box: ``ra_min <= ra <= ra_max`` (wrapping) and ``dec_min <= dec <= dec_max``, degrees.
+
+    Constant-RA edges are meridians (great circles), constant-Dec edges are
+    parallels (small circles). ``ra_min > ra_max`` (after wrapping both into
+    [0, 360)) means the box runs through RA 0/360, e.g. ``Box(350, 10, ...)`` is
+    20 degrees wide. ``ra_max - ra_min == 360`` (e.g. ``Box(0, 360, ...)``) is the
+    full circle; ``ra_min == ra_max`` is a single meridian. A box whose Dec range
+    reaches +90 or -90 contains that pole (where RA is undefined). Bounds are
+    inclusive.
+    """
+
+    def __init__(self, ra_min: float, ra_max: float, dec_min: float, dec_max: float):
+        r0 = _check_scalar(ra_min, "ra_min", "Box")
+        r1 = _check_scalar(ra_max, "ra_max", "Box")
+        d0 = _check_scalar(dec_min, "dec_min", "Box")
+        d1 = _check_scalar(dec_max, "dec_max", "Box")
+        for name, d in (("dec_min", d0), ("dec_max", d1)):
+            if not -90.0 <= d <= 90.0:
+                raise ValidationError(f"Box: {name} must be within [-90, 90] degrees, got {d!r}")
+        if d0 > d1:
+            raise ValidationError(f"Box: dec_min ({d0!r}) must not exceed dec_max ({d1!r})")
+        if r1 - r0 >= 360.0:
+            width = 360.0
+        else:
+            width = (r1 - r0) % 360.0
+        self.ra_min = r0 % 360.0
+        self.ra_max = (self.ra_min + width) % 360.0 if width < 360.0 else self.ra_min
+        self.ra_width = width
+        self.dec_min = d0
+        self.dec_max = d1
+        self._full_ra = width >= 360.0
+        # Lune(s) of width <= 180 whose union is the RA range; each lune is the
+        # intersection of two hemispheres {x : n . x >= 0}.
+        if self._full_ra:
+            pieces: list[tuple[float, float]] = []
+        elif width <= 180.0:
+            pieces = [(self.ra_min, width)]
+        else:
+            pieces = [(self.ra_min, width / 2.0), (self.ra_min + width / 2.0, width / 2.0)]
+        self._lunes = []
+        for a0_deg, w_deg in pieces:
+            a0 = math.radians(a0_deg)
+            a1 = math.radians(a0_deg + w_deg)
+            n_start = np.array([-math.sin(a0), math.cos(a0), 0.0])  # n.x = cos(dec) sin(ra - a0)
+            n_end = np.array([math.sin(a1), -math.cos(a1), 0.0])  # n.x = cos(dec) sin(a1 - ra)
+            self._lunes.append(np.stack([n_start, n_end]))
+
+    def __repr__(self) -> str:
+        return (
+            f"Box(ra_min={self.ra_min!r}, "
+            f"ra_max={self.ra_min + 360.0 if self._full_ra else self.ra_max!r}, "
+            f"dec_min={self.dec_min!r}, dec_max={self.dec_max!r})"
+        )
+
+    def contains(self, ra: ArrayLike, dec: ArrayLike) -> np.ndarray:
+        """True inside the box (bounds inclusive; a pole inside the Dec range is inside)."""
+        ra_w, dec_a = validate_radec(ra, dec, "Box.contains")
+        in_dec = (dec_a >= self.dec_min) & (dec_a <= self.dec_max)
+        if self._full_ra:
+            return in_dec
+        in_ra = np.mod(ra_w - self.ra_min, 360.0) <= self.ra_width
+        return in_dec & (in_ra | (np.abs(dec_a) == 90.0))
+
+    def _may_touch(self, vec: np.ndarray, radius_rad: float) -> np.ndarray:
+        # Dec range of a disc is exactly [dec_c - r, dec_c + r] (clipped at the poles).
+        dec_c = np.arctan2(vec[:, 2], np.hypot(vec[:, 0], vec[:, 1]))
+        ok = (dec_c - radius_rad <= math.radians(self.dec_max)) & (
+            dec_c + radius_rad >= math.radians(self.dec_min)
+        )
+        if self._full_ra:
+            return ok
+        # A disc touches a hemisphere {n.x >= 0} iff n.c >= -sin(r); requiring it
+        # for both hemispheres of a lune is necessary (hence conservative).
+        s = -math.sin(min(radius_rad, math.pi / 2))
+        in_lune = np.zeros(len(vec), dtype=bool)
+        for normals in self._lunes:
+            d = vec @ normals.T
+            in_lune |= (d[:, 0] >= s) & (d[:, 1] >= s)
+        return ok & in_lune
+
+    def size_deg(self) -> float:
+        half_dec = 0.5 * (self.dec_max - self.dec_min)
+        if self.dec_min <= 0.0 <= self.dec_max:
+            cos_max = 1.0
+        else:
+            cos_max = math.cos(math.radians(min(abs(self.dec_min), abs(self.dec_max))))
+        rect = max(half_dec, 0.5 * self.ra_width * cos_max)
+        # A box touching a pole lies in the polar cap of radius 90 - |dec| of its other edge.
+        return min(rect, 90.0 + self.dec_max, 90.0 - self.dec_min)
+
+    def area_sr(self) -> float:
+        d0, d1 = math.radians(self.dec_min), math.radians(self.dec_max)
+        # sin(d1) - sin(d0) written without cancellation for thin boxes
+        dsin = 2.0 * math.cos(0.5 * (d1 + d0)) * math.sin(0.5 * (d1 - d0))
+        return math.radians(self.ra_width) * dsin
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+class Polygon(Region):
+    """Convex spherical polygon with great-circle edges; vertices (degrees) in order.
+
+    Either orientation is accepted. Each edge is the shorter great-circle arc
+    between consecutive vertices (the last vertex joins the first; a repeated
+    closing vertex is dropped). Only convex polygons (every vertex on the inner
+    side of every edge's great circle, winding once) are accepted; anything else
+    raises :class:`~archive.errors.ValidationError`. A convex polygon lies within
+    a hemisphere. Points on an edge are inside (up to float rounding).
+    """
+
+    def __init__(self, ra: Sequence[float], dec: Sequence[float]):
+        ra_a = np.atleast_1d(np.asarray(ra, dtype=np.float64))
+        dec_a = np.atleast_1d(np.asarray(dec, dtype=np.float64))
+        if ra_a.ndim != 1 or ra_a.shape != dec_a.shape:
+            raise ValidationError(
+                f"Polygon: ra and dec must be 1-D sequences of equal length, got shapes "
+                f"{ra_a.shape} and {dec_a.shape}"
+            )
+        ra_w, dec_w = validate_radec(ra_a, dec_a, "Polygon vertices")
+        v = radec_to_vec(ra_w, dec_w)
+        if len(v) >= 2 and np.allclose(v[0], v[-1], rtol=0.0, atol=1e-15):
+            v, ra_w, dec_w = v[:-1], ra_w[:-1], dec_w[:-1]
+        n = len(v)
+        if n < 3:
+            raise ValidationError(f"Polygon: needs at least 3 distinct vertices, got {n}")
+        nxt = np.roll(v, -1, axis=0)
+        # (a - b) x (a + b) = 2 a x b, with the difference taken first for accuracy.
+        cross = np.cross(v - nxt, v + nxt)
+        norm = np.linalg.norm(cross, axis=1)
+        dots = np.einsum("ij,ij->i", v, nxt)
+        bad = (norm < 1e-15) | (dots < -1.0 + 1e-12)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValidationError(
+                f"Polygon: edge {i} from vertex {i} to vertex {(i + 1) % n} is degenerate "
+                "(repeated or antipodal vertices)"
+            )
+        normals = cross / norm[:, None]
+        side = normals @ v.T  # side[i, j]: vertex j relative to edge i
+        tol = 1e-14
+        if np.all(side >= -tol):
+            pass
+        elif np.all(side <= tol):
+            normals = -normals  # clockwise: flip so that inside is n.x >= 0
+            side = -side
+        else:
+            raise ValidationError(
+                "Polygon: vertices do not form a convex polygon (some vertex lies outside "
+                "the great circle of an edge); split it into convex pieces"
+            )
+        centre = v.sum(axis=0)
+        if np.linalg.norm(centre) < 1e-12 or not np.all(side.sum(axis=1) > tol):
+            raise ValidationError("Polygon: degenerate (all vertices on one great circle or spanning a hemisphere)")
+        centre = _unit(centre)
+        # Winding: the angle swept around the centre must be exactly one turn.
+        e1 = _unit(np.cross(centre, [0.0, 0.0, 1.0]) if abs(centre[2]) < 0.9 else np.cross(centre, [1.0, 0.0, 0.0]))
+        e2 = np.cross(centre, e1)
+        ang = np.arctan2(v @ e2, v @ e1)
+        turn = np.sum(np.angle(np.exp(1j * (np.roll(ang, -1) - ang))))
+        if not abs(abs(turn) - 2 * math.pi) < 1e-6:
+            raise ValidationError(
+                f"Polygon: the vertices wind {abs(turn) / (2 * math.pi):.2f} times around the "
+                "centre; a simple convex polygon winds once"
+            )
+        self.ra = ra_w
+        self.dec = dec_w
+        self._normals = normals
+        self._centre = centre
+        self._vertices = v
+
+    def __repr__(self) -> str:
+        pts = ", ".join(f"({a:.8g}, {d:.8g})" for a, d in zip(self.ra, self.dec))
+        return f"Polygon([{pts}])"
+
+    def contains(self, ra: ArrayLike, dec: ArrayLike) -> np.ndarray:
+        """True where the position is on the inner side of every edge's great circle."""
+        ra_w, dec_a = validate_radec(ra, dec, "Polygon.contains")
+        x = radec_to_vec(ra_w, dec_a)
+        return np.all(x @ self._normals.T >= 0.0, axis=-1)
+
+    def _may_touch(self, vec: np.ndarray, radius_rad: float) -> np.ndarray:
+        # Disc touches polygon => disc touches every edge hemisphere (n.c >= -sin r).
+        s = -math.sin(min(radius_rad, math.pi / 2))
+        return np.all(vec @ self._normals.T >= s, axis=-1)
+
+    def size_deg(self) -> float:
+        return float(np.degrees(_angle_between(self._vertices, self._centre).max()))
+
+    def area_sr(self) -> float:
+        # Girard: area = 2 pi - sum of exterior (turning) angles, the angles between
+        # consecutive edge normals.
+        n0, n1 = np.roll(self._normals, 1, axis=0), self._normals
+        turn = np.arctan2(np.linalg.norm(np.cross(n0, n1), axis=1), np.einsum("ij,ij->i", n0, n1))
+        return float(max(2.0 * math.pi - turn.sum(), 0.0))
