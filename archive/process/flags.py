@@ -10,11 +10,7 @@ from typing import Mapping
 
 import numpy as np
 
-#: Mask plane bit numbers used when an image carries no plane dictionary of its own.
-DEFAULT_MASK_PLANES: dict[str, int] = {
-    "BAD": 0, "SAT": 1, "CR": 2, "EDGE": 3, "NO_DATA": 4, "INTRP": 5,
-    "DETECTED": 6, "CLIPPED": 7, "STREAK": 8, "SUSPECT": 9,
-}
+from archive.image.mask import DEFAULT_MASK_PLANES  # noqa: F401  (the layout used when none is given)
 
 FLAG_STAMP_EDGE = np.int64(1) << 32       #: the PSF-fit stamp runs off the image
 FLAG_CENTROID = np.int64(1) << 33         #: centroid fit did not converge / hit the shift limit

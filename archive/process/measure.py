@@ -87,8 +87,8 @@ def _model_image(ctx: _Ctx, x, y, flux, chunk) -> np.ndarray:
     sm = 2 * ctx.hm + 1
     out = np.zeros(ctx.shape, dtype=np.float64)
     for sl in chunks(len(x), chunk):
-        xc = np.rint(x[sl]).astype(np.int64)
-        yc = np.rint(y[sl]).astype(np.int64)
+        xc = np.floor(x[sl] + 0.5).astype(np.int64)
+        yc = np.floor(y[sl] + 0.5).astype(np.int64)
         iy, ix = stamp_grid(xc, yc, sm)
         st = ctx.psf.stamps(x[sl], y[sl], sm, xc, yc) * flux[sl][:, None, None]
         out += scatter_add(ctx.shape, iy, ix, st)
@@ -98,8 +98,8 @@ def _model_image(ctx: _Ctx, x, y, flux, chunk) -> np.ndarray:
 def _fit_chunk(ctx: _Ctx, R, x, y, flux, want_cov: bool):
     """One linearised 3-parameter PSF fit for a batch; returns (F, dx, dy, cov or None, nusable)."""
     sf = 2 * ctx.hf + 1
-    xc = np.rint(x).astype(np.int64)
-    yc = np.rint(y).astype(np.int64)
+    xc = np.floor(x + 0.5).astype(np.int64)
+    yc = np.floor(y + 0.5).astype(np.int64)
     iy, ix = stamp_grid(xc, yc, sf)
     Rs, _ = gather(R, iy, ix, 0.0)
     Ws, _ = gather(ctx.W, iy, ix, 0.0)
@@ -214,8 +214,8 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
     for sl in chunks(n, chunk):
         xs, ys, fs = x[sl], y[sl], flux[sl]
         m = xs.size
-        xc = np.rint(xs).astype(np.int64)
-        yc = np.rint(ys).astype(np.int64)
+        xc = np.floor(xs + 0.5).astype(np.int64)
+        yc = np.floor(ys + 0.5).astype(np.int64)
         # PSF flux at the fixed centroid
         iy, ix = stamp_grid(xc, yc, sf)
         Rs, inside = gather(R, iy, ix, 0.0)
@@ -281,8 +281,8 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
         flags[sl] |= fl
     with np.errstate(divide="ignore", invalid="ignore"):
         out["snr"] = out["psf_flux"] / out["psf_flux_err"]
-    xi = np.clip(np.rint(x).astype(np.int64), 0, shape[1] - 1)
-    yi = np.clip(np.rint(y).astype(np.int64), 0, shape[0] - 1)
+    xi = np.clip(np.floor(x + 0.5).astype(np.int64), 0, shape[1] - 1)
+    yi = np.clip(np.floor(y + 0.5).astype(np.int64), 0, shape[0] - 1)
     out["sky"] = background[yi, xi].astype(np.float64) if background is not None else np.zeros(n)
     if mask is not None:
         flags |= mask_or_within(mask, x, y, cfg.flag_radius)
@@ -344,8 +344,8 @@ def mask_or_within(mask: np.ndarray, x: np.ndarray, y: np.ndarray, radius: int) 
     s = 2 * r + 1
     off = np.arange(s) - r
     disk = (off[:, None] ** 2 + off[None, :] ** 2) <= r * r
-    xc = np.rint(np.asarray(x)).astype(np.int64)
-    yc = np.rint(np.asarray(y)).astype(np.int64)
+    xc = np.floor(np.asarray(x) + 0.5).astype(np.int64)
+    yc = np.floor(np.asarray(y) + 0.5).astype(np.int64)
     out = np.zeros(xc.size, dtype=np.int64)
     for sl in chunks(xc.size, 65536):
         iy, ix = stamp_grid(xc[sl], yc[sl], s)

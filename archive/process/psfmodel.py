@@ -6,14 +6,13 @@ A *stamp PSF* is any object with
 
 returning the PSF (unit total flux, pixel-integrated) centred at the fractional
 positions ``(x, y)`` and sampled on the pixel grid of stamps centred on the integer
-pixels ``(xc, yc)`` (default: ``round(x), round(y)``), and ``fwhm(x=None, y=None)``
-in pixels.
+pixels ``(xc, yc)`` (default: ``floor(x + 0.5)``, the convention of
+:mod:`archive.image.psf`), and ``fwhm(x=None, y=None)`` in pixels.
 
-:class:`GaussianPsf` is analytic. :class:`GridStampPsf` wraps any PSF that can draw
-a centred image at a position (the image model's ``psf.image(x, y, size)``): it
-samples that PSF on a coarse grid over the detector once, and shifts the nearest
-grid kernel to each fractional position with separable Lanczos-3 interpolation,
-all sources at once.
+:class:`GaussianPsf` is analytic. :class:`GridStampPsf` holds oversampled kernels
+on a grid over the detector (e.g. from the image model's ``PixelPSF.model``) and
+interpolates them to every fractional position with separable Lanczos-3 rows, all
+sources at once. :func:`stamp_psf` turns any image-model PSF into one of these.
 """
 
 from __future__ import annotations
@@ -43,8 +42,8 @@ class StampPsf(Protocol):
 def _centres(x, y, xc, yc):
     x = np.atleast_1d(np.asarray(x, dtype=np.float64))
     y = np.atleast_1d(np.asarray(y, dtype=np.float64))
-    xc = np.rint(x).astype(np.int64) if xc is None else np.atleast_1d(np.asarray(xc, dtype=np.int64))
-    yc = np.rint(y).astype(np.int64) if yc is None else np.atleast_1d(np.asarray(yc, dtype=np.int64))
+    xc = np.floor(x + 0.5).astype(np.int64) if xc is None else np.atleast_1d(np.asarray(xc, dtype=np.int64))
+    yc = np.floor(y + 0.5).astype(np.int64) if yc is None else np.atleast_1d(np.asarray(yc, dtype=np.int64))
     return x, y, xc, yc
 
 
@@ -103,101 +102,147 @@ class GaussianPsf:
         return (a2 * c * c + b2 * s * s, a2 * s * s + b2 * c * c, (a2 - b2) * c * s)
 
 
-def lanczos_weights(frac: np.ndarray, size: int, a: int = 3) -> np.ndarray:
-    """1-D Lanczos-``a`` interpolation matrices shifting a ``size`` sample by ``frac``.
+def _lanczos_rows(u: np.ndarray, lo: int, hi: int, ks: int, a: int = 3) -> np.ndarray:
+    """Interpolation weights ``(n, m, hi - lo)`` of kernel samples ``lo..hi-1`` at positions ``u`` ``(n, m)``.
 
-    Returns ``(n, size, size)`` with ``out[k, i, j]`` the weight of input sample
-    ``j`` in output sample ``i`` of a signal shifted by ``+frac[k]`` pixels.
-    Rows are normalised to unit sum so flux is preserved.
+    Lanczos-``a`` (2a taps per row, normalised to unit sum); taps that fall outside
+    the kernel ``0..ks-1`` are dropped, so a position beyond the kernel gets zeros.
     """
-    i = np.arange(size)
-    d = i[None, :, None] - i[None, None, :] - np.asarray(frac, dtype=np.float64)[:, None, None]
+    j0 = np.floor(u).astype(np.int64) - (a - 1)
+    taps = j0[..., None] + np.arange(2 * a)
+    d = u[..., None] - taps
     w = np.sinc(d) * np.sinc(d / a)
-    w[np.abs(d) >= a] = 0.0
-    w /= w.sum(axis=2, keepdims=True)
-    return w
+    w /= w.sum(axis=-1, keepdims=True)
+    w[(taps < 0) | (taps >= ks)] = 0.0
+    out = np.zeros(u.shape + (hi - lo,))
+    t = taps - lo
+    ok = (t >= 0) & (t < hi - lo)
+    ii = np.broadcast_to(np.arange(u.shape[0])[:, None, None], t.shape)
+    jj = np.broadcast_to(np.arange(u.shape[1])[None, :, None], t.shape)
+    out[ii[ok], jj[ok], t[ok]] = w[ok]
+    return out
 
 
 class GridStampPsf:
-    """Stamp PSF built from a callable ``image(x, y, size)`` drawing a centred PSF.
+    """Stamp PSF from oversampled kernels sampled on a grid over the detector.
 
-    ``psf_image(x, y, size)`` must return a ``(size, size)`` array with the PSF at
-    detector position ``(x, y)`` centred on the middle pixel. The callable is sampled
-    once on an ``ngrid x ngrid`` grid over a detector of ``shape``; each source uses
-    the nearest sample, shifted by its sub-pixel offset (Lanczos-3) and renormalised.
+    ``kernels``: ``(ngy, ngx, ks, ks)`` samples of the pixel-integrated PSF at a
+    spacing of ``1 / oversample`` px, centred on element ``ks // 2``, at detector
+    positions ``grid_x`` (``ngx``) by ``grid_y`` (``ngy``). Each source's kernel is
+    the bilinear blend of its four grid neighbours; its native-pixel stamp is
+    ``Wy K Wx^T`` with Lanczos-3 interpolation rows (all sources at once, einsum).
+    Kernels are normalised so a native stamp sums to 1 (before truncation).
     """
 
-    def __init__(self, psf_image, shape: tuple[int, int], ngrid: int = 4, kernel_size: int = 41,
-                 fwhm=None):
-        ny, nx = shape
-        self.shape = (int(ny), int(nx))
-        self.ngrid = max(1, int(ngrid))
-        self.kernel_size = int(kernel_size) | 1
-        gx = (np.arange(self.ngrid) + 0.5) * nx / self.ngrid - 0.5
-        gy = (np.arange(self.ngrid) + 0.5) * ny / self.ngrid - 0.5
-        self._gx, self._gy = gx, gy
-        ks = self.kernel_size
-        kern = np.empty((self.ngrid, self.ngrid, ks, ks))
-        for j, yy in enumerate(gy):
-            for i, xx in enumerate(gx):
-                k = np.asarray(psf_image(float(xx), float(yy), ks), dtype=np.float64)
-                if k.shape != (ks, ks):
-                    raise ValidationError(f"PSF image at ({xx:.0f}, {yy:.0f}) has shape {k.shape}, expected {(ks, ks)}")
-                tot = k.sum()
-                if not np.isfinite(tot) or tot <= 0:
-                    raise ValidationError(f"PSF image at ({xx:.0f}, {yy:.0f}) has non-positive or non-finite sum {tot}")
-                kern[j, i] = k / tot
-        self._kernels = kern
+    def __init__(self, kernels: np.ndarray, grid_x, grid_y, oversample: int = 1, fwhm=None):
+        k = np.asarray(kernels, dtype=np.float64)
+        if k.ndim == 2:
+            k = k[None, None]
+        if k.ndim != 4 or k.shape[2] != k.shape[3] or k.shape[2] % 2 == 0:
+            raise ValidationError(f"GridStampPsf kernels must be (ngy, ngx, S, S) with S odd, got {k.shape}")
+        self.oversample = int(oversample)
+        tot = k.sum(axis=(2, 3), keepdims=True)
+        if not np.all(np.isfinite(tot)) or np.any(tot <= 0):
+            raise ValidationError("GridStampPsf: a kernel has non-positive or non-finite total flux")
+        self._kernels = k / tot * self.oversample ** 2
+        self._gx = np.atleast_1d(np.asarray(grid_x, dtype=np.float64))
+        self._gy = np.atleast_1d(np.asarray(grid_y, dtype=np.float64))
+        if self._gx.size != k.shape[1] or self._gy.size != k.shape[0]:
+            raise ValidationError("GridStampPsf: grid_x/grid_y lengths do not match the kernel grid")
         self._fwhm = fwhm
 
     @classmethod
-    def from_psf(cls, psf, shape: tuple[int, int], ngrid: int = 4, kernel_size: int = 41) -> "GridStampPsf":
-        """Wrap an image-model PSF object with ``.image(x, y, size)`` and ``.fwhm()``."""
-        fw = getattr(psf, "fwhm", None)
-        return cls(psf.image, shape, ngrid=ngrid, kernel_size=kernel_size, fwhm=fw)
+    def from_callable(cls, psf_model, shape: tuple[int, int], ngrid: int = 3, oversample: int = 1,
+                      fwhm=None) -> "GridStampPsf":
+        """Sample ``psf_model(x, y) -> (S, S)`` (centred, oversampled) on an ngrid^2 grid over ``shape``."""
+        ny, nx = shape
+        ngrid = max(1, int(ngrid))
+        gx = np.linspace(0, nx - 1, ngrid) if ngrid > 1 else np.array([(nx - 1) / 2.0])
+        gy = np.linspace(0, ny - 1, ngrid) if ngrid > 1 else np.array([(ny - 1) / 2.0])
+        ks = np.asarray(psf_model(float(gx[0]), float(gy[0]))).shape[0]
+        kern = np.empty((gy.size, gx.size, ks, ks))
+        for j, yy in enumerate(gy):
+            for i, xx in enumerate(gx):
+                kern[j, i] = psf_model(float(xx), float(yy))
+        return cls(kern, gx, gy, oversample=oversample, fwhm=fwhm)
 
     def fwhm(self, x: float | None = None, y: float | None = None) -> float:
         if self._fwhm is not None:
-            try:
-                return float(self._fwhm(x, y)) if x is not None else float(self._fwhm())
-            except TypeError:
-                return float(self._fwhm())
-        k = self._kernels[self.ngrid // 2, self.ngrid // 2]
-        return _fwhm_from_kernel(k)
+            return float(self._fwhm(x, y))
+        k = self._kernels[self._kernels.shape[0] // 2, self._kernels.shape[1] // 2]
+        return _fwhm_from_kernel(k) / self.oversample
+
+    def _node_weights(self, x, y):
+        def axis(g, v):
+            if g.size == 1:
+                z = np.zeros(v.size, dtype=np.int64)
+                return z, z, np.zeros(v.size)
+            i = np.clip(np.searchsorted(g, v) - 1, 0, g.size - 2)
+            t = np.clip((v - g[i]) / (g[i + 1] - g[i]), 0.0, 1.0)
+            return i, i + 1, t
+        i0, i1, tx = axis(self._gx, x)
+        j0, j1, ty = axis(self._gy, y)
+        w = np.zeros((x.size, self._gy.size, self._gx.size))
+        r = np.arange(x.size)
+        np.add.at(w, (r, j0, i0), (1 - ty) * (1 - tx))
+        np.add.at(w, (r, j0, i1), (1 - ty) * tx)
+        np.add.at(w, (r, j1, i0), ty * (1 - tx))
+        np.add.at(w, (r, j1, i1), ty * tx)
+        return w
 
     def stamps(self, x, y, size, xc=None, yc=None) -> np.ndarray:
         x, y, xc, yc = _centres(x, y, xc, yc)
+        ks = self._kernels.shape[2]
+        kc = ks // 2
+        g = np.arange(size) - size // 2
+        ux = kc + (xc[:, None] + g[None, :] - x[:, None]) * self.oversample
+        uy = kc + (yc[:, None] + g[None, :] - y[:, None]) * self.oversample
+        # only kernel rows/columns that any output pixel touches
+        lo = max(0, int(np.floor(min(ux.min(), uy.min()))) - 3)
+        hi = min(ks, int(np.ceil(max(ux.max(), uy.max()))) + 4)
         n = x.size
-        ks = self.kernel_size
-        gi = np.clip(np.searchsorted(self._gx, x) - 1, 0, self.ngrid - 1)
-        gi = np.where((gi + 1 < self.ngrid) & (np.abs(x - self._gx[np.minimum(gi + 1, self.ngrid - 1)]) < np.abs(x - self._gx[gi])), gi + 1, gi)
-        gj = np.clip(np.searchsorted(self._gy, y) - 1, 0, self.ngrid - 1)
-        gj = np.where((gj + 1 < self.ngrid) & (np.abs(y - self._gy[np.minimum(gj + 1, self.ngrid - 1)]) < np.abs(y - self._gy[gj])), gj + 1, gj)
-        k = self._kernels[gj, gi]  # (n, ks, ks)
-        # The kernel centre is at kernel index ks//2; place it at (x, y) on a stamp grid
-        # centred at (xc, yc): offset of the PSF centre from the stamp centre.
-        ox = x - xc
-        oy = y - yc
-        ix = np.floor(ox).astype(np.int64)
-        iy = np.floor(oy).astype(np.int64)
-        fx = ox - ix
-        fy = oy - iy
-        wx = lanczos_weights(fx, ks)
-        wy = lanczos_weights(fy, ks)
-        shifted = np.einsum("nij,njk,nlk->nil", wy, k, wx, optimize=True)
-        # integer part: place shifted kernel (centre at ks//2 + (iy, ix)) into the stamp
         out = np.zeros((n, size, size))
-        h = size // 2
-        hk = ks // 2
-        # stamp index s corresponds to kernel index s - h + hk - i_off
-        sidx = np.arange(size)
-        ky = sidx[None, :] - h + hk - iy[:, None]
-        kx = sidx[None, :] - h + hk - ix[:, None]
-        vy = (ky >= 0) & (ky < ks)
-        vx = (kx >= 0) & (kx < ks)
-        vals = shifted[np.arange(n)[:, None, None], np.clip(ky, 0, ks - 1)[:, :, None], np.clip(kx, 0, ks - 1)[:, None, :]]
-        out = np.where(vy[:, :, None] & vx[:, None, :], vals, 0.0)
+        if hi <= lo or n == 0:
+            return out
+        Wx = _lanczos_rows(ux, lo, hi, ks)
+        Wy = _lanczos_rows(uy, lo, hi, ks)
+        WxT = Wx.transpose(0, 2, 1)
+        # bilinear blend over the grid nodes: sum_k w_k(x, y) Wy K_k Wx^T
+        wgt = self._node_weights(x, y)  # (n, ngy, ngx)
+        m = hi - lo
+        for j in range(self._gy.size):
+            for i in range(self._gx.size):
+                sel = np.nonzero(wgt[:, j, i] > 0)[0]
+                if sel.size == 0:
+                    continue
+                K = self._kernels[j, i, lo:hi, lo:hi]
+                T = (Wy[sel].reshape(-1, m) @ K).reshape(sel.size, size, m)
+                out[sel] += wgt[sel, j, i][:, None, None] * np.matmul(T, WxT[sel])
         return out
+
+
+def stamp_psf(psf, shape: tuple[int, int], ngrid: int = 3, oversample: int = 2):
+    """A stamp PSF for measurement from an image-model PSF (or a stamp PSF, returned as is).
+
+    GaussianPSF -> analytic :class:`GaussianPsf`; PixelPSF -> :class:`GridStampPsf`
+    from its oversampled model; any other image-model PSF is first pixelized with
+    ``PixelPSF.from_psf`` over the detector.
+    """
+    if hasattr(psf, "stamps"):
+        return psf
+    from archive.image.psf import PSF, GaussianPSF, PixelPSF
+
+    if not isinstance(psf, PSF):
+        raise ValidationError(f"stamp_psf: expected an archive.image.psf.PSF, got {type(psf).__name__}")
+    if isinstance(psf, GaussianPSF) and psf.x_offset == 0 and psf.y_offset == 0:
+        return GaussianPsf(psf.sigma * FWHM_PER_SIGMA)
+    ny, nx = shape
+    if not isinstance(psf, PixelPSF):
+        psf = PixelPSF.from_psf(psf, (0.0, 0.0, float(nx - 1), float(ny - 1)), degree=2, oversample=oversample)
+    pp = psf
+    fw = pp.fwhm()
+    return GridStampPsf.from_callable(pp.model, shape, ngrid=ngrid if pp.degree > 0 else 1,
+                                      oversample=pp.oversample, fwhm=lambda x=None, y=None: fw)
 
 
 def _fwhm_from_kernel(k: np.ndarray) -> float:

@@ -141,13 +141,34 @@ def test_psf_stamps_are_normalised_and_grid_psf_matches_analytic():
     y = np.array([12.6, 40.1, 90.49])
     st = g.stamps(x, y, 41)
     assert np.allclose(st.sum(axis=(1, 2)), 1.0, atol=1e-6)
-    grid = GridStampPsf(lambda xx, yy, size: g.stamps(np.array([float(size // 2)]), np.array([float(size // 2)]), size)[0],
-                        (100, 100), ngrid=2, kernel_size=31)
+    # a 2x oversampled kernel of the same Gaussian, interpolated to the sources
+    os_ = 2
+    k = np.arange(61) - 30
+    s2 = g.sigma ** 2
+    ker = np.exp(-0.5 * ((k[None, :] / os_) ** 2 + (k[:, None] / os_) ** 2) / (s2 + 1 / 12))
+    grid = GridStampPsf(ker, [50.0], [50.0], oversample=os_)
     sg = grid.stamps(x, y, 21)
-    assert np.abs(sg - g.stamps(x, y, 21)).max() < 1e-2 * st.max()
+    assert np.abs(sg - g.stamps(x, y, 21)).max() < 5e-3 * st.max()
     assert grid.fwhm() == pytest.approx(3.5, rel=0.05)
     e = GaussianPsf(3.0, ellipticity=0.3, theta_deg=30)
     assert e.stamps(np.array([20.0]), np.array([20.0]), 41).sum() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_image_model_psfs_become_stamp_psfs():
+    from archive.image.psf import GaussianPSF, MoffatPSF
+    from archive.process.psfmodel import stamp_psf
+
+    x = np.array([10.3, 200.5, 400.77])
+    y = np.array([33.2, 250.49, 100.1])
+    g = stamp_psf(GaussianPSF(1.5), (512, 512))
+    ref = GaussianPSF(1.5).render_stamps(x, y, 25)
+    assert np.abs(g.stamps(x, y, 25) - ref).max() < 1e-4 * ref.max()
+    m = MoffatPSF(3.5, beta=3.0, variation=[0.1, 0.05], bbox=(0, 0, 511, 511))
+    sm = stamp_psf(m, (512, 512))
+    ref = m.render_stamps(x, y, 31)
+    got = sm.stamps(x, y, 31)
+    assert np.abs(got - ref).max() < 0.01 * ref.max()
+    assert np.allclose(got.sum(axis=(1, 2)), 1.0, atol=3e-3)
 
 
 def test_measure_handles_no_sources_and_edges():
