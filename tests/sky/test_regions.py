@@ -246,21 +246,30 @@ def boxes(draw):
     half_dec = 10.0 ** draw(st.floats(LOG_RADIUS_MIN, LOG_RADIUS_MAX))
     half_ra = 10.0 ** draw(st.floats(LOG_RADIUS_MIN, LOG_RADIUS_MAX))
     half_ra = min(half_ra / max(np.cos(np.radians(dec_c)), 1e-3), 180.0)
-    if draw(st.booleans()):  # the drawn point (pixel corner, pole, RA 0...) is a corner
-        ra_min, dec_min = ra_c, max(dec_c - 2 * half_dec * draw(st.sampled_from([0.0, 1.0])), -90.0)
-        dec_max = min(dec_min + 2 * half_dec, 90.0)
-        ra_max = ra_min + 2 * half_ra
-    else:
+    anchor = draw(st.sampled_from(["centre", "lo-lo", "lo-hi", "hi-lo", "hi-hi"]))
+    if anchor == "centre":
         ra_min, ra_max = ra_c - half_ra, ra_c + half_ra
         dec_min, dec_max = max(dec_c - half_dec, -90.0), min(dec_c + half_dec, 90.0)
-    pole = draw(st.sampled_from(["none", "none", "north", "south"]))
+    else:
+        # The drawn point (a pixel corner, a pole, RA 0...) is one corner of the box.
+        if anchor[0] == "l":
+            ra_min, ra_max = ra_c, ra_c + 2 * half_ra
+        else:
+            ra_min, ra_max = ra_c - 2 * half_ra, ra_c
+        if anchor[-1] == "o":
+            dec_min, dec_max = dec_c, min(dec_c + 2 * half_dec, 90.0)
+        else:
+            dec_min, dec_max = max(dec_c - 2 * half_dec, -90.0), dec_c
+    pole = draw(st.sampled_from(["none", "none", "none", "north", "south"]))
     if pole == "north":
         dec_max = 90.0
     elif pole == "south":
         dec_min = -90.0
     if draw(st.integers(0, 9)) == 0:
         ra_min, ra_max = 0.0, 360.0
-    return Box(ra_min % 360.0 if ra_max - ra_min < 360 else ra_min, ra_max % 360.0 if ra_max - ra_min < 360 else ra_max, dec_min, dec_max)
+    if ra_max - ra_min < 360.0:
+        ra_min, ra_max = ra_min % 360.0, ra_max % 360.0
+    return Box(ra_min, ra_max, dec_min, dec_max)
 
 
 def box_boundary_points(rng, box: Box, n):
