@@ -384,7 +384,8 @@ def polygons(draw):
         except ValidationError:
             assume(False)
     ra_c, dec_c = draw(sky_points())
-    size = 10.0 ** draw(st.floats(LOG_RADIUS_MIN, LOG_RADIUS_MAX))
+    # 0.1 arcsec to 60 degrees (vertex distance from the centre)
+    size = 10.0 ** draw(st.floats(LOG_RADIUS_MIN, np.log10(60.0)))
     n = draw(st.integers(3, 8))
     # Vertices on a small circle at sorted position angles (gaps < 180 deg) form a
     # convex polygon.
