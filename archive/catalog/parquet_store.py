@@ -255,7 +255,7 @@ class ParquetStore(CatalogStore):
         def run(manifest):
             con = duckdb.connect(self._duck_database(manifest), read_only=True)
             try:
-                return con.execute(query).to_arrow_table()
+                return con.sql(query).to_arrow_table()
             except duckdb.Error as exc:
                 msg = str(exc).splitlines()[0]
                 if "read-only" in msg.lower() or "read only" in msg.lower():
