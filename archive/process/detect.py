@@ -105,7 +105,7 @@ def find_peaks(snr: np.ndarray, config: DetectionConfig | None = None) -> pd.Dat
     labels, nlab = ndimage.label(det, structure=np.ones((3, 3), dtype=bool))
     cols = ["x", "y", "x_peak", "y_peak", "peak_snr", "footprint", "footprint_npix", "n_peaks"]
     if nlab == 0:
-        return pd.DataFrame({c: np.array([], dtype=np.float64) for c in cols})
+        return _empty_peaks()
     npix = np.bincount(labels.ravel(), minlength=nlab + 1)
     big = npix >= cfg.min_pixels
     big[0] = False
@@ -145,6 +145,8 @@ def find_peaks(snr: np.ndarray, config: DetectionConfig | None = None) -> pd.Dat
         else:
             accept &= _deblend_test(snr, px, py, lab, val, cand, cfg)
     py, px, lab, val = py[accept], px[accept], lab[accept], val[accept]
+    if py.size == 0:
+        return _empty_peaks()
     xs, ys = _refine(snr, py, px)
     npk = np.bincount(lab, minlength=nlab + 1)[lab]
     out = pd.DataFrame({
@@ -154,6 +156,13 @@ def find_peaks(snr: np.ndarray, config: DetectionConfig | None = None) -> pd.Dat
     })
     log.debug("find_peaks: %d footprints above %.1f sigma, %d peaks", int(big.sum()), cfg.threshold, len(out))
     return out
+
+
+def _empty_peaks() -> pd.DataFrame:
+    f = np.array([], dtype=np.float64)
+    i = np.array([], dtype=np.int64)
+    return pd.DataFrame({"x": f, "y": f, "x_peak": i, "y_peak": i, "peak_snr": f, "footprint": i,
+                         "footprint_npix": i, "n_peaks": i})
 
 
 def _deblend_test(snr, px, py, lab, val, cand, cfg: DetectionConfig) -> np.ndarray:

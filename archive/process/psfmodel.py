@@ -190,35 +190,93 @@ class GridStampPsf:
         np.add.at(w, (r, j1, i1), ty * tx)
         return w
 
-    def stamps(self, x, y, size, xc=None, yc=None) -> np.ndarray:
-        x, y, xc, yc = _centres(x, y, xc, yc)
+    #: sub-pixel phases per pixel in the lookup table
+    n_phase: int = 16
+
+    def _table(self, half: int) -> np.ndarray:
+        """Native stamps ``(ngy, ngx, P+1, P+1, 2 half + 1, 2 half + 1)`` of every grid node at
+        sub-pixel phases ``-0.5 + k / P`` (built with two matrix products per node)."""
+        tab = getattr(self, "_tab", None)
+        if tab is not None and self._tab_half >= half:
+            return tab
+        half = max(half, 15)
+        P = self.n_phase
         ks = self._kernels.shape[2]
         kc = ks // 2
-        g = np.arange(size) - size // 2
-        ux = kc + (xc[:, None] + g[None, :] - x[:, None]) * self.oversample
-        uy = kc + (yc[:, None] + g[None, :] - y[:, None]) * self.oversample
-        # only kernel rows/columns that any output pixel touches
-        lo = max(0, int(np.floor(min(ux.min(), uy.min()))) - 3)
-        hi = min(ks, int(np.ceil(max(ux.max(), uy.max()))) + 4)
+        S = 2 * half + 1
+        g = np.arange(S) - half
+        ph = -0.5 + np.arange(P + 1) / P
+        # position in kernel samples of output pixel g for a source at phase f: kc + (g - f) * os
+        u = kc + (g[None, :] - ph[:, None]) * self.oversample  # (P+1, S)
+        W = _lanczos_rows(u, 0, ks, ks).reshape((P + 1) * S, ks)  # rows: (phase, pixel)
+        ngy, ngx = self._kernels.shape[:2]
+        tab = np.empty((ngy, ngx, P + 1, P + 1, S, S))
+        for j in range(ngy):
+            for i in range(ngx):
+                full = W @ self._kernels[j, i] @ W.T  # ((P+1) S, (P+1) S): [phy, y, phx, x]
+                tab[j, i] = full.reshape(P + 1, S, P + 1, S).transpose(0, 2, 1, 3)
+        self._tab = tab
+        self._tab_half = half
+        return tab
+
+    def stamps(self, x, y, size, xc=None, yc=None) -> np.ndarray:
+        return self._eval(x, y, size, xc, yc, False)[0]
+
+    def stamps_with_gradient(self, x, y, size, xc=None, yc=None):
+        """``(P, dP/dx0, dP/dy0)`` stamps: the PSF and its derivatives with respect to the source position."""
+        return self._eval(x, y, size, xc, yc, True)
+
+    def _eval(self, x, y, size, xc, yc, grad: bool):
+        x, y, xc, yc = _centres(x, y, xc, yc)
         n = x.size
+        if n == 0:
+            z = np.zeros((0, size, size))
+            return z, z, z
+        c0x = np.floor(x + 0.5).astype(np.int64)
+        c0y = np.floor(y + 0.5).astype(np.int64)
+        kx = xc - c0x
+        ky = yc - c0y
+        h = size // 2
+        tab = self._table(h + int(max(np.abs(kx).max(), np.abs(ky).max())))
+        th = self._tab_half
+        P = self.n_phase
+        tx = (x - c0x + 0.5) * P
+        ty = (y - c0y + 0.5) * P
+        ix0 = np.clip(np.floor(tx).astype(np.int64), 0, P - 1)
+        iy0 = np.clip(np.floor(ty).astype(np.int64), 0, P - 1)
+        fx = (tx - ix0)[:, None, None]
+        fy = (ty - iy0)[:, None, None]
+        wn = self._node_weights(x, y)
         out = np.zeros((n, size, size))
-        if hi <= lo or n == 0:
-            return out
-        Wx = _lanczos_rows(ux, lo, hi, ks)
-        Wy = _lanczos_rows(uy, lo, hi, ks)
-        WxT = Wx.transpose(0, 2, 1)
-        # bilinear blend over the grid nodes: sum_k w_k(x, y) Wy K_k Wx^T
-        wgt = self._node_weights(x, y)  # (n, ngy, ngx)
-        m = hi - lo
-        for j in range(self._gy.size):
-            for i in range(self._gx.size):
-                sel = np.nonzero(wgt[:, j, i] > 0)[0]
-                if sel.size == 0:
-                    continue
-                K = self._kernels[j, i, lo:hi, lo:hi]
-                T = (Wy[sel].reshape(-1, m) @ K).reshape(sel.size, size, m)
-                out[sel] += wgt[sel, j, i][:, None, None] * np.matmul(T, WxT[sel])
-        return out
+        gx = np.zeros((n, size, size)) if grad else None
+        gy = np.zeros((n, size, size)) if grad else None
+        # group by integer stamp offset so the table is read with slices (block copies)
+        key = (ky + 1) * 1000 + (kx + 1)
+        for kk in np.unique(key):
+            grp = key == kk
+            oy = int(ky[grp][0])
+            ox = int(kx[grp][0])
+            r0 = th + oy - h
+            c0 = th + ox - h
+            for j in range(self._gy.size):
+                for i in range(self._gx.size):
+                    sel = np.nonzero(grp & (wn[:, j, i] > 0))[0]
+                    if sel.size == 0:
+                        continue
+                    t = tab[j, i, :, :, r0:r0 + size, c0:c0 + size]
+                    a, b = iy0[sel], ix0[sel]
+                    ffx, ffy = fx[sel], fy[sel]
+                    t00 = t[a, b]
+                    t01 = t[a, b + 1]
+                    t10 = t[a + 1, b]
+                    t11 = t[a + 1, b + 1]
+                    w = wn[sel, j, i][:, None, None]
+                    out[sel] += w * ((1 - ffy) * ((1 - ffx) * t00 + ffx * t01) + ffy * ((1 - ffx) * t10 + ffx * t11))
+                    if grad:
+                        # moving the source by +dx moves the phase by +dx * P
+                        gx[sel] += w * P * ((1 - ffy) * (t01 - t00) + ffy * (t11 - t10))
+                        gy[sel] += w * P * ((1 - ffx) * (t10 - t00) + ffx * (t11 - t01))
+        return out, gx, gy
 
 
 def stamp_psf(psf, shape: tuple[int, int], ngrid: int = 3, oversample: int = 2):

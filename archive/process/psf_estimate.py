@@ -1,0 +1,355 @@
+"""Empirical PSF: select stars, build a spatially varying pixelized PSF (``PixelPSF``).
+
+1. Detect bright sources with a Gaussian guess of the PSF and measure them.
+2. Keep isolated, unflagged, unsaturated stars with S/N above ``min_snr`` whose
+   adaptive-moment size lies within ``size_clip`` robust sigma of the stellar locus.
+3. Build the model on a grid oversampled by ``oversample``: every star pixel,
+   divided by the star's flux, is a sample of the PSF at offset (pixel - centroid)
+   and detector position (x, y). Each oversampled pixel of the model is a
+   polynomial of degree ``degree`` in (x, y), fitted by weighted least squares over
+   all samples falling in it (all pixels at once with ``bincount`` normal
+   equations). Iterations refine it the Anderson-King way: the model is
+   interpolated at the exact sample offsets and the binned residuals are added
+   back, which removes the blur of binning; samples more than ``clip_sigma`` off
+   are rejected (neighbours, cosmic rays).
+4. The model is normalised (sum 1 in native pixels everywhere) and recentred; the
+   stars are re-measured with it (new centroids and fluxes) and the model rebuilt.
+
+Reports the FWHM (px) and ellipticity ``1 - b/a`` of the model at the detector
+centre and over a grid, and the stars used.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from archive.errors import ValidationError
+from archive.image.psf import PixelPSF, fwhm_from_image, n_poly_terms, poly_design
+from archive.process import flags as F_
+from archive.process.measure import MeasureConfig, _adaptive_moments, measure_sources
+from archive.process.psfmodel import GaussianPsf, GridStampPsf
+from archive.process.sources import SourceConfig, detect_and_measure
+from archive.process.detect import DetectionConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PsfEstimateConfig:
+    """Configuration of :func:`estimate_psf`.
+
+    initial_fwhm: FWHM guess (px) for the first detection; refined from the stars' moments.
+    detect_threshold: detection threshold (sigma) of the star-finding pass.
+    min_snr: minimum PSF S/N of a PSF star.
+    max_stars: at most this many stars (the brightest) are used.
+    isolation: no other source within this many FWHM of a PSF star ...
+    isolation_flux: ... brighter than this fraction of it.
+    size_clip: stars whose moment size is this many robust sigma off the locus are dropped.
+    reject_planes: a star with any of these mask planes within 3 px is dropped.
+    oversample: model samples per native pixel.
+    half_size_fwhm: native half-size of the model in FWHM (at least 7 px).
+    degree: polynomial degree of the spatial variation (lowered automatically when few stars).
+    n_iter: build/refine iterations per outer pass; n_outer: re-centroid + rebuild passes.
+    clip_sigma: sample rejection threshold.
+    """
+
+    initial_fwhm: float = 3.0
+    detect_threshold: float = 10.0
+    min_snr: float = 50.0
+    max_stars: int = 400
+    isolation: float = 4.0
+    isolation_flux: float = 0.02
+    size_clip: float = 3.0
+    reject_planes: tuple[str, ...] = ("SAT", "BAD", "CR", "NO_DATA", "EDGE", "SUSPECT", "INTRP")
+    oversample: int = 2
+    half_size_fwhm: float = 3.0
+    degree: int = 2
+    n_iter: int = 3
+    n_outer: int = 2
+    clip_sigma: float = 4.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PsfResult:
+    """psf: the PixelPSF; fwhm (px, detector centre); ellipticity (1 - b/a) and theta
+    (deg, major axis from +x) at the centre; fwhm_range: (min, max) FWHM over a 3x3
+    grid; stars: the candidate table with a ``used`` column; n_stars: stars used."""
+
+    psf: PixelPSF
+    fwhm: float
+    ellipticity: float
+    theta: float
+    fwhm_range: tuple[float, float]
+    stars: pd.DataFrame
+    n_stars: int
+    degree: int
+
+
+def _moments_shape(ixx, iyy, ixy):
+    tr = 0.5 * (ixx + iyy)
+    d = np.sqrt(0.25 * (ixx - iyy) ** 2 + ixy ** 2)
+    a2, b2 = tr + d, max(tr - d, 1e-12)
+    e = 1.0 - np.sqrt(b2 / a2)
+    theta = 0.5 * np.degrees(np.arctan2(2 * ixy, ixx - iyy))
+    return float(e), float(theta)
+
+
+def select_stars(sources: pd.DataFrame, fwhm: float, config: PsfEstimateConfig,
+                 mask_planes=None) -> np.ndarray:
+    """Boolean selection of PSF stars in a measured source table (see module doc)."""
+    cfg = config
+    n = len(sources)
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    flags = sources["flags"].to_numpy()
+    bad = F_.plane_bits(mask_planes, *cfg.reject_planes) | int(
+        F_.FLAG_PSF_FLUX | F_.FLAG_CENTROID | F_.FLAG_MOMENTS | F_.FLAG_STAMP_EDGE | F_.FLAG_APERTURE_EDGE)
+    ok = ((flags & bad) == 0) & (sources["snr"].to_numpy() > cfg.min_snr)
+    ok &= np.isfinite(sources["psf_flux"].to_numpy()) & (sources["psf_flux"].to_numpy() > 0)
+    # isolation against every detected source
+    pts = np.column_stack([sources["x"].to_numpy(np.float64), sources["y"].to_numpy(np.float64)])
+    flux = np.abs(sources["psf_flux"].to_numpy(np.float64))
+    pairs = cKDTree(pts).query_pairs(cfg.isolation * fwhm, output_type="ndarray")
+    if len(pairs):
+        a, b = pairs[:, 0], pairs[:, 1]
+        ok[a[flux[b] > cfg.isolation_flux * flux[a]]] = False
+        ok[b[flux[a] > cfg.isolation_flux * flux[b]]] = False
+    # stellar locus in size: robust clip of the moment trace
+    size = np.sqrt(0.5 * (sources["ixx"].to_numpy(np.float64) + sources["iyy"].to_numpy(np.float64)))
+    for _ in range(3):
+        if ok.sum() < 3:
+            break
+        med = np.median(size[ok])
+        sig = max(1.4826 * np.median(np.abs(size[ok] - med)), 0.02 * med)
+        ok &= np.abs(size - med) < cfg.size_clip * sig
+    if ok.sum() > cfg.max_stars:
+        order = np.argsort(-sources["snr"].to_numpy())
+        keep = np.zeros(n, dtype=bool)
+        keep[order[np.isin(order, np.nonzero(ok)[0])][: cfg.max_stars]] = True
+        ok = keep
+    return ok
+
+
+def _interp(basis: np.ndarray, cu: np.ndarray, cv: np.ndarray) -> np.ndarray:
+    """Cubic-spline values of each basis image at oversampled coordinates -> (n_terms, n)."""
+    return np.stack([ndimage.map_coordinates(b, [cv, cu], order=3, mode="constant", cval=0.0, prefilter=True)
+                     for b in basis])
+
+
+def _fit_bins(bins: np.ndarray, nbins: int, T: np.ndarray, d: np.ndarray, w: np.ndarray, ridge: float) -> np.ndarray:
+    """Per-bin weighted polynomial fit: returns (n_terms, nbins) coefficients."""
+    nt = T.shape[1]
+    A = np.zeros((nbins, nt, nt))
+    b = np.zeros((nbins, nt))
+    for i in range(nt):
+        b[:, i] = np.bincount(bins, weights=w * T[:, i] * d, minlength=nbins)
+        for j in range(i, nt):
+            v = np.bincount(bins, weights=w * T[:, i] * T[:, j], minlength=nbins)
+            A[:, i, j] = v
+            A[:, j, i] = v
+    # tiny ridge keeps empty / degenerate bins solvable (they come out 0)
+    scale = np.maximum(A[:, 0, 0], 1e-300)
+    A += ridge * scale[:, None, None] * np.eye(nt)[None] + 1e-300 * np.eye(nt)[None]
+    sol = np.linalg.solve(A, b[..., None])[..., 0]
+    sol[A[:, 0, 0] <= 1e-250] = 0.0
+    return sol.T
+
+
+def _normalise_and_centre(basis: np.ndarray, os_: int) -> np.ndarray:
+    """Sum of the constant term = os^2, others 0; recentre on the constant term's centroid."""
+    b = basis.copy()
+    s0 = b[0].sum()
+    if not s0 > 0:
+        raise ValidationError("PSF model has no positive flux")
+    for t in range(1, b.shape[0]):
+        b[t] -= b[t].sum() / s0 * b[0]
+    b[0] *= os_ ** 2 / s0
+    for t in range(1, b.shape[0]):
+        b[t] *= os_ ** 2 / s0
+    S = b.shape[1]
+    c = S // 2
+    g = np.arange(S) - c
+    core = np.clip(b[0], 0, None) * (np.hypot(g[None, :], g[:, None]) <= S / 4)
+    tot = core.sum()
+    dx = (core * g[None, :]).sum() / tot
+    dy = (core * g[:, None]).sum() / tot
+    if abs(dx) > 1e-3 or abs(dy) > 1e-3:
+        b = np.stack([ndimage.shift(bi, (-dy, -dx), order=3, mode="constant", cval=0.0) for bi in b])
+    return b
+
+
+def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray, x: np.ndarray, y: np.ndarray,
+                    flux: np.ndarray, bbox: tuple[float, float, float, float], *, half: int, oversample: int,
+                    degree: int, n_iter: int = 3, clip_sigma: float = 4.0) -> tuple[PixelPSF, np.ndarray]:
+    """Fit a PixelPSF to stars at (x, y) with fluxes ``flux`` on a background-subtracted image.
+
+    ``half``: native half-size of the model; returns the PSF and the per-star fraction
+    of samples kept.
+    """
+    n = x.size
+    if n == 0:
+        raise ValidationError("build_pixel_psf: no stars")
+    os_ = int(oversample)
+    S = 2 * half * os_ + 1
+    c = S // 2
+    xc = np.floor(x + 0.5).astype(np.int64)
+    yc = np.floor(y + 0.5).astype(np.int64)
+    sn = 2 * half + 1
+    off = np.arange(sn) - half
+    iy = yc[:, None] + off
+    ix = xc[:, None] + off
+    ny, nx = image.shape
+    iyc = np.clip(iy, 0, ny - 1)
+    ixc = np.clip(ix, 0, nx - 1)
+    inside = ((iy >= 0) & (iy < ny))[:, :, None] & ((ix >= 0) & (ix < nx))[:, None, :]
+    D = image[iyc[:, :, None], ixc[:, None, :]].astype(np.float64)
+    V = variance[iyc[:, :, None], ixc[:, None, :]].astype(np.float64)
+    U = usable[iyc[:, :, None], ixc[:, None, :]] & inside & np.isfinite(D) & (V > 0)
+    u = (ix - x[:, None])[:, None, :] + np.zeros((1, sn, 1))
+    v = (iy - y[:, None])[:, :, None] + np.zeros((1, 1, sn))
+    star = np.broadcast_to(np.arange(n)[:, None, None], D.shape)
+    keep = U.copy()
+    d = D / flux[:, None, None]
+    w = np.where(U, flux[:, None, None] ** 2 / np.where(V > 0, V, 1.0), 0.0)
+    cu = c + u * os_
+    cv = c + v * os_
+    bu = np.floor(cu + 0.5).astype(np.int64)
+    bv = np.floor(cv + 0.5).astype(np.int64)
+    inb = (bu >= 0) & (bu < S) & (bv >= 0) & (bv < S)
+    keep &= inb
+    T_star = poly_design(x, y, degree, bbox)  # (n, nt)
+    nt = T_star.shape[1]
+    basis = np.zeros((nt, S, S))
+    for it in range(max(1, n_iter) + 1):
+        sel = keep.ravel()
+        bins = (bv * S + bu).ravel()[sel]
+        Ts = T_star[star.ravel()[sel]]
+        if it == 0:
+            resid = d.ravel()[sel]
+        else:
+            model_vals = (_interp(basis, cu.ravel()[sel], cv.ravel()[sel]) * Ts.T).sum(axis=0)
+            resid = d.ravel()[sel] - model_vals
+        coef = _fit_bins(bins, S * S, Ts, resid, w.ravel()[sel], 1e-9)
+        basis = basis + coef.reshape(nt, S, S)
+        basis = _normalise_and_centre(basis, os_)
+        # clip outliers against the current model
+        allm = (_interp(basis, cu.ravel(), cv.ravel()) * T_star[star.ravel()].T).sum(axis=0).reshape(D.shape)
+        chi = (d - allm) * np.sqrt(w)
+        # the model's own error near the core is larger than the noise of bright stars: scale by a robust sigma
+        s = 1.4826 * np.median(np.abs(chi[keep])) if keep.any() else 1.0
+        keep = U & inb & (np.abs(chi) < clip_sigma * max(s, 1.0))
+    psf = PixelPSF(basis, None, oversample=os_, degree=degree, bbox=bbox)
+    frac = keep.reshape(n, -1).sum(axis=1) / np.maximum(U.reshape(n, -1).sum(axis=1), 1)
+    return psf, frac
+
+
+def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | None = None, mask_planes=None,
+                 background_variance: np.ndarray | None = None, config: PsfEstimateConfig | None = None,
+                 sources: pd.DataFrame | None = None) -> PsfResult:
+    """Estimate a spatially varying PixelPSF from a background-subtracted image.
+
+    image: background-subtracted pixels; variance: per-pixel variance; mask and
+    mask_planes: the mask image and its plane layout. ``sources``: an already
+    measured table to pick stars from (else a bright detection pass is run).
+    """
+    cfg = config or PsfEstimateConfig()
+    image = np.asarray(image, dtype=np.float32)
+    variance = np.asarray(variance, dtype=np.float32)
+    if image.ndim != 2 or variance.shape != image.shape:
+        raise ValidationError(f"estimate_psf: image {image.shape} and variance {variance.shape} must be equal 2-D shapes")
+    ny, nx = image.shape
+    bits = F_.plane_bits(mask_planes, "BAD", "SAT", "CR", "NO_DATA")
+    usable = np.isfinite(image) & np.isfinite(variance) & (variance > 0)
+    if mask is not None:
+        usable &= (np.asarray(mask) & bits) == 0
+    fwhm = float(cfg.initial_fwhm)
+    if sources is None:
+        det_cfg = SourceConfig(detection=DetectionConfig(threshold=cfg.detect_threshold), n_passes=1,
+                               measure=MeasureConfig(n_iter=3))
+        sources, _ = detect_and_measure(image, variance, GaussianPsf(fwhm), mask=mask, mask_planes=mask_planes,
+                                        background_variance=background_variance, config=det_cfg)
+        # refine the FWHM from the bright, compact sources' moments and measure again
+        good = (sources["snr"] > cfg.min_snr) & ((sources["flags"].to_numpy() & F_.plane_bits(mask_planes, "SAT", "CR")) == 0)
+        if good.sum() >= 5:
+            s2 = np.median(0.5 * (sources.loc[good, "ixx"] + sources.loc[good, "iyy"])) - 1.0 / 12.0
+            if s2 > 0.05:
+                new = float(np.sqrt(s2) * 2.3548200450309493)
+                if abs(new - fwhm) > 0.1 * fwhm:
+                    fwhm = new
+                    sources, _ = detect_and_measure(image, variance, GaussianPsf(fwhm), mask=mask,
+                                                    mask_planes=mask_planes, background_variance=background_variance,
+                                                    config=det_cfg)
+    sel = select_stars(sources, fwhm, cfg, mask_planes)
+    nsel = int(sel.sum())
+    if nsel < 3:
+        raise ValidationError(f"estimate_psf: only {nsel} usable PSF stars (need >= 3; S/N > {cfg.min_snr}, isolated, unflagged)")
+    degree = cfg.degree
+    while degree > 0 and nsel < 10 * n_poly_terms(degree):
+        degree -= 1
+    stars = sources.loc[sel].copy()
+    x = stars["x"].to_numpy(np.float64)
+    y = stars["y"].to_numpy(np.float64)
+    flux = stars["psf_flux"].to_numpy(np.float64)
+    half = max(7, int(np.ceil(cfg.half_size_fwhm * fwhm)))
+    bbox = (0.0, 0.0, float(nx - 1), float(ny - 1))
+    frac = np.ones(nsel)
+    for outer in range(max(1, cfg.n_outer)):
+        psf, frac = build_pixel_psf(image, variance, usable, x, y, flux, bbox, half=half,
+                                    oversample=cfg.oversample, degree=degree, n_iter=cfg.n_iter,
+                                    clip_sigma=cfg.clip_sigma)
+        if outer + 1 < max(1, cfg.n_outer):
+            sp = GridStampPsf.from_callable(psf.model, (ny, nx), ngrid=3 if degree > 0 else 1,
+                                            oversample=psf.oversample)
+            m = measure_sources(image, variance, mask, sp, x, y, background_variance=background_variance,
+                                mask_planes=mask_planes, flux_guess=flux,
+                                config=MeasureConfig(n_iter=3, fit_halfsize_fwhm=2.0, aperture_radii=()))
+            okm = np.isfinite(m["psf_flux"].to_numpy()) & (m["psf_flux"].to_numpy() > 0)
+            x = np.where(okm, m["x"].to_numpy(np.float64), x)
+            y = np.where(okm, m["y"].to_numpy(np.float64), y)
+            flux = np.where(okm, m["psf_flux"].to_numpy(np.float64), flux)
+    # summary: FWHM and ellipticity over the detector
+    fw_c = fwhm_from_image(psf.model((nx - 1) / 2.0, (ny - 1) / 2.0), psf.oversample)
+    grid = [(gx, gy) for gy in np.linspace(0, ny - 1, 3) for gx in np.linspace(0, nx - 1, 3)]
+    fws = [fwhm_from_image(psf.model(gx, gy), psf.oversample) for gx, gy in grid]
+    k = psf.model((nx - 1) / 2.0, (ny - 1) / 2.0)
+    S = k.shape[0]
+    g = (np.arange(S) - S // 2) / psf.oversample
+    ddx = np.broadcast_to(g[None, None, :], (1, S, S))
+    ddy = np.broadcast_to(g[None, :, None], (1, S, S))
+    s2 = (fw_c / 2.3548200450309493) ** 2
+    ixx, iyy, ixy, _ = _adaptive_moments(k[None], np.ones((1, S, S), bool), ddx, ddy, s2, 12, S // (2 * psf.oversample))
+    e, theta = _moments_shape(ixx[0], iyy[0], ixy[0])
+    stars_all = sources.copy()
+    stars_all["used"] = sel
+    log.info("PSF from %d stars (degree %d): FWHM %.2f px (%.2f-%.2f), ellipticity %.3f", nsel, degree, fw_c,
+             min(fws), max(fws), e)
+    return PsfResult(psf=psf, fwhm=float(fw_c), ellipticity=e, theta=theta, fwhm_range=(float(min(fws)), float(max(fws))),
+                     stars=stars_all, n_stars=nsel, degree=degree)
+
+
+def run(exposure, config: PsfEstimateConfig | None = None, background=None):
+    """Estimate the PSF of an Exposure; returns ``(exposure_copy_with_psf, PsfResult)``.
+
+    ``background``: a :class:`~archive.process.background.Background` to subtract first
+    (estimated when None).
+    """
+    from archive.process.background import estimate_background
+
+    img = exposure.image.astype(np.float32)
+    var = exposure.variance.astype(np.float32)
+    bad = exposure.mask_of(*[p for p in ("BAD", "SAT", "NO_DATA") if p in exposure.mask_planes])
+    bkg = background if background is not None else estimate_background(img, mask=bad | ~np.isfinite(img))
+    res = estimate_psf(img - bkg.background, var, mask=exposure.mask, mask_planes=exposure.mask_planes,
+                       background_variance=bkg.variance, config=config)
+    out = exposure.copy()
+    out.psf = res.psf
+    return out, res
