@@ -186,8 +186,7 @@ class Region(ABC):
                         f"{self!r}: covering at order {o} needs more than {MAX_COVER_PIXELS} "
                         f"pixels (at order {level}); use a coarser order, e.g. {self.default_order()}"
                     )
-            x, y, z = hp.pix2vec(1 << level, pix, nest=True)
-            vec = np.stack([x, y, z], axis=-1)
+            vec = np.column_stack(hp.pix2vec(1 << level, pix, nest=True))
             pix = pix[self._may_touch(vec, float(_PIX_RADIUS[level]))]
             if pix.size == 0:
                 break
@@ -248,7 +247,13 @@ class Cone(Region):
         return angular_separation_deg(ra_w, dec_a, self.ra, self.dec) <= self.radius_deg
 
     def _may_touch(self, vec: np.ndarray, radius_rad: float) -> np.ndarray:
-        return _angle_between(vec, self._vec) <= self._radius_rad + radius_rad
+        # Compare chord lengths |c - c0| = 2 sin(angle / 2): the vector difference
+        # is accurate at every scale (no 1 - cos cancellation) and needs no trig.
+        reach = self._radius_rad + radius_rad
+        if reach >= math.pi:
+            return np.ones(len(vec), dtype=bool)
+        d = vec - self._vec
+        return np.einsum("ij,ij->i", d, d) <= (2.0 * math.sin(0.5 * reach)) ** 2
 
     def size_deg(self) -> float:
         return self.radius_deg
