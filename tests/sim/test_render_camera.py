@@ -1,0 +1,170 @@
+import math
+
+import numpy as np
+import pytest
+from astropy.coordinates import SkyCoord
+from scipy import ndimage
+
+from archive.image.psf import fwhm_from_image
+from archive.sim.camera import bloom, expose_calibration, expose_object, poisson_counts
+from archive.sim.render import electrons_per_njy, render_epoch
+
+
+def _overscan_subtracted(frame):
+    return frame.image - np.median(frame.overscan, axis=1)[:, None]
+
+
+def _masters(cfg, det, band):
+    """Master bias, dark rate (adu/s) and normalised flat from the simulator's calibration frames."""
+    bias = np.mean([_overscan_subtracted(expose_calibration(cfg, det, "BIAS", k)) for k in range(cfg.n_bias)], axis=0)
+    darks = [expose_calibration(cfg, det, "DARK", k) for k in range(cfg.n_dark)]
+    dark = np.mean([(_overscan_subtracted(d) - bias) / d.dark_time for d in darks], axis=0)
+    flats = [expose_calibration(cfg, det, "FLAT", k, band=band) for k in range(cfg.n_flat)]
+    flat = np.mean([_overscan_subtracted(f) - bias - dark * f.dark_time for f in flats], axis=0)
+    return bias, dark, flat / flat.mean()
+
+
+@pytest.fixture(scope="module")
+def epoch0(small):
+    cfg, sky, ep = small["config"], small["sky"], small["epochs"][0]
+    return render_epoch(cfg, sky, ep, 0)
+
+
+def test_calibrated_raw_matches_model_within_noise(small, epoch0):
+    cfg, det = small["config"], small["detector"]
+    m = epoch0
+    raw = expose_object(cfg, det, m)
+    assert raw.data.dtype == np.uint16 and raw.data.shape == (cfg.ny, cfg.nx + cfg.overscan_width)
+    bias, dark, flat = _masters(cfg, det, m.epoch.band)
+    electrons = (_overscan_subtracted(raw) - bias - dark * raw.dark_time) / flat * det.gain
+    # expected noise: Poisson of the flat-fielded signal plus read noise, in flat-corrected electrons
+    sigma = np.sqrt(m.model_e / flat + (det.read_noise / flat) ** 2)
+    resid = (electrons - m.model_e) / sigma
+    defects = (det.dark_rate > 1.0) | (det.flat[m.epoch.band] < 0.5)
+    cr = ndimage.binary_dilation(m.cosmic_e > 0, iterations=1)
+    good = ~defects & ~cr & (m.model_e < 0.9 * cfg.full_well)
+    assert good.mean() > 0.97
+    assert abs(resid[good].mean()) < 0.02
+    assert resid[good].std() == pytest.approx(1.0, abs=0.03)  # the stated noise level
+    assert np.percentile(np.abs(resid[good]), 99.9) < 4.0
+    # cosmic-ray pixels stand out: deposited charge is there
+    if m.cosmic_e.any():
+        hit = m.cosmic_e > 2000
+        assert np.all((electrons - m.model_e)[hit] > 1000)
+    # hot pixels stay bright in the raw (before dark subtraction)
+    hot = det.dark_rate > 50
+    if hot.any():
+        raw_e = (_overscan_subtracted(raw) - bias) * det.gain
+        assert np.median(raw_e[hot] - m.model_e[hot] * det.flat[m.epoch.band][hot]) > 0.5 * 50 * raw.dark_time
+
+
+def test_gain_recoverable_from_flat_pair(small):
+    cfg, det = small["config"], small["detector"]
+    bias = _overscan_subtracted(expose_calibration(cfg, det, "BIAS", 0))
+    f1 = _overscan_subtracted(expose_calibration(cfg, det, "FLAT", 0, band="r"))
+    f2 = _overscan_subtracted(expose_calibration(cfg, det, "FLAT", 1, band="r"))
+    ok = (det.flat["r"] > 0.5) & (det.dark_rate < 1)
+    mean = 0.5 * (f1 + f2)[ok].mean() - bias[ok].mean()
+    var = np.var((f1 - f2)[ok]) / 2 - det.read_noise**2 / det.gain**2
+    assert mean / var == pytest.approx(det.gain, rel=0.03)  # photon transfer: var = mean / gain
+
+
+def test_truth_positions_fluxes_and_psf(small, epoch0):
+    cfg = small["config"]
+    m = epoch0
+    src = m.sources
+    assert {"star", "galaxy"} <= set(src.kind)
+    # positions agree with the true WCS
+    ra, dec = m.wcs.all_pix2world(src.x.to_numpy(), src.y.to_numpy(), 0)
+    np.testing.assert_allclose(ra, src.ra, atol=1e-9)
+    np.testing.assert_allclose(dec, src.dec, atol=1e-9)
+    # counts = flux * electrons per nJy / gain
+    np.testing.assert_allclose(src.counts, src.flux_njy * electrons_per_njy(cfg, m.epoch) / m.gain, rtol=1e-12)
+    assert m.njy_per_adu == pytest.approx(m.gain / m.electrons_per_njy)
+    # isolated bright stars: aperture sum of the noiseless model equals the true flux, and
+    # the measured FWHM equals the PSF's pixel-convolved FWHM
+    pts = src[src.kind.isin(["star", "variable"]) & ~src.saturated].sort_values("flux_e", ascending=False)
+    model = m.model_e - m.sky_e
+    checked = 0
+    for _, s in pts.iterrows():
+        ix, iy = int(math.floor(s.x + 0.5)), int(math.floor(s.y + 0.5))
+        r = 12
+        if not (r <= ix < cfg.nx - r and r <= iy < cfg.ny - r):
+            continue
+        others = src[(np.hypot(src.x - s.x, src.y - s.y) < 30) & (src.object_id != s.object_id)]
+        if len(others) or s.flux_e < 2e4:
+            continue
+        stamp = model[iy - r:iy + r + 1, ix - r:ix + r + 1]
+        total = s.flux_e
+        assert stamp.sum() == pytest.approx(total, rel=0.03)  # all but the far Moffat wings
+        ref = fwhm_from_image(m.psf.image(s.x, s.y, 2 * r + 1))
+        assert fwhm_from_image(stamp) == pytest.approx(ref, rel=0.03)
+        assert s.psf_fwhm == pytest.approx(m.psf.fwhm(s.x, s.y))
+        checked += 1
+    assert checked >= 1
+    # PSF FWHM follows the epoch's seeing and the configured variation
+    assert m.psf.fwhm() == pytest.approx(m.epoch.seeing_px, rel=cfg.psf_variation + 0.01)
+
+
+def test_bad_epochs_and_artifacts(small):
+    cfg, sky, eps = small["config"], small["sky"], small["epochs"]
+    assert [e.quality for e in eps].count("clouds") == 1 and eps[2].quality == "clouds"
+    assert eps[5].quality == "focus"
+    good_seeing = np.median([e.seeing_px for e in eps if e.quality == "good"])
+    assert eps[5].seeing_px > 1.6 * good_seeing
+    assert eps[2].transparency < 0.35
+    # the streak epoch has a streak along the recorded line
+    m = render_epoch(cfg, sky, eps[3], 0)
+    assert len(m.streaks) == 1
+    st = m.streaks.iloc[0]
+    t = np.linspace(0.1, 0.9, 9)
+    xs = np.rint(st.x0 + t * (st.x1 - st.x0)).astype(int)
+    ys = np.rint(st.y0 + t * (st.y1 - st.y0)).astype(int)
+    excess = (m.model_e - m.sky_e)[ys, xs]
+    peak = st.line_flux_e / (math.sqrt(2 * math.pi) * st.sigma_px)
+    assert np.all(excess > 0.5 * peak)
+    # cosmic rays: recorded tracks carry charge
+    assert len(m.cosmic_rays) > 0
+    for _, c in m.cosmic_rays.iterrows():
+        assert m.cosmic_e[int(round(c.y0)), int(round(c.x0))] > 0
+    # throughput = zero point x extinction at the airmass x transparency (~30% in the cloudy epoch)
+    def clear(ep):
+        return electrons_per_njy(cfg, ep) / ep.transparency * 10 ** (0.4 * cfg.extinction[ep.band] * (ep.airmass - 1))
+
+    assert clear(eps[2]) == pytest.approx(clear(eps[0]), rel=1e-12)
+    assert clear(eps[0]) == pytest.approx(10 ** (-0.4 * (31.4 - cfg.zero_points["r"])) * cfg.exp_time)
+
+
+def test_header_wcs_is_off_by_the_recorded_error(small):
+    cfg, eps = small["config"], small["epochs"]
+    from archive.sim.render import header_wcs, true_wcs
+
+    ep = eps[1]
+    tw, hw = true_wcs(cfg, ep, 0), header_wcs(cfg, ep, 0)
+    c = (cfg.nx - 1) / 2.0
+    a = SkyCoord(*tw.all_pix2world([[c, c]], 0)[0], unit="deg")
+    b = SkyCoord(*hw.all_pix2world([[c, c]], 0)[0], unit="deg")
+    expected = math.hypot(ep.wcs_dra_arcsec, ep.wcs_ddec_arcsec)
+    # centre offset ~ pointing error (+ distortion and rotation error, < 0.5")
+    assert a.separation(b).arcsec == pytest.approx(expected, abs=0.5)
+    assert "SIP" in tw.wcs.ctype[0] and "SIP" not in hw.wcs.ctype[0]
+
+
+def test_bloom_conserves_charge_along_columns():
+    e = np.zeros((50, 4))
+    e[20:22, 1] = 4e5
+    e[5, 3] = 10.0
+    out = bloom(e, 1e5)
+    assert out.max() == 1e5
+    assert out.sum() == pytest.approx(e.sum())
+    assert np.count_nonzero(out[:, 1] == 1e5) == 8
+    np.testing.assert_array_equal(out[:, [0, 2, 3]], e[:, [0, 2, 3]])
+
+
+def test_poisson_counts_statistics():
+    rng = np.random.default_rng(0)
+    for lam in (3.0, 40.0, 800.0):
+        x = poisson_counts(rng, np.full(200000, lam))
+        assert x.mean() == pytest.approx(lam, rel=0.01)
+        assert x.var() == pytest.approx(lam, rel=0.02)
+        assert np.all(x == np.rint(x))
