@@ -11,6 +11,6 @@
 """
 
 from archive.sim.config import SimConfig
-from archive.sim.survey import load_manifest, simulate_survey, wcs_from_text
+from archive.sim.survey import load_manifest, simulate_survey, truth_psf, wcs_from_text
 
-__all__ = ["SimConfig", "load_manifest", "simulate_survey", "wcs_from_text"]
+__all__ = ["SimConfig", "load_manifest", "simulate_survey", "truth_psf", "wcs_from_text"]

@@ -100,7 +100,7 @@ class SimConfig:
     psf_variation: float = 0.08
 
     star_density: float = 12.0
-    star_mag_range: tuple[float, float] = (16.0, 25.0)
+    star_mag_range: tuple[float, float] = (14.5, 25.0)
     star_count_slope: float = 0.25
     galaxy_density: float = 15.0
     galaxy_mag_range: tuple[float, float] = (18.0, 25.0)

@@ -14,6 +14,20 @@ Directory layout under ``outdir``::
     manifest.json                            config, file lists, counts; written last
 
 ``manifest.json`` appearing last means the set is complete.
+
+``truth/epochs.parquet`` columns (one row per visit and detector): ``visit``,
+``detector``, ``epoch_index``, ``band``, ``mjd`` (TAI, mid-exposure),
+``exp_time`` (s), ``airmass``, ``quality`` (``good``/``clouds``/``focus``),
+``transparency``, ``sky_mag`` (mag/arcsec^2), ``sky_e`` (mean sky, electrons
+per pixel), ``gain`` (e-/adu), ``psf_fwhm`` (Moffat FWHM at the detector
+centre, pixels, before pixel convolution), ``psf_beta``, ``psf_variation``
+and ``psf_bbox`` (rebuild with :func:`truth_psf`), ``psf_fwhm_min/max``
+(over the detector corners), ``electrons_per_njy``, ``njy_per_adu`` and
+``zero_point`` (the true PhotoCalib of the bias/dark/flat-corrected image in
+adu), ``ra``/``dec``/``rotation_deg`` (true pointing), ``wcs_dra_arcsec``,
+``wcs_ddec_arcsec``, ``wcs_drot_deg`` (error of the header WCS), ``streak``,
+``n_cosmic_rays``, ``wcs_true`` and ``wcs_header`` (FITS header text; rebuild
+with :func:`wcs_from_text`).
 """
 
 from __future__ import annotations
@@ -31,6 +45,7 @@ from astropy.wcs import WCS
 
 from archive.errors import ValidationError
 from archive.image.fitsutil import wcs_from_header, wcs_to_header
+from archive.image.psf import MoffatPSF
 from archive.image.raw import write_raw
 from archive.sim.camera import expose_calibration, expose_object, make_detector
 from archive.sim.config import SimConfig
@@ -55,6 +70,13 @@ def wcs_from_text(text: str) -> WCS:
     return w
 
 
+def truth_psf(row) -> MoffatPSF:
+    """The true PSF of one ``truth/epochs.parquet`` row (a mapping or pandas row)."""
+    return MoffatPSF(float(row["psf_fwhm"]), float(row["psf_beta"]),
+                     variation=np.asarray(row["psf_variation"], dtype=float),
+                     bbox=tuple(float(v) for v in row["psf_bbox"]), oversample=3)
+
+
 def epoch_row(model, config: SimConfig) -> dict:
     """Truth row of one visit/detector (conditions, PSF, calibration, WCSs)."""
     ep: Epoch = model.epoch
@@ -65,6 +87,7 @@ def epoch_row(model, config: SimConfig) -> dict:
         "transparency": ep.transparency, "sky_mag": ep.sky_mag,
         "sky_e": float(model.sky_e.mean()), "gain": model.gain,
         "psf_fwhm": psf.fwhm(), "psf_beta": psf.beta, "psf_variation": psf.variation.tolist(),
+        "psf_bbox": list(psf.bbox),
         "psf_fwhm_min": float(psf.fwhm_at(np.array([0, config.nx - 1, 0, config.nx - 1]),
                                           np.array([0, 0, config.ny - 1, config.ny - 1])).min()),
         "psf_fwhm_max": float(psf.fwhm_at(np.array([0, config.nx - 1, 0, config.nx - 1]),

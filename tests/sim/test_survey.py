@@ -9,7 +9,7 @@ from astropy.io import fits
 from archive.cli.main import main
 from archive.errors import ValidationError
 from archive.image.raw import read_raw
-from archive.sim import SimConfig, load_manifest, simulate_survey, wcs_from_text
+from archive.sim import SimConfig, load_manifest, simulate_survey, truth_psf, wcs_from_text
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,10 @@ def test_truth_tables(survey):
     assert off == pytest.approx(np.hypot(row.wcs_dra_arcsec, row.wcs_ddec_arcsec), abs=0.5)
     raw = read_raw(out / manifest["raws"][0]["path"])
     np.testing.assert_allclose(raw.wcs.wcs.crval, hw.wcs.crval, rtol=0, atol=1e-12)
+    psf = truth_psf(row)
+    assert psf.fwhm() == pytest.approx(row.psf_fwhm)
+    here = s[s.kind == "star"].iloc[0]
+    assert psf.fwhm(here.x, here.y) == pytest.approx(here.psf_fwhm, rel=1e-12)
     ref = pd.read_parquet(out / manifest["refcat"])
     assert {"ra", "dec", "g", "r", "i", "g_err", "r_err", "i_err"} <= set(ref.columns)
 
