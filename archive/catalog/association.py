@@ -180,52 +180,39 @@ def tangent_offsets(src_ra: np.ndarray, src_dec: np.ndarray,
 
 
 # --------------------------------------------------------------------------- errors
-@dataclass(frozen=True)
-class _Cov:
-    """Tangent-plane covariance per row, arcsec^2 (nan where missing)."""
-
-    xx: np.ndarray
-    yy: np.ndarray
-    xy: np.ndarray
-
-
-def _sky_cov(df: pd.DataFrame, dec: np.ndarray) -> _Cov | None:
+def _cov_arrays(df: pd.DataFrame, dec: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tangent-plane covariance (xx, yy, xy) per row in arcsec^2; NaN where unknown."""
+    n = len(df)
     if "ra_err" not in df.columns or "dec_err" not in df.columns:
-        return None
+        return np.full(n, np.nan), np.full(n, np.nan), np.zeros(n)
     cosd = np.cos(np.radians(dec))
     ra_err = pd.to_numeric(df["ra_err"], errors="coerce").to_numpy(np.float64, na_value=np.nan)
     dec_err = pd.to_numeric(df["dec_err"], errors="coerce").to_numpy(np.float64, na_value=np.nan)
     sx = ra_err * cosd * 3600.0
     sy = dec_err * 3600.0
     if "ra_dec_cov" in df.columns:
-        cov = pd.to_numeric(df["ra_dec_cov"], errors="coerce").to_numpy(np.float64, na_value=np.nan)
+        cov = pd.to_numeric(df["ra_dec_cov"], errors="coerce").to_numpy(np.float64,
+                                                                         na_value=np.nan)
         cxy = np.where(np.isfinite(cov), cov * cosd * 3600.0 ** 2, 0.0)
     else:
-        cxy = np.zeros_like(sx)
-    return _Cov(sx * sx, sy * sy, cxy)
+        cxy = np.zeros(n)
+    return sx * sx, sy * sy, cxy
 
 
-def _pair_costs(scoring: str, sep: np.ndarray, dx: np.ndarray | None, dy: np.ndarray | None,
-                cs: _Cov | None, co: _Cov | None, s_idx: np.ndarray, o_idx: np.ndarray,
-                default_err_arcsec: float) -> np.ndarray:
+def _fill_cov(xx: np.ndarray, yy: np.ndarray, xy: np.ndarray,
+              default_var: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    bad = ~(np.isfinite(xx) & np.isfinite(yy) & (xx > 0) & (yy > 0))
+    return (np.where(bad, default_var, xx), np.where(bad, default_var, yy),
+            np.where(bad | ~np.isfinite(xy), 0.0, xy))
+
+
+def _pair_costs(scoring: str, sep: np.ndarray, dx: np.ndarray, dy: np.ndarray,
+                scov: tuple[np.ndarray, np.ndarray, np.ndarray],
+                tcov: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    """Cost per pair: separation (arcsec), or -ln Gaussian likelihood of the offset."""
     if scoring == "distance":
         return sep.copy()
-    d2 = default_err_arcsec ** 2
-
-    def parts(c: _Cov | None, idx: np.ndarray):
-        if c is None:
-            n = idx.size
-            return np.full(n, d2), np.full(n, d2), np.zeros(n)
-        xx, yy, xy = c.xx[idx], c.yy[idx], c.xy[idx]
-        bad = ~(np.isfinite(xx) & np.isfinite(yy) & (xx > 0) & (yy > 0))
-        xx = np.where(bad, d2, xx)
-        yy = np.where(bad, d2, yy)
-        xy = np.where(bad | ~np.isfinite(xy), 0.0, xy)
-        return xx, yy, xy
-
-    sxx, syy, sxy = parts(cs, s_idx)
-    oxx, oyy, oxy = parts(co, o_idx)
-    xx, yy, xy = sxx + oxx, syy + oyy, sxy + oxy
+    xx, yy, xy = scov[0] + tcov[0], scov[1] + tcov[1], scov[2] + tcov[2]
     det = xx * yy - xy * xy
     bad = ~(det > 0)
     if bad.any():  # inconsistent covariances: drop the correlation
@@ -233,6 +220,21 @@ def _pair_costs(scoring: str, sep: np.ndarray, dx: np.ndarray | None, dy: np.nda
         det = xx * yy - xy * xy
     chi2 = (yy * dx * dx - 2.0 * xy * dx * dy + xx * dy * dy) / det
     return 0.5 * chi2 + 0.5 * np.log(det) + _LOG_2PI
+
+
+def _offsets_vec(us: np.ndarray, ut: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(east, north) offsets in arcsec of unit vectors ``us`` from unit vectors ``ut``."""
+    d = us - ut
+    a = np.arctan2(ut[:, 1], ut[:, 0])
+    b = np.arctan2(ut[:, 2], np.hypot(ut[:, 0], ut[:, 1]))
+    sa, ca, sb, cb = np.sin(a), np.cos(a), np.sin(b), np.cos(b)
+    dx = -sa * d[:, 0] + ca * d[:, 1]
+    dy = -sb * ca * d[:, 0] - sb * sa * d[:, 1] + cb * d[:, 2]
+    return dx / _ARCSEC_RAD, dy / _ARCSEC_RAD
+
+
+def _chord_to_arcsec(chord: np.ndarray) -> np.ndarray:
+    return 2.0 * np.arcsin(np.minimum(0.5 * chord, 1.0)) / _ARCSEC_RAD
 
 
 # --------------------------------------------------------------------------- matching
@@ -366,6 +368,120 @@ def _rounds(sources: pd.DataFrame) -> np.ndarray:
     return rank[inv.ravel()]
 
 
+def _rounds_loop(src_ra, src_dec, src_u, src_hp, s_cov, w_src, rounds, n_rounds,
+                 objects, obj_ra, obj_dec, obj_hp, o_cov, radius_arcsec, default_var,
+                 scoring, target, dist, cost, founder) -> None:
+    """Associate visit by visit, updating object positions between visits.
+
+    Targets are the given objects (0..no-1) and every source as a potential
+    founder of a new object (no + i).  After each visit, a target that took a
+    source moves to the weighted mean of its unit vectors and gets the
+    isotropic error 1/sqrt(sum w), exactly as the summaries would give; so a
+    batch of several visits associates like the same visits one at a time.
+    Candidates come from a pool with twice the radius; if a target drifts by
+    more than one radius the pool is rebuilt from the current positions.
+    """
+    ns, no = src_ra.size, obj_ra.size
+    pool_r = 2.0 * radius_arcsec
+    margin = 2.0 * np.sin(0.5 * radius_arcsec * _ARCSEC_RAD)
+
+    def build_pool(first_round: int, t_ra, t_dec, t_hp):
+        rem = np.flatnonzero(rounds >= first_round)
+        s, t, _ = candidate_pairs(src_ra[rem], src_dec[rem], t_ra, t_dec, pool_r,
+                                  obj_healpix29=t_hp,
+                                  src_healpix29=None if src_hp is None else src_hp[rem])
+        return rem[s], t
+
+    s1, t1 = build_pool(0, obj_ra, obj_dec, obj_hp)
+    s2, t2 = build_pool(0, src_ra, src_dec, src_hp)
+    ps = np.concatenate([s1, s2])
+    pt = np.concatenate([t1, no + t2])
+    # compact state over the targets that can ever be reached
+    tid, pt_local = np.unique(pt, return_inverse=True)
+    nt = tid.size
+    is_obj = tid < no
+    tu = np.empty((nt, 3))
+    tu[is_obj] = unit_vectors(obj_ra[tid[is_obj]], obj_dec[tid[is_obj]])
+    tu[~is_obj] = src_u[tid[~is_obj] - no]
+    oc = _fill_cov(*(x[tid[is_obj]] for x in o_cov), default_var) if is_obj.any() else None
+    txx, tyy, txy = np.empty(nt), np.empty(nt), np.zeros(nt)
+    if oc is not None:
+        txx[is_obj], tyy[is_obj], txy[is_obj] = oc
+    sw = np.zeros(nt)
+    if is_obj.any():
+        rows = tid[is_obj]
+        w0 = None
+        if "pos_sum_w" in objects.columns:
+            w0 = pd.to_numeric(objects["pos_sum_w"].iloc[rows], errors="coerce").to_numpy(
+                np.float64, na_value=np.nan) / 3600.0 ** 2
+        if w0 is None:
+            w0 = np.full(rows.size, np.nan)
+        fallback = 2.0 / (txx[is_obj] + tyy[is_obj])
+        sw[is_obj] = np.where(np.isfinite(w0) & (w0 > 0), w0, fallback)
+    swv = tu * sw[:, None]
+    base = tu.copy()
+    local_of = np.full(no + ns, -1, dtype=np.int64)
+    local_of[tid] = np.arange(nt)
+
+    order = np.argsort(rounds[ps], kind="stable")
+    ps, pt_local = ps[order], pt_local[order]
+    bounds = np.searchsorted(rounds[ps], np.arange(n_rounds + 1))
+    src_by_round = np.argsort(rounds, kind="stable")
+    br = np.searchsorted(rounds[src_by_round], np.arange(n_rounds + 1))
+    chord_r2 = (2.0 * np.sin(0.5 * radius_arcsec * _ARCSEC_RAD)) ** 2
+    for r in range(n_rounds):
+        e = np.arange(bounds[r], bounds[r + 1])
+        es, et = ps[e], pt_local[e]
+        gt = tid[et]
+        usable = (gt < no) | founder[np.maximum(gt - no, 0)]
+        es, et = es[usable], et[usable]
+        d = src_u[es] - tu[et]
+        c2 = np.einsum("ij,ij->i", d, d)
+        near = c2 <= chord_r2
+        es, et, c2 = es[near], et[near], c2[near]
+        sep = _chord_to_arcsec(np.sqrt(c2))
+        if scoring == "likelihood":
+            dx, dy = _offsets_vec(src_u[es], tu[et])
+            c = _pair_costs(scoring, sep, dx, dy, tuple(x[es] for x in s_cov),
+                            (txx[et], tyy[et], txy[et]))
+        else:
+            c = sep
+        pick = optimal_matching(es, et, c)
+        ms, mt = es[pick], et[pick]
+        target[ms] = tid[mt]
+        dist[ms] = sep[pick]
+        cost[ms] = c[pick]
+        members = src_by_round[br[r]:br[r + 1]]
+        new = members[target[members] < 0]
+        founder[new] = True
+        # update the state of the targets that took a source, and of new objects
+        sw[mt] += w_src[ms]
+        swv[mt] += src_u[ms] * w_src[ms][:, None]
+        lf = local_of[no + new]
+        lf_ok = lf >= 0
+        sw[lf[lf_ok]] = w_src[new[lf_ok]]
+        swv[lf[lf_ok]] = src_u[new[lf_ok]] * w_src[new[lf_ok]][:, None]
+        upd = np.concatenate([mt, lf[lf_ok]])
+        if upd.size:
+            v = swv[upd]
+            tu[upd] = v / np.linalg.norm(v, axis=1)[:, None]
+            iso = 1.0 / sw[upd]
+            txx[upd], tyy[upd], txy[upd] = iso, iso, 0.0
+            moved = np.einsum("ij,ij->i", tu[upd] - base[upd], tu[upd] - base[upd])
+            if r + 1 < n_rounds and (moved > margin * margin).any():
+                # rebuild the pool for the remaining visits from current positions
+                t_ra = np.degrees(np.arctan2(tu[:, 1], tu[:, 0])) % 360.0
+                t_dec = np.degrees(np.arctan2(tu[:, 2], np.hypot(tu[:, 0], tu[:, 1])))
+                s3, t3 = build_pool(r + 1, t_ra, t_dec, None)
+                keep = rounds[ps] <= r
+                ps = np.concatenate([ps[keep], s3])
+                pt_local = np.concatenate([pt_local[keep], t3])
+                order = np.argsort(rounds[ps], kind="stable")
+                ps, pt_local = ps[order], pt_local[order]
+                bounds = np.searchsorted(rounds[ps], np.arange(n_rounds + 1))
+                base = tu.copy()
+
+
 def associate(sources: pd.DataFrame, objects: pd.DataFrame, radius_arcsec: float = 1.0,
               use_errors: bool = True, *, default_err_arcsec: float = 0.1,
               id_factory: Callable[[int], np.ndarray] = new_ids) -> AssociationResult:
@@ -411,63 +527,46 @@ def associate(sources: pd.DataFrame, objects: pd.DataFrame, radius_arcsec: float
     obj_hp = objects["healpix29"].to_numpy(np.int64) if (
         no and "healpix29" in objects.columns and not objects["healpix29"].isna().any()) else None
 
-    cs = _sky_cov(sources, src_dec) if use_errors else None
-    co = _sky_cov(objects, obj_dec) if (use_errors and no) else None
-    has_err = (cs is not None and np.isfinite(cs.xx).any()) or (
-        co is not None and np.isfinite(co.xx).any())
+    default_var = float(default_err_arcsec) ** 2
+    if not default_var > 0:
+        raise ValidationError(f"default_err_arcsec must be > 0, got {default_err_arcsec}")
+    s_cov = _cov_arrays(sources, src_dec)
+    o_cov = _cov_arrays(objects, obj_dec) if no else (np.empty(0), np.empty(0), np.empty(0))
+    has_err = bool(np.isfinite(s_cov[0]).any() or np.isfinite(o_cov[0]).any())
     scoring = "likelihood" if (use_errors and has_err) else "distance"
+    s_cov = _fill_cov(*s_cov, default_var)
+    # position weight of a source (arcsec^-2), as archive.catalog.summaries uses it
+    w_src = 2.0 / (s_cov[0] + s_cov[1])
 
     rounds = _rounds(sources)
     n_rounds = int(rounds.max()) + 1 if ns else 0
+    src_u = unit_vectors(src_ra, src_dec)
 
-    # source -> existing object candidates
-    s_o, o_o, sep_o = candidate_pairs(src_ra, src_dec, obj_ra, obj_dec, radius_arcsec,
-                                      obj_healpix29=obj_hp, src_healpix29=src_hp)
-    dx = dy = None
-    if scoring == "likelihood":
-        dx, dy = tangent_offsets(src_ra[s_o], src_dec[s_o], obj_ra[o_o], obj_dec[o_o])
-    cost_o = _pair_costs(scoring, sep_o, dx, dy, cs, co, s_o, o_o, default_err_arcsec)
-
-    # source -> earlier source (a potential new object) candidates
-    if n_rounds > 1:
-        s_s, t_s, sep_s = candidate_pairs(src_ra, src_dec, src_ra, src_dec, radius_arcsec,
-                                          obj_healpix29=src_hp, src_healpix29=src_hp)
-        earlier = rounds[t_s] < rounds[s_s]
-        s_s, t_s, sep_s = s_s[earlier], t_s[earlier], sep_s[earlier]
-        if scoring == "likelihood":
-            dx, dy = tangent_offsets(src_ra[s_s], src_dec[s_s], src_ra[t_s], src_dec[t_s])
-        cost_s = _pair_costs(scoring, sep_s, dx, dy, cs, cs, s_s, t_s, default_err_arcsec)
-    else:
-        s_s = t_s = np.empty(0, np.int64)
-        sep_s = cost_s = np.empty(0)
-
-    target = np.full(ns, -1, dtype=np.int64)       # object row, or no + founding source
+    target = np.full(ns, -1, dtype=np.int64)  # object row, or no + founding source row
     dist = np.full(ns, np.nan)
     cost = np.full(ns, np.nan)
     founder = np.zeros(ns, dtype=bool)
 
-    # group edges by the round of their source
-    ro, rs = rounds[s_o], rounds[s_s]
-    ord_o, ord_s = np.argsort(ro, kind="stable"), np.argsort(rs, kind="stable")
-    bo = np.searchsorted(ro[ord_o], np.arange(n_rounds + 1))
-    bs = np.searchsorted(rs[ord_s], np.arange(n_rounds + 1))
-    src_by_round = np.argsort(rounds, kind="stable")
-    br = np.searchsorted(rounds[src_by_round], np.arange(n_rounds + 1))
-    for r in range(n_rounds):
-        eo = ord_o[bo[r]:bo[r + 1]]
-        es = ord_s[bs[r]:bs[r + 1]]
-        es = es[founder[t_s[es]]]  # only sources that founded an object are targets
-        e_src = np.concatenate([s_o[eo], s_s[es]])
-        e_tgt = np.concatenate([o_o[eo], no + t_s[es]])
-        e_cost = np.concatenate([cost_o[eo], cost_s[es]])
-        e_sep = np.concatenate([sep_o[eo], sep_s[es]])
-        pick = optimal_matching(e_src, e_tgt, e_cost)
-        ps = e_src[pick]
-        target[ps] = e_tgt[pick]
-        dist[ps] = e_sep[pick]
-        cost[ps] = e_cost[pick]
-        members = src_by_round[br[r]:br[r + 1]]
-        founder[members[target[members] < 0]] = True
+    if n_rounds <= 1:
+        # one visit: a single optimal assignment against the given objects
+        s_o, o_o, sep = candidate_pairs(src_ra, src_dec, obj_ra, obj_dec, radius_arcsec,
+                                        obj_healpix29=obj_hp, src_healpix29=src_hp)
+        if scoring == "likelihood":
+            ou = unit_vectors(obj_ra[o_o], obj_dec[o_o])
+            dx, dy = _offsets_vec(src_u[s_o], ou)
+            oc = _fill_cov(o_cov[0][o_o], o_cov[1][o_o], o_cov[2][o_o], default_var)
+            c = _pair_costs(scoring, sep, dx, dy, tuple(x[s_o] for x in s_cov), oc)
+        else:
+            c = sep
+        pick = optimal_matching(s_o, o_o, c)
+        target[s_o[pick]] = o_o[pick]
+        dist[s_o[pick]] = sep[pick]
+        cost[s_o[pick]] = c[pick]
+        founder = target < 0
+    else:
+        _rounds_loop(src_ra, src_dec, src_u, src_hp, s_cov, w_src, rounds, n_rounds,
+                     objects, obj_ra, obj_dec, obj_hp, o_cov, radius_arcsec, default_var,
+                     scoring, target, dist, cost, founder)
 
     ids_new = np.asarray(id_factory(int(founder.sum())), dtype=np.int64)
     founder_rows = np.flatnonzero(founder)

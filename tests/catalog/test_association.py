@@ -253,3 +253,53 @@ def test_empty_inputs():
                     id_factory=_counter_ids())
     # without visit the batch is one visit: both found objects
     assert res.is_new.all() and np.unique(res.dia_object_id).size == 2
+
+
+def _same_partition(a, b) -> bool:
+    a = pd.factorize(pd.Series(a))[0]
+    b = pd.factorize(pd.Series(b))[0]
+    pairs = pd.DataFrame({"a": a, "b": b}).drop_duplicates()
+    return not pairs.a.duplicated().any() and not pairs.b.duplicated().any()
+
+
+@pytest.mark.parametrize("use_errors", [True, False])
+def test_batch_of_visits_equals_visits_one_at_a_time(use_errors):
+    """Positions move between visits exactly as the stored summaries would."""
+    from archive.catalog.summaries import apply_sources, empty_objects, finalize
+
+    rng = np.random.default_rng(21)
+    n = 300
+    ra0, dec0 = _field(rng, n, 359.99, 30.0, 0.02)  # dense, across RA 0/360
+    rows = []
+    for v in range(6):
+        seen = rng.random(n) < 0.7
+        err = rng.uniform(0.1, 0.4, seen.sum())
+        cosd = np.cos(np.radians(dec0[seen]))
+        rows.append(pd.DataFrame({
+            "ra": (ra0[seen] + rng.normal(0, 1, seen.sum()) * err * ARCSEC / cosd) % 360,
+            "dec": dec0[seen] + rng.normal(0, 1, seen.sum()) * err * ARCSEC,
+            "ra_err": err * ARCSEC / cosd, "dec_err": err * ARCSEC,
+            "visit": 100 - v, "mjd": 60000.0 + v, "band": "r",
+            "psf_flux": 1000.0, "psf_flux_err": 10.0}))
+    # one prior visit stored as objects with their running sums
+    first = rows[0]
+    ids = _counter_ids()
+    r0 = associate(first, empty_objects(0), id_factory=ids)
+    stored = finalize(apply_sources(empty_objects(0),
+                                    first.assign(dia_object_id=r0.dia_object_id)).objects)
+    batch = pd.concat(rows[1:], ignore_index=True)
+    res_batch = associate(batch, stored, radius_arcsec=1.0, use_errors=use_errors,
+                          id_factory=ids)
+    objs = stored
+    seq_ids = []
+    for part in rows[1:]:
+        r = associate(part, objs, radius_arcsec=1.0, use_errors=use_errors, id_factory=ids)
+        seq_ids.append(r.dia_object_id)
+        objs = finalize(apply_sources(objs, part.assign(dia_object_id=r.dia_object_id)).objects)
+    seq = np.concatenate(seq_ids)
+    assert _same_partition(res_batch.dia_object_id, seq)
+    existing = set(stored.dia_object_id)
+    assert (np.isin(res_batch.dia_object_id, list(existing))
+            == np.isin(seq, list(existing))).all()
+    # dense enough that some sources are ambiguous and some found objects
+    assert 0 < res_batch.n_new < len(batch) // 3
