@@ -44,6 +44,16 @@ def pg_url():
 
 
 @pytest.fixture(scope="session")
+def pg_store_url(pg_url):
+    """The session database, migrated to head once."""
+    from archive.catalog.store import open_store
+
+    store = open_store(pg_url, create=True)
+    store.close()
+    return pg_url
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
     """The project's shared real-data folder; skips when absent."""
     path = SHARED_DATA.resolve()

@@ -11,14 +11,6 @@ from archive.catalog.schema import load_schema
 from archive.catalog.store import open_store
 
 
-@pytest.fixture(scope="session")
-def pg_store_url(pg_url):
-    """The session database, migrated to head once."""
-    store = open_store(pg_url, create=True)
-    store.close()
-    return pg_url
-
-
 def _truncate(url: str) -> None:
     engine = sa.create_engine(url)
     names = ", ".join(f'"{t.name}"' for t in load_schema())
