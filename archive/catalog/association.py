@@ -131,14 +131,16 @@ def candidate_pairs(src_ra: np.ndarray, src_dec: np.ndarray,
                               dtype=np.int64)
     else:
         src_cell = np.asarray(src_healpix29, dtype=np.int64) >> shift
+    # visit the sources in cell order: each of the 9 rows of cells (own cell and
+    # 8 neighbours) is then nearly sorted, which keeps searchsorted cache friendly
+    by_cell = np.argsort(src_cell)
+    src_cell = src_cell[by_cell]
     nbr = np.asarray(hp.get_all_neighbours(1 << k, src_cell, nest=True), dtype=np.int64)
     cells = np.vstack([src_cell[None, :], nbr.reshape(8, -1)])  # (9, n)
-    cell_src = np.broadcast_to(np.arange(src_ra.size, dtype=np.int64), cells.shape).ravel()
+    cell_src = np.broadcast_to(by_cell, cells.shape).ravel()
     cells = cells.ravel()
     valid = cells >= 0  # missing neighbours (-1) at some base-pixel corners
     cells, cell_src = cells[valid], cell_src[valid]
-    srt_cells = np.argsort(cells, kind="stable")  # sorted keys make searchsorted fast
-    cells, cell_src = cells[srt_cells], cell_src[srt_cells]
     # an order-k cell c holds the order-29 indices [c << shift, (c + 1) << shift)
     lo = np.searchsorted(obj_hp, cells << shift, side="left")
     hi = np.searchsorted(obj_hp, (cells + 1) << shift, side="left")
