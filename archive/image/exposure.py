@@ -17,7 +17,8 @@ HDU    EXTNAME     content
 =====  ==========  =========================================================
 
 Floats in cards are written exactly, so a read gives back bit-identical
-pixels, WCS parameters, PSF parameters, calibration and metadata.
+pixels, WCS parameters, PSF parameters, calibration and metadata.  Every HDU
+carries CHECKSUM/DATASUM cards.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class ExposureInfo:
                 text = json.dumps(self.extras, sort_keys=True)
             except TypeError as exc:
                 raise ValidationError(f"ExposureInfo.extras must be JSON-serialisable: {exc}") from exc
-            header["EXTRAS"] = (text, "JSON extras")
+            header["EXTRAS"] = text  # JSON; long values continue on CONTINUE cards
         return header
 
     @classmethod
@@ -297,7 +298,7 @@ class Exposure:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".fits", dir=path.parent)
         os.close(fd)
         try:
-            self.to_hdulist().writeto(tmp, overwrite=True, output_verify="exception")
+            self.to_hdulist().writeto(tmp, overwrite=True, output_verify="exception", checksum=True)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

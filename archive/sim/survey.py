@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import time
 
 import numpy as np
@@ -124,9 +125,13 @@ def simulate_survey(outdir: str | os.PathLike, config: SimConfig, overwrite: boo
             raise ValidationError(f"sim output {out} exists and is not a directory")
         if any(out.iterdir()) and not overwrite:
             raise ValidationError(f"sim output directory {out} is not empty (use overwrite)")
-        stale = out / "manifest.json"
-        if stale.exists():
-            stale.unlink()
+        # overwrite: remove only what a previous simulation wrote (manifest first: the set is now incomplete)
+        for name in ("manifest.json", "refcat.parquet"):
+            if (out / name).is_file():
+                (out / name).unlink()
+        for name in ("raw", "calib", "truth"):
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
     out.mkdir(parents=True, exist_ok=True)
 
     sky = make_sky(config)

@@ -90,6 +90,12 @@ def test_deterministic_and_refuses_non_empty(survey, tmp_path):
         assert not np.array_equal(h1[0].data, h2[0].data)
     with pytest.raises(ValidationError, match="not empty"):
         simulate_survey(tmp_path / "a", cfg2)
+    # overwrite replaces an earlier, larger set without leaving its files behind
+    (tmp_path / "a" / "keep.txt").write_text("user file")
+    cfg3 = SimConfig(**{**cfg2.__dict__, "n_bias": 1})
+    simulate_survey(tmp_path / "a", cfg3, overwrite=True)
+    assert len(list((tmp_path / "a" / "calib" / "bias").iterdir())) == 1
+    assert (tmp_path / "a" / "keep.txt").read_text() == "user file"
 
 
 def test_cli_sim(tmp_path, capsys):
