@@ -85,23 +85,109 @@ class Archive:
     def _out(self, df: pd.DataFrame, as_table: bool, table: str | None):
         return _to_astropy(df, self.schema, table) if as_table else df
 
+    def _versions(self, table: str, columns, fetch, as_of: float | None):
+        """Versioned tables (dia_object): keep the version valid now, or at MJD ``as_of``."""
+        t = self.store.table(table)
+        if "validity_start" not in t:
+            if as_of is not None:
+                raise ArchiveError(f"table {table!r} has no versions; as_of applies to dia_object")
+            return fetch(columns)
+        need = None if columns is None else list(dict.fromkeys(list(columns) + ["validity_start", "validity_end"]))
+        df = fetch(need)
+        end = df["validity_end"]
+        if as_of is None:
+            keep = end.isna()
+        else:
+            keep = (df["validity_start"] <= as_of) & (end.isna() | (end > as_of))
+        df = df[keep.to_numpy()].reset_index(drop=True)
+        if columns is not None:
+            df = df[[c for c in df.columns if c in columns or c == "distance_arcsec"]]
+        return df
+
     def cone(self, table: str, ra: float, dec: float, radius_arcsec: float,
-             columns: Sequence[str] | None = None, as_table: bool = False):
+             columns: Sequence[str] | None = None, as_table: bool = False, as_of: float | None = None):
         """Rows of ``table`` within ``radius_arcsec`` of (``ra``, ``dec``) in degrees, nearest first.
 
         Adds ``distance_arcsec``.  Exact at HEALPix pixel edges, the poles and RA 0/360.
+        For ``dia_object`` only the current version of each object is returned,
+        or with ``as_of`` (MJD TAI) the version the archive held at that time.
         """
-        return self._out(self.store.cone(table, ra, dec, radius_arcsec, columns), as_table, table)
+        df = self._versions(table, columns, lambda c: self.store.cone(table, ra, dec, radius_arcsec, c), as_of)
+        return self._out(df, as_table, table)
 
-    def region(self, table: str, region, columns: Sequence[str] | None = None, as_table: bool = False):
+    def region(self, table: str, region, columns: Sequence[str] | None = None, as_table: bool = False,
+               as_of: float | None = None):
         """Rows inside an :mod:`archive.sky.regions` region (Cone, Box, Polygon)."""
-        return self._out(self.store.query_region(table, region, columns), as_table, table)
+        df = self._versions(table, columns, lambda c: self.store.query_region(table, region, c), as_of)
+        return self._out(df, as_table, table)
 
-    def get(self, table: str, ids, columns: Sequence[str] | None = None, as_table: bool = False):
-        """Rows whose id (first primary-key column) is in ``ids``."""
+    def get(self, table: str, ids, columns: Sequence[str] | None = None, as_table: bool = False,
+            as_of: float | None = None):
+        """Rows whose id (first primary-key column) is in ``ids`` (current versions for dia_object)."""
         if isinstance(ids, (int, str)):
             ids = [ids]
-        return self._out(self.store.get(table, list(ids), columns), as_table, table)
+        df = self._versions(table, columns, lambda c: self.store.get(table, list(ids), c), as_of)
+        return self._out(df, as_table, table)
+
+    def history(self, dia_object_id: int) -> pd.DataFrame:
+        """Every stored version of one DIAObject, oldest first."""
+        df = self.store.get("dia_object", [int(dia_object_id)])
+        return df.sort_values("validity_start").reset_index(drop=True)
+
+    # -- DIA ingest and light curves ------------------------------------------
+    def ingest_dia_sources(self, data, radius_arcsec: float = 1.0, replace: bool = False,
+                           ingest_mjd: float | None = None, where: str | None = None):
+        """Associate a batch of DIASources (one or more visits) and store sources and object versions.
+
+        Returns an :class:`archive.catalog.dia_ingest.IngestReport`.  Exposures
+        already ingested are refused unless ``replace=True``.
+        """
+        from archive.catalog.dia_ingest import AssociationConfig, ingest_dia_sources
+
+        return ingest_dia_sources(self.store, data, AssociationConfig(radius_arcsec=radius_arcsec),
+                                  replace=replace, ingest_mjd=ingest_mjd, where=where)
+
+    def ingest_forced(self, data, ingest_mjd: float | None = None) -> int:
+        """Store forced photometry rows and update their objects' forced-flux summaries."""
+        from archive.catalog.dia_ingest import ingest_forced_sources
+
+        return ingest_forced_sources(self.store, data, ingest_mjd=ingest_mjd)
+
+    def ingest_alerts(self, paths: Sequence[str | os.PathLike], radius_arcsec: float = 1.0,
+                      ingest_mjd: float | None = None):
+        """Read ZTF / LSST alert packets (Avro, Parquet, tar.gz) and associate their detections.
+
+        Detections already stored (same survey ``external_id``) are skipped, so
+        overlapping packets never count a detection twice.
+        """
+        from archive.catalog.alerts import read_alert_files
+        from archive.catalog.dia_ingest import AssociationConfig, ingest_dia_sources
+
+        rows = read_alert_files(paths)
+        return ingest_dia_sources(self.store, rows, AssociationConfig(radius_arcsec=radius_arcsec),
+                                  ingest_mjd=ingest_mjd, skip_known_external=True,
+                                  where=", ".join(map(os.fspath, paths)))
+
+    def light_curve(self, dia_object_id: int, bands: Sequence[str] | None = None) -> pd.DataFrame:
+        """Detections and forced photometry of one DIAObject in one table, by time.
+
+        Columns: ``mjd`` (TAI), ``band``, ``flux``, ``flux_err`` (nJy, difference
+        image PSF flux), ``science_flux``, ``science_flux_err`` (nJy, direct image),
+        ``kind`` ("detection" | "forced"), ``exposure_id``, ``source_id``.
+        """
+        oid = int(dia_object_id)
+        if self.get("dia_object", [oid], columns=["dia_object_id"]).empty:
+            from archive.errors import NotFoundError
+
+            raise NotFoundError(f"no dia_object with id {oid}")
+        q = ("SELECT mjd, band, psf_flux AS flux, psf_flux_err AS flux_err, science_flux, science_flux_err, "
+             "'{kind}' AS kind, exposure_id, {idcol} AS source_id FROM {table} WHERE dia_object_id = {oid}")
+        det = self.store.sql(q.format(kind="detection", idcol="dia_source_id", table="dia_source", oid=oid))
+        frc = self.store.sql(q.format(kind="forced", idcol="dia_forced_source_id", table="dia_forced_source", oid=oid))
+        df = pd.concat([d for d in (det, frc) if len(d)], ignore_index=True) if (len(det) or len(frc)) else det
+        if bands:
+            df = df[df["band"].isin(list(bands))]
+        return df.sort_values(["mjd", "kind"], kind="stable").reset_index(drop=True)
 
     def sql(self, query: str, as_table: bool = False):
         """Run one read-only SQL query (PostgreSQL dialect; DuckDB on the Parquet store).

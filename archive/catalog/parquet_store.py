@@ -413,13 +413,16 @@ class ParquetTransaction(Transaction):
             raise ValidationError(f"table {t.name!r}: {len(clash)}+ row(s) already stored with the same "
                                   f"key ({', '.join(t.primary_key)}), e.g. {clash[0]}; nothing written")
 
-    def append(self, table: str, rows: pa.Table) -> None:
+    def append(self, table: str, rows: pa.Table, check_keys: bool = True) -> None:
+        """Append rows; ``check_keys=False`` skips the stored-key scan for rows whose
+        keys are new by construction (rewritten rows, fresh object versions)."""
         if self._done:
             raise ArchiveError("transaction already finished")
         t = self.store.table(table)
         if rows.schema != t.arrow_schema:
             rows = rows.cast(t.arrow_schema)
-        self._check_new_keys(t, rows)
+        if check_keys:
+            self._check_new_keys(t, rows)
         base = self.store.root / table / "dataset"
         gen = self.base["generation"] + 1
         if t.positional:
@@ -479,7 +482,7 @@ class ParquetTransaction(Transaction):
             else:
                 self._drop.append((table, rel))
             if keep.num_rows:
-                self.append(table, keep)
+                self.append(table, keep, check_keys=False)
         self._journal()
         return deleted
 
@@ -489,6 +492,39 @@ class ParquetTransaction(Transaction):
         view = {"generation": self.base["generation"],
                 "tables": {table: {"files": self._live(table)}}}
         return frame_from_arrow(self.store._region_arrow(view, t, region, cols))
+
+    def select_in(self, table: str, column: str, values: Sequence,
+                  partitions: Iterable[int] | None = None) -> pd.DataFrame:
+        t = self.store.table(table)
+        t.column(column)
+        value_set = pa.array(np.asarray(values), type=t.column(column).arrow_type)
+        wanted = None if partitions is None else {int(p) for p in partitions}
+        base = self.store.root / table / "dataset"
+        parts = []
+        for rel, meta in self._live(table).items():
+            if wanted is not None and meta.get("npix") not in wanted:
+                continue
+            hit = pc.is_in(pq.read_table(base / rel, columns=[column]).column(column), value_set=value_set)
+            if pc.any(hit).as_py():
+                parts.append(pq.read_table(base / rel, schema=t.arrow_schema).filter(hit))
+        return frame_from_arrow(pa.concat_tables(parts) if parts else t.arrow_schema.empty_table())
+
+    def close_versions(self, table: str, ids: Sequence, end: float,
+                       partitions: Iterable[int] | None = None) -> int:
+        """Copy-on-write: rewrite the files holding these ids with validity_end set."""
+        t = self.store.table(table)
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        if ids.size == 0:
+            return 0
+        rows = self.select_in(table, t.id_column, ids, partitions)
+        open_rows = rows["validity_end"].isna().to_numpy()
+        if not open_rows.any():
+            return 0
+        rows.loc[open_rows, "validity_end"] = float(end)
+        self.delete(table, t.id_column, ids, partitions)
+        self.append(table, pa.Table.from_pandas(rows, schema=t.arrow_schema, preserve_index=False),
+                    check_keys=False)
+        return int(open_rows.sum())
 
     def commit(self) -> None:
         if self._done:

@@ -190,7 +190,7 @@ class PostgresTransaction(Transaction):
             self.connection.execute(sa.text("SELECT pg_advisory_xact_lock(:k, :p)"),
                                     {"k": int(key), "p": int(p)})
 
-    def append(self, table: str, rows: pa.Table) -> None:
+    def append(self, table: str, rows: pa.Table, check_keys: bool = True) -> None:
         t = self.store.table(table)
         if rows.num_rows == 0:
             return
@@ -228,6 +228,22 @@ class PostgresTransaction(Transaction):
 
     def query_region(self, table: str, region, columns: Sequence[str] | None = None) -> pd.DataFrame:
         return self.store.query_region(table, region, columns, connection=self.connection)
+
+    def select_in(self, table: str, column: str, values: Sequence, partitions=None) -> pd.DataFrame:
+        t = self.store.table(table)
+        t.column(column)
+        cols = t.column_names
+        sql = (f"SELECT {', '.join(map(_quote, cols))} FROM {_quote(t.name)} "
+               f"WHERE {_quote(column)} = ANY(:v)")
+        return _rows_to_frame(self.connection.execute(sa.text(sql), {"v": np.asarray(values).tolist()}), t, cols)
+
+    def close_versions(self, table: str, ids: Sequence, end: float, partitions=None) -> int:
+        t = self.store.table(table)
+        res = self.connection.execute(sa.text(
+            f"UPDATE {_quote(t.name)} SET validity_end = :end "
+            f"WHERE {_quote(t.id_column)} = ANY(:ids) AND validity_end IS NULL"),
+            {"end": float(end), "ids": np.asarray(ids, dtype=np.int64).tolist()})
+        return int(res.rowcount)
 
     def execute(self, sql: str, params: dict | None = None):
         return self.connection.execute(sa.text(sql), params or {})

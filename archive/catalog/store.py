@@ -28,7 +28,7 @@ class Transaction(abc.ABC):
     """
 
     @abc.abstractmethod
-    def append(self, table: str, rows: pa.Table) -> None:
+    def append(self, table: str, rows: pa.Table, check_keys: bool = True) -> None:
         """Append rows that already conform to the table's Arrow schema."""
 
     @abc.abstractmethod
@@ -41,6 +41,14 @@ class Transaction(abc.ABC):
     @abc.abstractmethod
     def query_region(self, table: str, region, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """Region query that sees this transaction's committed base state."""
+
+    @abc.abstractmethod
+    def select_in(self, table: str, column: str, values: Sequence, partitions: Iterable[int] | None = None) -> pd.DataFrame:
+        """All rows whose ``column`` is in ``values`` (``partitions``: optional order-K hint)."""
+
+    @abc.abstractmethod
+    def close_versions(self, table: str, ids: Sequence, end: float, partitions: Iterable[int] | None = None) -> int:
+        """Set ``validity_end = end`` on the current (open) versions of ``ids``; returns how many."""
 
     @abc.abstractmethod
     def commit(self) -> None: ...

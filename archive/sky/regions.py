@@ -55,6 +55,7 @@ from archive.sky.healpix import (
     ORDER_MAX,
     angular_separation_deg,
     check_order,
+    radec_to_healpix29,
     radec_to_vec,
     validate_radec,
 )
@@ -459,3 +460,38 @@ class Polygon(Region):
         n0, n1 = np.roll(self._normals, 1, axis=0), self._normals
         turn = np.arctan2(np.linalg.norm(np.cross(n0, n1), axis=1), np.einsum("ij,ij->i", n0, n1))
         return float(max(2.0 * math.pi - turn.sum(), 0.0))
+
+
+class PixelSet:
+    """The union of nested HEALPix pixels at one order (e.g. a batch's footprint plus a margin).
+
+    Duck-types the region interface the stores use (``pixel_ranges``,
+    ``default_order``, ``contains``).
+    """
+
+    def __init__(self, order: int, pixels: ArrayLike):
+        self.order = check_order(order)
+        self.pixels = np.unique(np.asarray(pixels, dtype=np.int64))
+
+    @classmethod
+    def around(cls, ra: ArrayLike, dec: ArrayLike, order: int) -> PixelSet:
+        """Pixels holding the positions and all their neighbours: every point within
+        one pixel size of a position is inside."""
+        o = check_order(order)
+        pix = np.unique(hp.ang2pix(1 << o, np.asarray(ra, float), np.asarray(dec, float),
+                                   nest=True, lonlat=True))
+        neigh = hp.get_all_neighbours(1 << o, pix, nest=True).ravel()
+        return cls(o, np.concatenate([pix, neigh[neigh >= 0]]))
+
+    def __repr__(self) -> str:
+        return f"PixelSet(order={self.order}, n={self.pixels.size})"
+
+    def default_order(self) -> int:
+        return self.order
+
+    def pixel_ranges(self, order: int | None = None) -> np.ndarray:
+        return pixels_to_ranges(self.pixels, self.order)
+
+    def contains(self, ra: ArrayLike, dec: ArrayLike) -> np.ndarray:
+        h = radec_to_healpix29(ra, dec) >> (2 * (ORDER_MAX - self.order))
+        return np.isin(h, self.pixels)
