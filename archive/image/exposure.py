@@ -298,7 +298,10 @@ class Exposure:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".fits", dir=path.parent)
         os.close(fd)
         try:
-            self.to_hdulist().writeto(tmp, overwrite=True, output_verify="exception", checksum=True)
+            hdul = self.to_hdulist()
+            for hdu in hdul:  # fixed comments (not the time of writing): same exposure -> same bytes
+                hdu.add_checksum(when="archive.image checksum")
+            hdul.writeto(tmp, overwrite=True, output_verify="exception")
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -336,6 +339,17 @@ class Exposure:
         try:
             with fits.open(path, memmap=False) as hdul:
                 return cls.from_hdulist(hdul, source=str(path))
+        except OSError as exc:
+            raise ValidationError(f"{path}: not a readable FITS file ({exc})") from exc
+
+    @staticmethod
+    def read_info(path: str | os.PathLike) -> ExposureInfo:
+        """Only the metadata of a file written by :meth:`writeto` (reads the primary header)."""
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise NotFoundError(f"exposure file {path} does not exist")
+        try:
+            return ExposureInfo.from_header(fits.getheader(path, 0))
         except OSError as exc:
             raise ValidationError(f"{path}: not a readable FITS file ({exc})") from exc
 

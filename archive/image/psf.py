@@ -22,6 +22,13 @@ Positions given to a PSF are pixel coordinates of the image it belongs to.  A
 PSF taken from a sub-image (``Exposure.subimage``) carries the offset of that
 sub-image (:meth:`PSF.shifted`), so it keeps describing the same physical pixels.
 
+FWHM: :meth:`PSF.fwhm` is the FWHM of the model's own profile - the
+continuous profile for Gaussian and Moffat, the pixel-integrated (effective)
+profile for :class:`PixelPSF`, which samples nothing else.  To compare models
+of different kinds use :meth:`PSF.effective_fwhm`, measured the same way on
+every class from an oversampled stamp (for a Gaussian it is
+``2.3548 sqrt(sigma^2 + 1/12)``).
+
 Every class round-trips through FITS: :meth:`PSF.to_hdu` writes a one-row
 binary table (EXTNAME ``PSF``, card ``PSFTYPE`` naming the class) and
 :func:`PSF.from_hdu` reads any registered class back with bit-identical
@@ -198,6 +205,14 @@ class PSF:
         else:
             xm, ym = float(x) + self.x_offset, float(y) + self.y_offset
         return float(np.asarray(self._fwhm_at(np.asarray(xm), np.asarray(ym))))
+
+    def effective_fwhm(self, x: float | None = None, y: float | None = None) -> float:
+        """FWHM (pixels) of the pixel-integrated PSF, measured on a stamp (comparable across classes)."""
+        if x is None or y is None:
+            xm, ym = self._reference_position()
+            x, y = xm - self.x_offset, ym - self.y_offset
+        size = max(self.default_size(x, y), 2 * int(math.ceil(3.0 * self.fwhm(x, y))) + 1)
+        return fwhm_from_image(self.image(float(np.floor(x + 0.5)), float(np.floor(y + 0.5)), size))
 
     def fwhm_at(self, xs, ys) -> np.ndarray:
         """Vectorised :meth:`fwhm` (pixels) at arrays of positions."""

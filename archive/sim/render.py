@@ -343,7 +343,9 @@ def render_epoch(config: SimConfig, sky: pd.DataFrame, epoch: Epoch, detector: i
     x, y = wcs.all_world2pix(ra, dec, 0, tolerance=1e-8, maxiter=50, quiet=True)
     flux_njy = object_fluxes(sky, epoch.band, epoch.mjd)
     kind = sky["kind"].to_numpy()
-    margin = 40.0
+    # render everything whose largest stamp (bright stars, big galaxies) can reach the detector
+    fw_max = float(psf.fwhm_at(np.array([0.0, nx - 1.0, 0.0, nx - 1.0]), np.array([0.0, 0.0, ny - 1.0, ny - 1.0])).max())
+    margin = max(BRIGHT_STAMP_FWHM * fw_max, 32.0) + 2.0
     near = (x > -margin) & (x < nx - 1 + margin) & (y > -margin) & (y < ny - 1 + margin)
     flux_e = flux_njy * e_per_njy
 

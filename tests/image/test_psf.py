@@ -49,6 +49,17 @@ def test_fwhm_values():
     np.testing.assert_allclose(v.fwhm_at([0, 511], [0, 0]), [2.4, 3.6])
 
 
+def test_effective_fwhm_comparable_across_classes():
+    g = GaussianPSF(1.6)
+    assert g.effective_fwhm() == pytest.approx(2.3548 * math.sqrt(1.6**2 + 1 / 12), rel=0.01)
+    m = MoffatPSF(3.5, 3.0, variation=[0.1, 0.0], bbox=BBOX)
+    p = PixelPSF.from_psf(m, BBOX, degree=2, oversample=3, size=31)
+    for x, y in [(255.5, 255.5), (20, 300), (480, 30)]:
+        assert p.effective_fwhm(x, y) == pytest.approx(m.effective_fwhm(x, y), rel=0.02)
+        assert m.effective_fwhm(x, y) > m.fwhm(x, y)
+    assert p.effective_fwhm() == pytest.approx(p.fwhm(), rel=0.02)
+
+
 def test_shifted_psf_describes_same_pixels():
     v = MoffatPSF(3.0, 3.0, variation=[0.2, 0.1], bbox=BBOX)
     sub = v.shifted(100, 50)
