@@ -54,25 +54,26 @@ class PsfEstimateConfig:
     reject_planes: a star with any of these mask planes within 3 px is dropped.
     oversample: model samples per native pixel.
     half_size_fwhm: native half-size of the model in FWHM (at least 7 px).
-    degree: polynomial degree of the spatial variation (lowered automatically when few stars).
+    degree: polynomial degree of the spatial variation (lowered until there are ``stars_per_term`` stars per term).
     n_iter: build/refine iterations per outer pass; n_outer: re-centroid + rebuild passes.
     clip_sigma: sample rejection threshold.
     """
 
     initial_fwhm: float = 3.0
     detect_threshold: float = 10.0
-    min_snr: float = 50.0
+    min_snr: float = 20.0
     max_stars: int = 400
-    isolation: float = 4.0
-    isolation_flux: float = 0.02
+    isolation: float = 2.5
+    isolation_flux: float = 0.1
     size_clip: float = 3.0
     reject_planes: tuple[str, ...] = ("SAT", "BAD", "CR", "NO_DATA", "EDGE", "SUSPECT", "INTRP")
     oversample: int = 2
     half_size_fwhm: float = 3.0
     degree: int = 2
     n_iter: int = 3
-    n_outer: int = 2
+    n_outer: int = 3
     clip_sigma: float = 4.0
+    stars_per_term: int = 5
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,14 +124,16 @@ def select_stars(sources: pd.DataFrame, fwhm: float, config: PsfEstimateConfig,
         a, b = pairs[:, 0], pairs[:, 1]
         ok[a[flux[b] > cfg.isolation_flux * flux[a]]] = False
         ok[b[flux[a] > cfg.isolation_flux * flux[b]]] = False
-    # stellar locus in size: robust clip of the moment trace
-    size = np.sqrt(0.5 * (sources["ixx"].to_numpy(np.float64) + sources["iyy"].to_numpy(np.float64)))
+    # stellar locus in the moments: robust clip of ixx, iyy and ixy separately
+    mom = [sources[c].to_numpy(np.float64) for c in ("ixx", "iyy", "ixy")]
+    scale = np.median(0.5 * (mom[0][ok] + mom[1][ok])) if ok.any() else 1.0
     for _ in range(3):
         if ok.sum() < 3:
             break
-        med = np.median(size[ok])
-        sig = max(1.4826 * np.median(np.abs(size[ok] - med)), 0.02 * med)
-        ok &= np.abs(size - med) < cfg.size_clip * sig
+        for q in mom:
+            med = np.median(q[ok])
+            sig = max(1.4826 * np.median(np.abs(q[ok] - med)), 0.02 * scale)
+            ok &= np.abs(q - med) < cfg.size_clip * sig
     if ok.sum() > cfg.max_stars:
         order = np.argsort(-sources["snr"].to_numpy())
         keep = np.zeros(n, dtype=bool)
@@ -228,28 +231,84 @@ def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray,
     keep &= inb
     T_star = poly_design(x, y, degree, bbox)  # (n, nt)
     nt = T_star.shape[1]
-    basis = np.zeros((nt, S, S))
+    mean = np.zeros((1, S, S))
+    modes = None
+    coefs = np.zeros((3, nt))
+    flat_star = star.ravel()
+    cu_f, cv_f, d_f, w_f = cu.ravel(), cv.ravel(), d.ravel(), w.ravel()
+
+    def spatial(cu_s, cv_s, stars_s):
+        if modes is None or degree == 0:
+            return 0.0
+        mv = _interp(modes, cu_s, cv_s)  # (3, m)
+        return (mv * (coefs @ T_star[stars_s].T)).sum(axis=0)
+
     for it in range(max(1, n_iter) + 1):
         sel = keep.ravel()
         bins = (bv * S + bu).ravel()[sel]
-        Ts = T_star[star.ravel()[sel]]
-        if it == 0:
-            resid = d.ravel()[sel]
-        else:
-            model_vals = (_interp(basis, cu.ravel()[sel], cv.ravel()[sel]) * Ts.T).sum(axis=0)
-            resid = d.ravel()[sel] - model_vals
-        coef = _fit_bins(bins, S * S, Ts, resid, w.ravel()[sel], 1e-9)
-        basis = basis + coef.reshape(nt, S, S)
-        basis = _normalise_and_centre(basis, os_)
+        cs, vs, st = cu_f[sel], cv_f[sel], flat_star[sel]
+        mean_vals = _interp(mean, cs, vs)[0] if it else 0.0
+        resid = d_f[sel] - mean_vals - spatial(cs, vs, st)
+        mean = mean + _fit_bins(bins, S * S, np.ones((bins.size, 1)), resid, w_f[sel], 1e-9).reshape(1, S, S)
+        mean = _normalise_and_centre(mean, os_)
+        if degree > 0 and it >= 1:
+            # spatial variation as polynomials times three shape modes of the mean:
+            # dilation and the two shears (first-order changes of size and ellipticity)
+            modes = _shape_modes(mean[0])
+            mv = _interp(modes, cs, vs)  # (3, m)
+            T = T_star[st]
+            X = (mv[:, :, None] * T[:, None, :].transpose(1, 0, 2)).transpose(1, 0, 2).reshape(cs.size, 3 * nt)
+            yv = d_f[sel] - _interp(mean, cs, vs)[0]
+            ww = w_f[sel]
+            A = (X * ww[:, None]).T @ X
+            b = (X * ww[:, None]).T @ yv
+            A += 1e-9 * np.trace(A) / A.shape[0] * np.eye(A.shape[0])
+            coefs = np.linalg.solve(A, b).reshape(3, nt)
         # clip outliers against the current model
-        allm = (_interp(basis, cu.ravel(), cv.ravel()) * T_star[star.ravel()].T).sum(axis=0).reshape(D.shape)
+        allm = (_interp(mean, cu_f, cv_f)[0] + spatial(cu_f, cv_f, flat_star)).reshape(D.shape)
         chi = (d - allm) * np.sqrt(w)
         # the model's own error near the core is larger than the noise of bright stars: scale by a robust sigma
         s = 1.4826 * np.median(np.abs(chi[keep])) if keep.any() else 1.0
         keep = U & inb & (np.abs(chi) < clip_sigma * max(s, 1.0))
-    psf = PixelPSF(basis, None, oversample=os_, degree=degree, bbox=bbox)
+    if degree > 0 and modes is not None:
+        basis = np.concatenate([mean, modes])
+        cmat = np.zeros((4, nt))
+        cmat[0, 0] = 1.0
+        cmat[1:] = coefs
+        psf = PixelPSF(basis, cmat, oversample=os_, degree=degree, bbox=bbox)
+    else:
+        psf = PixelPSF(mean, None, oversample=os_, degree=0, bbox=bbox)
     frac = keep.reshape(n, -1).sum(axis=1) / np.maximum(U.reshape(n, -1).sum(axis=1), 1)
     return psf, frac
+
+
+def _shape_modes(m: np.ndarray) -> np.ndarray:
+    """Dilation and shear modes ``(3, S, S)`` of a centred image (each integrates to ~0)."""
+    S = m.shape[0]
+    g = np.arange(S) - S // 2
+    X = np.broadcast_to(g[None, :], m.shape)
+    Y = np.broadcast_to(g[:, None], m.shape)
+    gy, gx = np.gradient(m)
+    dil = -(2.0 * m + X * gx + Y * gy)
+    e1 = X * gx - Y * gy
+    e2 = Y * gx + X * gy
+    out = np.stack([dil, e1, e2])
+    # scale each mode to the mean's peak so the coefficients are comparable
+    return out * (m.max() / np.maximum(np.abs(out).max(axis=(1, 2), keepdims=True), 1e-300))
+
+
+def _models(shape, psf, x, y, flux, half) -> np.ndarray:
+    """Image of PSF models of the given sources (stamps of half-size ``half``)."""
+    from archive.process.stamps import chunks, scatter_add, stamp_grid
+
+    out = np.zeros(shape)
+    size = 2 * half + 1
+    for sl in chunks(len(x), 4096):
+        xc = np.floor(x[sl] + 0.5).astype(np.int64)
+        yc = np.floor(y[sl] + 0.5).astype(np.int64)
+        iy, ix = stamp_grid(xc, yc, size)
+        out += scatter_add(shape, iy, ix, psf.stamps(x[sl], y[sl], size, xc, yc) * flux[sl][:, None, None])
+    return out
 
 
 def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | None = None, mask_planes=None,
@@ -275,8 +334,8 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
     if sources is None:
         det_cfg = SourceConfig(detection=DetectionConfig(threshold=cfg.detect_threshold), n_passes=1,
                                measure=MeasureConfig(n_iter=3))
-        sources, _ = detect_and_measure(image, variance, GaussianPsf(fwhm), mask=mask, mask_planes=mask_planes,
-                                        background_variance=background_variance, config=det_cfg)
+        sources, model = detect_and_measure(image, variance, GaussianPsf(fwhm), mask=mask, mask_planes=mask_planes,
+                                            background_variance=background_variance, config=det_cfg)
         # refine the FWHM from the bright, compact sources' moments and measure again
         good = (sources["snr"] > cfg.min_snr) & ((sources["flags"].to_numpy() & F_.plane_bits(mask_planes, "SAT", "CR")) == 0)
         if good.sum() >= 5:
@@ -285,7 +344,7 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
                 new = float(np.sqrt(s2) * 2.3548200450309493)
                 if abs(new - fwhm) > 0.1 * fwhm:
                     fwhm = new
-                    sources, _ = detect_and_measure(image, variance, GaussianPsf(fwhm), mask=mask,
+                    sources, model = detect_and_measure(image, variance, GaussianPsf(fwhm), mask=mask,
                                                     mask_planes=mask_planes, background_variance=background_variance,
                                                     config=det_cfg)
     sel = select_stars(sources, fwhm, cfg, mask_planes)
@@ -293,29 +352,36 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
     if nsel < 3:
         raise ValidationError(f"estimate_psf: only {nsel} usable PSF stars (need >= 3; S/N > {cfg.min_snr}, isolated, unflagged)")
     degree = cfg.degree
-    while degree > 0 and nsel < 10 * n_poly_terms(degree):
+    while degree > 0 and nsel < cfg.stars_per_term * n_poly_terms(degree):
         degree -= 1
     stars = sources.loc[sel].copy()
-    x = stars["x"].to_numpy(np.float64)
-    y = stars["y"].to_numpy(np.float64)
-    flux = stars["psf_flux"].to_numpy(np.float64)
+    x_all = sources["x"].to_numpy(np.float64)
+    y_all = sources["y"].to_numpy(np.float64)
+    f_all = sources["psf_flux"].fillna(0.0).to_numpy(np.float64)
+    idx = np.nonzero(sel)[0]
     half = max(7, int(np.ceil(cfg.half_size_fwhm * fwhm)))
     bbox = (0.0, 0.0, float(nx - 1), float(ny - 1))
     frac = np.ones(nsel)
+    mcfg = MeasureConfig(n_iter=3, fit_halfsize_fwhm=2.0, aperture_radii=())
+    sp = GaussianPsf(fwhm)
     for outer in range(max(1, cfg.n_outer)):
-        psf, frac = build_pixel_psf(image, variance, usable, x, y, flux, bbox, half=half,
-                                    oversample=cfg.oversample, degree=degree, n_iter=cfg.n_iter,
+        # neighbours of the PSF stars are subtracted with their current models
+        others = np.ones(len(x_all), dtype=bool)
+        others[idx] = False
+        nb = _models(image.shape, sp, x_all[others], y_all[others], f_all[others], half)
+        psf, frac = build_pixel_psf(image - nb, variance, usable, x_all[idx], y_all[idx], f_all[idx], bbox,
+                                    half=half, oversample=cfg.oversample, degree=degree, n_iter=cfg.n_iter,
                                     clip_sigma=cfg.clip_sigma)
         if outer + 1 < max(1, cfg.n_outer):
             sp = GridStampPsf.from_callable(psf.model, (ny, nx), ngrid=3 if degree > 0 else 1,
                                             oversample=psf.oversample)
-            m = measure_sources(image, variance, mask, sp, x, y, background_variance=background_variance,
-                                mask_planes=mask_planes, flux_guess=flux,
-                                config=MeasureConfig(n_iter=3, fit_halfsize_fwhm=2.0, aperture_radii=()))
-            okm = np.isfinite(m["psf_flux"].to_numpy()) & (m["psf_flux"].to_numpy() > 0)
-            x = np.where(okm, m["x"].to_numpy(np.float64), x)
-            y = np.where(okm, m["y"].to_numpy(np.float64), y)
-            flux = np.where(okm, m["psf_flux"].to_numpy(np.float64), flux)
+            m = measure_sources(image, variance, mask, sp, x_all, y_all, background_variance=background_variance,
+                                mask_planes=mask_planes, flux_guess=f_all, config=mcfg)
+            okm = np.isfinite(m["psf_flux"].to_numpy()) & (m["psf_flux"].to_numpy() > 0) & \
+                ((m["flags"].to_numpy() & int(F_.FLAG_CENTROID)) == 0)
+            x_all = np.where(okm, m["x"].to_numpy(np.float64), x_all)
+            y_all = np.where(okm, m["y"].to_numpy(np.float64), y_all)
+            f_all = np.where(okm, m["psf_flux"].to_numpy(np.float64), f_all)
     # summary: FWHM and ellipticity over the detector
     fw_c = fwhm_from_image(psf.model((nx - 1) / 2.0, (ny - 1) / 2.0), psf.oversample)
     grid = [(gx, gy) for gy in np.linspace(0, ny - 1, 3) for gx in np.linspace(0, nx - 1, 3)]

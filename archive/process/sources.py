@@ -32,6 +32,11 @@ class SourceConfig:
     n_passes: detect-measure-subtract passes (1 = single pass).
     model_error: fractional model error added to the residual variance in passes > 1.
     merge_radius: a residual peak closer than this (px) to a known source is ignored.
+    saturated_zone_fwhm: residual peaks within this many FWHM of a saturated pixel are ignored
+        (the wings of saturated stars are not modelled well enough to find neighbours there).
+    residual_zone_planes: the planes that define those zones (saturated, bad columns).
+    extended_factor: a source whose moment trace exceeds the PSF's by this factor is extended;
+        residual peaks within 4 of its sigmas are its own structure, not new sources.
     no_detect_planes: mask planes whose pixels get zero weight in detection.
     """
 
@@ -41,9 +46,31 @@ class SourceConfig:
     model_error: float = 0.03
     merge_radius: float = 2.0
     no_detect_planes: tuple[str, ...] = ("BAD", "SAT", "CR", "NO_DATA")
+    saturated_zone_fwhm: float = 3.0
+    residual_zone_planes: tuple[str, ...] = ("SAT", "BAD")
+    extended_factor: float = 2.5
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _near_extended(df: pd.DataFrame, pk: pd.DataFrame, fwhm: float, factor: float) -> np.ndarray:
+    """Residual peaks lying within 4 sigma of an extended (larger than the PSF) source."""
+    out = np.zeros(len(pk), dtype=bool)
+    if len(df) == 0 or len(pk) == 0:
+        return out
+    s2 = (fwhm / 2.3548200450309493) ** 2 + 1.0 / 12.0
+    tr = 0.5 * (df["ixx"].to_numpy(np.float64) + df["iyy"].to_numpy(np.float64))
+    ext = np.isfinite(tr) & (tr > factor * s2) & ((df["flags"].to_numpy() & int(F_.FLAG_MOMENTS)) == 0)
+    if not ext.any():
+        return out
+    ex = df["x"].to_numpy(np.float64)[ext]
+    ey = df["y"].to_numpy(np.float64)[ext]
+    rad = 4.0 * np.sqrt(tr[ext])
+    tree = cKDTree(np.column_stack([pk["x"].to_numpy(), pk["y"].to_numpy()]))
+    for i in np.nonzero(rad > 0)[0]:
+        out[tree.query_ball_point([ex[i], ey[i]], rad[i])] = True
+    return out
 
 
 def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np.ndarray | None = None,
@@ -86,6 +113,18 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
     df, model = measure_sources(image, variance, mask, psf, xs, ys, background_variance=background_variance,
                                 background=background, mask_planes=mask_planes, flux_guess=guess,
                                 config=cfg.measure, return_model=True)
+    # zones where residual peaks are not trusted: around saturated / bad pixels (their
+    # wings and interpolations are not modelled) and around extended sources (galaxies
+    # leave residuals a PSF cannot remove)
+    zone = np.zeros(image.shape, dtype=bool)
+    if mask is not None:
+        zbits = F_.plane_bits(mask_planes, *cfg.residual_zone_planes)
+        zpix = (np.asarray(mask) & zbits) != 0
+        if zpix.any():
+            from scipy import ndimage
+
+            r = max(1, int(np.ceil(cfg.saturated_zone_fwhm * fwhm)))
+            zone |= ndimage.maximum_filter(zpix.view(np.uint8), size=2 * r + 1).view(bool)
     for p in range(1, max(1, cfg.n_passes)):
         resid = img - model.astype(np.float32)
         var2 = variance + (cfg.model_error * model) ** 2
@@ -101,6 +140,8 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
             new = d > cfg.merge_radius
         else:
             new = np.ones(len(pk), dtype=bool)
+        new &= ~zone[pk["y_peak"].to_numpy(), pk["x_peak"].to_numpy()]
+        new &= ~_near_extended(df, pk, fwhm, cfg.extended_factor)
         if not new.any():
             break
         pk = pk[new]
@@ -123,5 +164,9 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
         if len(pairs):
             drop = np.unique(np.maximum(pairs[:, 0], pairs[:, 1]))
             df = df.drop(index=df.index[drop])
+    # centroids that wandered off the image (a star beyond the edge) are not sources of this image
+    ny, nx = image.shape
+    inside = (df["x"] >= -0.5) & (df["x"] < nx - 0.5) & (df["y"] >= -0.5) & (df["y"] < ny - 0.5)
+    df = df[inside.to_numpy()]
     df = df.sort_values("psf_flux", ascending=False, na_position="last").reset_index(drop=True)
     return df, model
