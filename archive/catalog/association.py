@@ -31,9 +31,11 @@ Algorithm
 4. **Several visits in one batch** are associated as successive rounds in time
    order (by the smallest ``mjd`` of the visit when given, else by visit
    number).  A source left unmatched founds a new object positioned at that
-   source; later rounds can match it.  Object positions are those of the
-   input (or of the founding source) for the whole batch: summaries are
-   updated afterwards (:mod:`archive.catalog.summaries`).
+   source; later rounds can match it.  Between rounds, every object that took
+   a source moves to the weighted mean of its unit vectors and gets the
+   isotropic error 1/sqrt(sum w), exactly as :mod:`archive.catalog.summaries`
+   stores it (objects given with ``pos_sum_w`` keep their weight), so a batch
+   of several visits associates like the same visits one at a time.
 """
 
 from __future__ import annotations
@@ -472,6 +474,8 @@ def _rounds_loop(src_ra, src_dec, src_u, src_hp, s_cov, w_src, rounds, n_rounds,
             moved = np.einsum("ij,ij->i", tu[upd] - base[upd], tu[upd] - base[upd])
             if r + 1 < n_rounds and (moved > margin * margin).any():
                 # rebuild the pool for the remaining visits from current positions
+                log.debug("association: a target drifted beyond the pool margin; "
+                          "candidate pool rebuilt after round %d", r)
                 t_ra = np.degrees(np.arctan2(tu[:, 1], tu[:, 0])) % 360.0
                 t_dec = np.degrees(np.arctan2(tu[:, 2], np.hypot(tu[:, 0], tu[:, 1])))
                 s3, t3 = build_pool(r + 1, t_ra, t_dec, None)

@@ -1,6 +1,7 @@
 """Association: candidate search vs brute force, optimal matching, rounds, edge cases."""
 
 import itertools
+import logging
 
 import numpy as np
 import pandas as pd
@@ -303,3 +304,40 @@ def test_batch_of_visits_equals_visits_one_at_a_time(use_errors):
             == np.isin(seq, list(existing))).all()
     # dense enough that some sources are ambiguous and some found objects
     assert 0 < res_batch.n_new < len(batch) // 3
+
+
+def test_drifting_object_is_followed_across_pool_rebuilds(caplog):
+    """A target that moves farther than the radius within a batch is still followed.
+
+    The object's own position is poor (10") and each visit's source precise
+    (0.01"), so the object moves to the mean of its sources: sources at
+    0.9, 1.8, 2.2, 2.5, 2.8" east are each < 1" from the mean of the earlier
+    ones, but the later ones lie beyond the initial candidate pool (2") of the
+    object's original position: the pool must be rebuilt after it drifts.
+    """
+    from archive.catalog.summaries import apply_sources, empty_objects, finalize
+
+    dec0 = 10.0
+    objects = pd.DataFrame({"dia_object_id": [77], "ra": [50.0], "dec": [dec0],
+                            "ra_err": [10 * ARCSEC], "dec_err": [10 * ARCSEC]})
+    east = np.array([0.9, 1.8, 2.2, 2.5, 2.8])
+    n = east.size
+    batch = pd.DataFrame({"ra": 50.0 + east * ARCSEC / np.cos(np.radians(dec0)), "dec": dec0,
+                          "ra_err": 0.01 * ARCSEC, "dec_err": 0.01 * ARCSEC,
+                          "visit": np.arange(n), "mjd": 60000.0 + np.arange(n)})
+    with caplog.at_level(logging.DEBUG, logger="archive.catalog.association"):
+        res = associate(batch, objects, radius_arcsec=1.0, id_factory=_counter_ids())
+    assert (res.dia_object_id == 77).all()
+    assert "pool rebuilt" in caplog.text
+    # same answer visit by visit through the stored summaries
+    stored = empty_objects(1)
+    stored["dia_object_id"] = 77
+    stored = apply_sources(stored.iloc[:0], pd.DataFrame({
+        "dia_object_id": [77], "ra": [50.0], "dec": [dec0], "ra_err": [10 * ARCSEC],
+        "dec_err": [10 * ARCSEC], "mjd": [59999.0], "band": ["r"]})).objects
+    stored = finalize(stored)
+    for i in range(n):
+        r = associate(batch.iloc[[i]], stored, radius_arcsec=1.0, id_factory=_counter_ids())
+        assert r.dia_object_id[0] == 77
+        stored = finalize(apply_sources(stored, batch.iloc[[i]].assign(
+            dia_object_id=77, band="r")).objects)
