@@ -35,7 +35,7 @@ incremental path must equal.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -149,11 +149,14 @@ class SummaryUpdate:
         wrong after a removal; fix with :func:`recompute_extrema`.  Empty when
         adding.
     emptied : int64 ids of objects left with no DIASources after a removal.
+    touched : int64 ids of the objects whose rows changed (new ones included);
+        these are the rows to write as new versions.
     """
 
     objects: pd.DataFrame
     stale: np.ndarray
     emptied: np.ndarray
+    touched: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
 
 
 def _to_cols(objects: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -299,7 +302,8 @@ def apply_sources(objects: pd.DataFrame, sources: pd.DataFrame, sign: int = +1, 
         _stamp(out, touched, validity_start)
     oid = out["dia_object_id"]
     emptied = oid[touched & (cnt == 0)] if sign < 0 else np.empty(0, np.int64)
-    return SummaryUpdate(_conform(out), oid[stale & (cnt > 0)].copy(), emptied.copy())
+    return SummaryUpdate(_conform(out), oid[stale & (cnt > 0)].copy(), emptied.copy(),
+                         oid[touched].copy())
 
 
 def apply_forced(objects: pd.DataFrame, forced: pd.DataFrame, sign: int = +1, *,
@@ -320,7 +324,7 @@ def apply_forced(objects: pd.DataFrame, forced: pd.DataFrame, sign: int = +1, *,
     if validity_start is not None:
         _stamp(out, touched, validity_start)
     return SummaryUpdate(_conform(out), out["dia_object_id"][stale].copy(),
-                         np.empty(0, np.int64))
+                         np.empty(0, np.int64), out["dia_object_id"][touched].copy())
 
 
 def _stamp(out: dict[str, np.ndarray], touched: np.ndarray, validity_start: float) -> None:

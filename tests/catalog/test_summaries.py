@@ -72,6 +72,9 @@ def test_incremental_random_order_equals_recompute():
         b = src[src.visit == v]
         upd = apply_sources(objs, b, validity_start=float(b.mjd.iloc[0]))
         assert upd.stale.size == 0 and upd.emptied.size == 0
+        assert set(upd.touched) == set(b.dia_object_id)
+        stamped = upd.objects.set_index("dia_object_id").loc[upd.touched, "validity_start"]
+        assert (stamped == float(b.mjd.iloc[0])).all()
         objs = finalize(upd.objects)
     for v in rng.permutation(visits):  # forced photometry, once all objects exist
         objs = finalize(apply_forced(objs, forced[forced.visit == v]).objects)
