@@ -18,6 +18,7 @@ from archive.errors import ArchiveError
 #: Modules that add sub-commands, in help order.
 COMMAND_MODULES = [
     "archive.cli.store",
+    "archive.cli.dia",
     "archive.cli.sim",
 ]
 

@@ -55,7 +55,7 @@ def cmd_ingest_catalog(args) -> int:
 def cmd_cone(args) -> int:
     cols = args.columns.split(",") if args.columns else None
     with Archive.open(args.repo) as arc:
-        df = arc.cone(args.table, args.ra, args.dec, args.radius, columns=cols)
+        df = arc.cone(args.table, args.ra, args.dec, args.radius, columns=cols, as_of=args.as_of)
     emit(df, args.format, args.output)
     return 0
 
@@ -97,6 +97,7 @@ def register(sub) -> None:
     p = sub.add_parser("ingest", help="ingest data into the archive")
     isub = p.add_subparsers(dest="ingest_command", metavar="KIND")
     isub.required = True
+    p.kinds = isub  # other command modules add their ingest kinds here
     cat = isub.add_parser("catalog", help="validated bulk load of catalog files (Parquet, CSV, FITS) into a table")
     _repo_option(cat)
     cat.add_argument("table", metavar="TABLE")
@@ -110,6 +111,8 @@ def register(sub) -> None:
     p.add_argument("dec", type=float, metavar="DEC")
     p.add_argument("radius", type=float, metavar="RADIUS", help="arcsec")
     p.add_argument("--columns", help="comma-separated column list")
+    p.add_argument("--as-of", type=float, dest="as_of", metavar="MJD",
+                   help="dia_object: the versions the archive held at this MJD (TAI); default: current")
     add_format_options(p)
     p.set_defaults(func=cmd_cone)
 
