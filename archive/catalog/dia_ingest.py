@@ -155,7 +155,7 @@ def ingest_dia_sources(store: CatalogStore, data, config: AssociationConfig | No
         region = PixelSet.around(ra, dec, config.order())
         _lock(tx, region)
         parts = _store_partitions(store, region)
-        current = _current(tx.query_region("dia_object", region))
+        current = tx.query_region("dia_object", region, current_only=True)
         if current["validity_start"].size and (current["validity_start"] >= now).any():
             raise ArchiveError(f"ingest time {now} is not later than stored object versions "
                                f"(latest {current['validity_start'].max()}); clocks disagree?")

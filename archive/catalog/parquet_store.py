@@ -159,7 +159,8 @@ class ParquetStore(CatalogStore):
                     raise
                 time.sleep(0.05 * (attempt + 1))
 
-    def _region_arrow(self, manifest: dict, t: Table, region, columns: list[str]) -> pa.Table:
+    def _region_arrow(self, manifest: dict, t: Table, region, columns: list[str],
+                      current_only: bool = False) -> pa.Table:
         ranges = region.pixel_ranges(region.default_order())
         shift = 2 * (29 - self.order)
         parts = np.unique(np.concatenate(
@@ -169,7 +170,9 @@ class ParquetStore(CatalogStore):
         if not files:
             return t.arrow_schema.empty_table().select(columns)
         lo, hi = int(ranges[0, 0]), int(ranges[-1, 1])
-        filt = [("healpix29", ">=", lo), ("healpix29", "<", hi)]
+        filt = (pc.field("healpix29") >= lo) & (pc.field("healpix29") < hi)
+        if current_only:
+            filt = filt & pc.field("validity_end").is_null()
         arrow = self._read(t, files, cols, filters=filt)
         h = arrow.column("healpix29").to_numpy()
         keep = ranges_contain(ranges, h)
@@ -182,12 +185,13 @@ class ParquetStore(CatalogStore):
             idx = np.zeros(0, dtype=np.int64)
         return arrow.take(pa.array(idx, type=pa.int64())).select(columns)
 
-    def query_region(self, table: str, region, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    def query_region(self, table: str, region, columns: Sequence[str] | None = None,
+                     current_only: bool = False) -> pd.DataFrame:
         t = self.table(table)
         if not t.positional:
             raise ArchiveError(f"table {table!r} has no positions")
         cols = self._columns(t, columns)
-        return frame_from_arrow(self._retrying(lambda m: self._region_arrow(m, t, region, cols)))
+        return frame_from_arrow(self._retrying(lambda m: self._region_arrow(m, t, region, cols, current_only)))
 
     def get(self, table: str, ids: Sequence, columns: Sequence[str] | None = None) -> pd.DataFrame:
         t = self.table(table)
@@ -486,12 +490,13 @@ class ParquetTransaction(Transaction):
         self._journal()
         return deleted
 
-    def query_region(self, table: str, region, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    def query_region(self, table: str, region, columns: Sequence[str] | None = None,
+                     current_only: bool = False) -> pd.DataFrame:
         t = self.store.table(table)
         cols = self.store._columns(t, columns)
         view = {"generation": self.base["generation"],
                 "tables": {table: {"files": self._live(table)}}}
-        return frame_from_arrow(self.store._region_arrow(view, t, region, cols))
+        return frame_from_arrow(self.store._region_arrow(view, t, region, cols, current_only))
 
     def select_in(self, table: str, column: str, values: Sequence,
                   partitions: Iterable[int] | None = None) -> pd.DataFrame:

@@ -85,13 +85,13 @@ class PostgresStore(CatalogStore):
         return sa.engine.make_url(self.url).render_as_string(hide_password=True)
 
     # -- reading -------------------------------------------------------------
-    def _region_sql(self, t: Table, region, columns: list[str]) -> tuple[str, dict]:
+    def _region_sql(self, t: Table, region, columns: list[str], current_only: bool = False) -> tuple[str, dict]:
         ranges = region.pixel_ranges(region.default_order())
         cols = ", ".join(f"t.{_quote(c)}" for c in columns)
         params = {"lo": [int(x) for x in ranges[:, 0]], "hi": [int(x) for x in ranges[:, 1]]}
         base = (f"SELECT {cols} FROM unnest(CAST(:lo AS bigint[]), CAST(:hi AS bigint[])) AS r(lo, hi) "
                 f"JOIN LATERAL (SELECT * FROM {_quote(t.name)} x WHERE x.healpix29 >= r.lo "
-                f"AND x.healpix29 < r.hi) t ON true")
+                f"AND x.healpix29 < r.hi{' AND x.validity_end IS NULL' if current_only else ''}) t ON true")
         if isinstance(region, Cone):
             # haversine: exact for tiny and large radii alike
             base += (" WHERE 2 * asin(least(1.0, sqrt(power(sin(radians(t.dec - :dec0) / 2), 2) "
@@ -101,13 +101,13 @@ class PostgresStore(CatalogStore):
         return base, params
 
     def query_region(self, table: str, region, columns: Sequence[str] | None = None,
-                     connection=None) -> pd.DataFrame:
+                     current_only: bool = False, connection=None) -> pd.DataFrame:
         t = self.table(table)
         if not t.positional:
             raise ArchiveError(f"table {table!r} has no positions")
         cols = self._columns(t, columns)
         need = list(dict.fromkeys(cols + ["ra", "dec"]))
-        sql, params = self._region_sql(t, region, need)
+        sql, params = self._region_sql(t, region, need, current_only)
         if connection is None:
             with self.engine.connect() as con:
                 df = _rows_to_frame(con.execute(sa.text(sql), params), t, need)
@@ -226,8 +226,9 @@ class PostgresTransaction(Transaction):
             sa.text(f"DELETE FROM {_quote(t.name)} WHERE {_quote(column)} = ANY(:v)"), {"v": vals})
         return int(res.rowcount)
 
-    def query_region(self, table: str, region, columns: Sequence[str] | None = None) -> pd.DataFrame:
-        return self.store.query_region(table, region, columns, connection=self.connection)
+    def query_region(self, table: str, region, columns: Sequence[str] | None = None,
+                     current_only: bool = False) -> pd.DataFrame:
+        return self.store.query_region(table, region, columns, current_only, connection=self.connection)
 
     def select_in(self, table: str, column: str, values: Sequence, partitions=None) -> pd.DataFrame:
         t = self.store.table(table)

@@ -39,8 +39,11 @@ class Transaction(abc.ABC):
         """
 
     @abc.abstractmethod
-    def query_region(self, table: str, region, columns: Sequence[str] | None = None) -> pd.DataFrame:
-        """Region query that sees this transaction's committed base state."""
+    def query_region(self, table: str, region, columns: Sequence[str] | None = None,
+                     current_only: bool = False) -> pd.DataFrame:
+        """Region query that sees this transaction's committed base state.
+
+        ``current_only``: versioned tables only, rows with a null ``validity_end``."""
 
     @abc.abstractmethod
     def select_in(self, table: str, column: str, values: Sequence, partitions: Iterable[int] | None = None) -> pd.DataFrame:
@@ -99,8 +102,11 @@ class CatalogStore(abc.ABC):
 
     # -- reading -----------------------------------------------------------
     @abc.abstractmethod
-    def query_region(self, table: str, region, columns: Sequence[str] | None = None) -> pd.DataFrame:
-        """Rows of a positional table whose (ra, dec) lies in ``region`` (exact)."""
+    def query_region(self, table: str, region, columns: Sequence[str] | None = None,
+                     current_only: bool = False) -> pd.DataFrame:
+        """Rows of a positional table whose (ra, dec) lies in ``region`` (exact).
+
+        ``current_only``: versioned tables only, rows with a null ``validity_end``."""
 
     def cone(self, table: str, ra: float, dec: float, radius_arcsec: float,
              columns: Sequence[str] | None = None) -> pd.DataFrame:
