@@ -35,6 +35,19 @@ def cmd_db_upgrade(args) -> int:
     return 0
 
 
+def cmd_db_grant_read_only(args) -> int:
+    from archive.catalog.migrate import grant_read_only
+    from archive.catalog.postgres_store import normalize_url
+
+    url = resolve_repo(args.repo)
+    if "://" not in url:
+        raise ArchiveError("`archive db grant-read-only` needs a PostgreSQL URL")
+    url = normalize_url(url)
+    _safe(lambda: grant_read_only(url, args.role), url)
+    print(f"role {args.role} can read (SELECT) every archive table and write none")
+    return 0
+
+
 def _safe(fn, url):
     import sqlalchemy as sa
 
@@ -93,6 +106,10 @@ def register(sub) -> None:
     _repo_option(up)
     up.add_argument("--revision", default="head", help="target revision (default: head)")
     up.set_defaults(func=cmd_db_upgrade)
+    ro = dbsub.add_parser("grant-read-only", help="create a login role with SELECT-only grants (for SQL users)")
+    _repo_option(ro)
+    ro.add_argument("role", metavar="ROLE")
+    ro.set_defaults(func=cmd_db_grant_read_only)
 
     p = sub.add_parser("ingest", help="ingest data into the archive")
     isub = p.add_subparsers(dest="ingest_command", metavar="KIND")

@@ -165,3 +165,27 @@ def test_db_upgrade(run, pg_url, tmp_path):
 def test_schema_command(capsys):
     assert main(["schema", "dia_object"]) == 0
     assert "g_psf_flux_mean" in capsys.readouterr().out
+
+
+def test_read_only_role(run, pg_store_url):
+    import uuid
+
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    assert run("db", "grant-read-only", "--repo", pg_store_url, role).returncode == 0
+    ro_url = pg_store_url.replace("postgres@", f"{role}@")
+    engine = sa.create_engine(ro_url)
+    try:
+        with engine.connect() as con:
+            assert con.execute(sa.text("SELECT count(*) FROM dia_source")).scalar() >= 0
+            with pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+                con.execute(sa.text("DELETE FROM dia_source"))
+        proc = run("sql", "--repo", ro_url, "--format", "csv", "SELECT count(*) AS n FROM dia_object")
+        assert proc.returncode == 0 and proc.stdout.startswith("n")
+    finally:
+        engine.dispose()
+        admin = sa.create_engine(pg_store_url)
+        with admin.begin() as con:
+            con.execute(sa.text(f'DROP OWNED BY "{role}"'))
+            con.execute(sa.text(f'DROP ROLE "{role}"'))
+        admin.dispose()
+    assert run("db", "grant-read-only", "--repo", pg_store_url, "Bad-Name").returncode == 2
