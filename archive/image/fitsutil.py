@@ -54,21 +54,24 @@ def get_float(header: fits.Header, key: str, default: float = math.nan) -> float
     return float(header[key])
 
 
-_FLOAT_KEYS = re.compile(r"^(CRPIX|CRVAL|CDELT)(\d)$|^PC(\d)_(\d)$|^CD(\d)_(\d)$|^(A|B|AP|BP)_(\d+)_(\d+)$")
+_FLOAT_KEYS = re.compile(r"^(CRPIX|CRVAL|CDELT)(\d)$|^PC(\d)_(\d)$|^CD(\d)_(\d)$|^(A|B|AP|BP)_(\d+)_(\d+)$"
+                         r"|^PV(\d)_(\d+)$")
 
 
 def wcs_to_header(wcs: WCS) -> fits.Header:
-    """FITS header cards of a celestial WCS (TAN or TAN-SIP), with exact floats.
+    """FITS header cards of a celestial WCS (TAN, TAN-SIP, TPV, ...), with exact floats.
 
     The header comes from ``wcs.to_header(relax=True)``; every numeric card that
-    wcslib rounds (CRPIX, CRVAL, CDELT, PC, SIP coefficients, LONPOLE, LATPOLE)
-    is then rewritten from the WCS's own double values.
+    wcslib rounds (CRPIX, CRVAL, CDELT, PC, CD, SIP coefficients, PV
+    parameters, LONPOLE, LATPOLE) is then rewritten from the WCS's own double
+    values.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         src = wcs.to_header(relax=True)
     pc = wcs.wcs.get_pc()
     cdelt = wcs.wcs.get_cdelt()
+    pv = {(int(i), int(m)): float(v) for i, m, v in wcs.wcs.get_pv()}
     out = fits.Header()
     for card in src.cards:
         key = card.keyword
@@ -87,6 +90,8 @@ def wcs_to_header(wcs: WCS) -> fits.Header:
                 coeffs = {"A": wcs.sip.a, "B": wcs.sip.b, "AP": wcs.sip.ap, "BP": wcs.sip.bp}[m.group(7)]
                 if coeffs is not None:
                     value = float(coeffs[int(m.group(8)), int(m.group(9))])
+            elif m.group(10):  # TPV/ZPN/... projection parameters
+                value = pv.get((int(m.group(10)), int(m.group(11))))
         elif key == "LONPOLE":
             value = float(wcs.wcs.lonpole)
         elif key == "LATPOLE":

@@ -434,7 +434,8 @@ class PixelPSF(PSF):
 
     ``basis`` images (``K x S x S``, S odd) sample the **pixel-integrated** PSF
     (what one native pixel would collect) at a spacing of ``1 / oversample``
-    native pixels, centred on element ``[(S-1)/2, (S-1)/2]``.  A native stamp
+    native pixels (``oversample`` may be fractional, as PSFEx's PSF_SAMP),
+    centred on element ``[(S-1)/2, (S-1)/2]``.  A native stamp
     samples ``M`` at the native pixel-centre offsets with cubic-spline
     interpolation and is normalised to sum 1.
 
@@ -445,7 +446,7 @@ class PixelPSF(PSF):
 
     kind = "pixel"
 
-    def __init__(self, basis, coeffs=None, *, oversample: int = 1, degree: int = 0,
+    def __init__(self, basis, coeffs=None, *, oversample: float = 1, degree: int = 0,
                  bbox: tuple[float, float, float, float] | None = None):
         b = np.asarray(basis, dtype=float)
         if b.ndim == 2:
@@ -470,9 +471,11 @@ class PixelPSF(PSF):
             raise ValidationError("PixelPSF: a spatially varying model needs the detector bbox")
         self.basis = b
         self.coeffs = c
-        self.oversample = int(oversample)
-        if self.oversample < 1:
-            raise ValidationError("PixelPSF oversample must be >= 1")
+        self.oversample = float(oversample)
+        if not (math.isfinite(self.oversample) and self.oversample > 0):
+            raise ValidationError(f"PixelPSF oversample must be finite and > 0, got {oversample!r}")
+        if self.oversample == int(self.oversample):
+            self.oversample = int(self.oversample)
         self.bbox = tuple(float(v) for v in bbox) if bbox is not None else (0.0, 0.0, 0.0, 0.0)
 
     @classmethod
@@ -495,6 +498,61 @@ class PixelPSF(PSF):
         design = poly_design(gx, gy, degree, bbox)
         sol, *_ = np.linalg.lstsq(design, samples.reshape(len(gx), -1), rcond=None)
         return cls(sol.reshape(-1, nsamp, nsamp), None, oversample=oversample, degree=degree, bbox=bbox)
+
+    @classmethod
+    def from_psfex(cls, source, row: int = 0) -> "PixelPSF":
+        """Read a PSFEx model: a ``.psf`` file / its PSF_DATA HDU, or a legacypipe merged psfex table row.
+
+        PSFEx describes ``PSF(x, y) = sum_k PSF_MASK[k] * X^i_k Y^j_k`` with
+        ``X = (x_1 - POLZERO1) / POLSCAL1`` in 1-based image pixels (x_1 = x + 1),
+        monomials ordered ``1, X, X^2, .., Y, X Y, .., Y^2, ..`` and basis
+        images sampled every PSF_SAMP pixels; all of it maps exactly onto this
+        class (``bbox`` chosen so that u = X, v = Y).  Only single-group
+        polynomials in X_IMAGE/Y_IMAGE are supported.
+        """
+        if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
+            with fits.open(source) as hdul:
+                hdu = next((h for h in hdul if isinstance(h, fits.BinTableHDU)), None)
+                if hdu is None:
+                    raise ValidationError(f"{source}: no binary table with a PSFEx model")
+                return cls.from_psfex(fits.BinTableHDU(data=hdu.data.copy(), header=hdu.header.copy()), row)
+        hdu = source
+        data, header = hdu.data, hdu.header
+        names = {n.lower(): n for n in data.columns.names}
+
+        def get(key, default=None):
+            if key.lower() in names:
+                v = data[names[key.lower()]][row]
+                return v.decode() if isinstance(v, bytes) else v
+            return header.get(key.upper(), default)
+
+        if "psf_mask" not in names:
+            raise ValidationError("PSFEx table has no PSF_MASK column")
+        mask = np.asarray(data[names["psf_mask"]][row], dtype=float)
+        if mask.ndim == 2:
+            mask = mask[None]
+        naxis = int(get("POLNAXIS", 0) or 0)
+        samp = float(get("PSF_SAMP", 1.0) or 1.0)
+        if naxis == 0:
+            return cls(mask[:1], np.ones((1, 1)), oversample=1.0 / samp, degree=0)
+        if naxis != 2 or int(get("POLNGRP", 1) or 1) != 1:
+            raise ValidationError(f"PSFEx model with POLNAXIS={naxis}, POLNGRP={get('POLNGRP')} is not supported")
+        n1, n2 = str(get("POLNAME1", "X_IMAGE")).strip(), str(get("POLNAME2", "Y_IMAGE")).strip()
+        if (n1, n2) != ("X_IMAGE", "Y_IMAGE"):
+            raise ValidationError(f"PSFEx model depends on {n1}, {n2}; only X_IMAGE, Y_IMAGE are supported")
+        deg = int(get("POLDEG1"))
+        z1, z2 = float(get("POLZERO1")), float(get("POLZERO2"))
+        s1, s2 = float(get("POLSCAL1")), float(get("POLSCAL2"))
+        psfex_terms = [(nx, ny) for ny in range(deg + 1) for nx in range(deg + 1 - ny)]
+        if mask.shape[0] != len(psfex_terms):
+            raise ValidationError(f"PSFEx PSF_MASK has {mask.shape[0]} planes, degree {deg} needs {len(psfex_terms)}")
+        ours = poly_terms(deg)
+        coeffs = np.zeros((len(psfex_terms), len(ours)))
+        for k, t in enumerate(psfex_terms):
+            coeffs[k, ours.index(t)] = 1.0
+        # u = (x - (x0 + x1)/2) / ((x1 - x0)/2) must equal X = (x + 1 - z) / s
+        bbox = (z1 - 1.0 - s1, z2 - 1.0 - s2, z1 - 1.0 + s1, z2 - 1.0 + s2)
+        return cls(mask, coeffs, oversample=1.0 / samp, degree=deg, bbox=bbox)
 
     def model(self, x: float, y: float) -> np.ndarray:
         """The oversampled model image ``M(x, y)`` (``S x S``)."""
@@ -543,7 +601,7 @@ class PixelPSF(PSF):
         return {
             "basis": self.basis.copy(),
             "coeffs": self.coeffs.copy(),
-            "oversample": self.oversample,
+            "oversample": float(self.oversample),
             "degree": self.degree,
             "bbox": np.array(self.bbox, dtype=float),
         }
@@ -551,7 +609,7 @@ class PixelPSF(PSF):
     @classmethod
     def _from_params(cls, p):
         return cls(np.asarray(p["basis"], dtype=float), np.asarray(p["coeffs"], dtype=float),
-                   oversample=int(p["oversample"]), degree=int(p["degree"]),
+                   oversample=float(p["oversample"]), degree=int(p["degree"]),
                    bbox=tuple(np.asarray(p["bbox"], dtype=float)))
 
     def __repr__(self):
