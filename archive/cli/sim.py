@@ -20,27 +20,57 @@ def register(sub) -> None:
                        description="Simulate raw frames, calibration frames, truth tables (Parquet), a reference "
                                    "catalog and a manifest into OUTDIR; deterministic from --seed.")
     p.add_argument("outdir", metavar="OUTDIR", help="output directory (absent or empty unless --overwrite)")
-    p.add_argument("--epochs", type=int, default=10, help="number of visits (default 10)")
-    p.add_argument("--size", type=int, default=1024, help="imaging pixels per detector side (default 1024)")
-    p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
-    p.add_argument("--detectors", type=int, default=1, help="detectors per visit (default 1)")
-    p.add_argument("--bands", type=_bands, default=("r",), help="bands observed in turn, e.g. g,r,i (default r)")
-    p.add_argument("--pixel-scale", type=float, default=0.2, help="arcsec per pixel (default 0.2)")
-    p.add_argument("--ra", type=float, default=150.0, help="field centre RA, deg (default 150)")
-    p.add_argument("--dec", type=float, default=2.0, help="field centre Dec, deg (default 2)")
-    p.add_argument("--cadence", type=float, default=1.0, help="days between visits (default 1)")
-    p.add_argument("--seeing", type=float, default=0.85, help="median seeing FWHM, arcsec (default 0.85)")
-    p.add_argument("--transients", type=int, default=4, help="transients per detector area (default 4)")
+    p.add_argument("--config", metavar="JSON", help="SimConfig fields as JSON (e.g. a manifest's 'config'); "
+                                                     "options given on the command line override it")
+    p.add_argument("--epochs", type=int, help="number of visits (default 10)")
+    p.add_argument("--size", type=int, help="imaging pixels per detector side (default 1024)")
+    p.add_argument("--seed", type=int, help="random seed (default 1)")
+    p.add_argument("--detectors", type=int, help="detectors per visit (default 1)")
+    p.add_argument("--bands", type=_bands, help="bands observed in turn, e.g. g,r,i (default r)")
+    p.add_argument("--pixel-scale", type=float, help="arcsec per pixel (default 0.2)")
+    p.add_argument("--ra", type=float, help="field centre RA, deg (default 150)")
+    p.add_argument("--dec", type=float, help="field centre Dec, deg (default 2)")
+    p.add_argument("--cadence", type=float, help="days between visits (default 1)")
+    p.add_argument("--seeing", type=float, help="median seeing FWHM, arcsec (default 0.85)")
+    p.add_argument("--transients", type=int, help="transients per detector area (default 4)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUTDIR")
     p.set_defaults(func=cmd_sim)
 
 
-def cmd_sim(args) -> int:
-    from archive.sim import SimConfig, simulate_survey
+#: command-line option -> SimConfig field
+_FIELDS = {"epochs": "n_epochs", "size": "size", "seed": "seed", "detectors": "n_detectors", "bands": "bands",
+           "pixel_scale": "pixel_scale", "ra": "ra0", "dec": "dec0", "cadence": "cadence_days",
+           "seeing": "seeing_arcsec", "transients": "n_transients"}
 
-    config = SimConfig(seed=args.seed, n_epochs=args.epochs, size=args.size, n_detectors=args.detectors,
-                       bands=args.bands, pixel_scale=args.pixel_scale, ra0=args.ra, dec0=args.dec,
-                       cadence_days=args.cadence, seeing_arcsec=args.seeing, n_transients=args.transients)
+
+def _config(args):
+    import json
+    import pathlib
+
+    from archive.sim import SimConfig
+
+    fields: dict = {}
+    if args.config:
+        path = pathlib.Path(args.config)
+        try:
+            fields = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ArchiveError(f"{path}: not valid JSON ({exc})") from exc
+        if isinstance(fields, dict) and "config" in fields and "format" in fields:  # a manifest
+            fields = fields["config"]
+        if not isinstance(fields, dict):
+            raise ArchiveError(f"{path}: expected a JSON object of SimConfig fields")
+    for opt, name in _FIELDS.items():
+        value = getattr(args, opt)
+        if value is not None:
+            fields[name] = value
+    return SimConfig.from_dict(fields)
+
+
+def cmd_sim(args) -> int:
+    from archive.sim import simulate_survey
+
+    config = _config(args)
     tty = sys.stderr.isatty()
 
     def progress(done: int, total: int, what: str) -> None:

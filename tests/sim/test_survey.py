@@ -108,3 +108,10 @@ def test_cli_sim(tmp_path, capsys):
     rc = main(["sim", str(tmp_path / "s"), "--epochs", "2", "--size", "96"])
     assert rc == 2 and "not empty" in capsys.readouterr().err
     assert main(["sim", str(tmp_path / "t"), "--epochs", "0"]) == 2
+    # --config: a previous manifest reproduces the set; command-line options override it
+    rc = main(["sim", str(tmp_path / "u"), "--config", str(tmp_path / "s" / "manifest.json"), "--seed", "5"])
+    assert rc == 0
+    m2 = load_manifest(tmp_path / "u")
+    assert m2["config"] == {**m["config"], "seed": 5}
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert main(["sim", str(tmp_path / "v"), "--config", str(tmp_path / "bad.json")]) == 2
