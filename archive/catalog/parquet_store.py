@@ -242,7 +242,7 @@ class ParquetStore(CatalogStore):
                     files = [str(f) for f in self._files(manifest, t.name)]
                     if files:
                         con.execute(f'CREATE VIEW "{t.name}" AS SELECT * FROM read_parquet('
-                                    f"{files!r}, union_by_name=false)")
+                                    f"{files!r}, union_by_name=false, hive_partitioning=false)")
                     else:
                         empty = t.arrow_schema.empty_table()
                         con.register("_empty", empty)
@@ -404,11 +404,11 @@ class ParquetTransaction(Transaction):
             con.register("batch_ids", pa.table({"k": ids}))
             keycols = ", ".join(f'"{k}"' for k in t.primary_key)
             if len(t.primary_key) == 1:
-                q = (f'SELECT "{key}" FROM read_parquet({[str(f) for f in files]!r}) '
+                q = (f'SELECT "{key}" FROM read_parquet({[str(f) for f in files]!r}, hive_partitioning=false) '
                      f'WHERE "{key}" IN (SELECT k FROM batch_ids) LIMIT 5')
             else:
                 con.register("batch", rows.select(list(t.primary_key)))
-                q = (f"SELECT {keycols} FROM read_parquet({[str(f) for f in files]!r}) "
+                q = (f"SELECT {keycols} FROM read_parquet({[str(f) for f in files]!r}, hive_partitioning=false) "
                      f"INTERSECT SELECT {keycols} FROM batch LIMIT 5")
             clash = con.execute(q).fetchall()
         finally:

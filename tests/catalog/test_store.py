@@ -152,3 +152,10 @@ def test_sql_errors_are_clear(make_dia_sources, store):
         store.sql("SELECT nope FROM dia_source")
     with pytest.raises(ArchiveError, match="SQL syntax error"):
         store.sql("SELEC 1")
+
+
+def test_sql_columns_are_the_schema(make_dia_sources, store):
+    """No storage artefacts (e.g. HATS Norder/Dir/Npix path columns) leak into SQL."""
+    store.write("dia_source", make_dia_sources(3))
+    df = store.sql("SELECT * FROM dia_source")
+    assert list(df.columns) == store.table("dia_source").column_names
