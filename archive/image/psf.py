@@ -329,12 +329,14 @@ class GaussianPSF(PSF):
 
 # --------------------------------------------------------------------------- Moffat
 class MoffatPSF(PSF):
-    """Circular Moffat profile ``(1 + r^2 / alpha^2) ** -beta``, optionally varying over the detector.
+    """Moffat profile ``(1 + r^2 / alpha^2) ** -beta``, optionally elliptical and varying over the detector.
 
     Parameters
     ----------
     fwhm:
-        FWHM in pixels at the centre of ``bbox`` (everywhere when ``variation`` is empty).
+        FWHM in pixels at the centre of ``bbox`` (everywhere when ``variation``
+        is empty); for an elliptical profile the geometric mean of the major-
+        and minor-axis FWHMs (``FWHM_major = fwhm / sqrt(b/a)``).
     beta:
         Moffat exponent (> 1; 2.5-4.5 is typical of seeing).
     variation:
@@ -345,6 +347,10 @@ class MoffatPSF(PSF):
         ``(x0, y0, x1, y1)`` pixel box of the detector, needed with ``variation``.
     oversample:
         sub-samples per pixel axis used to integrate the profile over pixels.
+    ellipticity:
+        ``1 - b/a`` of the isophotes (0 = round), the same everywhere.
+    theta:
+        angle of the major axis from the +x axis towards +y, degrees.
     """
 
     kind = "moffat"
@@ -356,8 +362,17 @@ class MoffatPSF(PSF):
         variation=None,
         bbox: tuple[float, float, float, float] | None = None,
         oversample: int = 5,
+        ellipticity: float = 0.0,
+        theta: float = 0.0,
     ):
         f = float(fwhm)
+        e = float(ellipticity)
+        if not (math.isfinite(e) and 0.0 <= e < 1.0):
+            raise ValidationError(f"MoffatPSF ellipticity must be in [0, 1), got {ellipticity!r}")
+        if not math.isfinite(float(theta)):
+            raise ValidationError(f"MoffatPSF theta must be finite, got {theta!r}")
+        self.ellipticity = e
+        self.theta = float(theta)
         b = float(beta)
         if not (math.isfinite(f) and f > 0):
             raise ValidationError(f"MoffatPSF fwhm must be finite and > 0, got {fwhm!r}")
@@ -397,10 +412,23 @@ class MoffatPSF(PSF):
         n = self.oversample
         sub = (np.arange(n) + 0.5) / n - 0.5
         out = None
+        if self.ellipticity == 0.0:
+            for sy in sub:
+                vv = (v + sy) ** 2
+                for sx in sub:
+                    term = (1.0 + ((u + sx) ** 2 + vv) * inv_a2) ** (-self.beta)
+                    out = term if out is None else out + term
+            return out * (norm / (n * n))
+        # area-preserving ellipse: r^2 = q x'^2 + y'^2 / q along the major (x') and minor (y') axes
+        q = 1.0 - self.ellipticity
+        c, sn = math.cos(math.radians(self.theta)), math.sin(math.radians(self.theta))
         for sy in sub:
-            vv = (v + sy) ** 2
+            vy = v + sy
             for sx in sub:
-                term = (1.0 + ((u + sx) ** 2 + vv) * inv_a2) ** (-self.beta)
+                ux = u + sx
+                xp = ux * c + vy * sn
+                yp = -ux * sn + vy * c
+                term = (1.0 + (q * xp**2 + yp**2 / q) * inv_a2) ** (-self.beta)
                 out = term if out is None else out + term
         return out * (norm / (n * n))
 
@@ -411,6 +439,8 @@ class MoffatPSF(PSF):
             "variation": self.variation.copy(),
             "bbox": np.array(self.bbox, dtype=float),
             "oversample": self.oversample,
+            "ellipticity": self.ellipticity,
+            "theta": self.theta,
         }
 
     @classmethod
@@ -418,10 +448,12 @@ class MoffatPSF(PSF):
         var = np.asarray(p["variation"], dtype=float)
         bbox = tuple(np.asarray(p["bbox"], dtype=float))
         return cls(p["fwhm"], p["beta"], variation=var if var.size else None,
-                   bbox=bbox if var.size else None, oversample=int(p["oversample"]))
+                   bbox=bbox if var.size else None, oversample=int(p["oversample"]),
+                   ellipticity=float(p.get("ellipticity", 0.0)), theta=float(p.get("theta", 0.0)))
 
     def __repr__(self):
-        return f"MoffatPSF(fwhm={self.fwhm0!r}, beta={self.beta!r}, variation={self.variation.tolist()!r})"
+        return (f"MoffatPSF(fwhm={self.fwhm0!r}, beta={self.beta!r}, variation={self.variation.tolist()!r}, "
+                f"ellipticity={self.ellipticity!r}, theta={self.theta!r})")
 
 
 # --------------------------------------------------------------------------- pixelized

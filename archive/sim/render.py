@@ -39,7 +39,9 @@ class Epoch:
     carry ``ra + wcs_dra_arcsec``, ``dec + wcs_ddec_arcsec`` and
     ``rotation_deg + wcs_drot_deg`` (no distortion).  ``seeing_px`` is the
     Moffat FWHM (pixels) on the optical axis; ``psf_tilt`` its linear
-    gradient across the mosaic.  ``quality`` is ``good``, ``clouds`` or
+    gradient across the mosaic; ``psf_ellipticity`` (1 - b/a) and
+    ``psf_theta`` (deg from +x) the epoch's PSF elongation (tracking/wind
+    shake), to which each detector adds a radial astigmatism term.  ``quality`` is ``good``, ``clouds`` or
     ``focus``.  ``sky_mag`` in mag/arcsec^2; ``transparency`` multiplies
     source fluxes; ``sky_tilt`` is the background gradient direction.
     """
@@ -56,6 +58,8 @@ class Epoch:
     seeing_px: float
     psf_beta: float
     psf_tilt: tuple[float, float]
+    psf_ellipticity: float
+    psf_theta: float
     transparency: float
     sky_mag: float
     sky_tilt: tuple[float, float]
@@ -123,11 +127,14 @@ def plan_epochs(config: SimConfig) -> list[Epoch]:
         tilt_ang = rng.uniform(0, 2 * np.pi)
         tilt = 0.5 * config.psf_variation * rng.uniform(0, 1)
         sky_ang = rng.uniform(0, 2 * np.pi)
+        ell = float(rng.uniform(0.0, 0.08))
+        ell_theta = float(rng.uniform(-90.0, 90.0))
         epochs.append(Epoch(
             index=i, visit=i + 1, band=band, mjd=float(mjd), exp_time=config.exp_time,
             airmass=float(rng.uniform(1.0, 1.6)), ra=float(ra), dec=float(dec),
             rotation_deg=float(rng.normal(0.0, config.rotation_deg)), seeing_px=float(seeing),
             psf_beta=config.psf_beta, psf_tilt=(float(tilt * math.cos(tilt_ang)), float(tilt * math.sin(tilt_ang))),
+            psf_ellipticity=ell, psf_theta=ell_theta,
             transparency=transparency, sky_mag=float(sky_mag),
             sky_tilt=(float(math.cos(sky_ang)), float(math.sin(sky_ang))), quality=quality, streak=i in streaks,
             wcs_dra_arcsec=float(rng.normal(0.0, config.wcs_offset_arcsec)),
@@ -154,7 +161,10 @@ def epoch_psf(config: SimConfig, epoch: Epoch, detector: int) -> MoffatPSF:
 
     ``FWHM(X, Y) = seeing_px (1 + v (X^2 + Y^2) / R^2 + (tx X + ty Y) / R)`` in
     focal-plane pixels (R: mosaic corner radius, v: ``config.psf_variation``),
-    written as a degree-2 polynomial over the detector's bbox.
+    written as a degree-2 polynomial over the detector's bbox.  Ellipticity:
+    the epoch's (``psf_ellipticity``, ``psf_theta``) plus a radial
+    astigmatism ``0.04 (r / R)^2`` pointing at the detector centre, added as
+    spin-2 vectors.
     """
     o = detector_origins(config)[detector]
     R = focal_plane_radius(config)
@@ -172,8 +182,17 @@ def epoch_psf(config: SimConfig, epoch: Epoch, detector: int) -> MoffatPSF:
     cv = (2 * v * yc * hy / R**2 + ty * hy / R) / fc
     cuu = v * hx**2 / R**2 / fc
     cvv = v * hy**2 / R**2 / fc
+    # ellipticity as a spin-2 vector: epoch part + radial astigmatism at the detector centre
+    t0 = math.radians(2.0 * epoch.psf_theta)
+    r2 = (xc**2 + yc**2) / R**2 if R > 0 else 0.0
+    phi = math.atan2(yc, xc)
+    e1 = epoch.psf_ellipticity * math.cos(t0) + 0.04 * r2 * math.cos(2 * phi)
+    e2 = epoch.psf_ellipticity * math.sin(t0) + 0.04 * r2 * math.sin(2 * phi)
+    ell = min(math.hypot(e1, e2), 0.5)
+    theta = math.degrees(0.5 * math.atan2(e2, e1))
     return MoffatPSF(epoch.seeing_px * fc, epoch.psf_beta, variation=[cu, cv, cuu, 0.0, cvv],
-                     bbox=(0.0, 0.0, float(config.nx - 1), float(config.ny - 1)), oversample=3)
+                     bbox=(0.0, 0.0, float(config.nx - 1), float(config.ny - 1)), oversample=3,
+                     ellipticity=ell, theta=theta)
 
 
 def electrons_per_njy(config: SimConfig, epoch: Epoch) -> float:

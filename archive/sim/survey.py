@@ -21,7 +21,8 @@ Directory layout under ``outdir``::
 ``transparency``, ``sky_mag`` (mag/arcsec^2), ``sky_e`` (mean sky, electrons
 per pixel), ``gain`` (e-/adu), ``psf_fwhm`` (Moffat FWHM at the detector
 centre, pixels, before pixel convolution), ``psf_beta``, ``psf_variation``
-and ``psf_bbox`` (rebuild with :func:`truth_psf`), ``psf_fwhm_min/max``
+``psf_bbox``, ``psf_ellipticity`` (1 - b/a), ``psf_theta`` (deg from +x)
+(rebuild the PSF with :func:`truth_psf`), ``psf_fwhm_min/max``
 (over the detector corners), ``electrons_per_njy``, ``njy_per_adu`` and
 ``zero_point`` (the true PhotoCalib of the bias/dark/flat-corrected image in
 adu), ``ra``/``dec``/``rotation_deg`` (true pointing), ``wcs_dra_arcsec``,
@@ -75,7 +76,8 @@ def truth_psf(row) -> MoffatPSF:
     """The true PSF of one ``truth/epochs.parquet`` row (a mapping or pandas row)."""
     return MoffatPSF(float(row["psf_fwhm"]), float(row["psf_beta"]),
                      variation=np.asarray(row["psf_variation"], dtype=float),
-                     bbox=tuple(float(v) for v in row["psf_bbox"]), oversample=3)
+                     bbox=tuple(float(v) for v in row["psf_bbox"]), oversample=3,
+                     ellipticity=float(row["psf_ellipticity"]), theta=float(row["psf_theta"]))
 
 
 def epoch_row(model, config: SimConfig) -> dict:
@@ -88,7 +90,7 @@ def epoch_row(model, config: SimConfig) -> dict:
         "transparency": ep.transparency, "sky_mag": ep.sky_mag,
         "sky_e": float(model.sky_e.mean()), "gain": model.gain,
         "psf_fwhm": psf.fwhm(), "psf_beta": psf.beta, "psf_variation": psf.variation.tolist(),
-        "psf_bbox": list(psf.bbox),
+        "psf_bbox": list(psf.bbox), "psf_ellipticity": psf.ellipticity, "psf_theta": psf.theta,
         "psf_fwhm_min": float(psf.fwhm_at(np.array([0, config.nx - 1, 0, config.nx - 1]),
                                           np.array([0, 0, config.ny - 1, config.ny - 1])).min()),
         "psf_fwhm_max": float(psf.fwhm_at(np.array([0, config.nx - 1, 0, config.nx - 1]),

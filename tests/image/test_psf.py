@@ -60,6 +60,22 @@ def test_effective_fwhm_comparable_across_classes():
     assert p.effective_fwhm() == pytest.approx(p.fwhm(), rel=0.02)
 
 
+def test_elliptical_moffat_shape():
+    p = MoffatPSF(4.0, 3.5, ellipticity=0.2, theta=30.0)
+    st = p.image(0, 0, 61)
+    yy, xx = np.indices(st.shape) - 30
+    ixx, iyy, ixy = (st * xx * xx).sum(), (st * yy * yy).sum(), (st * xx * yy).sum()
+    angle = 0.5 * math.degrees(math.atan2(2 * ixy, ixx - iyy))
+    half = math.hypot(0.5 * (ixx - iyy), ixy)
+    axis_ratio = math.sqrt((0.5 * (ixx + iyy) - half) / (0.5 * (ixx + iyy) + half))
+    assert angle == pytest.approx(30.0, abs=0.5)
+    assert 1 - axis_ratio == pytest.approx(0.2, abs=0.01)  # diluted a little by the pixel
+    # the FWHM is the geometric mean of the axes: same half-maximum area as the round profile
+    assert fwhm_from_image(st) == pytest.approx(fwhm_from_image(MoffatPSF(4.0, 3.5).image(0, 0, 61)), rel=0.01)
+    with pytest.raises(ValidationError):
+        MoffatPSF(3.0, ellipticity=1.0)
+
+
 def test_shifted_psf_describes_same_pixels():
     v = MoffatPSF(3.0, 3.0, variation=[0.2, 0.1], bbox=BBOX)
     sub = v.shifted(100, 50)
@@ -91,6 +107,8 @@ def test_pixel_psf_native_no_shift_is_exact():
 @pytest.mark.parametrize("psf", [
     GaussianPSF(1.234567890123),
     MoffatPSF(3.1, 2.7, variation=[0.1, 0.2, 0.01, 0.02, 0.03], bbox=BBOX),
+    MoffatPSF(2.5, 4.0),
+    MoffatPSF(3.3, 3.0, ellipticity=0.15, theta=-33.3),
     PixelPSF(np.random.default_rng(1).random((3, 9, 9)), None, oversample=2, degree=1, bbox=BBOX),
     PixelPSF(np.random.default_rng(2).random((2, 7, 7)), np.random.default_rng(3).random((2, 3)), degree=1,
              bbox=BBOX).shifted(12.5, -3),
