@@ -234,6 +234,22 @@ class Exposure:
             xy0=(self.xy0[0] + x0, self.xy0[1] + y0),
         )
 
+    # ---- pickling (dask, multiprocessing): keep the WCS exact
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if self.wcs is not None:
+            state["wcs"] = ("exact-header", wcs_to_header(self.wcs).tostring(), self.wcs.pixel_shape)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        w = state.get("wcs")
+        if isinstance(w, tuple) and w and w[0] == "exact-header":
+            wcs = wcs_from_header(fits.Header.fromstring(w[1]))
+            if wcs is not None and w[2] is not None:
+                wcs.pixel_shape = w[2]
+            state = {**state, "wcs": wcs}
+        self.__dict__.update(state)
+
     # ---- masks
     def add_mask_plane(self, name: str) -> int:
         """Add a named plane (if absent); return its bit number."""

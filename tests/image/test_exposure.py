@@ -139,6 +139,17 @@ def test_subimage_round_trip(tmp_path):
     np.testing.assert_array_equal(back.wcs.all_pix2world([[3.0, 4.0]], 0), sub.wcs.all_pix2world([[3.0, 4.0]], 0))
 
 
+def test_pickle_keeps_everything_exact():
+    import pickle
+
+    exp = make_exposure()
+    back = pickle.loads(pickle.dumps(exp))
+    assert back.image.tobytes() == exp.image.tobytes() and back.psf == exp.psf and back.info == exp.info
+    xy = np.array([[0.0, 0.0], [123.4, 56.7]])
+    np.testing.assert_array_equal(back.wcs.all_pix2world(xy, 0), exp.wcs.all_pix2world(xy, 0))
+    assert back.wcs.pixel_shape == exp.wcs.pixel_shape
+
+
 def test_minimal_exposure_defaults_and_errors(tmp_path):
     exp = Exposure(np.zeros((10, 12)))
     assert exp.image.dtype == np.float32 and exp.mask.dtype == np.int32

@@ -176,3 +176,43 @@ def test_poisson_counts_statistics():
         assert x.mean() == pytest.approx(lam, rel=0.01)
         assert x.var() == pytest.approx(lam, rel=0.02)
         assert np.all(x == np.rint(x))
+
+
+def test_light_curves_in_the_images():
+    """Aperture photometry on the noiseless models follows the truth light curves of varying objects."""
+    from archive.sim.config import SimConfig
+    from archive.sim.render import plan_epochs
+    from archive.sim.skymodel import make_sky
+
+    # a sparse field full of variables and hostless transients
+    cfg = SimConfig(size=320, n_epochs=6, seed=21, star_density=4.0, galaxy_density=2.0, variable_fraction=1.0,
+                    n_transients=6, transient_host_fraction=0.0, bad_epochs={}, dither_arcsec=2.0)
+    sky = make_sky(cfg)
+    models = [render_epoch(cfg, sky, ep, 0) for ep in plan_epochs(cfg)]
+    varying = sky[sky.kind.isin(["transient", "variable"]) & (sky.host_id < 0)].object_id
+    checked = 0
+    for oid in varying:
+        meas, true = [], []
+        for m in models:
+            src = m.sources
+            r = src[src.object_id == oid]
+            if len(r) == 0:
+                break
+            r = r.iloc[0]
+            rad = int(math.ceil(3 * r.psf_fwhm))
+            ix, iy = int(math.floor(r.x + 0.5)), int(math.floor(r.y + 0.5))
+            others = src[(src.object_id != oid) & (np.hypot(src.x - r.x, src.y - r.y) < 2 * rad)]
+            if len(others) or not (rad <= ix < cfg.nx - rad and rad <= iy < cfg.ny - rad):
+                break
+            yy, xx = np.mgrid[iy - rad:iy + rad + 1, ix - rad:ix + rad + 1]
+            ap = np.hypot(xx - r.x, yy - r.y) <= rad
+            data = (m.model_e - m.sky_e)[iy - rad:iy + rad + 1, ix - rad:ix + rad + 1]
+            p = m.psf.image(r.x, r.y, 2 * rad + 1)  # aperture correction from the epoch's PSF
+            meas.append(data[ap].sum() / p[ap].sum() / m.gain)
+            true.append(r.counts)
+        else:
+            meas, true = np.array(meas), np.array(true)
+            np.testing.assert_allclose(meas, true, rtol=0.01, atol=0.002 * true.max())
+            assert true.max() > 1.1 * true.min()  # it really varies over these epochs
+            checked += 1
+    assert checked >= 1
