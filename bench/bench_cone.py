@@ -47,6 +47,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
+    StageTimers,
     fresh_database,
     git_rev,
     layout_area_deg2,
@@ -196,6 +197,48 @@ def run_cones(engines: dict, ras, decs, radius_arcsec: float, budget_s: float) -
     return times, counts, mismatches
 
 
+def _breakdown(fn, timers, args) -> list[str]:
+    """Run ``fn`` on the 1-arcmin cones with ``timers`` installed; lines of per-cone stage costs."""
+    ras, decs = random_positions(min(args.n_large, 20), args.seed + 60, args.layout)
+    t0 = time.perf_counter()
+    try:
+        for ra, dec in zip(ras, decs):
+            fn(float(ra), float(dec), 60.0)
+    finally:
+        wall = time.perf_counter() - t0
+        timers.restore()
+    n = len(ras)
+    return [f"      {label:<40s} {1e3 * sec / n:8.2f} ms/cone  {100 * share:5.1f} %  {calls / n:6.1f} calls/cone"
+            for label, sec, share, calls in timers.report(wall)] + [f"      {'total':<40s} {1e3 * wall / n:8.2f} ms/cone"]
+
+
+def parquet_breakdown(store, args) -> list[str]:
+    """Where a Parquet cone's time goes (1-arcmin cones)."""
+    import pyarrow.parquet as pq
+
+    from archive.catalog import parquet_store
+    from archive.sky import regions
+
+    st = StageTimers()
+    st.wrap(parquet_store.ParquetStore, "manifest", "manifest.json read + parse")
+    st.wrap(regions.Cone, "pixel_ranges", "HEALPix covering (pixel_ranges)")
+    st.wrap(pq, "read_table", "pq.read_table (one call per file)")
+    st.wrap(parquet_store, "frame_from_arrow", "Arrow -> pandas")
+    return _breakdown(lambda ra, dec, r: store.cone(TABLE, ra, dec, r), st, args)
+
+
+def postgres_breakdown(store, args) -> list[str]:
+    """Where a Postgres store.cone's time goes (1-arcmin cones)."""
+    from archive.catalog import postgres_store
+    from archive.sky import regions
+
+    st = StageTimers()
+    st.wrap(regions.Cone, "pixel_ranges", "HEALPix covering (pixel_ranges)")
+    st.wrap(store.engine, "connect", "pool checkout (+ pre-ping)")
+    st.wrap(postgres_store, "_rows_to_frame", "fetch + rows -> DataFrame")
+    return _breakdown(lambda ra, dec, r: store.cone(TABLE, ra, dec, r), st, args)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=10_000_000)
@@ -210,7 +253,7 @@ def main(argv=None) -> int:
     p.add_argument("--cluster-store", action="store_true",
                    help="also CLUSTER the store's Postgres table on healpix29 (off: as the store leaves it)")
     p.add_argument("--skip-parquet", action="store_true")
-    p.add_argument("--budget", type=float, default=120.0,
+    p.add_argument("--budget", type=float, default=45.0,
                    help="seconds per engine per cone size; an engine past it skips the remaining cones")
     args = p.parse_args(argv)
     args.parquet_batch = args.parquet_batch or args.batch
@@ -227,6 +270,7 @@ def main(argv=None) -> int:
     from archive.sky.regions import Cone
 
     results = {}
+    breakdown = pg_breakdown = plans = None
     with fresh_database("archive_bench_cone") as url, \
             tempfile.TemporaryDirectory(prefix="archive-bench-cone-") as tmp:
         q3c_version = check_q3c(url)
@@ -243,9 +287,9 @@ def main(argv=None) -> int:
         cur = con.cursor()
         sa_con = pg_store.engine.connect()
 
-        def pg_sql(ra, dec, r, variant="store"):
-            """The store's SQL (covering + range scans + haversine) executed on one
-            open connection, no DataFrame; ``variant`` applies a suggested fix."""
+        def pg_sql_text(ra, dec, r, variant="store"):
+            """The store's SQL (covering + range scans + haversine) and its parameters;
+            ``variant`` applies one of the fixes proposed in bench/README.md."""
             region = Cone(ra, dec, r / 3600.0)
             sql, params = pg_store._region_sql(t, region, cols)
             if variant == "offset0":
@@ -258,7 +302,28 @@ def main(argv=None) -> int:
                 where = " OR ".join(f"(healpix29 >= {int(lo)} AND healpix29 < {int(hi)})" for lo, hi in ranges)
                 sql = (f"SELECT * FROM (SELECT {', '.join(f'x.{chr(34)}{c}{chr(34)}' for c in cols)} "
                        f"FROM {TABLE} x WHERE {where or 'false'}) t" + sql[sql.index(" WHERE 2 * asin"):])
+            return sql, params
+
+        def pg_sql(ra, dec, r, variant="store"):
+            """Run :func:`pg_sql_text` on one open connection, no DataFrame."""
+            sql, params = pg_sql_text(ra, dec, r, variant)
             return sa_con.execute(sa.text(sql), params).fetchall()
+
+        def explain(ra, dec, r) -> list[str]:
+            """EXPLAIN ANALYZE of each SQL variant and of Q3C for one cone (plan shape, JIT, time)."""
+            out = []
+            for variant in ("store", "offset0", "literal"):
+                sql, params = pg_sql_text(ra, dec, r, variant)
+                plan = [row[0] for row in sa_con.execute(sa.text("EXPLAIN (ANALYZE) " + sql), params)]
+                out.append(f"    -- {variant} SQL:")
+                out += [f"      {ln[:150]}" for ln in plan if "->" in ln or not ln.startswith(" ")
+                        or "JIT" in ln or "Timing" in ln][:16]
+            cur.execute(f"EXPLAIN (ANALYZE) SELECT * FROM {Q3C_TABLE} WHERE q3c_radial_query(ra, dec, %s, %s, %s)",
+                        (ra, dec, r / 3600.0))
+            out.append("    -- q3c:")
+            out += [f"      {row[0][:150]}" for row in cur.fetchall()
+                    if "->" in row[0] or not row[0].startswith(" ") or "JIT" in row[0]][:16]
+            return out
 
         engines = {"q3c": lambda ra, dec, r: q3c_cone(cur, ra, dec, r),
                    "postgres store.cone": lambda ra, dec, r: pg_store.cone(TABLE, ra, dec, r)}
@@ -290,6 +355,11 @@ def main(argv=None) -> int:
             for i, ra, dec, name, got, want, diff in mism[:20]:
                 print(f"    MISMATCH cone {i} ({ra:.6f}, {dec:.6f}) r={radius}\": {name} {got} rows, "
                       f"q3c {want}; ids in one only: {diff}")
+        plans = explain(float(ras[0]), float(decs[0]), 60.0)
+        if pq_store is not None:
+            breakdown = parquet_breakdown(pq_store, args)
+        if pg_store is not None:
+            pg_breakdown = postgres_breakdown(pg_store, args)
         sa_con.close()
         cur.close()
         con.close()
@@ -320,6 +390,13 @@ def main(argv=None) -> int:
           f"q3c table copy+index+cluster {q3c_info['copy_s'] + q3c_info['index_s'] + q3c_info['cluster_s']:.0f} s"
           + (f"; parquet {pq_info['load_s']:.0f} s ({args.rows / pq_info['load_s']:.0f} rows/s, "
              f"{pq_info['files']} files, manifest {pq_info['manifest_mb']:.1f} MB)" if pq_info else ""))
+    for title, lines in (("parquet store.cone", breakdown), ("postgres store.cone", pg_breakdown)):
+        if lines:
+            print(f"  break-down of {title} on the first {min(args.n_large, 20)} 1-arcmin cones:")
+            print("\n".join(lines))
+    if plans:
+        print("  query plans for the first 1-arcmin cone (EXPLAIN ANALYZE, abridged):")
+        print("\n".join(plans))
     bad = sum(len(m) for _, _, m in results.values())
     return 1 if bad else 0
 
