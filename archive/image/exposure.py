@@ -234,6 +234,37 @@ class Exposure:
             xy0=(self.xy0[0] + x0, self.xy0[1] + y0),
         )
 
+    # ---- sky geometry
+    def _need_wcs(self) -> WCS:
+        if self.wcs is None:
+            raise ValidationError(f"{self!r} has no WCS")
+        return self.wcs
+
+    def center_sky(self) -> tuple[float, float]:
+        """(ra, dec) in degrees of the array's centre."""
+        ra, dec = self._need_wcs().all_pix2world([[(self.width - 1) / 2.0, (self.height - 1) / 2.0]], 0)[0]
+        return float(ra), float(dec)
+
+    def corners_sky(self) -> np.ndarray:
+        """``(4, 2)`` (ra, dec) in degrees of the outer pixel corners, counter-clockwise from (-0.5, -0.5)."""
+        w, h = self.width - 0.5, self.height - 0.5
+        return self._need_wcs().all_pix2world(np.array([[-0.5, -0.5], [w, -0.5], [w, h], [-0.5, h]]), 0)
+
+    def pixel_scale(self) -> float:
+        """Mean pixel size at the centre in arcsec (square root of the local pixel area)."""
+        cx, cy = (self.width - 1) / 2.0, (self.height - 1) / 2.0
+        pts = self._need_wcs().all_pix2world(np.array([[cx, cy], [cx + 1.0, cy], [cx, cy + 1.0]]), 0)
+        dec0 = np.radians(pts[0, 1])
+        d = (pts[1:] - pts[0]) * np.array([np.cos(dec0), 1.0])
+        d[:, 0] = (d[:, 0] + 180.0 * np.cos(dec0)) % (360.0 * np.cos(dec0)) - 180.0 * np.cos(dec0)  # RA wrap
+        return float(np.sqrt(abs(d[0, 0] * d[1, 1] - d[0, 1] * d[1, 0])) * 3600.0)
+
+    def contains(self, ra, dec) -> np.ndarray:
+        """Boolean: which (ra, dec) (deg) fall on this array's pixels."""
+        x, y = self._need_wcs().all_world2pix(np.asarray(ra, dtype=float), np.asarray(dec, dtype=float), 0,
+                                              quiet=True)
+        return (x >= -0.5) & (x < self.width - 0.5) & (y >= -0.5) & (y < self.height - 0.5)
+
     # ---- pickling (dask, multiprocessing): keep the WCS exact
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

@@ -139,6 +139,23 @@ def test_subimage_round_trip(tmp_path):
     np.testing.assert_array_equal(back.wcs.all_pix2world([[3.0, 4.0]], 0), sub.wcs.all_pix2world([[3.0, 4.0]], 0))
 
 
+def test_sky_geometry():
+    exp = make_exposure()
+    assert exp.pixel_scale() == pytest.approx(0.2, rel=1e-3)  # 0.2"/px CD matrix (+ small SIP terms)
+    ra, dec = exp.center_sky()
+    assert exp.contains(ra, dec)
+    corners = exp.corners_sky()
+    assert corners.shape == (4, 2)
+    inside = corners.mean(axis=0)
+    assert exp.contains(inside[0], inside[1])
+    assert not exp.contains(ra + 1.0, dec).any()
+    np.testing.assert_array_equal(exp.contains([ra, ra + 1.0], [dec, dec]), [True, False])
+    sub = exp.subimage(0, 0, 10, 10)
+    np.testing.assert_allclose(sub.corners_sky()[0], corners[0], atol=1e-12)
+    with pytest.raises(ValidationError, match="no WCS"):
+        Exposure(np.zeros((3, 3))).center_sky()
+
+
 def test_pickle_keeps_everything_exact():
     import pickle
 
