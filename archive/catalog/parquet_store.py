@@ -545,11 +545,8 @@ class ParquetTransaction(Transaction):
                     self.store._write_hats_metadata(self.store.table(name), manifest["tables"][name]["files"])
                 _atomic_write(self.store.root / "manifest.json", json.dumps(manifest, indent=1).encode())
                 _fsync_dir(self.store.root)  # the commit point is durable
-                for table, rel in self._drop:
-                    with contextlib.suppress(FileNotFoundError):
-                        (self.store.root / table / "dataset" / rel).unlink()
-            with contextlib.suppress(FileNotFoundError):
-                (self.store.root / "_txn" / f"{self.txid}.json").unlink()
+                self._remove(self._drop)
+            self._remove_journal()
         finally:
             self._done = True
             self._release()
@@ -558,14 +555,20 @@ class ParquetTransaction(Transaction):
         if self._done:
             return
         try:
-            for table, rel, _ in self._new:
-                with contextlib.suppress(FileNotFoundError):
-                    (self.store.root / table / "dataset" / rel).unlink()
-            with contextlib.suppress(FileNotFoundError):
-                (self.store.root / "_txn" / f"{self.txid}.json").unlink()
+            self._remove((table, rel) for table, rel, _ in self._new)
+            self._remove_journal()
         finally:
             self._done = True
             self._release()
+
+    def _remove(self, files) -> None:
+        for table, rel in files:
+            with contextlib.suppress(FileNotFoundError):
+                (self.store.root / table / "dataset" / rel).unlink()
+
+    def _remove_journal(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.store.root / "_txn" / f"{self.txid}.json").unlink()
 
     def __del__(self):  # a transaction dropped without commit releases its lock
         if getattr(self, "_lock_fh", None) is not None and not self._done:

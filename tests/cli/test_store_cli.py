@@ -15,7 +15,6 @@ import sqlalchemy as sa
 from astropy.io.votable import parse_single_table
 from astropy.table import Table
 
-from archive.catalog.schema import load_schema
 from archive.cli.main import main
 
 
@@ -28,20 +27,6 @@ def _rows(n=50, seed=1, start=1):
         "mjd": np.full(n, 60000.5), "ra": 30 + rng.uniform(-0.01, 0.01, n),
         "dec": -5 + rng.uniform(-0.01, 0.01, n), "psf_flux": rng.normal(500, 10, n),
         "psf_flux_err": np.full(n, 5.0), "flags": np.zeros(n, np.int64)})
-
-
-@pytest.fixture(params=["parquet", "postgres"])
-def repo(request, tmp_path):
-    if request.param == "parquet":
-        path = str(tmp_path / "arc")
-        assert main(["init", path]) == 0
-        return path
-    url = request.getfixturevalue("pg_store_url")
-    engine = sa.create_engine(url)
-    with engine.begin() as con:
-        con.execute(sa.text("TRUNCATE " + ", ".join(t.name for t in load_schema())))
-    engine.dispose()
-    return url
 
 
 def run_subprocess(*args):
