@@ -37,7 +37,10 @@ class SimConfig:
     Photometry
         ``zero_points``: AB magnitude giving 1 e-/s at airmass 1 per band;
         ``extinction``: mag per airmass; ``sky_mag``: sky brightness,
-        mag/arcsec^2; ``sky_gradient``: fractional change across a detector.
+        mag/arcsec^2; ``sky_gradient``: fractional change across a detector;
+        ``color_terms``: ``c_b`` such that the reference catalog's magnitude is
+        ``m_ref,b = m_b - c_b (g - r)`` (the camera's bands differ from the
+        catalog's system; 0 = same system).
     Seeing
         ``seeing_arcsec`` median FWHM, ``seeing_scatter`` (fractional rms
         between epochs), ``psf_beta`` (Moffat), ``psf_variation`` fractional
@@ -93,6 +96,7 @@ class SimConfig:
     extinction: dict[str, float] = field(default_factory=lambda: {"g": 0.20, "r": 0.12, "i": 0.08})
     sky_mag: dict[str, float] = field(default_factory=lambda: {"g": 22.2, "r": 21.2, "i": 20.4})
     sky_gradient: float = 0.04
+    color_terms: dict[str, float] = field(default_factory=lambda: {"g": 0.0, "r": 0.0, "i": 0.0})
 
     seeing_arcsec: float = 0.85
     seeing_scatter: float = 0.15
@@ -160,7 +164,7 @@ class SimConfig:
         for b in self.bands:
             if b not in KNOWN_BANDS:
                 bad("bands", f"unknown band {b!r}; known: {', '.join(KNOWN_BANDS)}")
-        for name in ("zero_points", "extinction", "sky_mag"):
+        for name in ("zero_points", "extinction", "sky_mag", "color_terms"):
             d = getattr(self, name)
             missing = [b for b in KNOWN_BANDS if b not in d]
             if missing:

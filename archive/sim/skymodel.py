@@ -248,7 +248,8 @@ def make_reference_catalog(config: SimConfig, sky: pd.DataFrame) -> pd.DataFrame
     Keeps stars with 15 <= r < 21.5.  Magnitude errors
     ``sqrt(0.003^2 + (0.02 * 10**(0.4 (m - 20)))^2)``; positional errors
     ``5 mas * 10**(0.2 (r - 17))`` (>= 1 mas) per axis.  Observed values are
-    the truth plus Gaussian noise of those sizes.  Columns: ``ref_id``,
+    the truth plus Gaussian noise of those sizes, in the catalog's own system:
+    ``m_ref,b = m_b - color_terms[b] * (g - r)`` (mean magnitudes).  Columns: ``ref_id``,
     ``ra``, ``dec`` (deg), ``ra_err``, ``dec_err`` (mas), ``g``, ``g_err``,
     ``r``, ``r_err``, ``i``, ``i_err`` (AB mag), ``object_id`` (truth link).
     """
@@ -265,9 +266,10 @@ def make_reference_catalog(config: SimConfig, sky: pd.DataFrame) -> pd.DataFrame
     out["dec"] = dec + rng.normal(0.0, 1.0, n) * pos_err / 3.6e6
     out["ra_err"] = pos_err
     out["dec_err"] = pos_err
+    gr = (mean["g"] - mean["r"])[keep]
     for b in KNOWN_BANDS:
-        m = mean[b][keep]
-        err = np.hypot(0.003, 0.02 * 10.0 ** (0.4 * (m - 20.0)))
+        err = np.hypot(0.003, 0.02 * 10.0 ** (0.4 * (mean[b][keep] - 20.0)))
+        m = mean[b][keep] - config.color_terms[b] * gr
         out[b] = m + rng.normal(0.0, 1.0, n) * err
         out[f"{b}_err"] = err
     out["object_id"] = stars["object_id"].to_numpy()

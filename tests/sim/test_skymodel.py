@@ -104,6 +104,13 @@ def test_reference_catalog_errors_are_realistic():
         assert abs(pull.mean()) < 0.15 and pull.std() == pytest.approx(1.0, abs=0.1)
     dra = (ref.ra.to_numpy() - truth.ra.to_numpy()) * np.cos(np.radians(truth.dec.to_numpy())) * 3.6e6
     assert (dra / ref.ra_err.to_numpy()).std() == pytest.approx(1.0, abs=0.1)
+    # colour terms: the catalog's system differs from the camera's by c (g - r)
+    cfg_ct = SimConfig(size=2048, n_detectors=4, seed=4, color_terms={"g": 0.1, "r": -0.05, "i": 0.0})
+    ref_ct = make_reference_catalog(cfg_ct, sky)
+    gr = mean_magnitudes(truth.reset_index(), "g") - mean_magnitudes(truth.reset_index(), "r")
+    np.testing.assert_allclose(ref_ct.g - ref.g, -0.1 * gr, atol=1e-9)
+    np.testing.assert_allclose(ref_ct.r - ref.r, 0.05 * gr, atol=1e-9)
+    np.testing.assert_allclose(ref_ct.i, ref.i, atol=1e-12)
     # errors grow toward faint magnitudes
     true_r = mean_magnitudes(truth.reset_index(), "r")
     order = np.argsort(true_r)
