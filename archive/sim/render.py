@@ -227,8 +227,11 @@ class EpochModel:
     the flat field; ``sky_e``: the sky part alone; ``cosmic_e``: electrons
     deposited by cosmic rays (not flat-fielded, added after).  ``sources``:
     one row per object whose centre falls on the detector (see
-    :func:`render_epoch`).  ``cosmic_rays`` and ``streaks`` describe the
-    artifacts in detector pixel coordinates.
+    :func:`render_epoch`).  ``cosmic_rays`` (``x0, y0, x1, y1`` track ends,
+    ``e_per_px`` electrons per pixel of length) and ``streaks`` (``x0, y0,
+    x1, y1`` where the line crosses the detector edges, the same ends as
+    ``ra0, dec0, ra1, dec1``, Gaussian ``sigma_px``, ``line_flux_e``
+    electrons per pixel of length) describe the artifacts in detector pixels.
     """
 
     epoch: Epoch
@@ -412,8 +415,10 @@ def render_epoch(config: SimConfig, sky: pd.DataFrame, epoch: Epoch, detector: i
         ends = _clip_line(float(x0), float(y0), angle, nx, ny)
         if ends is not None:
             model += _streak_image((ny, nx), float(x0), float(y0), angle, sigma, line_flux)
+            (ra0, dec0), (ra1, dec1) = wcs.all_pix2world(np.array([ends[:2], ends[2:]]), 0)
             streak_rows.append({"visit": epoch.visit, "detector": detector, "x0": ends[0], "y0": ends[1],
-                                "x1": ends[2], "y1": ends[3], "sigma_px": sigma, "line_flux_e": line_flux})
+                                "x1": ends[2], "y1": ends[3], "ra0": ra0, "dec0": dec0, "ra1": ra1, "dec1": dec1,
+                                "sigma_px": sigma, "line_flux_e": line_flux})
 
     # --- cosmic rays (deposited charge, not flat-fielded)
     crng = rng_for(config, 9, epoch.index, detector)
@@ -470,7 +475,7 @@ def render_epoch(config: SimConfig, sky: pd.DataFrame, epoch: Epoch, detector: i
         epoch=epoch, detector=detector, model_e=model, sky_e=sky_e, cosmic_e=cosmic, psf=psf, wcs=wcs,
         wcs_header=header_wcs(config, epoch, detector), sources=sources,
         cosmic_rays=pd.DataFrame(cr_rows),
-        streaks=pd.DataFrame(streak_rows, columns=["visit", "detector", "x0", "y0", "x1", "y1", "sigma_px",
-                                                   "line_flux_e"]),
+        streaks=pd.DataFrame(streak_rows, columns=["visit", "detector", "x0", "y0", "x1", "y1", "ra0", "dec0",
+                                                   "ra1", "dec1", "sigma_px", "line_flux_e"]),
         electrons_per_njy=e_per_njy, gain=gain,
     )

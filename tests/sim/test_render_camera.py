@@ -131,6 +131,8 @@ def test_bad_epochs_and_artifacts(small):
     excess = (m.model_e - m.sky_e)[ys, xs]
     peak = st.line_flux_e / (math.sqrt(2 * math.pi) * st.sigma_px)
     assert np.all(excess > 0.5 * peak)
+    ra0, dec0 = m.wcs.all_pix2world([[st.x0, st.y0]], 0)[0]
+    assert (ra0, dec0) == pytest.approx((st.ra0, st.dec0), abs=1e-9)
     # cosmic rays: recorded tracks carry charge
     assert len(m.cosmic_rays) > 0
     for _, c in m.cosmic_rays.iterrows():
