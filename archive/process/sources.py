@@ -35,6 +35,8 @@ class SourceConfig:
     saturated_zone_fwhm: residual peaks within this many FWHM of a saturated pixel are ignored
         (the wings of saturated stars are not modelled well enough to find neighbours there).
     residual_zone_planes: the planes that define those zones (saturated, bad columns).
+    core_radius_fwhm, core_contrast: residual peaks within this many FWHM of a source more than
+        ``core_contrast`` times brighter are ignored (PSF-model error in the bright core).
     extended_factor: a source whose moment trace exceeds the PSF's by this factor is extended;
         residual peaks within 4 of its sigmas are its own structure, not new sources.
     no_detect_planes: mask planes whose pixels get zero weight in detection.
@@ -43,12 +45,14 @@ class SourceConfig:
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     n_passes: int = 2
-    model_error: float = 0.03
+    model_error: float = 0.05
     merge_radius: float = 2.0
     no_detect_planes: tuple[str, ...] = ("BAD", "SAT", "CR", "NO_DATA")
     saturated_zone_fwhm: float = 3.0
     residual_zone_planes: tuple[str, ...] = ("SAT", "BAD")
     extended_factor: float = 2.5
+    core_radius_fwhm: float = 1.0
+    core_contrast: float = 50.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,6 +145,14 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
         else:
             new = np.ones(len(pk), dtype=bool)
         new &= ~zone[pk["y_peak"].to_numpy(), pk["x_peak"].to_numpy()]
+        # a faint residual peak inside the core of a much brighter star is PSF-model error
+        if len(known) and cfg.core_contrast > 0:
+            fpk = fmap2[pk["y_peak"].to_numpy(), pk["x_peak"].to_numpy()].astype(np.float64)
+            kflux = df["psf_flux"].fillna(0).to_numpy(np.float64)
+            near = cKDTree(known).query_ball_point(cand, cfg.core_radius_fwhm * fwhm)
+            for k, lst in enumerate(near):
+                if lst and kflux[lst].max() > cfg.core_contrast * max(fpk[k], 0.0):
+                    new[k] = False
         new &= ~_near_extended(df, pk, fwhm, cfg.extended_factor)
         if not new.any():
             break
