@@ -19,6 +19,7 @@ from archive.errors import ArchiveError
 COMMAND_MODULES = [
     "archive.cli.store",
     "archive.cli.dia",
+    "archive.cli.matched",
     "archive.cli.sim",
 ]
 

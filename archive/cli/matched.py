@@ -1,0 +1,133 @@
+"""``archive matched``: matched-source light curves over epochs (as LAST's MatchedSources).
+
+    archive matched ingest FILE... [--replace] [--radius ARCSEC]
+    archive matched zeropoints --ra --dec --radius-deg --band
+    archive matched rms --ra --dec --radius-deg --band [--raw] [--plot FILE.png]
+    archive matched matrix --ra --dec --radius-deg --band [--property COL] [--relative] -o FILE.parquet|.h5
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pyarrow as pa
+
+from archive.api import Archive
+from archive.cli.output import add_format_options, emit
+from archive.cli.store import _repo_option
+from archive.errors import ValidationError
+
+
+def _read_files(store, paths) -> pa.Table:
+    """Source rows of all files, each validated on its own (errors name the file),
+    so Parquet, CSV and FITS files with different column types combine."""
+    from archive.catalog.tablefile import read_table_file
+    from archive.catalog.validate import conform
+
+    t = store.table("source")
+    return pa.concat_tables([conform(t, read_table_file(p), os.fspath(p)) for p in paths])
+
+
+def _region(args):
+    from archive.sky.regions import Cone
+
+    if not args.radius_deg > 0:
+        raise ValidationError(f"--radius-deg must be positive, got {args.radius_deg}")
+    return Cone(args.ra, args.dec, args.radius_deg)
+
+
+def cmd_ingest(args) -> int:
+    from archive.catalog.matched_ingest import ingest_sources
+
+    with Archive.open(args.repo) as arc:
+        rows = _read_files(arc.store, args.files)
+        rep = ingest_sources(arc.store, rows, radius_arcsec=args.radius, replace=args.replace,
+                             where=", ".join(map(os.fspath, args.files)))
+    print(f"matched {rep.n_sources} source(s) on {len(rep.exposure_ids)} exposure(s): "
+          f"{rep.n_new} new matched source(s), {rep.n_updated} updated"
+          + (f", {rep.n_replaced_sources} replaced" if rep.n_replaced_sources else "")
+          + (f", {rep.n_removed} removed" if rep.n_removed else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_zeropoints(args) -> int:
+    from archive.catalog.matched_ingest import relative_photometry
+
+    with Archive.open(args.repo) as arc:
+        rp = relative_photometry(arc.store, _region(args), args.band)
+    print(f"{len(rp.zero_points)} epoch(s), {rp.reference.size} reference star(s); "
+          f"median rms {rp.rms_before:.4f} -> {rp.rms_after:.4f} mag", file=sys.stderr)
+    emit(rp.zero_points, args.format, args.output)
+    return 0
+
+
+def cmd_rms(args) -> int:
+    from archive.catalog.matched_ingest import rms_curve
+
+    with Archive.open(args.repo) as arc:
+        table = rms_curve(arc.store, _region(args), args.band, relative=not args.raw,
+                          min_epochs=args.min_epochs, plot=args.plot)
+    if args.plot:
+        print(f"wrote {args.plot}", file=sys.stderr)
+    print(f"{len(table)} matched source(s), {int(table['outlier'].sum())} above the rms curve",
+          file=sys.stderr)
+    emit(table, args.format, args.output)
+    return 0
+
+
+def cmd_matrix(args) -> int:
+    from archive.catalog.matched_ingest import export_epoch_matrix
+
+    with Archive.open(args.repo) as arc:
+        path, mat = export_epoch_matrix(arc.store, _region(args), args.band, args.property,
+                                        args.output, relative=args.relative)
+    n_seen = int(mat.notna().to_numpy().sum())
+    print(f"wrote {path}: {mat.shape[0]} epoch(s) x {mat.shape[1]} matched source(s) of "
+          f"{args.property}, {n_seen} measured, {mat.size - n_seen} NaN", file=sys.stderr)
+    return 0
+
+
+def _field_options(p) -> None:
+    _repo_option(p)
+    p.add_argument("--ra", type=float, required=True, help="field centre right ascension (deg)")
+    p.add_argument("--dec", type=float, required=True, help="field centre declination (deg)")
+    p.add_argument("--radius-deg", dest="radius_deg", type=float, required=True,
+                   help="field radius (deg)")
+    p.add_argument("--band", required=True, help="filter band")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("matched", help="matched sources over epochs: ingest, zero points, rms curve, matrix")
+    msub = p.add_subparsers(dest="matched_command", metavar="ACTION")
+    msub.required = True
+
+    q = msub.add_parser("ingest", help="match per-epoch source files (Parquet, CSV, FITS) into matched sources")
+    _repo_option(q)
+    q.add_argument("files", metavar="FILE", nargs="+")
+    q.add_argument("--radius", type=float, default=1.0, help="match radius in arcsec (default 1)")
+    q.add_argument("--replace", action="store_true",
+                   help="re-ingest exposures already stored, undoing their old contribution")
+    q.set_defaults(func=cmd_ingest)
+
+    q = msub.add_parser("zeropoints", help="each epoch's relative zero-point offset (mag) in a field")
+    _field_options(q)
+    add_format_options(q)
+    q.set_defaults(func=cmd_zeropoints)
+
+    q = msub.add_parser("rms", help="rms-versus-magnitude diagnostic of a field (table, optional plot)")
+    _field_options(q)
+    q.add_argument("--raw", action="store_true", help="without relative photometry")
+    q.add_argument("--min-epochs", dest="min_epochs", type=int, default=3,
+                   help="sources seen on fewer epochs are left out (default 3)")
+    q.add_argument("--plot", metavar="FILE.png", help="also draw rms versus magnitude")
+    add_format_options(q)
+    q.set_defaults(func=cmd_rms)
+
+    q = msub.add_parser("matrix", help="epochs x matched sources matrix of a source column (NaN where unseen)")
+    _field_options(q)
+    q.add_argument("--property", default="psf_flux", help="source column (default psf_flux)")
+    q.add_argument("--relative", action="store_true", help="apply the relative zero points to fluxes")
+    q.add_argument("-o", "--output", required=True, metavar="FILE.parquet|FILE.h5",
+                   help="output file; the suffix picks Parquet or HDF5")
+    q.set_defaults(func=cmd_matrix)
