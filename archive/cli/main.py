@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "archive.cli.store",
     "archive.cli.dia",
     "archive.cli.matched",
+    "archive.cli.process",
     "archive.cli.sim",
 ]
 
@@ -47,6 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ArchiveError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         print(f"archive {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, device errors: the environment, not a bug
+        print(f"archive {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        # a database that went away mid-command is an environment problem, not a bug
+        import sqlalchemy.exc
+
+        if isinstance(exc, sqlalchemy.exc.OperationalError):
+            first = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+            print(f"archive {args.command}: error: database unavailable: {first}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("archive: interrupted", file=sys.stderr)
         return 130
