@@ -88,14 +88,19 @@ class MatchedIngestReport:
     matched_source_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64), repr=False)
 
 
-def _lock(tx, region: PixelSet) -> None:
+def _lock(tx, region: PixelSet, held: np.ndarray | None = None) -> np.ndarray:
+    """Advisory locks (Postgres) on the order-6 pixels of ``region`` not in ``held``;
+    returns all pixels held.  A no-op on stores without them (Parquet has one writer)."""
+    shift = 2 * (region.order - LOCK_ORDER)
+    if shift >= 0:
+        pix = np.unique(region.pixels >> shift)
+    else:  # a footprint coarser than the lock pixels: lock all their children
+        pix = np.unique(((region.pixels << -shift)[:, None]
+                         + np.arange(1 << -shift)[None, :]).ravel())
+    held = np.empty(0, np.int64) if held is None else held
     if hasattr(tx, "lock_partitions"):
-        shift = 2 * (region.order - LOCK_ORDER)
-        if shift >= 0:
-            pix = region.pixels >> shift
-        else:  # a footprint coarser than the lock pixels: lock all their children
-            pix = ((region.pixels << -shift)[:, None] + np.arange(1 << -shift)[None, :]).ravel()
-        tx.lock_partitions(LOCK_KEY, np.unique(pix))
+        tx.lock_partitions(LOCK_KEY, np.setdiff1d(pix, held))
+    return np.union1d(pix, held)
 
 
 def _store_partitions(store: CatalogStore, region: PixelSet) -> np.ndarray | None:
@@ -151,15 +156,20 @@ def ingest_sources(store: CatalogStore, sources_df, radius_arcsec: float = 1.0,
     exposures = np.unique(sources["exposure_id"].to_numpy(np.int64))
 
     with store.transaction() as tx:
+        # lock the batch's footprint before looking for its exposures, so a concurrent
+        # ingest of the same exposures waits and then finds them stored
+        region = PixelSet.around(sources["ra"].to_numpy(float), sources["dec"].to_numpy(float), order)
+        locked = _lock(tx, region)
         old = tx.select_in("source", "exposure_id", exposures)
         if len(old) and not replace:
             seen = sorted(set(old["exposure_id"].astype("int64").tolist()))
             raise ArchiveError(f"exposure(s) {seen[:10]} already ingested ({len(old)} source rows); "
                                "use --replace (replace=True) to re-ingest them")
-        ra = np.concatenate([sources["ra"].to_numpy(float), old["ra"].to_numpy(float)])
-        dec = np.concatenate([sources["dec"].to_numpy(float), old["dec"].to_numpy(float)])
-        region = PixelSet.around(ra, dec, order)
-        _lock(tx, region)
+        if len(old):
+            ra = np.concatenate([sources["ra"].to_numpy(float), old["ra"].to_numpy(float)])
+            dec = np.concatenate([sources["dec"].to_numpy(float), old["dec"].to_numpy(float)])
+            region = PixelSet.around(ra, dec, order)
+            _lock(tx, region, locked)  # old rows elsewhere on the sky (rare): lock there too
         parts = _store_partitions(store, region)
         current = tx.query_region("matched_source", region)
         touched_old = np.empty(0, np.int64)

@@ -74,11 +74,10 @@ REGION = Cone(RA0, DEC0, 0.25)
 
 def ingest_all(store, truth):
     ep = truth["epochs"]
-    # out of time order, and one batch of three epochs
-    for j in (3, 0, 5, 1, 7):
-        ingest_sources(store, ep[j])
-    rep = ingest_sources(store, pd.concat([ep[2], ep[4], ep[6]], ignore_index=True))
-    assert rep.n_sources == sum(len(ep[j]) for j in (2, 4, 6))
+    # out of time order; single epochs and batches of several epochs
+    for js in ((3,), (0, 5), (1, 7), (2, 4, 6)):
+        rep = ingest_sources(store, pd.concat([ep[j] for j in js], ignore_index=True))
+        assert rep.n_sources == sum(len(ep[j]) for j in js)
     return rep
 
 
@@ -227,3 +226,113 @@ def test_epoch_matrix_and_export(store, truth, tmp_path):
         export_epoch_matrix(store, REGION, "r", "psf_flux", tmp_path / "m.csv")
     with pytest.raises(ValidationError, match="no column"):
         field_epoch_matrix(store, REGION, "r", "nope")
+
+
+def _cap_field(n, ra0, dec0, radius_deg, n_ep, seed):
+    """Stars in a cap (works at the poles), >= 6" apart; epochs with 0.1" jitter."""
+    from archive.catalog.association import unit_vectors
+
+    rng = np.random.default_rng(seed)
+    c = unit_vectors(np.array([ra0]), np.array([dec0]))[0]
+    a = np.cross(c, [0.0, 0.0, 1.0] if abs(c[2]) < 0.9 else [1.0, 0.0, 0.0])
+    a /= np.linalg.norm(a)
+    b = np.cross(c, a)
+    pts = []
+    while len(pts) < n:
+        x, y = rng.uniform(-1, 1, 2) * np.radians(radius_deg)
+        v = c + x * a + y * b
+        v /= np.linalg.norm(v)
+        if all(np.degrees(np.arccos(min(1.0, v @ p))) * 3600 > 6 for p in pts):
+            pts.append(v)
+    pts = np.array(pts)
+
+    def radec(u):
+        return np.degrees(np.arctan2(u[:, 1], u[:, 0])) % 360, np.degrees(np.arcsin(np.clip(u[:, 2], -1, 1)))
+
+    out = []
+    for j in range(n_ep):
+        u = pts + rng.normal(0, np.radians(0.1 / 3600), pts.shape)
+        ra, dec = radec(u / np.linalg.norm(u, axis=1)[:, None])
+        out.append(pd.DataFrame({
+            "source_id": (j + 1) * 1_000_000 + np.arange(n), "exposure_id": 500 + j, "visit": 500 + j,
+            "detector": 0, "band": "i", "mjd": 60200.0 + j, "ra": ra, "dec": dec,
+            "psf_flux": 1e5, "psf_flux_err": 1e3, "flags": 0}))
+    return out
+
+
+def test_matching_at_the_pole(store):
+    epochs = _cap_field(40, 123.0, 89.995, 0.01, 3, seed=5)
+    assert np.ptp(epochs[0]["ra"]) > 180  # the cap holds the pole: stars at all right ascensions
+    for e in epochs:
+        ingest_sources(store, e)
+    src = store.read_table("source")
+    star = star_of(src["source_id"])
+    msid = src["matched_source_id"].to_numpy(np.int64)
+    assert (pd.Series(star).groupby(msid).nunique() == 1).all()
+    assert store.count("matched_source") == 40
+    assert (store.read_table("matched_source")["n_epochs"] == 3).all()
+    lc, ms = field_epochs(store, Cone(0.0, 90.0, 0.03), "i")
+    assert len(ms) == 40 and len(lc) == 120
+
+
+def test_parquet_second_writer_refused(tmp_path, truth):
+    from archive.catalog.store import open_store
+    from archive.errors import StoreLockedError
+
+    st = open_store(str(tmp_path / "arc"), create=True)
+    tx = st.transaction()
+    try:
+        with pytest.raises(StoreLockedError, match="locked"):
+            ingest_sources(st, truth["epochs"][0])
+    finally:
+        tx.rollback()
+    ingest_sources(st, truth["epochs"][0])
+    assert st.count("source") == len(truth["epochs"][0])
+    st.close()
+
+
+def test_concurrent_ingest_postgres(pg_store_url, truth):
+    """Three sessions at once on one field: two epochs and a duplicate of the first.
+    The footprint locks serialize them: no duplicate matched sources, and the
+    duplicate exposure is refused (whichever of the two comes second)."""
+    import threading
+
+    import sqlalchemy as sa
+
+    from archive.catalog.schema import load_schema
+    from archive.catalog.store import open_store
+
+    eng = sa.create_engine(pg_store_url)
+    with eng.begin() as con:
+        con.execute(sa.text("TRUNCATE " + ", ".join(t.name for t in load_schema())))
+    eng.dispose()
+    ep = truth["epochs"]
+    barrier = threading.Barrier(3)
+    errors: list[Exception] = []
+
+    def work(df):
+        st = open_store(pg_store_url)
+        try:
+            barrier.wait()
+            ingest_sources(st, df)
+        except ArchiveError as exc:
+            errors.append(exc)
+        finally:
+            st.close()
+
+    threads = [threading.Thread(target=work, args=(df,)) for df in (ep[0], ep[1], ep[0])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(errors) == 1 and "already ingested" in str(errors[0])
+    st = open_store(pg_store_url)
+    try:
+        src = st.read_table("source")
+        ms = st.read_table("matched_source")
+    finally:
+        st.close()
+    assert len(src) == len(ep[0]) + len(ep[1])
+    assert len(ms) == int((truth["seen"][0] | truth["seen"][1]).sum())
+    assert (pd.Series(src["matched_source_id"].to_numpy()).groupby(star_of(src["source_id"])).nunique()
+            == 1).all()
