@@ -175,7 +175,7 @@ def ingest_sources(store: CatalogStore, sources_df, radius_arcsec: float = 1.0,
         touched_old = np.empty(0, np.int64)
         if len(old):
             old_ids = np.unique(_ids(old, "matched_source_id"))
-            tx.delete("source", "source_id", old["source_id"].to_numpy(np.int64))
+            tx.delete("source", "source_id", old["source_id"].to_numpy(np.int64), parts)
             rest = tx.select_in("source", "matched_source_id", old_ids, parts) if old_ids.size \
                 else old.iloc[:0]
             # rows of the replaced exposures are gone from this transaction's view already

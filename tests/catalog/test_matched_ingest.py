@@ -145,6 +145,11 @@ def test_reingest_refused_then_replaced(store, truth):
     with pytest.raises(ValidationError):
         ingest_sources(store, ep[5].drop(columns=["mjd"]))
     assert store.count("source") == n_src
+    # rows written without matching (a plain catalog load) are matched by a replace
+    store.write("source", ep[5])
+    rep = ingest_sources(store, ep[5], replace=True)
+    assert rep.n_replaced_sources == len(ep[5]) and rep.n_updated + rep.n_new == len(ep[5])
+    _assert_summaries_equal_recompute(store)
 
 
 def test_relative_photometry_and_rms_curve(store, truth, tmp_path):
