@@ -33,8 +33,13 @@ relative-photometry functions below correct light curves at query time.
 
 On Postgres, transaction-level advisory locks on the order-6 pixels of the
 footprint (taken in sorted order) serialize batches whose footprints overlap,
-so two processes never found the same matched source twice; the Parquet
-store has a single writer lock.
+so two processes never found the same matched source twice; the lock is taken
+before the stored exposures are looked up, so a concurrent ingest of the same
+exposure waits and is then refused.  The Parquet store has a single writer
+lock (a second writer gets :class:`~archive.errors.StoreLockedError`).
+
+Source rows already stored without matching (a plain ``store.write``) are
+matched by ingesting the same rows again with ``replace=True``.
 
 Query helpers work on any region the stores accept (Cone, Box, Polygon,
 PixelSet): :func:`field_epochs`, :func:`relative_photometry`,
