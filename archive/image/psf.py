@@ -596,27 +596,83 @@ class PixelPSF(PSF):
         half = int(((self.basis.shape[1] - 1) / 2) / self.oversample)
         return 2 * half + 1
 
+    #: zero padding (samples) around the basis before the spline prefilter
+    _PAD = 4
+
+    def _spline_coefficients(self) -> np.ndarray:
+        """Cubic B-spline coefficients of the zero-padded basis images (cached)."""
+        coef = getattr(self, "_coef_cache", None)
+        if coef is None:
+            P = self._PAD
+            padded = np.pad(self.basis, ((0, 0), (P, P), (P, P)))
+            coef = np.stack([ndimage.spline_filter(b, order=3, mode="mirror") for b in padded])
+            self._coef_cache = coef
+        return coef
+
+    @staticmethod
+    def _bspline3(t: np.ndarray) -> np.ndarray:
+        a = np.abs(t)
+        return np.where(a < 1.0, 2.0 / 3.0 - a**2 + 0.5 * a**3, np.where(a < 2.0, (2.0 - a) ** 3 / 6.0, 0.0))
+
     def render_stamps(self, xs, ys, size: int) -> np.ndarray:
+        """Vectorised stamps: cubic B-spline interpolation of the (zero-padded) model at the pixel centres.
+
+        The model is linear in the basis, so the spline coefficients of the
+        basis are computed once and combined per star; the separable spline
+        weights turn each stamp into two small matrix products.
+        """
         size = _check_size(size)
         xs = np.atleast_1d(np.asarray(xs, dtype=float))
         ys = np.atleast_1d(np.asarray(ys, dtype=float))
         if xs.shape != ys.shape or xs.ndim != 1:
             raise ValidationError("render_stamps: xs and ys must be 1-D arrays of equal length")
-        c = (self.basis.shape[1] - 1) / 2.0
-        g = np.arange(size, dtype=float) - size // 2
+        if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys))):
+            raise ValidationError("render_stamps: positions must be finite")
+        coef = self._spline_coefficients()
+        n_pad = coef.shape[1]
+        c = (self.basis.shape[1] - 1) / 2.0 + self._PAD
+        half = size // 2
+        g = np.arange(size, dtype=float) - half
+        # spline coefficients any star can touch (|offset| <= 0.5 pixel, 4-tap kernel)
+        lo = max(int(math.floor(c - (half + 0.5) * self.oversample)) - 2, 0)
+        hi = min(int(math.ceil(c + (half + 0.5) * self.oversample)) + 2, n_pad - 1)
+        crop = np.ascontiguousarray(coef[:, lo:hi + 1, lo:hi + 1])
+        n_c = hi - lo + 1
+        taps = np.arange(4)
         out = np.empty((xs.size, size, size))
-        for n, (x, y) in enumerate(zip(xs, ys)):
-            dx = x - math.floor(x + 0.5)
-            dy = y - math.floor(y + 0.5)
-            coords_x = c + (g - dx) * self.oversample
-            coords_y = c + (g - dy) * self.oversample
-            yy, xx = np.meshgrid(coords_y, coords_x, indexing="ij")
-            stamp = ndimage.map_coordinates(self.model(x, y), [yy, xx], order=3, mode="constant", cval=0.0)
-            total = stamp.sum()
-            if not total > 0:
-                raise ValidationError(f"PixelPSF: stamp at ({x}, {y}) has no positive flux")
-            out[n] = stamp / total
-        return out
+        step = max(1, 2_000_000 // (n_c * n_c))
+        for start in range(0, xs.size, step):
+            sl = slice(start, start + step)
+            x, y = xs[sl], ys[sl]
+            n = x.size
+            dx = x - np.floor(x + 0.5)
+            dy = y - np.floor(y + 0.5)
+            design = poly_design(x + self.x_offset, y + self.y_offset, self.degree, self.bbox)  # (n, T)
+            cm = np.tensordot(design @ self.coeffs.T, crop, axes=(1, 0))  # (n, R, R) cropped model coefficients
+            # sample positions (in cropped coefficient indices) and their 4 spline taps
+            px = c - lo + (g[None, :] - dx[:, None]) * self.oversample  # (n, size)
+            py = c - lo + (g[None, :] - dy[:, None]) * self.oversample
+            ix = np.floor(px).astype(np.int64)[:, :, None] - 1 + taps  # (n, size, 4) spline taps
+            iy = np.floor(py).astype(np.int64)[:, :, None] - 1 + taps
+            wx = np.where((ix >= 0) & (ix < n_c), self._bspline3(px[:, :, None] - ix), 0.0)
+            wy = np.where((iy >= 0) & (iy < n_c), self._bspline3(py[:, :, None] - iy), 0.0)
+            ix = np.clip(ix, 0, n_c - 1)
+            iy = np.clip(iy, 0, n_c - 1)
+            # along x for every cropped row: (n, R, size); then along y: (n, size, size)
+            gx = np.take_along_axis(cm, np.broadcast_to(ix.reshape(n, 1, size * 4), (n, n_c, size * 4)), axis=2)
+            tmp = np.einsum("nrjb,njb->nrj", gx.reshape(n, n_c, size, 4), wx)
+            gy = np.take_along_axis(tmp, np.broadcast_to(iy.reshape(n, size * 4, 1), (n, size * 4, size)), axis=1)
+            out[sl] = np.einsum("niaj,nia->nij", gy.reshape(n, size, 4, size), wy)
+        total = out.sum(axis=(1, 2), keepdims=True)
+        if np.any(~(total > 0)):
+            bad = int(np.flatnonzero(~(total.ravel() > 0))[0])
+            raise ValidationError(f"PixelPSF: stamp at ({xs[bad]}, {ys[bad]}) has no positive flux")
+        return out / total
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_coef_cache", None)
+        return state
 
     def _fwhm_at(self, xm, ym):
         xs = np.atleast_1d(xm).ravel()

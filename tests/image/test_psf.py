@@ -97,6 +97,25 @@ def test_pixel_psf_from_moffat_matches():
     assert p.fwhm(250, 250) == pytest.approx(fwhm_from_image(m.image(250, 250, 41)), rel=0.02)
 
 
+def test_pixel_psf_vectorised_stamps_equal_spline_interpolation():
+    from scipy import ndimage
+
+    m = MoffatPSF(3.0, 3.0, variation=[0.1, -0.05], bbox=BBOX, ellipticity=0.1, theta=40.0)
+    p = PixelPSF.from_psf(m, BBOX, degree=2, oversample=2, size=27)
+    rng = np.random.default_rng(3)
+    xs, ys = rng.uniform(0, 511, 40), rng.uniform(0, 511, 40)
+    stamps = p.render_stamps(xs, ys, 19)
+    c = (p.basis.shape[1] - 1) / 2.0
+    g = np.arange(19) - 9
+    for n in range(0, 40, 7):
+        dx = xs[n] - math.floor(xs[n] + 0.5)
+        dy = ys[n] - math.floor(ys[n] + 0.5)
+        yy, xx = np.meshgrid(c + (g - dy) * 2, c + (g - dx) * 2, indexing="ij")
+        ref = ndimage.map_coordinates(p.model(xs[n], ys[n]), [yy, xx], order=3, mode="constant")
+        np.testing.assert_allclose(stamps[n], ref / ref.sum(), atol=1e-13)
+        np.testing.assert_array_equal(p.image(xs[n], ys[n], 19), stamps[n])
+
+
 def test_pixel_psf_native_no_shift_is_exact():
     g = GaussianPSF(1.5)
     basis = g.image(0, 0, 25)
