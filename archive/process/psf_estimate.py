@@ -355,9 +355,9 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
     while degree > 0 and nsel < cfg.stars_per_term * n_poly_terms(degree):
         degree -= 1
     stars = sources.loc[sel].copy()
-    x_all = sources["x"].to_numpy(np.float64)
-    y_all = sources["y"].to_numpy(np.float64)
-    f_all = sources["psf_flux"].fillna(0.0).to_numpy(np.float64)
+    x_all = sources["x"].to_numpy(np.float64).copy()
+    y_all = sources["y"].to_numpy(np.float64).copy()
+    f_all = sources["psf_flux"].fillna(0.0).to_numpy(np.float64).copy()
     idx = np.nonzero(sel)[0]
     half = max(7, int(np.ceil(cfg.half_size_fwhm * fwhm)))
     bbox = (0.0, 0.0, float(nx - 1), float(ny - 1))
@@ -368,20 +368,34 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
         # neighbours of the PSF stars are subtracted with their current models
         others = np.ones(len(x_all), dtype=bool)
         others[idx] = False
-        nb = _models(image.shape, sp, x_all[others], y_all[others], f_all[others], half)
+        if outer == 0:
+            # neighbours keep their first-pass (Gaussian-PSF) models
+            nb = _models(image.shape, sp, x_all[others], y_all[others], f_all[others], half)
         psf, frac = build_pixel_psf(image - nb, variance, usable, x_all[idx], y_all[idx], f_all[idx], bbox,
                                     half=half, oversample=cfg.oversample, degree=degree, n_iter=cfg.n_iter,
                                     clip_sigma=cfg.clip_sigma)
         if outer + 1 < max(1, cfg.n_outer):
+            # re-measure the PSF stars and every source that reaches into their stamps with the
+            # new model (jointly, so blends are refitted), then rebuild the neighbour models
             sp = GridStampPsf.from_callable(psf.model, (ny, nx), ngrid=3 if degree > 0 else 1,
                                             oversample=psf.oversample)
-            m = measure_sources(image, variance, mask, sp, x_all, y_all, background_variance=background_variance,
-                                mask_planes=mask_planes, flux_guess=f_all, config=mcfg)
+            pts = np.column_stack([x_all, y_all])
+            dmin, _ = cKDTree(pts[idx]).query(pts, k=1)
+            near = dmin < 2 * half + 3 * fwhm
+            near[idx] = True
+            sub = np.nonzero(near)[0]
+            m = measure_sources(image, variance, mask, sp, x_all[sub], y_all[sub],
+                                background_variance=background_variance, mask_planes=mask_planes,
+                                flux_guess=f_all[sub], config=mcfg)
             okm = np.isfinite(m["psf_flux"].to_numpy()) & (m["psf_flux"].to_numpy() > 0) & \
                 ((m["flags"].to_numpy() & int(F_.FLAG_CENTROID)) == 0)
-            x_all = np.where(okm, m["x"].to_numpy(np.float64), x_all)
-            y_all = np.where(okm, m["y"].to_numpy(np.float64), y_all)
-            f_all = np.where(okm, m["psf_flux"].to_numpy(np.float64), f_all)
+            x_all[sub] = np.where(okm, m["x"].to_numpy(np.float64), x_all[sub])
+            y_all[sub] = np.where(okm, m["y"].to_numpy(np.float64), y_all[sub])
+            f_all[sub] = np.where(okm, m["psf_flux"].to_numpy(np.float64), f_all[sub])
+            nbr = near & others
+            nb = _models(image.shape, sp, x_all[nbr], y_all[nbr], f_all[nbr], half) + \
+                _models(image.shape, GaussianPsf(fwhm), x_all[others & ~near], y_all[others & ~near],
+                        f_all[others & ~near], half)
     # summary: FWHM and ellipticity over the detector
     fw_c = fwhm_from_image(psf.model((nx - 1) / 2.0, (ny - 1) / 2.0), psf.oversample)
     grid = [(gx, gy) for gy in np.linspace(0, ny - 1, 3) for gx in np.linspace(0, nx - 1, 3)]

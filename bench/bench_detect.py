@@ -1,0 +1,266 @@
+"""Benchmark: detection + measurement of a 4096x4096 simulated image.
+
+Compares archive.process (background, matched-filter detection, deblending,
+simultaneous PSF fits, apertures r = 3, 6, 12 px, moments, flags) with SEP,
+photutils (detect_sources + SourceCatalog + aperture photometry) and SExtractor
+(``source-extractor``, when installed) on the same ISR-processed simulated frame.
+Each tool runs in a fresh subprocess; the table gives wall time, peak memory
+(tracemalloc peak of Python/numpy allocations and the process's max RSS) and
+completeness / purity against the simulator's truth.
+
+    python bench/bench_detect.py [--size 4096] [--workdir /tmp/bench_detect]
+
+Completeness: unsaturated stars with true S/N > 10 and no object of comparable
+brightness (> 30%) within 1.5 FWHM, matched within 1.5 px. Purity: detections with
+their own S/N > 10 (flux / flux error; PSF flux for archive, 6 px aperture for the
+others) lying within max(1.5 px, FWHM / 2) of any true object. Not run as a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import shutil
+import subprocess
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def prepare(work: pathlib.Path, size: int) -> None:
+    """Simulate one visit, build masters, run ISR; save image/variance/mask/truth."""
+    import pandas as pd
+
+    from archive.image.raw import read_raw
+    from archive.process import isr
+    from archive.process.masters import make_master_bias, make_master_dark, make_master_flat
+    from archive.sim import SimConfig, load_manifest, simulate_survey, truth_psf
+
+    if (work / "done").exists():
+        return
+    sim = work / "sim"
+    if sim.exists():
+        shutil.rmtree(sim)
+    t = time.perf_counter()
+    simulate_survey(sim, SimConfig(seed=11, n_epochs=1, size=size, star_density=40.0, n_bias=3, n_dark=3, n_flat=3))
+    man = load_manifest(sim)
+    bias = make_master_bias([read_raw(sim / c["path"]) for c in man["calib"]["bias"]])
+    dark = make_master_dark([read_raw(sim / c["path"]) for c in man["calib"]["dark"]], bias)
+    flat = make_master_flat([read_raw(sim / c["path"]) for c in man["calib"]["flat"]["r"]], bias, dark)
+    exp = isr.run(read_raw(sim / man["raws"][0]["path"]), bias, dark, flat)
+    np.save(work / "image.npy", exp.image)
+    np.save(work / "variance.npy", exp.variance)
+    np.save(work / "mask.npy", exp.mask)
+    from astropy.io import fits
+
+    fits.PrimaryHDU(exp.image).writeto(work / "image.fits", overwrite=True)
+    fits.PrimaryHDU((1.0 / np.sqrt(exp.variance)).astype(np.float32)).writeto(work / "weight.fits", overwrite=True)
+    truth = pd.read_parquet(sim / "truth" / "sources.parquet")
+    epoch = pd.read_parquet(sim / "truth" / "epochs.parquet").iloc[0]
+    p = truth_psf(epoch).render_stamps(truth.x.to_numpy(), truth.y.to_numpy(), 31)
+    p2 = (p ** 2).sum(axis=(1, 2))
+    p3 = (p ** 3).sum(axis=(1, 2))
+    g = float(epoch.gain)
+    skyv = float(epoch.sky_e) / g ** 2 + (5.0 / g) ** 2
+    c = truth.counts.to_numpy()
+    truth["snr"] = c / np.sqrt(skyv / p2 + c * p3 / (g * p2 ** 2))
+    truth.to_parquet(work / "truth.parquet")
+    (work / "meta.json").write_text(json.dumps({"fwhm": float(epoch.psf_fwhm), "prep_s": time.perf_counter() - t}))
+    shutil.rmtree(sim)
+    (work / "done").write_text("ok")
+
+
+def _load(work):
+    return (np.load(work / "image.npy"), np.load(work / "variance.npy"), np.load(work / "mask.npy"),
+            json.loads((work / "meta.json").read_text()))
+
+
+def run_archive(work):
+    from archive.process.background import estimate_background
+    from archive.process.cosmic import find_cosmic_rays
+    from archive.process.psf_estimate import estimate_psf
+    from archive.process.psfmodel import stamp_psf
+    from archive.process.sources import detect_and_measure
+
+    img, var, mask, meta = _load(work)
+    t0 = time.perf_counter()
+    bad = (mask & 0b10011) != 0
+    bkg = estimate_background(img, mask=bad)
+    sub = img - bkg.background
+    t_psf = time.perf_counter()
+    psf = estimate_psf(sub, var, mask=mask, background_variance=bkg.variance)
+    t_psf = time.perf_counter() - t_psf
+    sp = stamp_psf(psf.psf, img.shape)
+    cr, sub = find_cosmic_rays(sub, var, psf.fwhm, mask=mask)
+    mask = mask | np.where(cr, np.int32(1 << 2), np.int32(0))
+    df, _ = detect_and_measure(sub, var, sp, mask=mask, background_variance=bkg.variance, background=bkg.background)
+    wall = time.perf_counter() - t0
+    return {"x": df.x.to_numpy().tolist(), "y": df.y.to_numpy().tolist(), "snr": df.snr.to_numpy().tolist(),
+            "wall": wall, "note": f"incl. PSF estimation {t_psf:.1f} s and CR finding"}
+
+
+def run_sep(work):
+    import sep
+
+    img, var, mask, meta = _load(work)
+    img = np.ascontiguousarray(img, dtype=np.float32)
+    t0 = time.perf_counter()
+    bad = (mask & 0b10011) != 0
+    bkg = sep.Background(img, mask=bad, bw=64, bh=64)
+    sub = img - bkg.back()
+    sep.set_extract_pixstack(20_000_000)
+    sep.set_sub_object_limit(4096)
+    err = np.sqrt(var).astype(np.float32)
+    objs = sep.extract(sub, 3.0, err=err, mask=bad, minarea=5)
+    phot = [sep.sum_circle(sub, objs["x"], objs["y"], r, err=err, mask=bad) for r in (3.0, 6.0, 12.0)]
+    wall = time.perf_counter() - t0
+    flux, ferr, _ = phot[1]
+    snr = flux / np.maximum(ferr, 1e-30)
+    return {"x": objs["x"].tolist(), "y": objs["y"].tolist(), "snr": snr.tolist(), "wall": wall,
+            "note": "extract at 3 sigma (err=sqrt(var)), minarea 5; apertures 3/6/12 px"}
+
+
+def run_photutils(work):
+    from astropy.convolution import convolve_fft
+    from photutils.aperture import CircularAperture, aperture_photometry
+    from photutils.background import Background2D, MedianBackground
+    from photutils.segmentation import SourceCatalog, detect_sources, make_2dgaussian_kernel
+
+    img, var, mask, meta = _load(work)
+    t0 = time.perf_counter()
+    bad = (mask & 0b10011) != 0
+    bkg = Background2D(img, (64, 64), filter_size=(3, 3), mask=bad, bkg_estimator=MedianBackground())
+    sub = img - bkg.background
+    kernel = make_2dgaussian_kernel(meta["fwhm"], size=2 * int(2 * meta["fwhm"]) + 1)
+    conv = convolve_fft(sub, kernel, mask=bad)
+    # noise of the filtered image: sigma * sqrt(sum(kernel^2)) for a unit-sum kernel
+    thresh = 3.0 * np.sqrt(var) * np.sqrt((kernel.array ** 2).sum())
+    segm = detect_sources(conv, thresh, n_pixels=5, mask=bad)
+    cat = SourceCatalog(sub, segm, convolved_data=conv, error=np.sqrt(var), mask=bad)
+    x = np.asarray(cat.xcentroid)
+    y = np.asarray(cat.ycentroid)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    phot = aperture_photometry(sub, [CircularAperture(np.c_[x, y], r) for r in (3.0, 6.0, 12.0)], error=np.sqrt(var),
+                               mask=bad)
+    wall = time.perf_counter() - t0
+    snr = np.asarray(phot["aperture_sum_1"]) / np.maximum(np.asarray(phot["aperture_sum_err_1"]), 1e-30)
+    return {"x": x.tolist(), "y": y.tolist(), "snr": snr.tolist(), "wall": wall,
+            "note": "Background2D, Gaussian-filtered 3 sigma segmentation (no deblend), SourceCatalog, apertures"}
+
+
+def run_sextractor(work):
+    exe = shutil.which("source-extractor") or shutil.which("sex")
+    if exe is None:
+        return None
+    params = work / "sex.param"
+    params.write_text("X_IMAGE\nY_IMAGE\nFLUX_APER(3)\nFLUXERR_APER(3)\nFLUX_AUTO\nFLUXERR_AUTO\nFLAGS\n")
+    conv = work / "gauss.conv"
+    conv.write_text("CONV NORM\n1 2 1\n2 4 2\n1 2 1\n")
+    cat = work / "sex.cat"
+    img, var, mask, meta = _load(work)
+    cmd = [exe, str(work / "image.fits"), "-c", "/dev/null", "-PARAMETERS_NAME", str(params), "-FILTER_NAME", str(conv),
+           "-CATALOG_NAME", str(cat), "-CATALOG_TYPE", "ASCII", "-DETECT_THRESH", "3.0", "-ANALYSIS_THRESH", "3.0",
+           "-DETECT_MINAREA", "5", "-PHOT_APERTURES", "6,12,24", "-BACK_SIZE", "64", "-WEIGHT_TYPE", "MAP_WEIGHT",
+           "-WEIGHT_IMAGE", str(work / "weight.fits"), "-SATUR_LEVEL", "1e9", "-VERBOSE_TYPE", "QUIET",
+           "-MEMORY_PIXSTACK", "20000000", "-MEMORY_OBJSTACK", "60000", "-MEMORY_BUFSIZE", "4096",
+           "-NTHREADS", "1"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    wall = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+    a = np.loadtxt(cat, ndmin=2)
+    x, y = a[:, 0] - 1.0, a[:, 1] - 1.0
+    snr = a[:, 3] / np.maximum(a[:, 6], 1e-30)
+    return {"x": x.tolist(), "y": y.tolist(), "snr": snr.tolist(), "wall": wall, "rss_mb": rss,
+            "note": "DETECT_THRESH 3 (weight map), minarea 5, 3x3 filter, apertures 3/6/12 px (NTHREADS 1)"}
+
+
+TOOLS = {"archive": run_archive, "sep": run_sep, "photutils": run_photutils, "sextractor": run_sextractor}
+
+
+def child(tool: str, work: pathlib.Path) -> None:
+    if tool != "sextractor":
+        tracemalloc.start()
+    out = TOOLS[tool](work)
+    if out is None:
+        print(json.dumps(None))
+        return
+    if tool != "sextractor":
+        out["tracemalloc_mb"] = tracemalloc.get_traced_memory()[1] / 2 ** 20
+        out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    (work / f"result_{tool}.json").write_text(json.dumps(out))
+
+
+def score(work, res, fwhm):
+    import pandas as pd
+    from scipy.spatial import cKDTree
+
+    truth = pd.read_parquet(work / "truth.parquet")
+    x, y, snr = np.asarray(res["x"]), np.asarray(res["y"]), np.asarray(res["snr"])
+    c = truth.flux_njy.to_numpy()
+    res_ok = np.ones(len(truth), dtype=bool)
+    for a, b in cKDTree(np.c_[truth.x, truth.y]).query_pairs(1.5 * fwhm, output_type="ndarray"):
+        if c[b] > 0.3 * c[a]:
+            res_ok[a] = False
+        if c[a] > 0.3 * c[b]:
+            res_ok[b] = False
+    stars = truth.kind.isin(["star", "variable"]).to_numpy() & ~truth.saturated.to_numpy()
+    sel = stars & res_ok & (truth.snr.to_numpy() > 10)
+    d, _ = cKDTree(np.c_[x, y]).query(np.c_[truth.x, truth.y])
+    comp = float((d[sel] < 1.5).mean())
+    d2, _ = cKDTree(np.c_[truth.x, truth.y]).query(np.c_[x, y])
+    det = np.isfinite(snr) & (snr > 10)
+    pur = float((d2[det] < max(1.5, 0.5 * fwhm)).mean())
+    return comp, pur, int(sel.sum()), int(det.sum())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--workdir", default="/tmp/bench_detect")
+    ap.add_argument("--child", default=None)
+    ap.add_argument("--tools", default="archive,sep,photutils,sextractor")
+    args = ap.parse_args()
+    work = pathlib.Path(args.workdir)
+    if args.child:
+        child(args.child, work)
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    prepare(work, args.size)
+    meta = json.loads((work / "meta.json").read_text())
+    rows = []
+    for tool in args.tools.split(","):
+        f = work / f"result_{tool}.json"
+        if f.exists():
+            f.unlink()
+        subprocess.run([sys.executable, __file__, "--child", tool, "--workdir", str(work)], check=True)
+        if not f.exists():
+            rows.append((tool, None))
+            continue
+        res = json.loads(f.read_text())
+        rows.append((tool, res))
+    print(f"image {args.size}x{args.size}, PSF FWHM {meta['fwhm']:.2f} px, nproc {os.cpu_count()}")
+    print(f"{'tool':<11} {'wall s':>7} {'py peak MB':>10} {'max RSS MB':>10} {'n det':>7} {'compl.':>7} {'purity':>7}  note")
+    for tool, res in rows:
+        if res is None:
+            print(f"{tool:<11} not available")
+            continue
+        comp, pur, nsel, ndet = score(work, res, meta["fwhm"])
+        tm = res.get("tracemalloc_mb")
+        tm_s = f"{tm:10.0f}" if tm is not None else f"{'-':>10}"
+        print(f"{tool:<11} {res['wall']:7.2f} {tm_s} {res['rss_mb']:10.0f} {len(res['x']):7d} {comp:7.3f} {pur:7.3f}  "
+              f"{res['note']}")
+    print(f"(completeness over {nsel} resolvable unsaturated stars with true S/N > 10; purity over detections with S/N > 10)")
+
+
+if __name__ == "__main__":
+    main()
