@@ -220,6 +220,36 @@ class Archive:
 
         return self.store.write(table, pa.concat_tables(arrows), where=", ".join(map(os.fspath, paths)))
 
+    # -- processing ------------------------------------------------------------
+    def products_root(self, products: str | os.PathLike | None = None):
+        """Where image products go: ``products`` if given, else ARCHIVE/products for a directory archive."""
+        import pathlib
+
+        if products is not None:
+            return pathlib.Path(products)
+        root = getattr(self.store, "root", None)
+        if root is None:
+            raise ArchiveError("a Postgres archive needs --products DIR for its image files")
+        return pathlib.Path(root) / "products"
+
+    def process_raws(self, raw_paths, calib_paths, refcat=None, products=None, workers: int = 1,
+                     config=None):
+        """Raw frames -> calexp FITS files + exposure/source/image_product/provenance rows.
+
+        Resumable: exposures already archived are skipped.  ``refcat``: DataFrame
+        or file (ra, dec, band magnitudes) for astrometric and photometric calibration.
+        Returns an :class:`archive.pipeline.single_epoch.RunReport`.
+        """
+        from archive.pipeline.single_epoch import ProcessConfig, process_raws
+
+        if refcat is not None and not isinstance(refcat, pd.DataFrame):
+            from archive.catalog.tablefile import read_table_file
+
+            refcat = read_table_file(refcat).to_pandas()
+        cfg = ProcessConfig(workers=workers, single_frame=config)
+        return process_raws(self.store, list(raw_paths), list(calib_paths), refcat,
+                            self.products_root(products), cfg)
+
     def count(self, table: str) -> int:
         return self.store.count(table)
 

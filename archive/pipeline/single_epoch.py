@@ -1,0 +1,290 @@
+"""Raw frames -> calexps + source rows in the archive, resumable and parallel.
+
+``process_raws`` builds the master calibrations (per detector, and per band
+for flats) from the calibration frames, then runs
+:func:`archive.process.single_frame.run` on every raw science frame in worker
+processes.  The workers write the calexp FITS files; this process (the only
+writer) records, per exposure and in one atomic batch, the ``exposure`` row
+(processed or rejected, with its reason), its ``source`` rows, the
+``image_product`` row of the calexp and the ``provenance`` row.  Exposures the
+archive already holds are skipped, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import sys
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from archive.catalog.ids import new_ids
+from archive.catalog.store import CatalogStore
+from archive.errors import ArchiveError, NotFoundError
+from archive.image.raw import RawFrame, read_raw
+from archive.pipeline.products import image_product_row, product_path, write_product
+from archive.pipeline.provenance import provenance_row
+from archive.sky.healpix import radec_to_healpix29
+
+log = logging.getLogger(__name__)
+
+
+#: Bits of ``exposure.quality_flags`` (stable: append new names at the end).
+QUALITY_BITS = {name: i for i, name in enumerate([
+    "WRONG_SHAPE", "EMPTY", "CONSTANT", "MANY_NODATA", "HIGH_BACKGROUND", "HISTOGRAM_ANOMALY",
+    "MANY_SATURATED", "STUCK_VALUES", "BAD_PSF", "DOUBLE_PSF", "CHECK_ERROR", "STEP_FAILED"])}
+
+
+def quality_bits(flags: list[str], rejected: bool) -> int:
+    """Bit mask of quality flag names; a rejection by a later step (PSF, astrometry,
+    photometry) without a quality flag sets STEP_FAILED."""
+    bits = 0
+    for name in flags:
+        bits |= 1 << QUALITY_BITS.get(name, QUALITY_BITS["CHECK_ERROR"])
+    if rejected and not bits:
+        bits = 1 << QUALITY_BITS["STEP_FAILED"]
+    return bits
+
+
+@dataclass
+class ProcessConfig:
+    """Pipeline settings; ``single_frame`` is the processing config saved with every product."""
+
+    workers: int = 1
+    single_frame: object = None  # archive.process.single_frame.SingleFrameConfig (None = defaults)
+    progress: bool | None = None  # None: a bar only on a terminal
+
+
+@dataclass
+class RunReport:
+    processed: list[int] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)
+    skipped: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    n_sources: int = 0
+    seconds: float = 0.0
+
+
+def exposure_id_of(visit: int, detector: int) -> int:
+    """The archive's exposure id convention: visit * 1000 + detector."""
+    return int(visit) * 1000 + int(detector)
+
+
+# -- master calibrations ------------------------------------------------------
+def _read_frames(paths) -> list[RawFrame]:
+    return [read_raw(p) for p in paths]
+
+
+def build_masters(calib_paths: list[pathlib.Path]) -> dict:
+    """Master bias/dark per detector and flat per (detector, band) from calibration frames.
+
+    Frames are grouped by their IMAGETYP, DETECTOR and FILTER header cards.
+    """
+    from archive.process.masters import make_master_bias, make_master_dark, make_master_flat
+
+    groups: dict[tuple, list[RawFrame]] = defaultdict(list)
+    for p in calib_paths:
+        f = read_raw(p)
+        det = int(f.header.get("DETECTOR", 0))
+        kind = f.imagetyp
+        band = str(f.header.get("FILTER", f.header.get("BAND", ""))).strip() if kind == "FLAT" else ""
+        groups[(kind, det, band)].append(f)
+    masters: dict = {}
+    for det in sorted({k[1] for k in groups}):
+        bias = make_master_bias(groups[("BIAS", det, "")]) if groups.get(("BIAS", det, "")) else None
+        dark = make_master_dark(groups[("DARK", det, "")], bias) if groups.get(("DARK", det, "")) else None
+        masters[("bias", det)] = bias
+        masters[("dark", det)] = dark
+        for kind, d, band in list(groups):
+            if kind == "FLAT" and d == det:
+                masters[("flat", det, band)] = make_master_flat(groups[(kind, d, band)], bias, dark)
+    return masters
+
+
+# -- one exposure (runs in a worker) ------------------------------------------
+def _process_one(raw_path: str, masters: dict, refcat: pd.DataFrame | None, products_root: str,
+                 config) -> dict:
+    from astropy.stats import sigma_clipped_stats
+
+    from archive.process import isr, single_frame
+
+    raw = read_raw(raw_path)
+    info = raw.info
+    det = int(info.detector)
+    exp = isr.run(raw, masters.get(("bias", det)), masters.get(("dark", det)),
+                  masters.get(("flat", det, info.band)), config.isr)
+    good = np.isfinite(exp.image) & (exp.mask == 0)
+    sky = float(sigma_clipped_stats(exp.image[good], sigma=3.0, maxiters=5)[1]) if good.any() else np.nan
+    res = single_frame.process_exposure(exp, refcat, config)
+    out = {"raw_path": raw_path, "info": info, "rejected": res.rejected, "reason": res.reason,
+           "quality_flags": quality_bits(list(res.quality.flags), res.rejected), "sky_level": sky}
+    if not res.rejected and res.calexp is not None:
+        rel = product_path("calexp", info.visit, det, info.band)
+        _, digest, size = write_product(products_root, rel, res.calexp)
+        out.update(rel=rel, sha256=digest, size=size, calexp=res.calexp, sources=res.sources,
+                   astrometry_rms=getattr(res.astrometry, "rms_arcsec", np.nan),
+                   zero_point=getattr(res.calexp.photo_calib, "zero_point", np.nan))
+    return out
+
+
+def _exposure_row(out: dict, exposure_id: int) -> dict:
+    """The ``exposure`` row: pointing of the detector centre, seeing, sky, zero point, depth."""
+    from astropy.wcs.utils import proj_plane_pixel_scales
+
+    from archive.pipeline.products import footprint
+
+    info = out["info"]
+    calexp = out.get("calexp")
+    wcs = calexp.wcs if calexp is not None else out["raw_wcs"]
+    ny, nx = out["shape"]
+    if calexp is not None:
+        ra, dec, _ = footprint(calexp)
+        scale = calexp.pixel_scale()
+    else:
+        ra, dec = (float(v) for v in wcs.all_pix2world([[(nx - 1) / 2.0, (ny - 1) / 2.0]], 0)[0])
+        ra %= 360.0
+        scale = float(np.mean(proj_plane_pixel_scales(wcs.celestial))) * 3600.0  # arcsec/px
+    seeing = sky = zp = lim = np.nan
+    if calexp is not None:
+        if calexp.psf is not None:
+            seeing = float(calexp.psf.fwhm((nx - 1) / 2.0, (ny - 1) / 2.0)) * scale
+        sky = out.get("sky_level", np.nan)
+        if calexp.photo_calib is not None and info.exp_time > 0:
+            # AB magnitude of 1 count/s
+            zp = float(calexp.photo_calib.zero_point) + 2.5 * np.log10(info.exp_time)
+            # 5-sigma point source: noise-equivalent area 4 pi sigma_psf^2 with the median variance
+            if calexp.psf is not None:
+                fwhm_px = seeing / scale
+                area = 4.0 * np.pi * (fwhm_px / 2.3548) ** 2
+                noise = np.sqrt(np.nanmedian(calexp.variance) * area)
+                lim = float(calexp.photo_calib.zero_point - 2.5 * np.log10(5.0 * noise))
+    return {
+        "exposure_id": exposure_id, "visit": int(info.visit), "detector": int(info.detector),
+        "band": info.band, "mjd_mid": float(info.mjd), "exp_time": float(info.exp_time),
+        "airmass": float(info.airmass), "ra": ra, "dec": dec,
+        "healpix29": int(radec_to_healpix29(np.array([ra]), np.array([dec]))[0]),
+        "rot_angle": float(np.degrees(np.arctan2(wcs.wcs.get_pc()[0, 1], wcs.wcs.get_pc()[1, 1]))),
+        "seeing": seeing, "sky_level": sky, "zero_point": zp, "lim_mag": lim,
+        "status": "rejected" if out["rejected"] else "processed",
+        "quality_flags": int(out["quality_flags"]) if out["rejected"] else 0,
+        "quality_reason": out["reason"] or None, "raw_path": out["raw_path"],
+    }
+
+
+def _known_exposures(store: CatalogStore, ids: list[int]) -> set[int]:
+    if not ids:
+        return set()
+    got = store.get("exposure", ids, columns=["exposure_id"])
+    return set(got["exposure_id"].astype("int64").tolist())
+
+
+def _record(store: CatalogStore, out: dict, exposure_id: int, config_dict: dict, masters_used: list) -> int:
+    """Write one exposure's rows in one atomic batch; returns the number of sources."""
+    prov = provenance_row("single_frame", config_dict, [out["raw_path"], *masters_used])
+    batch = {"provenance": pd.DataFrame([prov]), "exposure": pd.DataFrame([_exposure_row(out, exposure_id)])}
+    n = 0
+    if not out["rejected"]:
+        calexp = out["calexp"]
+        product = image_product_row(int(new_ids(1)[0]), "calexp", out["rel"], out["sha256"], out["size"],
+                                    calexp, exposure_id, prov["provenance_id"])
+        batch["image_product"] = pd.DataFrame([product])
+        src = out["sources"]
+        src = src[[c for c in src.columns if c in store.table("source")]].copy()
+        src = src[np.isfinite(src["ra"].to_numpy(float)) & np.isfinite(src["dec"].to_numpy(float))]
+        n = len(src)
+        info = out["info"]
+        src["source_id"] = new_ids(n)
+        src["exposure_id"] = exposure_id
+        src["visit"] = int(info.visit)
+        src["detector"] = int(info.detector)
+        src["band"] = info.band
+        src["mjd"] = float(info.mjd)
+        src["ra"] = src["ra"] % 360.0
+        batch["source"] = src.drop(columns=["healpix29"], errors="ignore")
+    store.write_many(batch, where=out["raw_path"])
+    return n
+
+
+def process_raws(store: CatalogStore, raw_paths: list, calib_paths: list, refcat: pd.DataFrame | None,
+                 products_root: os.PathLike, config: ProcessConfig | None = None) -> RunReport:
+    """Process raw frames into calexps (FITS under ``products_root``) and archive rows.
+
+    Raw frames whose exposure the archive already holds are skipped (resumable).
+    Errors of one exposure are recorded as ``failed`` and do not stop the run.
+    """
+    from archive.process.single_frame import SingleFrameConfig
+    from archive.pipeline.provenance import _plain
+
+    cfg = config or ProcessConfig()
+    sf_config = cfg.single_frame or SingleFrameConfig()
+    t0 = time.perf_counter()
+    report = RunReport()
+    raws = [pathlib.Path(p) for p in raw_paths]
+    for p in raws:
+        if not p.is_file():
+            raise NotFoundError(f"{p}: no such raw file")
+    headers = {}
+    for p in raws:
+        f = read_raw(p)
+        if f.imagetyp != "OBJECT":
+            raise ArchiveError(f"{p}: IMAGETYP is {f.imagetyp}, expected a science (OBJECT) frame")
+        info = f.info
+        headers[str(p)] = (exposure_id_of(info.visit, info.detector), f.wcs, f.image.shape)
+    known = _known_exposures(store, [e for e, _, _ in headers.values()])
+    todo = [p for p in raws if headers[str(p)][0] not in known]
+    report.skipped = sorted(headers[str(p)][0] for p in raws if headers[str(p)][0] in known)
+    if not todo:
+        report.seconds = time.perf_counter() - t0
+        return report
+    masters = build_masters([pathlib.Path(c) for c in calib_paths])
+    masters_used = [str(c) for c in calib_paths]
+    config_dict = _plain(sf_config)
+    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    bar = None
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), unit="exposure", desc="process")
+
+    def handle(path: str, out: dict | None, error: str | None) -> None:
+        eid, wcs, shape = headers[path]
+        if error is not None:
+            report.failed[eid] = error
+            log.error("%s: %s", path, error)
+        else:
+            out["raw_wcs"], out["shape"] = wcs, shape
+            report.n_sources += _record(store, out, eid, config_dict, masters_used)
+            (report.rejected.__setitem__(eid, out["reason"]) if out["rejected"] else report.processed.append(eid))
+        if bar is not None:
+            bar.update(1)
+
+    if cfg.workers <= 1:
+        for p in todo:
+            try:
+                out = _process_one(str(p), masters, refcat, str(products_root), sf_config)
+            except ArchiveError as exc:
+                handle(str(p), None, str(exc))
+                continue
+            handle(str(p), out, None)
+    else:
+        with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
+            futures = {pool.submit(_process_one, str(p), masters, refcat, str(products_root), sf_config): str(p)
+                       for p in todo}
+            for fut in as_completed(futures):
+                path = futures[fut]
+                try:
+                    out = fut.result()
+                except ArchiveError as exc:
+                    handle(path, None, str(exc))
+                    continue
+                handle(path, out, None)
+    if bar is not None:
+        bar.close()
+    report.seconds = time.perf_counter() - t0
+    return report
