@@ -499,9 +499,10 @@ class ParquetTransaction(Transaction):
         return frame_from_arrow(self.store._region_arrow(view, t, region, cols, current_only))
 
     def select_in(self, table: str, column: str, values: Sequence,
-                  partitions: Iterable[int] | None = None) -> pd.DataFrame:
+                  partitions: Iterable[int] | None = None, columns: Sequence[str] | None = None) -> pd.DataFrame:
         t = self.store.table(table)
         t.column(column)
+        cols = self.store._columns(t, columns)
         value_set = pa.array(np.asarray(values), type=t.column(column).arrow_type)
         wanted = None if partitions is None else {int(p) for p in partitions}
         base = self.store.root / table / "dataset"
@@ -511,8 +512,8 @@ class ParquetTransaction(Transaction):
                 continue
             hit = pc.is_in(pq.read_table(base / rel, columns=[column]).column(column), value_set=value_set)
             if pc.any(hit).as_py():
-                parts.append(pq.read_table(base / rel, schema=t.arrow_schema).filter(hit))
-        return frame_from_arrow(pa.concat_tables(parts) if parts else t.arrow_schema.empty_table())
+                parts.append(pq.read_table(base / rel, columns=cols, schema=t.arrow_schema).filter(hit))
+        return frame_from_arrow(pa.concat_tables(parts) if parts else t.arrow_schema.empty_table().select(cols))
 
     def close_versions(self, table: str, ids: Sequence, end: float,
                        partitions: Iterable[int] | None = None) -> int:

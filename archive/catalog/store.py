@@ -46,8 +46,10 @@ class Transaction(abc.ABC):
         ``current_only``: versioned tables only, rows with a null ``validity_end``."""
 
     @abc.abstractmethod
-    def select_in(self, table: str, column: str, values: Sequence, partitions: Iterable[int] | None = None) -> pd.DataFrame:
-        """All rows whose ``column`` is in ``values`` (``partitions``: optional order-K hint)."""
+    def select_in(self, table: str, column: str, values: Sequence, partitions: Iterable[int] | None = None,
+                  columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """Rows whose ``column`` is in ``values`` (``partitions``: optional order-K hint;
+        ``columns``: a subset of columns, default all)."""
 
     @abc.abstractmethod
     def close_versions(self, table: str, ids: Sequence, end: float, partitions: Iterable[int] | None = None) -> int:

@@ -159,3 +159,25 @@ def test_sql_columns_are_the_schema(make_dia_sources, store):
     store.write("dia_source", make_dia_sources(3))
     df = store.sql("SELECT * FROM dia_source")
     assert list(df.columns) == store.table("dia_source").column_names
+
+
+def test_values_round_trip_exactly(make_dia_sources, store):
+    """Timestamps, NaN, nulls, booleans, empty strings and full-precision floats come back as written."""
+    from datetime import datetime, timezone
+
+    when = datetime(2026, 11, 23, 18, 1, 2, 345678, tzinfo=timezone.utc)
+    store.write("provenance", pd.DataFrame([{
+        "provenance_id": 7, "code_version": "0.1", "step": "s", "config": "", "config_hash": "h",
+        "inputs": '["a,b", "c\\"d"]', "created": when}]))
+    back = store.get("provenance", [7]).iloc[0]
+    assert back["created"] == when and back["config"] == "" and back["inputs"] == '["a,b", "c\\"d"]'
+    df = make_dia_sources(3)
+    df["psf_flux"] = [np.nan, 1 / 3, -0.0]
+    df["ra"] = [150.123456789012345, 150.0, 151.0]
+    df["is_dipole"] = pd.array([True, None, False], dtype="boolean")
+    store.write("dia_source", df)
+    got = store.get("dia_source", [1, 2, 3]).sort_values("dia_source_id").reset_index(drop=True)
+    assert np.isnan(got["psf_flux"][0]) and got["psf_flux"][1] == 1 / 3
+    assert got["ra"][0] == 150.123456789012345
+    assert got["is_dipole"][0] == True and pd.isna(got["is_dipole"][1]) and got["is_dipole"][2] == False  # noqa: E712
+    assert pd.isna(got["ap_flux"][0])
