@@ -4,8 +4,9 @@
 for flats) from the calibration frames, then runs
 :func:`archive.process.single_frame.run` on every raw science frame in worker
 processes.  The workers write the calexp FITS files; this process (the only
-writer) records, per exposure and in one atomic batch, the ``exposure`` row
-(processed or rejected, with its reason), its ``source`` rows, the
+writer) records each exposure: its ``source`` rows, matched across epochs into
+``matched_source`` objects (LAST's matched sources), then in one atomic batch
+the ``exposure`` row (processed or rejected, with its reason), the
 ``image_product`` row of the calexp and the ``provenance`` row.  Exposures the
 archive already holds are skipped, so an interrupted run resumes where it stopped.
 """
@@ -57,6 +58,7 @@ class ProcessConfig:
     """Pipeline settings; ``single_frame`` is the processing config saved with every product."""
 
     workers: int = 1
+    match_radius_arcsec: float = 1.0  # matching of sources across epochs (matched_source)
     single_frame: object = None  # archive.process.single_frame.SingleFrameConfig (None = defaults)
     progress: bool | None = None  # None: a bar only on a terminal
 
@@ -184,8 +186,18 @@ def _known_exposures(store: CatalogStore, ids: list[int]) -> set[int]:
     return set(got["exposure_id"].astype("int64").tolist())
 
 
-def _record(store: CatalogStore, out: dict, exposure_id: int, config_dict: dict, masters_used: list) -> int:
-    """Write one exposure's rows in one atomic batch; returns the number of sources."""
+def _record(store: CatalogStore, out: dict, exposure_id: int, config_dict: dict, masters_used: list,
+            match_radius_arcsec: float) -> int:
+    """Write one exposure's results; returns the number of sources.
+
+    Sources go first, matched into ``matched_source`` objects (one transaction);
+    the ``exposure`` row (with its calexp's ``image_product`` and the
+    ``provenance``) is written last, in one batch, and marks the exposure done.
+    A run stopped between the two re-processes the exposure, and the re-ingest
+    of its sources replaces the earlier ones (never counts them twice).
+    """
+    from archive.catalog.matched_ingest import ingest_sources
+
     prov = provenance_row("single_frame", config_dict, [out["raw_path"], *masters_used])
     batch = {"provenance": pd.DataFrame([prov]), "exposure": pd.DataFrame([_exposure_row(out, exposure_id)])}
     n = 0
@@ -206,7 +218,9 @@ def _record(store: CatalogStore, out: dict, exposure_id: int, config_dict: dict,
         src["band"] = info.band
         src["mjd"] = float(info.mjd)
         src["ra"] = src["ra"] % 360.0
-        batch["source"] = src.drop(columns=["healpix29"], errors="ignore")
+        if n:
+            ingest_sources(store, src.drop(columns=["healpix29", "matched_source_id"], errors="ignore"),
+                           radius_arcsec=match_radius_arcsec, replace=True, where=out["raw_path"])
     store.write_many(batch, where=out["raw_path"])
     return n
 
@@ -259,7 +273,7 @@ def process_raws(store: CatalogStore, raw_paths: list, calib_paths: list, refcat
             log.error("%s: %s", path, error)
         else:
             out["raw_wcs"], out["shape"] = wcs, shape
-            report.n_sources += _record(store, out, eid, config_dict, masters_used)
+            report.n_sources += _record(store, out, eid, config_dict, masters_used, cfg.match_radius_arcsec)
             (report.rejected.__setitem__(eid, out["reason"]) if out["rejected"] else report.processed.append(eid))
         if bar is not None:
             bar.update(1)

@@ -69,6 +69,10 @@ def test_process_then_resume(survey, tmp_path):
     d, i = tree.query(np.c_[src["ra"], src["dec"]])
     sep = angular_separation_deg(src["ra"], src["dec"], objs["ra"].to_numpy()[i], objs["dec"].to_numpy()[i]) * 3600
     assert np.median(sep) < 0.1
+    # sources of the epochs are matched into matched_source objects
+    ms = arc.sql("SELECT count(*) AS n, max(n_epochs) AS k FROM matched_source")
+    assert ms["n"].iloc[0] > 50 and ms["k"].iloc[0] == len(rep.processed)
+    assert arc.sql("SELECT count(*) AS n FROM source WHERE matched_source_id IS NULL")["n"].iloc[0] == 0
     # resume: nothing is processed twice
     again = arc.process_raws(raws, calib, refcat=survey / "refcat.parquet")
     assert again.processed == [] and sorted(again.skipped) == sorted(rep.processed + list(rep.rejected))
