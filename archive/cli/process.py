@@ -60,7 +60,9 @@ def cmd_demo(args) -> int:
                       "round(zero_point, 3) AS zero_point, round(lim_mag, 2) AS lim_mag FROM exposure ORDER BY visit")
               .to_string(index=False))
         n = arc.sql("SELECT count(*) AS n FROM source")["n"].iloc[0]
-        print(f"\n{n} sources in {repo}; try: archive cone --repo {repo} source "
+        m = arc.sql("SELECT count(*) AS n, avg(n_epochs) AS k FROM matched_source")
+        print(f"\n{n} sources, matched into {m['n'].iloc[0]} objects seen on {m['k'].iloc[0]:.1f} epochs "
+              f"on average, in {repo}\ntry: archive cone --repo {repo} source "
               f"{arc.sql('SELECT avg(ra) AS a FROM exposure')['a'].iloc[0]:.4f} "
               f"{arc.sql('SELECT avg(dec) AS d FROM exposure')['d'].iloc[0]:.4f} 10")
     return 1 if rep.failed else 0
@@ -80,7 +82,7 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="simulate a small survey and run the whole chain into a new archive")
     p.add_argument("directory", metavar="DIR")
     p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--size", type=int, default=1024, help="detector size in pixels (default 1024)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(func=cmd_demo)
