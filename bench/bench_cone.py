@@ -79,11 +79,28 @@ def check_q3c(url: str) -> str:
         raise SystemExit(2) from None
 
 
+#: Rows are generated in chunks of this size, chunk i with seed ``seed + i``, so
+#: that every backend gets exactly the same rows whatever its write batch size.
+GEN_CHUNK = 1_000_000
+
+
 def batches(rows: int, batch: int, layout: str, seed: int):
-    """Yield (start_id, DataFrame) batches; batch i uses seed ``seed + i``."""
-    for i, start in enumerate(range(0, rows, batch)):
-        n = min(batch, rows - start)
-        yield start, make_dia_sources(n, seed=seed + i, layout=layout, start_id=start + 1)
+    """Yield (start offset, DataFrame) write batches of ``batch`` rows cut from the
+    same seeded row sequence (ids 1..rows), independent of ``batch``."""
+    import pandas as pd
+
+    pending, start = [], 0
+    for i, chunk_start in enumerate(range(0, rows, GEN_CHUNK)):
+        n = min(GEN_CHUNK, rows - chunk_start)
+        pending.append(make_dia_sources(n, seed=seed + i, layout=layout, start_id=chunk_start + 1))
+        have = sum(len(d) for d in pending)
+        while have >= batch or (chunk_start + n == rows and have):
+            df = pd.concat(pending, ignore_index=True) if len(pending) > 1 else pending[0]
+            out, rest = df.iloc[:batch].reset_index(drop=True), df.iloc[batch:].reset_index(drop=True)
+            yield start, out
+            start += len(out)
+            pending = [rest] if len(rest) else []
+            have = len(rest)
 
 
 def load_postgres(url: str, args) -> dict:
