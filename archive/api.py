@@ -220,6 +220,35 @@ class Archive:
 
         return self.store.write(table, pa.concat_tables(arrows), where=", ".join(map(os.fspath, paths)))
 
+    # -- matched sources (direct-image sources across epochs) --------------------
+    def ingest_sources(self, data, radius_arcsec: float = 1.0, replace: bool = False):
+        """Match per-epoch ``source`` rows into ``matched_source`` objects and store both atomically."""
+        from archive.catalog.matched_ingest import ingest_sources
+
+        return ingest_sources(self.store, data, radius_arcsec=radius_arcsec, replace=replace)
+
+    def relative_photometry(self, region, band: str, **fit_options):
+        """Per-epoch zero-point offsets from the region's constant stars, and corrected light curves."""
+        from archive.catalog.matched_ingest import relative_photometry
+
+        return relative_photometry(self.store, region, band, **fit_options)
+
+    def rms_curve(self, region, band: str, relative: bool = True, plot=None) -> pd.DataFrame:
+        """The rms-versus-magnitude diagnostic of a field (optionally drawn to ``plot``)."""
+        from archive.catalog.matched_ingest import rms_curve
+
+        return rms_curve(self.store, region, band, relative=relative, plot=plot)
+
+    def epoch_matrix(self, region, band: str, property: str = "psf_flux", relative: bool = False,
+                     path=None) -> pd.DataFrame:
+        """Epochs x matched sources matrix of a source column (NaN where unseen); written to
+        ``path`` (.parquet or .h5) when given."""
+        from archive.catalog.matched_ingest import export_epoch_matrix, field_epoch_matrix
+
+        if path is not None:
+            return export_epoch_matrix(self.store, region, band, property, path, relative=relative)[1]
+        return field_epoch_matrix(self.store, region, band, property, relative=relative)
+
     # -- processing ------------------------------------------------------------
     def products_root(self, products: str | os.PathLike | None = None):
         """Where image products go: ``products`` if given, else ARCHIVE/products for a directory archive."""

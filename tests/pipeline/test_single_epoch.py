@@ -29,10 +29,20 @@ def _inputs(root: pathlib.Path):
     return sorted((root / "raw").rglob("*.fits")), sorted((root / "calib").rglob("*.fits"))
 
 
-def test_process_then_resume(survey, tmp_path):
+@pytest.fixture(scope="module")
+def processed(survey, tmp_path_factory):
+    """The survey processed once (two worker processes) into a new archive."""
     raws, calib = _inputs(survey)
-    arc = Archive.init(tmp_path / "arc")
-    rep = arc.process_raws(raws, calib, refcat=survey / "refcat.parquet", workers=2)
+    path = tmp_path_factory.mktemp("arc") / "arc"
+    with Archive.init(path) as arc:
+        rep = arc.process_raws(raws, calib, refcat=survey / "refcat.parquet", workers=2)
+    return path, rep
+
+
+def test_process_then_resume(survey, processed):
+    raws, calib = _inputs(survey)
+    path, rep = processed
+    arc = Archive.open(path)
     # every exposure is recorded; a rejection (a process-step decision) carries its reason
     assert not rep.failed, rep.failed
     assert rep.processed and len(rep.processed) + len(rep.rejected) == len(raws)
@@ -111,4 +121,20 @@ def test_bad_inputs(survey, tmp_path):
     with pytest.raises(ArchiveError, match="expected a science"):
         arc.process_raws([calib[0]], calib)
     assert arc.count("exposure") == 0
+    arc.close()
+
+
+def test_matched_api_on_processed_field(processed, tmp_path):
+    """The Python face of matched sources on a processed field: the epochs x sources matrix."""
+    from archive.sky.regions import Cone
+
+    path, rep = processed
+    arc = Archive.open(path)
+    field = Cone(150.0, 2.0, 0.2)
+    mat = arc.epoch_matrix(field, "r", "psf_flux", path=tmp_path / "m.parquet")
+    assert mat.shape[0] == len(rep.processed) and mat.shape[1] > 20
+    assert np.isfinite(mat.to_numpy()).sum() > 0.5 * mat.size
+    back = pd.read_parquet(tmp_path / "m.parquet").set_index("exposure_id")
+    assert back.shape == mat.shape and list(back.index) == list(mat.index)
+    np.testing.assert_array_equal(back.to_numpy(), mat.to_numpy())
     arc.close()
