@@ -142,10 +142,47 @@ def select_stars(sources: pd.DataFrame, fwhm: float, config: PsfEstimateConfig,
     return ok
 
 
-def _interp(basis: np.ndarray, cu: np.ndarray, cv: np.ndarray) -> np.ndarray:
-    """Cubic-spline values of each basis image at oversampled coordinates -> (n_terms, n)."""
-    return np.stack([ndimage.map_coordinates(b, [cv, cu], order=3, mode="constant", cval=0.0, prefilter=True)
-                     for b in basis])
+class _Keys:
+    """Bicubic (Keys, a = -0.5) interpolation of S x S model images at every star's pixel grid.
+
+    A star's native pixels sample the model on a separable grid (``cu`` varies along
+    columns, ``cv`` along rows), so the values are ``Wy B Wx^T`` per star with dense
+    4-tap rows - two matrix products for all stars at once. ``(basis, sel)`` returns
+    ``(K, n_sel)`` values in the flattened ``(star, row, column)`` order of the samples.
+    """
+
+    def __init__(self, cu: np.ndarray, cv: np.ndarray, S: int):
+        # cu: (n, sn, sn) varying along the last axis; cv varying along the middle axis
+        self.S = S
+
+        def rows(c):
+            n, m = c.shape
+            i0 = np.floor(c).astype(np.int64) - 1
+            t = c - (i0 + 1)
+            d = np.stack([t + 1, t, 1 - t, 2 - t], axis=-1)
+            a = -0.5
+            ad = np.abs(d)
+            w = np.where(ad <= 1, (a + 2) * ad ** 3 - (a + 3) * ad ** 2 + 1,
+                         np.where(ad < 2, a * ad ** 3 - 5 * a * ad ** 2 + 8 * a * ad - 4 * a, 0.0))
+            idx = i0[..., None] + np.arange(4)
+            ok = (idx >= 0) & (idx < S)
+            out = np.zeros((n, m, S))
+            nn = np.broadcast_to(np.arange(n)[:, None, None], idx.shape)
+            mm = np.broadcast_to(np.arange(m)[None, :, None], idx.shape)
+            out[nn[ok], mm[ok], idx[ok]] = w[ok]
+            return out
+        self.wx = rows(cu[:, 0, :])  # (n, sn, S)
+        self.wy = rows(cv[:, :, 0])  # (n, sn, S)
+
+    def __call__(self, basis: np.ndarray, sel=None) -> np.ndarray:
+        n, sn, S = self.wy.shape
+        out = []
+        wxT = self.wx.transpose(0, 2, 1)
+        for b in basis:
+            t = (self.wy.reshape(n * sn, S) @ b).reshape(n, sn, S)
+            v = np.matmul(t, wxT).ravel()
+            out.append(v if sel is None else v[sel])
+        return np.stack(out)
 
 
 def _fit_bins(bins: np.ndarray, nbins: int, T: np.ndarray, d: np.ndarray, w: np.ndarray, ridge: float) -> np.ndarray:
@@ -237,35 +274,37 @@ def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray,
     flat_star = star.ravel()
     cu_f, cv_f, d_f, w_f = cu.ravel(), cv.ravel(), d.ravel(), w.ravel()
 
-    def spatial(cu_s, cv_s, stars_s):
+    keys = _Keys(cu, cv, S)
+
+    def spatial(sel_, stars_s):
         if modes is None or degree == 0:
             return 0.0
-        mv = _interp(modes, cu_s, cv_s)  # (3, m)
+        mv = keys(modes, sel_)  # (3, m)
         return (mv * (coefs @ T_star[stars_s].T)).sum(axis=0)
 
     for it in range(max(1, n_iter) + 1):
         sel = keep.ravel()
         bins = (bv * S + bu).ravel()[sel]
         cs, vs, st = cu_f[sel], cv_f[sel], flat_star[sel]
-        mean_vals = _interp(mean, cs, vs)[0] if it else 0.0
-        resid = d_f[sel] - mean_vals - spatial(cs, vs, st)
+        mean_vals = keys(mean, sel)[0] if it else 0.0
+        resid = d_f[sel] - mean_vals - spatial(sel, st)
         mean = mean + _fit_bins(bins, S * S, np.ones((bins.size, 1)), resid, w_f[sel], 1e-9).reshape(1, S, S)
         mean = _normalise_and_centre(mean, os_)
         if degree > 0 and it >= 1:
             # spatial variation as polynomials times three shape modes of the mean:
             # dilation and the two shears (first-order changes of size and ellipticity)
             modes = _shape_modes(mean[0])
-            mv = _interp(modes, cs, vs)  # (3, m)
+            mv = keys(modes, sel)  # (3, m)
             T = T_star[st]
             X = (mv[:, :, None] * T[:, None, :].transpose(1, 0, 2)).transpose(1, 0, 2).reshape(cs.size, 3 * nt)
-            yv = d_f[sel] - _interp(mean, cs, vs)[0]
+            yv = d_f[sel] - keys(mean, sel)[0]
             ww = w_f[sel]
             A = (X * ww[:, None]).T @ X
             b = (X * ww[:, None]).T @ yv
             A += 1e-9 * np.trace(A) / A.shape[0] * np.eye(A.shape[0])
             coefs = np.linalg.solve(A, b).reshape(3, nt)
         # clip outliers against the current model
-        allm = (_interp(mean, cu_f, cv_f)[0] + spatial(cu_f, cv_f, flat_star)).reshape(D.shape)
+        allm = (keys(mean)[0] + spatial(None, flat_star)).reshape(D.shape)
         chi = (d - allm) * np.sqrt(w)
         # the model's own error near the core is larger than the noise of bright stars: scale by a robust sigma
         s = 1.4826 * np.median(np.abs(chi[keep])) if keep.any() else 1.0
@@ -344,9 +383,11 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
                 new = float(np.sqrt(s2) * 2.3548200450309493)
                 if abs(new - fwhm) > 0.1 * fwhm:
                     fwhm = new
-                    sources, model = detect_and_measure(image, variance, GaussianPsf(fwhm), mask=mask,
-                                                    mask_planes=mask_planes, background_variance=background_variance,
-                                                    config=det_cfg)
+                    sources = measure_sources(image, variance, mask, GaussianPsf(fwhm),
+                                              sources["x"].to_numpy(np.float64), sources["y"].to_numpy(np.float64),
+                                              background_variance=background_variance, mask_planes=mask_planes,
+                                              flux_guess=sources["psf_flux"].fillna(0).to_numpy(np.float64),
+                                              config=det_cfg.measure)
     sel = select_stars(sources, fwhm, cfg, mask_planes)
     nsel = int(sel.sum())
     if nsel < 3:
@@ -377,8 +418,8 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
         if outer + 1 < max(1, cfg.n_outer):
             # re-measure the PSF stars and every source that reaches into their stamps with the
             # new model (jointly, so blends are refitted), then rebuild the neighbour models
-            sp = GridStampPsf.from_callable(psf.model, (ny, nx), ngrid=3 if degree > 0 else 1,
-                                            oversample=psf.oversample)
+            sp = GridStampPsf.from_callable(psf.model, (ny, nx), ngrid=5 if degree > 0 else 1,
+                                            oversample=psf.oversample, nearest=True)
             pts = np.column_stack([x_all, y_all])
             dmin, _ = cKDTree(pts[idx]).query(pts, k=1)
             near = dmin < 2 * half + 3 * fwhm

@@ -164,11 +164,14 @@ def test_image_model_psfs_become_stamp_psfs():
     ref = GaussianPSF(1.5).render_stamps(x, y, 25)
     assert np.abs(g.stamps(x, y, 25) - ref).max() < 1e-4 * ref.max()
     m = MoffatPSF(3.5, beta=3.0, variation=[0.1, 0.05], bbox=(0, 0, 511, 511))
-    sm = stamp_psf(m, (512, 512))
+    sm = stamp_psf(m, (512, 512), ngrid=3, nearest=False)
     ref = m.render_stamps(x, y, 31)
     got = sm.stamps(x, y, 31)
     assert np.abs(got - ref).max() < 0.01 * ref.max()
     assert np.allclose(got.sum(axis=(1, 2)), 1.0, atol=3e-3)
+    # nearest-cell sampling (5 x 5 cells): off by the PSF change within a cell only
+    near = stamp_psf(m, (512, 512), ngrid=5, nearest=True).stamps(x, y, 31)
+    assert np.abs(near - ref).max() < 0.06 * ref.max()
 
 
 def test_measure_handles_no_sources_and_edges():
