@@ -19,7 +19,7 @@ from scipy.spatial import cKDTree
 from archive.errors import ValidationError
 from archive.process import flags as F_
 from archive.process.detect import DetectionConfig, find_peaks, matched_filter
-from archive.process.measure import MeasureConfig, measure_sources
+from archive.process.measure import MeasureConfig, measure_sources, model_half, model_image
 
 log = logging.getLogger(__name__)
 
@@ -158,15 +158,28 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
             break
         pk = pk[new]
         log.info("detect pass %d: %d new sources on the residual", p + 1, len(pk))
-        xs = np.concatenate([df["x"].to_numpy(np.float64), pk["x"].to_numpy()])
-        ys = np.concatenate([df["y"].to_numpy(np.float64), pk["y"].to_numpy()])
-        guess = np.concatenate([df["psf_flux"].fillna(0).to_numpy(),
-                                fmap2[pk["y_peak"].to_numpy(), pk["x_peak"].to_numpy()].astype(np.float64)])
-        peak_snr = np.concatenate([peak_snr, pk["peak_snr"].to_numpy()])
-        second = np.concatenate([second, np.ones(len(pk), dtype=bool)])
-        df, model = measure_sources(image, variance, mask, psf, xs, ys, background_variance=background_variance,
-                                    background=background, mask_planes=mask_planes, flux_guess=guess,
-                                    config=cfg.measure, return_model=True)
+        # re-measure only the new sources and the known ones they can touch; the others keep
+        # their fits and stay subtracted
+        hm = model_half(psf, cfg.measure)
+        kx = df["x"].to_numpy(np.float64)
+        ky = df["y"].to_numpy(np.float64)
+        kf = df["psf_flux"].fillna(0).to_numpy(np.float64)
+        dk, _ = cKDTree(cand[new]).query(known, k=1)
+        touch = dk < 2 * hm + 1
+        fixed_model = model - model_image(image.shape, psf, kx[touch], ky[touch], kf[touch], hm)
+        xs = np.concatenate([kx[touch], pk["x"].to_numpy()])
+        ys = np.concatenate([ky[touch], pk["y"].to_numpy()])
+        guess = np.concatenate([kf[touch], fmap2[pk["y_peak"].to_numpy(), pk["x_peak"].to_numpy()].astype(np.float64)])
+        sub, sub_model = measure_sources(image - fixed_model, variance, mask, psf, xs, ys,
+                                         background_variance=background_variance, background=background,
+                                         mask_planes=mask_planes, flux_guess=guess, config=cfg.measure,
+                                         return_model=True)
+        # a fixed source next to a changed one keeps its old blendedness flag; refitted ones get new flags
+        keep_df = df[~touch]
+        df = pd.concat([keep_df, sub], ignore_index=True)
+        peak_snr = np.concatenate([peak_snr[~touch], peak_snr[touch], pk["peak_snr"].to_numpy()])
+        second = np.concatenate([second[~touch], second[touch], np.ones(len(pk), dtype=bool)])
+        model = fixed_model + sub_model
     df["peak_snr"] = peak_snr.astype(np.float32)
     df.loc[second, "flags"] = df.loc[second, "flags"].to_numpy() | F_.FLAG_SECOND_PASS
     # two starting points that converged onto one star: keep the first (brighter) one
