@@ -56,9 +56,9 @@ log = logging.getLogger(__name__)
 FORMAT = "archive-parquet-store"
 FORMAT_VERSION = 1
 DEFAULT_ORDER = 5
-#: Rows per Parquet row group; files are sorted by healpix29 so row-group
-#: statistics let a small cone read one group.
-ROW_GROUP_ROWS = 32_768
+#: Rows per Parquet row group; files are sorted by healpix29, so with small
+#: groups the row-group statistics let a small cone decode one group, not the file.
+ROW_GROUP_ROWS = 4_096
 
 
 def _atomic_write(path: pathlib.Path, data: bytes) -> None:
@@ -101,6 +101,7 @@ class ParquetStore(CatalogStore):
             raise ArchiveError(f"{self.root}: store has schema version {info.get('schema_version')}, "
                                f"this code expects {self.schema.version}")
         self.order = int(info["partition_order"])
+        self._manifest_cache: tuple | None = None
         self._duck_dir: tempfile.TemporaryDirectory | None = None
         self._duck_generation: int | None = None
 
@@ -125,11 +126,23 @@ class ParquetStore(CatalogStore):
 
     # -- manifest ------------------------------------------------------------
     def manifest(self) -> dict:
-        """The committed state (re-read from disk on every call)."""
+        """The committed state.
+
+        Parsed once per committed version: a commit replaces manifest.json with
+        ``os.replace``, so (inode, mtime, size) identifies the version and the
+        parsed copy is reused until it changes.  Callers must not modify it.
+        """
+        path = self.root / "manifest.json"
         try:
-            return json.loads((self.root / "manifest.json").read_text())
+            st = os.stat(path)
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if self._manifest_cache is not None and self._manifest_cache[0] == key:
+                return self._manifest_cache[1]
+            manifest = json.loads(path.read_text())
         except FileNotFoundError:
             raise NotFoundError(f"{self.root}: manifest.json is missing; not a usable store") from None
+        self._manifest_cache = (key, manifest)
+        return manifest
 
     def _files(self, manifest: dict, table: str, partitions: Iterable[int] | None = None) -> list[pathlib.Path]:
         files = manifest["tables"][table]["files"]
