@@ -314,6 +314,31 @@ class ParquetStore(CatalogStore):
         pq.write_metadata(t.arrow_schema, sink)
         _atomic_write(tdir / "dataset" / "_common_metadata", sink.getvalue().to_pybytes())
 
+    def compact(self, tables: Sequence[str] | None = None, min_files: int = 2) -> dict[str, int]:
+        """Merge each partition's files into one sorted file (one atomic transaction).
+
+        Batches add a file per partition they touch; compaction keeps reads to
+        one file per partition.  Returns the number of files removed per table.
+        """
+        removed: dict[str, int] = {}
+        with self.transaction() as tx:
+            for name in tables or [t.name for t in self.schema]:
+                t = self.table(name)
+                groups: dict = {}
+                for rel, meta in tx._live(name).items():
+                    groups.setdefault(meta.get("npix"), []).append(rel)
+                base = self.root / name / "dataset"
+                n = 0
+                for npix, rels in groups.items():
+                    if len(rels) < min_files:
+                        continue
+                    rows = pa.concat_tables([pq.read_table(base / r, schema=t.arrow_schema) for r in rels])
+                    tx._drop += [(name, r) for r in rels]
+                    tx.append(name, rows, check_keys=False)
+                    n += len(rels) - 1
+                removed[name] = n
+        return removed
+
     def recover(self) -> int:
         """Delete files left by writers that died before committing; returns how many.
 

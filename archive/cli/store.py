@@ -80,6 +80,16 @@ def cmd_sql(args) -> int:
     return 0
 
 
+def cmd_compact(args) -> int:
+    with Archive.open(args.repo) as arc:
+        if arc.backend != "parquet":
+            raise ArchiveError("compact applies to a Parquet archive (Postgres manages its own storage)")
+        removed = arc.store.compact(args.tables or None)
+    print(f"merged away {sum(removed.values())} file(s): "
+          + ", ".join(f"{k} {v}" for k, v in removed.items() if v), file=sys.stderr)
+    return 0
+
+
 def cmd_schema(args) -> int:
     from archive.catalog.schema import load_schema, markdown_docs
 
@@ -138,6 +148,11 @@ def register(sub) -> None:
     p.add_argument("query", metavar="QUERY")
     add_format_options(p)
     p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("compact", help="Parquet archive: merge each partition's files into one")
+    _repo_option(p)
+    p.add_argument("tables", nargs="*", metavar="TABLE")
+    p.set_defaults(func=cmd_compact)
 
     p = sub.add_parser("schema", help="print the schema (Markdown) or one table's columns")
     p.add_argument("table", nargs="?", metavar="TABLE")

@@ -10,7 +10,7 @@ import sys
 import textwrap
 import time
 
-import numpy as np
+import pandas as pd
 import pytest
 
 from archive.catalog.parquet_store import ParquetStore
@@ -152,3 +152,24 @@ def test_partition_order_option(tmp_path, make_dia_sources):
     assert all(f.startswith("Norder=3/") for f in _dataset_files(s.root, "dia_source"))
     with pytest.raises(ArchiveError, match="partition order"):
         ParquetStore(tmp_path / "b", create=True, order=20)
+
+
+def test_compact_merges_partitions_and_keeps_rows(pstore, make_dia_sources):
+    for b in range(4):
+        pstore.write("dia_source", make_dia_sources(300, seed=b, start_id=1 + 1000 * b))
+    before = _dataset_files(pstore.root, "dia_source")
+    rows = pstore.read_table("dia_source").sort_values("dia_source_id").reset_index(drop=True)
+    removed = pstore.compact(["dia_source"])
+    after = _dataset_files(pstore.root, "dia_source")
+    assert removed["dia_source"] == len(before) - len(after) > 0
+    assert len(after) == len({f.rsplit("/", 1)[0] for f in before})  # one file per partition
+    again = pstore.read_table("dia_source").sort_values("dia_source_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(rows, again)
+    from archive.sky.healpix import angular_separation_deg
+
+    got = pstore.cone("dia_source", 150, 0, 3600)
+    truth = angular_separation_deg(150, 0, rows["ra"], rows["dec"]) <= 1.0
+    assert sorted(got["dia_source_id"]) == sorted(rows["dia_source_id"][truth]) and truth.sum() > 0
+    import hats
+
+    assert hats.read_hats(pstore.root / "dia_source").catalog_info.total_rows == 1200
