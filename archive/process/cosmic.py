@@ -102,21 +102,32 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, fwhm: float, *, ma
     k = np.float32(cfg.cond_sigma)
     cr = np.zeros(img.shape, dtype=bool)
     cand = (x > cfg.min_sigma * sig) & ~skip
-    if cand.any():
-        lhs = x - k * sig
+    cy, cx = np.nonzero(cand)
+    if cy.size:
+        ny, nx = img.shape
+        c = x[cy, cx]
+        lhs = c - k * sig[cy, cx]
+        hit = np.zeros(cy.size, dtype=bool)
         for dist in (1, 2):
             for dy, dx in _DIRS:
                 step = np.hypot(dy, dx) * dist
                 ratio = np.float32(cfg.psf_fraction * psf_neighbour_ratio(fwhm, step))
-                a = _shift(x, dy * dist, dx * dist, 0.0)
-                b = _shift(x, -dy * dist, -dx * dist, 0.0)
-                va = _shift(var, dy * dist, dx * dist, np.inf)
-                vb = _shift(var, -dy * dist, -dx * dist, np.inf)
+                ya, xa = cy + dy * dist, cx + dx * dist
+                yb, xb = cy - dy * dist, cx - dx * dist
+                ina = (ya >= 0) & (ya < ny) & (xa >= 0) & (xa < nx)
+                inb = (yb >= 0) & (yb < ny) & (xb >= 0) & (xb < nx)
+                ya, xa = np.clip(ya, 0, ny - 1), np.clip(xa, 0, nx - 1)
+                yb, xb = np.clip(yb, 0, ny - 1), np.clip(xb, 0, nx - 1)
+                a = np.where(ina, x[ya, xa], 0.0)
+                b = np.where(inb, x[yb, xb], 0.0)
+                va = np.where(ina, var[ya, xa], np.inf)
+                vb = np.where(inb, var[yb, xb], np.inf)
                 m = 0.5 * (a + b)
                 sm = 0.5 * np.sqrt(va + vb)
                 # pixels next to an unusable pixel cannot be judged in that direction
-                ok = np.isfinite(sm)
-                cr |= cand & ok & (lhs * ratio > m + k * sm)
+                ok = np.isfinite(sm) & ina & inb & good[ya, xa] & good[yb, xb]
+                hit |= ok & (lhs * ratio > m + k * sm)
+        cr[cy[hit], cx[hit]] = True
     # grow into bright neighbours (CR halos, wider tracks)
     grow_ok = (x > cfg.grow_sigma * sig) & ~skip
     for _ in range(max(0, cfg.grow_iter)):

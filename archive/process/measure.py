@@ -85,14 +85,32 @@ class _Ctx:
 
 def _model_image(ctx: _Ctx, x, y, flux, chunk) -> np.ndarray:
     sm = 2 * ctx.hm + 1
-    out = np.zeros(ctx.shape, dtype=np.float64)
+    ny, nx = ctx.shape
+    idx_parts, val_parts = [], []
+    pending = 0
+    out = None
     for sl in chunks(len(x), chunk):
         xc = np.floor(x[sl] + 0.5).astype(np.int64)
         yc = np.floor(y[sl] + 0.5).astype(np.int64)
         iy, ix = stamp_grid(xc, yc, sm)
         st = ctx.psf.stamps(x[sl], y[sl], sm, xc, yc) * flux[sl][:, None, None]
-        out += scatter_add(ctx.shape, iy, ix, st)
-    return out
+        yy = np.broadcast_to(iy[:, :, None], st.shape)
+        xx = np.broadcast_to(ix[:, None, :], st.shape)
+        ok = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+        idx_parts.append(yy[ok] * nx + xx[ok])
+        val_parts.append(st[ok])
+        pending += idx_parts[-1].size
+        # one bincount per ~8M stamp pixels instead of one full-image pass per chunk
+        if pending > 8_000_000:
+            part = np.bincount(np.concatenate(idx_parts), weights=np.concatenate(val_parts), minlength=ny * nx)
+            out = part if out is None else out + part
+            idx_parts, val_parts, pending = [], [], 0
+    if idx_parts:
+        part = np.bincount(np.concatenate(idx_parts), weights=np.concatenate(val_parts), minlength=ny * nx)
+        out = part if out is None else out + part
+    if out is None:
+        return np.zeros(ctx.shape)
+    return out.reshape(ctx.shape)
 
 
 def _fit_chunk(ctx: _Ctx, R, x, y, flux, want_cov: bool):
