@@ -372,7 +372,7 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
     fwhm = float(cfg.initial_fwhm)
     if sources is None:
         det_cfg = SourceConfig(detection=DetectionConfig(threshold=cfg.detect_threshold), n_passes=1,
-                               measure=MeasureConfig(n_iter=3))
+                               measure=MeasureConfig(n_iter=2, aperture_radii=()))
         sources, model = detect_and_measure(image, variance, GaussianPsf(fwhm), mask=mask, mask_planes=mask_planes,
                                             background_variance=background_variance, config=det_cfg)
         # refine the FWHM from the bright, compact sources' moments and measure again
