@@ -240,7 +240,8 @@ def parquet_breakdown(store, args) -> list[str]:
     st.wrap(parquet_store.ParquetStore, "manifest", "manifest.json read + parse")
     st.wrap(regions.Cone, "pixel_ranges", "HEALPix covering (pixel_ranges)")
     st.wrap(pq, "read_table", "pq.read_table (one call per file)")
-    st.wrap(parquet_store, "frame_from_arrow", "Arrow -> pandas")
+    if hasattr(parquet_store, "frame_from_arrow"):
+        st.wrap(parquet_store, "frame_from_arrow", "Arrow -> pandas")
     return _breakdown(lambda ra, dec, r: store.cone(TABLE, ra, dec, r), st, args)
 
 
@@ -252,7 +253,10 @@ def postgres_breakdown(store, args) -> list[str]:
     st = StageTimers()
     st.wrap(regions.Cone, "pixel_ranges", "HEALPix covering (pixel_ranges)")
     st.wrap(store.engine, "connect", "pool checkout (+ pre-ping)")
-    st.wrap(postgres_store, "_rows_to_frame", "fetch + rows -> DataFrame")
+    for attr in ("_fetch", "_rows_to_frame"):  # the store's fetch step (name changed over time)
+        if hasattr(postgres_store, attr):
+            st.wrap(postgres_store, attr, f"SQL + fetch + DataFrame ({attr})")
+            break
     return _breakdown(lambda ra, dec, r: store.cone(TABLE, ra, dec, r), st, args)
 
 
@@ -270,6 +274,8 @@ def main(argv=None) -> int:
     p.add_argument("--cluster-store", action="store_true",
                    help="also CLUSTER the store's Postgres table on healpix29 (off: as the store leaves it)")
     p.add_argument("--skip-parquet", action="store_true")
+    p.add_argument("--compact", action="store_true",
+                   help="also load a second Parquet store and compact it (ParquetStore.compact) before querying")
     p.add_argument("--budget", type=float, default=45.0,
                    help="seconds per engine per cone size; an engine past it skips the remaining cones")
     args = p.parse_args(argv)
@@ -296,6 +302,15 @@ def main(argv=None) -> int:
         pg_info = load_postgres(url, args)
         q3c_info = load_q3c(url)
         pq_store, pq_info = (None, None) if args.skip_parquet else load_parquet(pathlib.Path(tmp) / "arc", args)
+        pq_compact = None
+        if args.compact and pq_store is not None:
+            pq_compact, cinfo = load_parquet(pathlib.Path(tmp) / "arc-compacted", args)
+            t0 = time.perf_counter()
+            removed = pq_compact.compact([TABLE])
+            pq_info["compact_s"] = time.perf_counter() - t0
+            pq_info["compact_files"] = len(pq_compact.manifest()["tables"][TABLE]["files"])
+            print(f"  parquet (second copy) compacted in {pq_info['compact_s']:.1f} s: {removed} file(s) removed, "
+                  f"{pq_info['compact_files']} left", flush=True)
 
         pg_store = open_store(url)
         t = pg_store.table(TABLE)
@@ -329,7 +344,7 @@ def main(argv=None) -> int:
         def explain(ra, dec, r) -> list[str]:
             """EXPLAIN ANALYZE of each SQL variant and of Q3C for one cone (plan shape, JIT, time)."""
             out = []
-            for variant in ("store", "offset0", "literal"):
+            for variant in variants:
                 sql, params = pg_sql_text(ra, dec, r, variant)
                 plan = [row[0] for row in sa_con.execute(sa.text("EXPLAIN (ANALYZE) " + sql), params)]
                 out.append(f"    -- {variant} SQL:")
@@ -346,12 +361,17 @@ def main(argv=None) -> int:
                    "postgres store.cone": lambda ra, dec, r: pg_store.cone(TABLE, ra, dec, r)}
         if pq_store is not None:
             engines["parquet store.cone"] = lambda ra, dec, r: pq_store.cone(TABLE, ra, dec, r)
-        engines.update({
-            "pg store SQL only": pg_sql,
-            "pg SQL fix: OFFSET 0": lambda ra, dec, r: pg_sql(ra, dec, r, "offset0"),
-            "pg SQL fix: literal OR": lambda ra, dec, r: pg_sql(ra, dec, r, "literal"),
-            "covering only": lambda ra, dec, r: _discard(Cone(ra, dec, r / 3600.0).pixel_ranges()),
-        })
+        if pq_compact is not None:
+            engines["parquet, compacted"] = lambda ra, dec, r: pq_compact.cone(TABLE, ra, dec, r)
+        engines["pg store SQL only"] = pg_sql
+        # The store's SQL before the fix of bench/README finding 1 used unnest + LATERAL;
+        # for that form also time the two proposed fixes.
+        lateral = "JOIN LATERAL" in pg_sql_text(10.0, 10.0, 60.0)[0]
+        variants = ["store"] + (["offset0", "literal"] if lateral else [])
+        if lateral:
+            engines["pg SQL fix: OFFSET 0"] = lambda ra, dec, r: pg_sql(ra, dec, r, "offset0")
+            engines["pg SQL fix: literal OR"] = lambda ra, dec, r: pg_sql(ra, dec, r, "literal")
+        engines["covering only"] = lambda ra, dec, r: _discard(Cone(ra, dec, r / 3600.0).pixel_ranges())
         if pq_store is not None:
             engines["parquet manifest read"] = lambda ra, dec, r: _discard(pq_store.manifest())
 
@@ -372,17 +392,21 @@ def main(argv=None) -> int:
             for i, ra, dec, name, got, want, diff in mism[:20]:
                 print(f"    MISMATCH cone {i} ({ra:.6f}, {dec:.6f}) r={radius}\": {name} {got} rows, "
                       f"q3c {want}; ids in one only: {diff}")
-        plans = explain(float(ras[0]), float(decs[0]), 60.0)
-        if pq_store is not None:
-            breakdown = parquet_breakdown(pq_store, args)
-        if pg_store is not None:
+        try:  # diagnostics must not cost the figures if the store's internals change
+            plans = explain(float(ras[0]), float(decs[0]), 60.0)
+            if pq_store is not None:
+                breakdown = parquet_breakdown(pq_compact or pq_store, args)
             pg_breakdown = postgres_breakdown(pg_store, args)
+        except Exception as exc:  # noqa: BLE001
+            print(f"  (diagnostics failed: {type(exc).__name__}: {exc})", flush=True)
         sa_con.close()
         cur.close()
         con.close()
         pg_store.close()
         if pq_store is not None:
             pq_store.close()
+        if pq_compact is not None:
+            pq_compact.close()
 
     print("\n== Results ==")
     print(f"rows={args.rows} layout={args.layout} ({density:.0f} rows/deg^2); latency in ms; "
@@ -406,10 +430,12 @@ def main(argv=None) -> int:
     print(f"load: postgres store {pg_info['load_s']:.0f} s ({args.rows / pg_info['load_s']:.0f} rows/s); "
           f"q3c table copy+index+cluster {q3c_info['copy_s'] + q3c_info['index_s'] + q3c_info['cluster_s']:.0f} s"
           + (f"; parquet {pq_info['load_s']:.0f} s ({args.rows / pq_info['load_s']:.0f} rows/s, "
-             f"{pq_info['files']} files, manifest {pq_info['manifest_mb']:.1f} MB)" if pq_info else ""))
+             f"{pq_info['files']} files, manifest {pq_info['manifest_mb']:.1f} MB)" if pq_info else "")
+          + (f"; compaction of a second copy {pq_info['compact_s']:.0f} s -> {pq_info['compact_files']} files"
+             if pq_info and "compact_s" in pq_info else ""))
     for title, lines in (("parquet store.cone", breakdown), ("postgres store.cone", pg_breakdown)):
         if lines:
-            print(f"  break-down of {title} on the first {min(args.n_large, 20)} 1-arcmin cones:")
+            print(f"  break-down of {title}{' (compacted copy)' * (title.startswith('parquet') and args.compact)} on the first {min(args.n_large, 20)} 1-arcmin cones:")
             print("\n".join(lines))
     if plans:
         print("  query plans for the first 1-arcmin cone (EXPLAIN ANALYZE, abridged):")
