@@ -43,14 +43,18 @@ class AstrometryConfig:
     rotation_step: ... in steps of this (deg).
     bin_size: offset histogram bin (px).
     n_bright: brightest sources / reference stars used in the coarse search.
-    match_radii: matching radii of the successive fit iterations (px).
+    match_radii: matching radii of the successive fit iterations (px); the first must cover the
+        header WCS's missing distortion, repeats let the match set grow as the fit improves.
     sip_degree: highest SIP polynomial degree (0 or None = pure TAN) ...
-    matches_per_sip_term: ... lowered until there are ``matches_per_sip_term * (degree + 1)**2`` matches.
+    matches_per_sip_term: ... lowered until there are this many matches per polynomial coefficient
+        of one axis (``(degree + 1)(degree + 2) / 2`` coefficients).
     clip_sigma: residual clipping threshold in the fit.
     min_matches: fewer matches than this is an error.
     min_snr: sources below this S/N are not used.
-    weight_by_errors: weight the fit by the reference catalog's ``ra_err``/``dec_err`` (mas) ...
-    centroid_floor_mas: ... added in quadrature to a floor for the source centroids (mas).
+    weight_by_errors: weight the fit by the reference catalog's ``ra_err``/``dec_err`` (mas) and the
+        sources' ``x_err``/``y_err`` ...
+    centroid_floor_mas: ... plus this systematic floor in quadrature (mas; PSF-model centroid errors).
+    radial_distortion: with too few matches for a cubic SIP, fit a radial cubic term instead.
     """
 
     max_offset: float = 60.0
@@ -58,14 +62,15 @@ class AstrometryConfig:
     rotation_step: float = 0.1
     bin_size: float = 2.0
     n_bright: int = 150
-    match_radii: tuple[float, ...] = (4.0, 2.0, 1.0)
+    match_radii: tuple[float, ...] = (8.0, 4.0, 4.0, 2.0, 2.0, 1.5)
     sip_degree: int | None = 3
     matches_per_sip_term: int = 3
     clip_sigma: float = 3.0
     min_matches: int = 8
     min_snr: float = 10.0
     weight_by_errors: bool = True
-    centroid_floor_mas: float = 5.0
+    centroid_floor_mas: float = 10.0
+    radial_distortion: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,13 +142,16 @@ def _tan_deproject(xi, eta, ra0, dec0):
     return np.mod(np.rad2deg(ra), 360.0), np.rad2deg(dec)
 
 
-def fit_tan_sip(x, y, ra, dec, weights, centre, degree: int | None, start: tuple[float, float]) -> WCS:
+def fit_tan_sip(x, y, ra, dec, weights, centre, degree: int | None, start: tuple[float, float],
+                radial: bool = False) -> WCS:
     """Weighted least-squares TAN-SIP WCS from pixel (x, y) to sky (ra, dec) (deg).
 
     The standard coordinates about the tangent point are fitted as full polynomials
     of degree ``degree`` in the pixel offsets from ``centre``; the linear part is the
-    CD matrix, the rest becomes the SIP A/B polynomials. The tangent point starts at
-    ``start`` and is moved to the sky position of ``centre`` (two iterations).
+    CD matrix, the rest becomes the SIP A/B polynomials. With ``radial`` (and degree
+    below 3) two cubic columns ``u r^2`` and ``v r^2`` are added: a radial distortion
+    that few reference stars can constrain. The tangent point starts at ``start`` and
+    is moved to the sky position of ``centre`` (two iterations).
     """
     from astropy.wcs import Sip
 
@@ -152,7 +160,12 @@ def fit_tan_sip(x, y, ra, dec, weights, centre, degree: int | None, start: tuple
     v = np.asarray(y, dtype=np.float64) - centre[1]
     terms = [(p, q) for n in range(d + 1) for q in range(n + 1) for p in [n - q]]
     scale = max(np.abs(u).max(), np.abs(v).max(), 1.0)
-    X = np.column_stack([(u / scale) ** p * (v / scale) ** q for p, q in terms])
+    cols = [(u / scale) ** p * (v / scale) ** q for p, q in terms]
+    use_radial = bool(radial and d < 3)
+    if use_radial:
+        r2 = (u / scale) ** 2 + (v / scale) ** 2
+        cols += [(u / scale) * r2, (v / scale) * r2]
+    X = np.column_stack(cols)
     w = np.asarray(weights, dtype=np.float64)
     ra0, dec0 = start
     for _ in range(3):
@@ -163,12 +176,20 @@ def fit_tan_sip(x, y, ra, dec, weights, centre, degree: int | None, start: tuple
         cy = np.linalg.solve(A, (X * w[:, None]).T @ eta)
         ra0, dec0 = _tan_deproject(cx[0], cy[0], ra0, dec0)
     coef = {t: (cx[k] / scale ** (t[0] + t[1]), cy[k] / scale ** (t[0] + t[1])) for k, t in enumerate(terms)}
+    if use_radial:
+        # u r^2 = u^3 + u v^2, v r^2 = u^2 v + v^3
+        ku = (cx[len(terms)] / scale ** 3, cy[len(terms)] / scale ** 3)
+        kv = (cx[len(terms) + 1] / scale ** 3, cy[len(terms) + 1] / scale ** 3)
+        for t, kk in (((3, 0), ku), ((1, 2), ku), ((2, 1), kv), ((0, 3), kv)):
+            old = coef.get(t, (0.0, 0.0))
+            coef[t] = (old[0] + kk[0], old[1] + kk[1])
+        d = max(d, 3)
     cdm = np.array([[coef[(1, 0)][0], coef[(0, 1)][0]], [coef[(1, 0)][1], coef[(0, 1)][1]]])
     wcs = WCS(naxis=2)
     wcs.wcs.crpix = [centre[0] + 1.0, centre[1] + 1.0]
     wcs.wcs.crval = [float(ra0), float(dec0)]
     wcs.wcs.cd = cdm
-    if degree and degree >= 2:
+    if d >= 2:
         inv = np.linalg.inv(cdm)
         a = np.zeros((d + 1, d + 1))
         b = np.zeros((d + 1, d + 1))
@@ -186,9 +207,9 @@ def fit_tan_sip(x, y, ra, dec, weights, centre, degree: int | None, start: tuple
 
 
 def _sip_degree(max_degree: int | None, n: int, per_term: int) -> int | None:
-    """Highest SIP degree <= max_degree with at least ``per_term * (degree + 1)**2`` matches."""
+    """Highest SIP degree <= max_degree with ``per_term`` matches per coefficient of one axis."""
     d = int(max_degree or 0)
-    while d >= 2 and n < per_term * (d + 1) ** 2:
+    while d >= 2 and n < per_term * (d + 1) * (d + 2) // 2:
         d -= 1
     return d if d >= 2 else None
 
@@ -252,8 +273,15 @@ def fit_astrometry(sources: pd.DataFrame, refcat: pd.DataFrame, wcs: WCS, shape:
     if cfg.weight_by_errors and "ra_err" in refcat and "dec_err" in refcat:
         e2 = (refcat["ra_err"].to_numpy(np.float64)[ref_idx] ** 2 + refcat["dec_err"].to_numpy(np.float64)[ref_idx] ** 2) / 2
         e2 = np.where(np.isfinite(e2), e2, np.nanmedian(e2))
-        floor = cfg.centroid_floor_mas
-        wts = 1.0 / (e2 + floor ** 2)
+        wts = e2  # reference variance (mas^2); the sources' own errors are added per match below
+    # source centroid variance in mas^2 (pixel errors times the header pixel scale) plus a floor
+    pix_mas = float(np.mean(proj_plane_pixel_scales(wcs.celestial))) * 3.6e6
+    if "x_err" in src and "y_err" in src:
+        se2 = 0.5 * (src["x_err"].to_numpy(np.float64) ** 2 + src["y_err"].to_numpy(np.float64) ** 2) * pix_mas ** 2
+        se2 = np.where(np.isfinite(se2), se2, np.nanmedian(se2) if np.isfinite(se2).any() else 0.0)
+    else:
+        se2 = np.zeros(len(sx))
+    se2 = se2 + cfg.centroid_floor_mas ** 2
     tree_src = cKDTree(np.column_stack([sx, sy]))
     used = None
     for radius in cfg.match_radii:
@@ -278,9 +306,10 @@ def fit_astrometry(sources: pd.DataFrame, refcat: pd.DataFrame, wcs: WCS, shape:
                     start = fit_wcs_from_points((sx[si[used]], sy[si[used]]), ref_sky[ri[used]],
                                                 proj_point="center", projection="TAN")
                 start_radec = tuple(float(v) for v in start.all_pix2world(centre[0], centre[1], 0))
+            radial = bool(cfg.radial_distortion and (deg or 0) < 3 and used.sum() >= 8)
             cur = fit_tan_sip(sx[si[used]], sy[si[used]], ref_sky.ra.deg[ri[used]], ref_sky.dec.deg[ri[used]],
-                              wts[ri[used]] if wts is not None else np.ones(int(used.sum())), centre, deg,
-                              start_radec)
+                              1.0 / ((wts[ri[used]] if wts is not None else 0.0) + se2[si[used]]), centre,
+                              deg if (deg or 0) >= 2 else None, start_radec, radial=radial)
             px, py = cur.all_world2pix(ref_sky.ra.deg[ri], ref_sky.dec.deg[ri], 0)
             rx_, ry_ = sx[si] - px, sy[si] - py
             rr = np.hypot(rx_, ry_)
