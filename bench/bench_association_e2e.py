@@ -288,6 +288,19 @@ def open_backend(backend: str, workdir: str, stack: contextlib.ExitStack):
     return store, None
 
 
+def literal_region_sql(store, t, region, cols) -> str:
+    """The store's own region SQL (current versions) with its parameters inlined (for COPY/EXPLAIN)."""
+    sql, params = store._region_sql(t, region, cols, current_only=True)
+    if "lo" in params:  # before 546ad3e: ranges as bigint[] parameters (unnest + LATERAL)
+        lo = ",".join(map(str, params["lo"]))
+        hi = ",".join(map(str, params["hi"]))
+        sql = sql.replace("CAST(:lo AS bigint[])", f"'{{{lo}}}'::bigint[]").replace(
+            "CAST(:hi AS bigint[])", f"'{{{hi}}}'::bigint[]")
+    elif params:
+        raise RuntimeError(f"region diagnostic: unexpected SQL parameters {sorted(params)}")
+    return sql
+
+
 NARROW = ["dia_object_id", "ra", "dec", "ra_err", "dec_err", "ra_dec_cov", "healpix29", "n_dia_sources"]
 
 
@@ -314,13 +327,7 @@ def pg_region_diagnostic(store, df: pd.DataFrame, cfg: AssociationConfig,
     t0 = time.perf_counter()
     ref = store.query_region("dia_object", region, current_only=True)
     out["store query_region (all columns)"] = time.perf_counter() - t0
-    sql, params = store._region_sql(t, region, cols, current_only=True)
-    if "to_char" in sql:
-        raise RuntimeError("region diagnostic: dia_object has timestamp columns; the literal SQL needs them")
-    lo = ",".join(map(str, params["lo"]))
-    hi = ",".join(map(str, params["hi"]))
-    lit = sql.replace("CAST(:lo AS bigint[])", f"'{{{lo}}}'::bigint[]").replace(
-        "CAST(:hi AS bigint[])", f"'{{{hi}}}'::bigint[]")
+    lit = literal_region_sql(store, t, region, cols)
     with pg_connect(store.url.replace("postgresql+psycopg://", "postgresql://")) as con:
         t0 = time.perf_counter()
         cur = con.execute(lit)
@@ -362,6 +369,78 @@ def pg_region_diagnostic(store, df: pd.DataFrame, cfg: AssociationConfig,
     return out
 
 
+COVER_SQL = ("CREATE INDEX IF NOT EXISTS bench_current_cover ON dia_object (healpix29) INCLUDE "
+             "(dia_object_id, ra, dec, ra_err, dec_err, ra_dec_cov, n_dia_sources) WHERE validity_end IS NULL")
+
+
+def pg_fix_experiment(store, url: str, sky: Sky, ra, dec, n_src: int, n_regions: int, seed: int) -> dict:
+    """Proposed fix for the Postgres region read, measured on the same stored rows after the
+    timed visits: a partial covering index on the current versions (association's columns
+    only), VACUUM so index-only scans need no heap visit, then on fresh footprints (not
+    ingested, cold): (a) what ingest does now -- the store's query_region, all 186 columns of
+    every current object of the region; (b) the fix -- association's columns read by one
+    index-only range scan per covering range (unnest + LATERAL: a BitmapOr, which the store's
+    OR-of-ranges SQL gets, can never be index-only), associate, then all columns of only the
+    matched objects.  (a) and (b) use different footprints (no shared cache)."""
+    from archive.catalog.association import associate
+    from archive.sky.regions import PixelSet
+
+    out: dict = {}
+    with pg_connect(url) as con:
+        t0 = time.perf_counter()
+        con.execute(COVER_SQL)
+        out["create covering index (s)"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        con.execute("VACUUM (ANALYZE) dia_object")
+        out["VACUUM ANALYZE (s)"] = time.perf_counter() - t0
+    t = store.table("dia_object")
+    cfg = AssociationConfig(radius_arcsec=1.0)
+    a_times, b_times, b_parts = [], [], []
+    for j in range(2 * n_regions):
+        df = make_visit(sky, ra, dec, n_src, 9000 + j, seed + 9000 + j)
+        region = PixelSet.around(df["ra"].to_numpy(float), df["dec"].to_numpy(float), cfg.order())
+        rng_ = region.pixel_ranges()
+        lo = ",".join(map(str, rng_[:, 0]))
+        hi = ",".join(map(str, rng_[:, 1]))
+        narrow_sql = (f"SELECT {', '.join('x.' + c for c in NARROW)} FROM unnest('{{{lo}}}'::bigint[], "
+                      f"'{{{hi}}}'::bigint[]) AS r(lo, hi) JOIN LATERAL (SELECT * FROM dia_object x "
+                      "WHERE x.healpix29 >= r.lo AND x.healpix29 < r.hi AND x.validity_end IS NULL) x ON true")
+        if j == 0:
+            with pg_connect(url) as con:
+                plan = "\n".join(r[0] for r in con.execute("EXPLAIN " + narrow_sql).fetchall())
+            out["narrow read is an index-only scan of the covering index"] = (
+                "Index Only Scan using bench_current_cover" in plan)
+        t0 = time.perf_counter()
+        if j % 2:
+            store.query_region("dia_object", region, current_only=True)
+            a_times.append(time.perf_counter() - t0)
+            continue
+        with store.engine.connect() as con:
+            narrow = postgres_store._fetch(con, narrow_sql, {}, t, NARROW)
+        narrow = narrow[region.contains(narrow["ra"].to_numpy(), narrow["dec"].to_numpy())]
+        t1 = time.perf_counter()
+        res = associate(df, narrow[narrow["n_dia_sources"] > 0], 1.0,
+                        id_factory=lambda k: np.zeros(k, np.int64))
+        t2 = time.perf_counter()
+        ids = np.unique(res.dia_object_id[~res.is_new])
+        sql_t = "SELECT * FROM dia_object WHERE dia_object_id = ANY(:v) AND validity_end IS NULL"
+        with store.engine.connect() as con:
+            full = postgres_store._fetch(con, sql_t, {"v": ids.tolist()}, t, t.column_names)
+        t3 = time.perf_counter()
+        if len(full) != ids.size:
+            raise RuntimeError(f"fix experiment: {len(full)} full rows for {ids.size} matched ids")
+        b_times.append(t3 - t0 - (t2 - t1))
+        b_parts.append((t1 - t0, t3 - t2, len(narrow), ids.size))
+    out["(a) now: all columns of the region, s (median)"] = float(np.median(a_times))
+    out["(b) fix: narrow index-only read + full rows of matched, s (median)"] = float(np.median(b_times))
+    p = np.median(np.array(b_parts, dtype=float), axis=0)
+    out["(b) of which narrow read / matched full rows, s"] = f"{p[0]:.3f} / {p[1]:.3f}"
+    out["(b) rows: region / matched"] = f"{p[2]:,.0f} / {p[3]:,.0f}"
+    out["(a) all runs"] = " ".join(f"{x:.2f}" for x in a_times)
+    out["(b) all runs"] = " ".join(f"{x:.2f}" for x in b_times)
+    return out
+
+
 def count_current(store, backend: str, url: str | None) -> tuple[int, int]:
     if backend == "postgres":
         with pg_connect(url) as con:
@@ -378,14 +457,34 @@ def run_backend(backend: str, args, ph: Phases, workdir: str) -> tuple[list[dict
     n_objects = int(args.objects)
     sky = Sky(n_objects, args.density)
     with contextlib.ExitStack() as stack:
-        store, url = open_backend(backend, workdir, stack)
-        print(f"# {backend}: loading {n_objects:,} objects over {sky.area:.0f} deg^2 "
-              f"({sky.side:.2f} x {sky.side:.2f} deg) in chunks of {args.chunk:,}", flush=True)
-        t0 = time.perf_counter()
-        ra, dec, ra_ids, (t_gen, t_write, t_an) = load_objects(store, sky, n_objects, args.chunk, args.seed, url)
-        t_load = time.perf_counter() - t0
-        print(f"# {backend}: load {t_load:.1f} s (generate+conform {t_gen:.1f} s, write {t_write:.1f} s "
-              f"= {n_objects / t_write:,.0f} rows/s, ANALYZE {t_an:.1f} s)", flush=True)
+        visit = 1
+        n_new_total = n_src_total = 0
+        if backend == "postgres" and args.reuse:
+            # a database this script loaded before (with the same --objects/--density/--seed),
+            # kept, e.g. after an interrupted run: read the current objects instead of reloading
+            url = args.reuse
+            store = open_store(url)
+            stack.callback(store.close)
+            with pg_connect(url) as con:
+                cur = con.execute("SELECT dia_object_id, ra, dec FROM dia_object WHERE validity_end IS NULL")
+                arr = np.array(cur.fetchall(), dtype=object)
+                visit = int(con.execute("SELECT coalesce(max(visit), 0) FROM dia_source").fetchone()[0])
+                n_src_total = -int(con.execute("SELECT count(*) FROM dia_source").fetchone()[0])
+            ra_ids, ra, dec = arr[:, 0].astype(np.int64), arr[:, 1].astype(float), arr[:, 2].astype(float)
+            n_new_total = len(ra_ids) - n_objects
+            n_src_total = -n_src_total
+            print(f"# postgres: reusing {url} ({len(ra_ids):,} current objects, last visit {visit}); "
+                  "the database is NOT dropped", flush=True)
+        else:
+            store, url = open_backend(backend, workdir, stack)
+            print(f"# {backend}: loading {n_objects:,} objects over {sky.area:.0f} deg^2 "
+                  f"({sky.side:.2f} x {sky.side:.2f} deg) in chunks of {args.chunk:,}", flush=True)
+            t0 = time.perf_counter()
+            ra, dec, ra_ids, (t_gen, t_write, t_an) = load_objects(store, sky, n_objects, args.chunk,
+                                                                   args.seed, url)
+            t_load = time.perf_counter() - t0
+            print(f"# {backend}: load {t_load:.1f} s (generate+conform {t_gen:.1f} s, write {t_write:.1f} s "
+                  f"= {n_objects / t_write:,.0f} rows/s, ANALYZE {t_an:.1f} s)", flush=True)
         if backend == "postgres":
             with pg_connect(url) as con:
                 size = con.execute("SELECT pg_size_pretty(pg_total_relation_size('dia_object'))").fetchone()[0]
@@ -395,9 +494,8 @@ def run_backend(backend: str, args, ph: Phases, workdir: str) -> tuple[list[dict
             print(f"# parquet: {du / 2**30:.2f} GiB in {len(list(Path(store.root).rglob('*.parquet')))} files",
                   flush=True)
         cfg = AssociationConfig(radius_arcsec=1.0)
-        visit = 1
-        n_new_total = n_src_total = 0
         # warm-up (untimed)
+        visit += 1 if args.reuse and backend == "postgres" else 0
         warm = make_visit(sky, ra, dec, 1000, visit, args.seed + visit)
         rep = ingest_dia_sources(store, warm, cfg, ingest_mjd=INGEST_MJD0 + visit * 1e-3)
         n_new_total += rep.n_new_objects
@@ -430,6 +528,13 @@ def run_backend(backend: str, args, ph: Phases, workdir: str) -> tuple[list[dict
                     print(f"# ERROR: visit {visit}: {rep.n_sources} sources ingested, matched {frac:.1%} "
                           "(expected ~70 %)")
                     ok = False
+        if backend == "postgres" and args.fix_experiment and hasattr(postgres_store, "_fetch"):
+            fx = pg_fix_experiment(store, url, sky, ra, dec, int(args.sources[0]), args.fix_experiment,
+                                   args.seed)
+            print(f"# postgres fix experiment ({n_objects:,} objects, {int(args.sources[0]):,}-source "
+                  "footprints, cold, not ingested):")
+            for k, v in fx.items():
+                print(f"#   {k}: {v:.3f}" if isinstance(v, float) else f"#   {k}: {v}", flush=True)
         n_obj_now, n_src_now = count_current(store, backend, url)
         want_obj = n_objects + n_new_total
         if n_obj_now != want_obj or n_src_now != n_src_total:
@@ -489,6 +594,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--no-diagnostic", action="store_true",
                     help="skip the Postgres region-read diagnostic after each visit")
+    ap.add_argument("--fix-experiment", type=int, default=0, metavar="N",
+                    help="Postgres: after the visits, add a partial covering index + VACUUM and time "
+                         "the proposed region read on N fresh footprints beside the current one")
+    ap.add_argument("--reuse", default=None, metavar="URL",
+                    help="Postgres: skip the load and use this database loaded earlier by this script "
+                         "(same --objects/--density/--seed); it is not dropped")
     ap.add_argument("--workdir", default=None, help="parent of the temporary Parquet store")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
