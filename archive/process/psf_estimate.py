@@ -60,7 +60,7 @@ class PsfEstimateConfig:
     """
 
     initial_fwhm: float = 3.0
-    detect_threshold: float = 10.0
+    detect_threshold: float = 20.0
     min_snr: float = 20.0
     max_stars: int = 400
     isolation: float = 2.5
