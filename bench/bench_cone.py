@@ -358,7 +358,10 @@ def main(argv=None) -> int:
             return out
 
         engines = {"q3c": lambda ra, dec, r: q3c_cone(cur, ra, dec, r),
-                   "postgres store.cone": lambda ra, dec, r: pg_store.cone(TABLE, ra, dec, r)}
+                   "postgres store.cone": lambda ra, dec, r: pg_store.cone(TABLE, ra, dec, r),
+                   # the same cone again at once: its heap pages are now in shared_buffers,
+                   # so the difference to the first call is the cost of reaching scattered rows
+                   "postgres, same cone again": lambda ra, dec, r: pg_store.cone(TABLE, ra, dec, r)}
         if pq_store is not None:
             engines["parquet store.cone"] = lambda ra, dec, r: pq_store.cone(TABLE, ra, dec, r)
         if pq_compact is not None:
