@@ -28,6 +28,7 @@ import pandas as pd
 from archive.catalog.ids import new_ids
 from archive.catalog.store import CatalogStore
 from archive.errors import ArchiveError, NotFoundError
+from archive.image.exposure import Exposure
 from archive.image.raw import RawFrame, read_raw
 from archive.pipeline.products import image_product_row, product_path, write_product
 from archive.pipeline.provenance import provenance_row
@@ -59,6 +60,8 @@ class ProcessConfig:
 
     workers: int = 1
     match_radius_arcsec: float = 1.0  # matching of sources across epochs (matched_source)
+    refine_astrometry: bool = True  # the epochs of a field processed together: joint relative astrometry
+    relative_astrometry: object = None  # archive.process.astrometry_relative.RelativeAstrometryConfig
     single_frame: object = None  # archive.process.single_frame.SingleFrameConfig (None = defaults)
     progress: bool | None = None  # None: a bar only on a terminal
 
@@ -71,6 +74,9 @@ class RunReport:
     failed: dict[int, str] = field(default_factory=dict)
     n_sources: int = 0
     seconds: float = 0.0
+    #: exposure id -> (rms before, after) in mas of its stars against the other epochs' mean,
+    #: for the exposures whose WCS the joint relative astrometry refined
+    refined: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 
 def exposure_id_of(visit: int, detector: int) -> int:
@@ -225,6 +231,67 @@ def _record(store: CatalogStore, out: dict, exposure_id: int, config_dict: dict,
     return n
 
 
+def _fields(outs: list[dict], link_deg: float) -> list[list[int]]:
+    """Groups of overlapping exposures: friends-of-friends of their centres within ``link_deg``."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    centres = np.array([o["calexp_centre"] for o in outs])
+    ra, dec = np.radians(centres[:, 0]), np.radians(centres[:, 1])
+    xyz = np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
+    pairs = cKDTree(xyz).query_pairs(2 * np.sin(np.radians(link_deg) / 2), output_type="ndarray")
+    n = len(outs)
+    _, lab = connected_components(coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n)),
+                                  directed=False)
+    return [list(np.flatnonzero(lab == k)) for k in np.unique(lab)]
+
+
+def refine_field_astrometry(outs: list[dict], refcat: pd.DataFrame | None, products_root: os.PathLike,
+                            config=None) -> None:
+    """Refine the WCS of processed exposures of one run field by field, in place.
+
+    Exposures whose centres lie within one detector diagonal of each other form a
+    field; a field of three or more is fitted jointly
+    (:func:`archive.process.astrometry_relative.refine_epochs`); each refined
+    exposure's calexp FITS is rewritten with its new WCS (new checksum) and its
+    sources get new sky coordinates. A field that cannot be refined (too few common
+    stars) keeps its reference-catalog fits, with a warning.
+    """
+    from archive.errors import ValidationError
+    from archive.image.exposure import Exposure
+    from archive.process.astrometry_relative import RelativeAstrometryConfig, refine_epochs
+    from archive.process.characterize import add_sky_coordinates
+
+    cfg = config or RelativeAstrometryConfig()
+    if len(outs) < cfg.min_epochs:
+        return
+    diag = max(o["calexp_diag_deg"] for o in outs)
+    for group in _fields(outs, diag):
+        if len(group) < cfg.min_epochs:
+            continue
+        members = [outs[k] for k in group]
+        try:
+            res = refine_epochs([o["sources"] for o in members], [o["calexp_wcs"] for o in members],
+                                [o["calexp_shape"] for o in members], refcat=refcat, config=cfg,
+                                detectors=[int(o["info"].detector) for o in members])
+        except ValidationError as exc:
+            log.warning("relative astrometry of %d exposures skipped: %s", len(members), exc)
+            continue
+        for o, wcs, done, before, after in zip(members, res.wcs, res.refined, res.rms_before_mas,
+                                               res.rms_after_mas):
+            if not done:
+                continue
+            path = pathlib.Path(products_root) / o["rel"]
+            calexp = Exposure.read(path)
+            calexp.wcs = wcs
+            _, o["sha256"], o["size"] = write_product(products_root, o["rel"], calexp)
+            o["calexp"] = calexp
+            o["calexp_wcs"] = wcs
+            o["sources"] = add_sky_coordinates(o["sources"].copy(), wcs)
+            o["relative_rms_mas"] = (float(before), float(after))
+
+
 def process_raws(store: CatalogStore, raw_paths: list, calib_paths: list, refcat: pd.DataFrame | None,
                  products_root: os.PathLike, config: ProcessConfig | None = None) -> RunReport:
     """Process raw frames into calexps (FITS under ``products_root``) and archive rows.
@@ -266,15 +333,40 @@ def process_raws(store: CatalogStore, raw_paths: list, calib_paths: list, refcat
 
         bar = tqdm(total=len(todo), unit="exposure", desc="process")
 
+    held: list[dict] = []  # processed exposures waiting for the field's relative astrometry
+    refine = bool(cfg.refine_astrometry) and len(todo) > 1
+    if refine:
+        from archive.process.astrometry_relative import RelativeAstrometryConfig
+
+        # the calexps' WCSs then depend on this step too: its config goes into their provenance
+        config_dict = {**config_dict,
+                       "relative_astrometry": _plain(cfg.relative_astrometry or RelativeAstrometryConfig())}
+
+    def record(out: dict) -> None:
+        eid = out["exposure_id"]
+        if not out["rejected"] and out.get("calexp") is None:
+            out["calexp"] = Exposure.read(pathlib.Path(products_root) / out["rel"])
+        report.n_sources += _record(store, out, eid, config_dict, masters_used, cfg.match_radius_arcsec)
+        (report.rejected.__setitem__(eid, out["reason"]) if out["rejected"] else report.processed.append(eid))
+        out["calexp"] = None
+
     def handle(path: str, out: dict | None, error: str | None) -> None:
         eid, wcs, shape = headers[path]
         if error is not None:
             report.failed[eid] = error
             log.error("%s: %s", path, error)
         else:
-            out["raw_wcs"], out["shape"] = wcs, shape
-            report.n_sources += _record(store, out, eid, config_dict, masters_used, cfg.match_radius_arcsec)
-            (report.rejected.__setitem__(eid, out["reason"]) if out["rejected"] else report.processed.append(eid))
+            out["raw_wcs"], out["shape"], out["exposure_id"] = wcs, shape, eid
+            if refine and not out["rejected"]:
+                calexp = out["calexp"]
+                ny, nx = calexp.image.shape
+                out["calexp_wcs"], out["calexp_shape"] = calexp.wcs, (ny, nx)
+                out["calexp_centre"] = calexp.center_sky()
+                out["calexp_diag_deg"] = float(np.hypot(nx, ny) * calexp.pixel_scale() / 3600.0)
+                out["calexp"] = None  # on disk; read again when recorded, so a run's memory stays flat
+                held.append(out)
+            else:
+                record(out)
         if bar is not None:
             bar.update(1)
 
@@ -298,6 +390,12 @@ def process_raws(store: CatalogStore, raw_paths: list, calib_paths: list, refcat
                     handle(path, None, str(exc))
                     continue
                 handle(path, out, None)
+    if held:
+        refine_field_astrometry(held, refcat, products_root, cfg.relative_astrometry)
+        for out in sorted(held, key=lambda o: o["exposure_id"]):
+            if "relative_rms_mas" in out:
+                report.refined[out["exposure_id"]] = out["relative_rms_mas"]
+            record(out)
     if bar is not None:
         bar.close()
     report.seconds = time.perf_counter() - t0

@@ -41,8 +41,10 @@ class PhotoCalConfig:
     min_snr: calibration / aperture-correction stars must exceed this S/N.
     fit_colour_term: fit the colour term ``k``.
     colours: band -> (blue, red) reference columns of the colour.
-    min_colour_range: the colour term is fitted only if the stars span this range (mag).
-    clip_sigma, clip_iters: clipping of the zero-point fit.
+    min_colour_range: the colour term is fitted only if the stars span this range (mag) ...
+    min_colour_stars: ... and there are at least this many (a colour term from a handful of
+        stars mostly fits their noise and variability).
+    clip_sigma, clip_iters: clipping of the zero-point fit, about a robust (median / MAD) start.
     min_stars: fewer calibration stars than this is an error.
     bad_flags_planes: mask planes that exclude a star.
     """
@@ -52,10 +54,11 @@ class PhotoCalConfig:
     fit_colour_term: bool = True
     colours: dict = field(default_factory=lambda: dict(DEFAULT_COLOURS))
     min_colour_range: float = 0.3
+    min_colour_stars: int = 25
     clip_sigma: float = 3.0
     clip_iters: int = 5
     min_stars: int = 5
-    bad_flags_planes: tuple[str, ...] = ("SAT", "CR", "BAD", "NO_DATA", "INTRP", "SUSPECT")
+    bad_flags_planes: tuple[str, ...] = ("SAT", "CR", "BAD", "NO_DATA", "INTRP", "SUSPECT", "STREAK")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -135,24 +138,30 @@ def calibrate_photometry(sources: pd.DataFrame, refcat: pd.DataFrame, matches: p
     sig = np.sqrt(e_inst ** 2 + np.nan_to_num(e_ref) ** 2 + 0.005 ** 2)
     col0 = float(np.median(col[good])) if colour is not None else 0.0
     fit_k = bool(cfg.fit_colour_term and colour is not None
-                 and np.ptp(col[good]) >= cfg.min_colour_range and good.sum() >= 2 * cfg.min_stars)
+                 and np.ptp(col[good]) >= cfg.min_colour_range and good.sum() >= max(cfg.min_colour_stars, 2))
+    # Robust start: the median offset, then clipping in magnitudes by the larger of the typical
+    # error and the MAD of the residuals. Reference magnitudes of variable stars are their means,
+    # so on any one epoch they scatter far more than their errors say; a chi-based clip scaled by
+    # those same outliers would let them pull the zero point.
+    zp, k, cov = float(np.median(y[good])), 0.0, np.zeros((2, 2))
     use = good.copy()
-    zp, k, cov = 0.0, 0.0, np.zeros((2, 2))
     for _ in range(max(1, cfg.clip_iters)):
-        X = np.column_stack([np.ones(use.sum()), col[use] - col0]) if fit_k else np.ones((use.sum(), 1))
-        w = 1.0 / sig[use] ** 2
+        resid = y - zp - k * (col - col0)
+        r_use = resid[use]
+        scale = max(1.4826 * float(np.median(np.abs(r_use - np.median(r_use)))), float(np.median(sig[use])))
+        new = good & (np.abs(resid - np.median(r_use)) < cfg.clip_sigma * scale)
+        if new.sum() < cfg.min_stars:
+            new = use
+        X = np.column_stack([np.ones(new.sum()), col[new] - col0]) if fit_k else np.ones((new.sum(), 1))
+        w = 1.0 / sig[new] ** 2
         A = (X * w[:, None]).T @ X
-        b = (X * w[:, None]).T @ y[use]
-        p = np.linalg.solve(A, b)
+        p = np.linalg.solve(A, (X * w[:, None]).T @ y[new])
         zp = float(p[0])
         k = float(p[1]) if fit_k else 0.0
-        resid = y - zp - k * (col - col0)
-        chi = resid / sig
-        s = 1.4826 * np.median(np.abs(chi[use]))
-        new = good & (np.abs(chi) < cfg.clip_sigma * max(s, 1.0))
+        chi = (y - zp - k * (col - col0)) / sig
         # error: scale the formal covariance by the reduced chi^2 when it exceeds 1
-        dof = max(int(use.sum()) - X.shape[1], 1)
-        red = float(np.sum(chi[use] ** 2) / dof)
+        dof = max(int(new.sum()) - X.shape[1], 1)
+        red = float(np.sum(chi[new] ** 2) / dof)
         cov = np.linalg.inv(A) * max(red, 1.0)
         if np.array_equal(new, use):
             break

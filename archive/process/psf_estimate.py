@@ -66,7 +66,7 @@ class PsfEstimateConfig:
     isolation: float = 2.5
     isolation_flux: float = 0.1
     size_clip: float = 3.0
-    reject_planes: tuple[str, ...] = ("SAT", "BAD", "CR", "NO_DATA", "EDGE", "SUSPECT", "INTRP")
+    reject_planes: tuple[str, ...] = ("SAT", "BAD", "CR", "NO_DATA", "EDGE", "SUSPECT", "INTRP", "STREAK")
     oversample: int = 2
     half_size_fwhm: float = 3.0
     degree: int = 2

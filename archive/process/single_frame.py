@@ -1,7 +1,7 @@
 """Single-epoch processing: raw frame -> calexp + calibrated source table.
 
-ISR -> quality (pixels) -> background -> PSF -> quality (PSF) -> cosmic rays,
-detection, measurement -> astrometry -> photometric calibration.
+ISR -> quality (pixels) -> background -> streaks (masked) -> PSF -> quality (PSF)
+-> cosmic rays, detection, measurement -> astrometry -> photometric calibration.
 
 A step that finds the exposure unusable (quality flags, too few PSF stars, no
 astrometric or photometric solution) does not raise: the result comes back with
@@ -18,6 +18,7 @@ import pandas as pd
 
 from archive.errors import ArchiveError
 from archive.image.exposure import Exposure
+from archive.image.mask import add_plane
 from archive.image.raw import RawFrame
 from archive.process import characterize, isr
 from archive.process.astrometry import AstrometryConfig, AstrometryResult, fit_astrometry
@@ -26,6 +27,7 @@ from archive.process.characterize import CharacterizeConfig, add_sky_coordinates
 from archive.process.photocal import PhotoCalConfig, PhotoCalResult, apply_calibration, calibrate_photometry
 from archive.process.psf_estimate import PsfEstimateConfig, PsfResult, estimate_psf
 from archive.process.quality import QualityConfig, QualityReport, check_exposure, check_psf
+from archive.process.streaks import StreakConfig, find_streaks
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ class SingleFrameConfig:
     characterize: CharacterizeConfig = field(default_factory=CharacterizeConfig)
     astrometry: AstrometryConfig = field(default_factory=AstrometryConfig)
     photocal: PhotoCalConfig = field(default_factory=PhotoCalConfig)
+    streaks: StreakConfig = field(default_factory=StreakConfig)
+    find_streaks: bool = True
     fit_psf: bool = True
     fit_astrometry: bool = True
     fit_photometry: bool = True
@@ -53,7 +57,8 @@ class SingleFrameResult:
     """calexp: background-subtracted exposure with mask, variance, PSF, fitted WCS and
     PhotoCalib (None when rejected before it existed); sources: source rows (fluxes in
     nJy once calibrated, else counts); quality: the quality report; rejected/reason;
-    psf, astrometry, photocal: the step results that ran."""
+    psf, astrometry, photocal: the step results that ran; streaks: the streaks found and masked
+    (:func:`archive.process.streaks.find_streaks` table)."""
 
     calexp: Exposure | None = None
     sources: pd.DataFrame | None = None
@@ -63,6 +68,7 @@ class SingleFrameResult:
     psf: PsfResult | None = None
     astrometry: AstrometryResult | None = None
     photocal: PhotoCalResult | None = None
+    streaks: pd.DataFrame | None = None
 
     def reject(self, reason: str) -> "SingleFrameResult":
         self.rejected = True
@@ -88,10 +94,19 @@ def process_exposure(exposure: Exposure, refcat: pd.DataFrame | None = None,
     if not res.quality.ok:
         return res.reject("quality: " + res.quality.reason)
     exp = exposure.copy()
+    bad = exp.mask_of(*[p for p in ("BAD", "SAT", "NO_DATA") if p in exp.mask_planes]) | ~np.isfinite(exp.image)
+    bkg = None
+    if cfg.find_streaks or cfg.fit_psf:
+        bkg = estimate_background(exp.image, mask=bad, config=cfg.characterize.background)
+    if cfg.find_streaks:
+        streak, res.streaks = find_streaks(exp.image - bkg.background, exp.variance, exp.mask, exp.mask_planes,
+                                           cfg.streaks)
+        if streak.any():
+            add_plane(exp.mask_planes, "STREAK")
+            exp.mask[streak] |= np.int32(1 << exp.mask_planes["STREAK"])
+            bkg = estimate_background(exp.image, mask=bad | streak, config=cfg.characterize.background)
     if cfg.fit_psf:
         try:
-            bad = exp.mask_of(*[p for p in ("BAD", "SAT", "NO_DATA") if p in exp.mask_planes])
-            bkg = estimate_background(exp.image, mask=bad | ~np.isfinite(exp.image), config=cfg.characterize.background)
             res.psf = estimate_psf(exp.image - bkg.background, exp.variance, mask=exp.mask,
                                    mask_planes=exp.mask_planes, background_variance=bkg.variance, config=cfg.psf)
         except ArchiveError as exc:

@@ -47,7 +47,7 @@ class SourceConfig:
     n_passes: int = 2
     model_error: float = 0.05
     merge_radius: float = 2.0
-    no_detect_planes: tuple[str, ...] = ("BAD", "SAT", "CR", "NO_DATA")
+    no_detect_planes: tuple[str, ...] = ("BAD", "SAT", "CR", "NO_DATA", "STREAK")
     saturated_zone_fwhm: float = 3.0
     residual_zone_planes: tuple[str, ...] = ("SAT", "BAD")
     extended_factor: float = 2.5

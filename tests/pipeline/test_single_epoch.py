@@ -21,7 +21,7 @@ from archive.sky.healpix import angular_separation_deg
 @pytest.fixture(scope="module")
 def survey(tmp_path_factory):
     root = tmp_path_factory.mktemp("survey")
-    simulate_survey(root, SimConfig(seed=3, n_epochs=2, size=1024))
+    simulate_survey(root, SimConfig(seed=3, n_epochs=3, size=1024, streak_epochs=()))
     return root
 
 
@@ -70,6 +70,18 @@ def test_process_then_resume(survey, processed):
     # one provenance row per exposure (rejections included), each calexp points at its own
     assert len(prov) == len(raws) and set(prods["provenance_id"]) <= set(prov["provenance_id"])
     assert all(json.loads(c) for c in prov["config"]) and prov["config_hash"].nunique() == 1
+    # the epochs were refined against each other (relative astrometry) and that is in the provenance
+    assert sorted(rep.refined) == sorted(rep.processed) and len(rep.processed) >= 3
+    assert all(after <= before for before, after in rep.refined.values())
+    assert all("relative_astrometry" in json.loads(c) for c in prov["config"])
+    # each calexp's (refined) WCS is the one that placed its sources on the sky
+    from archive.image.exposure import Exposure
+
+    for _, p in prods.iterrows():
+        wcs = Exposure.read(arc.products_root() / p["path"]).wcs
+        s = arc.sql(f"SELECT x, y, ra, dec FROM source WHERE exposure_id = {int(p['exposure_id'])}")
+        ra, dec = wcs.all_pix2world(s["x"], s["y"], 0)
+        assert np.abs(angular_separation_deg(ra % 360, dec, s["ra"], s["dec"]) * 3.6e6).max() < 0.01  # mas
     # sources lie on true stars
     src = arc.sql("SELECT ra, dec, psf_flux, snr FROM source WHERE snr > 20")
     objs = pd.read_parquet(survey / "truth" / "objects.parquet")
