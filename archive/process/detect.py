@@ -54,6 +54,30 @@ class DetectionConfig:
         return asdict(self)
 
 
+def gaussian_blur(a: np.ndarray, sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter(a, sigma, truncate=truncate)`` (float32, reflect edges), in row strips.
+
+    The same two 1-D correlations, but on strips of 128 rows (plus a halo of the
+    kernel radius) so the column pass runs on cache-resident data: about 2x faster than
+    filtering the whole image at once, with identical results.
+    """
+    a = np.asarray(a, dtype=np.float32)
+    ny = a.shape[0]
+    r = int(truncate * float(sigma) + 0.5)
+    H = 128
+    if ny <= 2 * H:
+        return ndimage.gaussian_filter(a, sigma, truncate=truncate)
+    out = np.empty_like(a)
+    for y0 in range(0, ny, H):
+        lo = max(0, y0 - r)
+        hi = min(ny, y0 + H + r)
+        blk = ndimage.gaussian_filter1d(a[lo:hi], sigma, axis=1, truncate=truncate)
+        # rows beyond the strip are real neighbours (halo); only at the image edges does reflection apply
+        ndimage.gaussian_filter1d(blk, sigma, axis=0, truncate=truncate, output=blk)
+        out[y0:y0 + H] = blk[y0 - lo:y0 - lo + min(H, ny - y0)]
+    return out
+
+
 def matched_filter(image: np.ndarray, weight: np.ndarray, fwhm: float) -> tuple[np.ndarray, np.ndarray]:
     """S/N and flux-estimate maps for point sources of Gaussian FWHM ``fwhm`` (px).
 
@@ -63,15 +87,20 @@ def matched_filter(image: np.ndarray, weight: np.ndarray, fwhm: float) -> tuple[
     if fwhm <= 0 or not np.isfinite(fwhm):
         raise ValidationError(f"matched_filter: fwhm must be > 0 px, got {fwhm}")
     s = fwhm / FWHM_PER_SIGMA
-    img = np.where(weight > 0, image, 0.0).astype(np.float32)
-    w = weight.astype(np.float32)
-    num = ndimage.gaussian_filter(img * w, s, truncate=4.0)
-    den = ndimage.gaussian_filter(w, s / np.sqrt(2.0), truncate=4.0) / np.float32(4.0 * np.pi * s * s)
-    den = np.maximum(den, np.float32(1e-30))
-    snr = num / np.sqrt(den)
-    snr[~(den > 1e-29)] = 0.0
+    w = np.asarray(weight, dtype=np.float32)
+    iw = np.multiply(np.asarray(image, dtype=np.float32), w)
+    iw[~(w > 0)] = 0.0
+    num = gaussian_blur(iw, s)
+    del iw
+    den = gaussian_blur(w, s / np.sqrt(2.0))
+    den *= np.float32(1.0 / (4.0 * np.pi * s * s))
+    bad = ~(den > 1e-29)
+    np.maximum(den, np.float32(1e-30), out=den)
     flux = num / den
-    return snr.astype(np.float32), flux.astype(np.float32)
+    np.sqrt(den, out=den)
+    snr = np.divide(num, den, out=num)
+    snr[bad] = 0.0
+    return snr, flux
 
 
 def _refine(snr: np.ndarray, py: np.ndarray, px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -109,12 +138,10 @@ def find_peaks(snr: np.ndarray, config: DetectionConfig | None = None) -> pd.Dat
     npix = np.bincount(labels.ravel(), minlength=nlab + 1)
     big = npix >= cfg.min_pixels
     big[0] = False
-    # local maxima inside footprints; ties broken by a tiny position-dependent jitter
+    # local maxima inside footprints: only above-threshold pixels are compared with their
+    # 8 neighbours (a full-image maximum filter would cost ~10x more); ties go to the later pixel
     ny, nx = snr.shape
-    jit = snr + (np.arange(snr.size, dtype=np.float32).reshape(snr.shape) * np.float32(1e-7 / max(snr.size, 1)))
-    mx = ndimage.maximum_filter(jit, size=3, mode="constant", cval=-np.inf)
-    is_peak = (jit == mx) & det
-    py, px = np.nonzero(is_peak)
+    py, px = _local_maxima(snr, det)
     lab = labels[py, px]
     keep = big[lab]
     py, px, lab = py[keep], px[keep], lab[keep]
@@ -156,6 +183,31 @@ def find_peaks(snr: np.ndarray, config: DetectionConfig | None = None) -> pd.Dat
     })
     log.debug("find_peaks: %d footprints above %.1f sigma, %d peaks", int(big.sum()), cfg.threshold, len(out))
     return out
+
+
+def _local_maxima(snr: np.ndarray, det: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns of the pixels of ``det`` that are local maxima of ``snr`` (3x3; outside = -inf).
+
+    Of equal neighbours the one with the larger flat index is the maximum, so a plateau
+    gives one peak per connected tie (as a maximum filter of slightly jittered values would).
+    """
+    ny, nx = snr.shape
+    cy, cx = np.nonzero(det)
+    if cy.size == 0:
+        return cy, cx
+    v = snr[cy, cx]
+    keep = np.ones(cy.size, dtype=bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy == 0 and dx == 0:
+                continue
+            yy = cy + dy
+            xx = cx + dx
+            ok = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+            nv = np.where(ok, snr[np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)], -np.inf)
+            later = (dy > 0) or (dy == 0 and dx > 0)  # neighbour's flat index is larger
+            keep &= (v > nv) | ((v == nv) & (not later))
+    return cy[keep], cx[keep]
 
 
 def _empty_peaks() -> pd.DataFrame:

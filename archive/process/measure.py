@@ -24,7 +24,7 @@ own moments), i.e. the Gaussian-equivalent ``ixx, iyy, ixy`` in px^2.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Mapping
 
 import numpy as np
@@ -32,7 +32,7 @@ import pandas as pd
 
 from archive.errors import ValidationError
 from archive.process import flags as F_
-from archive.process.stamps import aperture_stamps, chunks, gather, scatter_add, stamp_grid
+from archive.process.stamps import PaddedFrame, aperture_stamps, chunks, gather, stamp_grid
 
 log = logging.getLogger(__name__)
 
@@ -72,77 +72,99 @@ def ap_column(r: float) -> str:
 
 
 @dataclass
-class _Ctx:
-    shape: tuple[int, int]
-    img: np.ndarray      # image with unusable pixels set to 0
-    W: np.ndarray        # fit weights (1/background variance), 0 where unusable
-    V: np.ndarray        # full variance, 0 where unusable
-    usable: np.ndarray
-    psf: object
-    hf: int
-    hm: int
+class MeasureFrame:
+    """Pixel planes of one image prepared for :func:`measure_sources` (flat, padded, float32).
+
+    img: image with unusable pixels set to 0; W: fit weights (1 / background variance), 0
+    where unusable; V: full variance, 0 where unusable; U: usable pixels. Built once per
+    image by :func:`prepare_frame`; :meth:`with_image` swaps the image only (e.g. after
+    subtracting fixed models), keeping the weights.
+    """
+
+    frame: PaddedFrame
+    img: np.ndarray
+    W: np.ndarray
+    V: np.ndarray
+    U: np.ndarray
+
+    _buf: np.ndarray | None = None
+    _written: list = field(default_factory=list)
+
+    def with_image(self, image: np.ndarray) -> "MeasureFrame":
+        img = self.frame.plane(image, np.float32)
+        img[~self.U] = 0.0
+        return MeasureFrame(self.frame, img, self.W, self.V, self.U, self._buf, self._written)
+
+    def scratch(self) -> np.ndarray:
+        """The zeroed float32 model plane (allocated once; pixels written since the last call are reset)."""
+        if self._buf is None:
+            self._buf = np.zeros(self.frame.size, np.float32)
+        for idx in self._written:
+            self._buf[idx] = 0.0
+        self._written.clear()
+        return self._buf
 
 
-def _model_image(ctx: _Ctx, x, y, flux, chunk) -> np.ndarray:
-    sm = 2 * ctx.hm + 1
-    ny, nx = ctx.shape
-    idx_parts, val_parts = [], []
-    pending = 0
-    out = None
+def prepare_frame(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None, *,
+                  background_variance: np.ndarray | None = None, mask_planes: Mapping[str, int] | None = None,
+                  bad_planes: tuple[str, ...] = MeasureConfig.bad_planes, pad: int = 48) -> MeasureFrame:
+    """Flat padded planes for :func:`measure_sources` (see :class:`MeasureFrame`).
+
+    A pixel is usable when image and variance are finite, the variance is > 0 and it is in
+    none of ``bad_planes``; ``pad`` px of padding (unusable) surround the image.
+    """
+    image = np.asarray(image)
+    variance = np.asarray(variance)
+    shape = image.shape
+    usable = np.isfinite(image) & np.isfinite(variance) & (variance > 0)
+    badbits = F_.plane_bits(mask_planes, *bad_planes)
+    if mask is not None and badbits:
+        usable &= (np.asarray(mask) & badbits) == 0
+    bv = variance if background_variance is None else np.asarray(background_variance)
+    if bv.shape != shape:
+        raise ValidationError(f"measure_sources: background_variance shape {bv.shape} differs from image shape {shape}")
+    fr = PaddedFrame(shape, pad)
+    U = fr.plane(usable & (bv > 0), bool, False)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        W = fr.plane(np.reciprocal(bv, dtype=np.float32), np.float32)
+        V = fr.plane(variance, np.float32)
+        img = fr.plane(image, np.float32)
+    W[~U] = 0.0
+    V[~U] = 0.0
+    img[~U] = 0.0
+    return MeasureFrame(fr, img, W, V, U)
+
+
+def _model_flat(mf: "MeasureFrame", psf, x, y, flux, half: int, chunk: int) -> np.ndarray:
+    """Padded flat float32 plane of ``flux * P`` stamps (half-size ``half``) at ``(x, y)``.
+
+    The plane is the frame's scratch buffer (overwritten by the next call): only the
+    pixels the previous call wrote are reset, and the stamps are added with ``np.add.at``,
+    so no full-size plane is allocated or zeroed per iteration.
+    """
+    fr = mf.frame
+    buf = mf.scratch()
+    size = 2 * half + 1
     for sl in chunks(len(x), chunk):
         xc = np.floor(x[sl] + 0.5).astype(np.int64)
         yc = np.floor(y[sl] + 0.5).astype(np.int64)
-        iy, ix = stamp_grid(xc, yc, sm)
-        st = ctx.psf.stamps(x[sl], y[sl], sm, xc, yc) * flux[sl][:, None, None]
-        yy = np.broadcast_to(iy[:, :, None], st.shape)
-        xx = np.broadcast_to(ix[:, None, :], st.shape)
-        ok = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
-        idx_parts.append(yy[ok] * nx + xx[ok])
-        val_parts.append(st[ok])
-        pending += idx_parts[-1].size
-        # one bincount per ~8M stamp pixels instead of one full-image pass per chunk
-        if pending > 8_000_000:
-            part = np.bincount(np.concatenate(idx_parts), weights=np.concatenate(val_parts), minlength=ny * nx)
-            out = part if out is None else out + part
-            idx_parts, val_parts, pending = [], [], 0
-    if idx_parts:
-        part = np.bincount(np.concatenate(idx_parts), weights=np.concatenate(val_parts), minlength=ny * nx)
-        out = part if out is None else out + part
-    if out is None:
-        return np.zeros(ctx.shape)
-    return out.reshape(ctx.shape)
+        idx = fr.index(xc, yc, size)
+        st = psf.stamps(x[sl], y[sl], size, xc, yc) * flux[sl].astype(np.float32)[:, None, None]
+        np.add.at(buf, idx.ravel(), st.astype(np.float32).ravel())
+        mf._written.append(idx)
+    return buf
 
 
-def _fit_chunk(ctx: _Ctx, R, x, y, flux, want_cov: bool):
-    """One linearised 3-parameter PSF fit for a batch; returns (F, dx, dy, cov or None, nusable)."""
-    sf = 2 * ctx.hf + 1
-    xc = np.floor(x + 0.5).astype(np.int64)
-    yc = np.floor(y + 0.5).astype(np.int64)
-    iy, ix = stamp_grid(xc, yc, sf)
-    Rs, _ = gather(R, iy, ix, 0.0)
-    Ws, _ = gather(ctx.W, iy, ix, 0.0)
-    P, Px, Py = psf_with_gradient(ctx.psf, x, y, sf, xc, yc)
-    D = Rs + flux[:, None, None] * P
-    A = np.stack([P, Px, Py], axis=1)  # (m, 3, S, S)
+def _solve3(A, D, Ws):
+    """Weighted linear fit of stamps ``D`` by the three templates ``A`` (m, 3, S, S): (solution, normal matrix, ok)."""
     WA = A * Ws[:, None]
-    N = np.einsum("mapq,mbpq->mab", WA, A, optimize=True)
-    b = np.einsum("mapq,mpq->ma", WA, D, optimize=True)
+    N = np.einsum("mapq,mbpq->mab", WA, A, optimize=True).astype(np.float64)
+    b = np.einsum("mapq,mpq->ma", WA, D, optimize=True).astype(np.float64)
     good = np.abs(np.linalg.det(N)) > 1e-30 * np.maximum(N[:, 0, 0], 1e-300) ** 3
     N[~good] = np.eye(3)
     sol = np.linalg.solve(N, b[..., None])[..., 0]
     sol[~good] = 0.0
-    Fn = sol[:, 0]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        dx = np.where(Fn > 0, sol[:, 1] / Fn, 0.0)
-        dy = np.where(Fn > 0, sol[:, 2] / Fn, 0.0)
-    cov = None
-    if want_cov:
-        Vs, _ = gather(ctx.V, iy, ix, 0.0)
-        Ninv = np.linalg.inv(N)
-        M = np.einsum("mapq,mbpq,mpq->mab", WA, WA, Vs, optimize=True)
-        cov = Ninv @ M @ Ninv
-        cov[~good] = np.nan
-    return Fn, dx, dy, cov, good
+    return sol, N, WA, good
 
 
 def model_half(psf, config: "MeasureConfig") -> int:
@@ -156,10 +178,17 @@ def model_half(psf, config: "MeasureConfig") -> int:
 
 def model_image(shape: tuple[int, int], psf, x: np.ndarray, y: np.ndarray, flux: np.ndarray, half: int,
                 chunk: int = 2048) -> np.ndarray:
-    """Image (float64) of PSF models ``flux * P`` at ``(x, y)``, each on a ``2 half + 1`` stamp."""
-    ctx = _Ctx(tuple(shape), None, None, None, None, psf, half, half)
-    return _model_image(ctx, np.asarray(x, np.float64), np.asarray(y, np.float64), np.asarray(flux, np.float64),
-                        chunk)
+    """Image (float32) of PSF models ``flux * P`` at ``(x, y)``, each on a ``2 half + 1`` stamp."""
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    xc = np.floor(x + 0.5).astype(np.int64)
+    yc = np.floor(y + 0.5).astype(np.int64)
+    ny, nx = shape
+    # pad enough for every stamp (sources outside the image still reach into it)
+    reach = 0 if x.size == 0 else int(max(0, -xc.min(), -yc.min(), xc.max() - nx + 1, yc.max() - ny + 1))
+    fr = PaddedFrame(tuple(shape), half + reach + 1)
+    mf = MeasureFrame(fr, np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros(0, bool))
+    return fr.crop(_model_flat(mf, psf, x, y, np.asarray(flux, np.float64), half, chunk)).copy()
 
 
 def psf_with_gradient(psf, x, y, size, xc, yc):
@@ -178,11 +207,17 @@ def psf_with_gradient(psf, x, y, size, xc, yc):
     return P, Px, Py
 
 
+def _central(a: np.ndarray, half: int) -> np.ndarray:
+    """Central ``2 half + 1`` square of stamps ``(m, S, S)`` (a view)."""
+    c = a.shape[1] // 2
+    return a[:, c - half:c + half + 1, c - half:c + half + 1]
+
+
 def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None, psf,
                     x: np.ndarray, y: np.ndarray, *, background_variance: np.ndarray | None = None,
                     background: np.ndarray | None = None, mask_planes: Mapping[str, int] | None = None,
                     flux_guess: np.ndarray | None = None, config: MeasureConfig | None = None,
-                    return_model: bool = False):
+                    return_model: bool = False, frame: MeasureFrame | None = None):
     """Measure point sources at starting positions ``(x, y)`` (px, 0-based).
 
     image: background-subtracted image (counts); variance: its variance (counts^2,
@@ -190,9 +225,11 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
     psf: a stamp PSF (:mod:`archive.process.psfmodel`); background_variance: smooth
     variance of the background used as fit weights (default ``variance``);
     background: subtracted background (reported as ``sky``); flux_guess: starting
-    fluxes. Returns a DataFrame with ``x, y, x_err, y_err, psf_flux, psf_flux_err,
+    fluxes; frame: the planes already prepared by :func:`prepare_frame` from these
+    arguments (saves the full-image passes when one image is measured repeatedly).
+    Returns a DataFrame with ``x, y, x_err, y_err, psf_flux, psf_flux_err,
     ap_flux_r*, ap_flux_r*_err, snr, ixx, iyy, ixy, sky, flags`` (fluxes in the
-    image's units) and, with ``return_model``, also the model image of all sources.
+    image's units) and, with ``return_model``, also the model image (float32) of all sources.
     """
     cfg = config or MeasureConfig()
     image = np.asarray(image)
@@ -207,99 +244,111 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
     y = np.asarray(y, dtype=np.float64).copy()
     n = x.size
     shape = image.shape
-    badbits = F_.plane_bits(mask_planes, *cfg.bad_planes)
-    usable = np.isfinite(image) & np.isfinite(variance) & (variance > 0)
-    if mask is not None and badbits:
-        usable &= (mask & badbits) == 0
-    bv = variance if background_variance is None else np.asarray(background_variance)
-    if bv.shape != shape:
-        raise ValidationError(f"measure_sources: background_variance shape {bv.shape} differs from image shape {shape}")
-    W = np.where(usable & (bv > 0), 1.0 / np.where(bv > 0, bv, 1.0), 0.0).astype(np.float32)
-    V = np.where(usable, variance, 0.0).astype(np.float32)
-    img = np.where(usable, image, 0.0).astype(np.float32)
+    ny, nx = shape
     fw = float(psf.fwhm())
     hf = max(3, int(np.ceil(cfg.fit_halfsize_fwhm * fw)))
     radii = tuple(float(r) for r in cfg.aperture_radii)
     ha = int(np.ceil(max(radii) + 1.0)) if radii else hf
     hm = max(hf, ha, int(np.ceil(3.0 * fw)))
     hit = max(hf, int(np.ceil(3.0 * fw)))  # model half-size during the iterations
+    hq = max(ha, hf)  # stamps of the final pass
     hmom = min(ha, max(hf, int(np.ceil(2.0 * fw)) + 2))
-    ctx = _Ctx(shape, img, W, V, usable, psf, hf, hit)
     flags = np.zeros(n, dtype=np.int64)
     cols = _empty_columns(radii)
     if n == 0:
         df = pd.DataFrame(cols)
         return (df, np.zeros(shape)) if return_model else df
+    # the padded planes must hold every stamp wherever a centroid may wander (start + max_shift)
+    xc0 = np.floor(x + 0.5).astype(np.int64)
+    yc0 = np.floor(y + 0.5).astype(np.int64)
+    need = max(hm, hq) + int(np.ceil(cfg.max_shift)) + 2
+    if frame is None or not frame.frame.fits(xc0, yc0, need):
+        reach = int(max(0, -xc0.min(), -yc0.min(), xc0.max() - nx + 1, yc0.max() - ny + 1))
+        frame = prepare_frame(image, variance, mask, background_variance=background_variance,
+                              mask_planes=mask_planes, bad_planes=cfg.bad_planes, pad=max(48, need + reach))
+    fr = frame.frame
 
     x0, y0 = x.copy(), y.copy()
     flux = np.zeros(n) if flux_guess is None else np.nan_to_num(np.asarray(flux_guess, dtype=np.float64)).copy()
     chunk = max(64, int(cfg.chunk))
+    sf = 2 * hf + 1
     for it in range(max(1, cfg.n_iter)):
-        model = _model_image(ctx, x, y, flux, chunk)
-        R = img - model
+        model = _model_flat(frame, psf, x, y, flux, hit, chunk)
         newf = np.empty(n)
+        step = 0.7 if it else 1.0
         for sl in chunks(n, chunk):
-            Fn, dx, dy, _, good = _fit_chunk(ctx, R, x[sl], y[sl], flux[sl], False)
+            xs, ys, fs = x[sl], y[sl], flux[sl]
+            xc = np.floor(xs + 0.5).astype(np.int64)
+            yc = np.floor(ys + 0.5).astype(np.int64)
+            idx = fr.index(xc, yc, sf)
+            P, Px, Py = psf_with_gradient(psf, xs, ys, sf, xc, yc)
+            D = frame.img[idx] - model[idx] + fs.astype(np.float32)[:, None, None] * P
+            sol, _, _, good = _solve3(np.stack([P, Px, Py], axis=1), D, frame.W[idx])
+            Fn = sol[:, 0]
             move = good & (Fn > 0)
-            step = 0.7 if it else 1.0
-            x[sl] += np.where(move, np.clip(dx, -0.5, 0.5), 0.0)
-            y[sl] += np.where(move, np.clip(dy, -0.5, 0.5), 0.0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                dx = np.where(move, sol[:, 1] / np.where(move, Fn, 1.0), 0.0)
+                dy = np.where(move, sol[:, 2] / np.where(move, Fn, 1.0), 0.0)
+            x[sl] += np.clip(dx, -0.5, 0.5)
+            y[sl] += np.clip(dy, -0.5, 0.5)
             # damped flux update keeps the Jacobi iteration of blends stable
-            newf[sl] = np.where(good, flux[sl] + step * (Fn - flux[sl]), flux[sl])
+            newf[sl] = np.where(good, fs + step * (Fn - fs), fs)
         flux = newf
         far = np.hypot(x - x0, y - y0) > cfg.max_shift
         if far.any():
             x[far], y[far] = x0[far], y0[far]
             flags[far] |= F_.FLAG_CENTROID
     # final pass: flux-only fit, centroid covariance, apertures, moments, flags
-    ctx.hm = hm
-    model = _model_image(ctx, x, y, flux, chunk)
-    R = img - model
+    model = _model_flat(frame, psf, x, y, flux, hm, chunk)
     out = {k: np.full(n, np.nan) for k in cols}
-    sf = 2 * hf + 1
-    sa = 2 * ha + 1
+    sq = 2 * hq + 1
     fwhm_sig2 = (fw / 2.3548200450309493) ** 2
     for sl in chunks(n, chunk):
         xs, ys, fs = x[sl], y[sl], flux[sl]
         m = xs.size
         xc = np.floor(xs + 0.5).astype(np.int64)
         yc = np.floor(ys + 0.5).astype(np.int64)
-        # PSF flux at the fixed centroid
-        iy, ix = stamp_grid(xc, yc, sf)
-        Rs, inside = gather(R, iy, ix, 0.0)
-        Ws, _ = gather(W, iy, ix, 0.0)
-        Vs, _ = gather(V, iy, ix, 0.0)
-        Ms, _ = gather(model, iy, ix, 0.0)
-        P = psf.stamps(xs, ys, sf, xc, yc)
-        D = Rs + fs[:, None, None] * P
-        sw = np.einsum("mpq,mpq->m", Ws, P * P)
+        # one PSF evaluation (with gradient) on the largest stamp; the fit uses its centre
+        Pq, Pxq, Pyq = psf_with_gradient(psf, xs, ys, sq, xc, yc)
+        idq = fr.index(xc, yc, sq)
+        Rq = frame.img[idq] - model[idq]
+        Uq = frame.U[idq]
+        Vq = frame.V[idq]
+        P, Px, Py = _central(Pq, hf), _central(Pxq, hf), _central(Pyq, hf)
+        Rs, Ws, Vs = _central(Rq, hf), frame.W[fr.index(xc, yc, sf)], _central(Vq, hf)
+        f32 = fs.astype(np.float32)[:, None, None]
+        D = Rs + f32 * P
+        WP = Ws * P
+        sw = np.einsum("mpq,mpq->m", WP, P).astype(np.float64)
         ok = sw > 0
-        swd = np.einsum("mpq,mpq->m", Ws * P, D)
+        swd = np.einsum("mpq,mpq->m", WP, D).astype(np.float64)
         psf_flux = np.where(ok, swd / np.where(ok, sw, 1.0), np.nan)
-        var = np.einsum("mpq,mpq->m", (Ws * P) ** 2, Vs) / np.where(ok, sw, 1.0) ** 2
+        var = np.einsum("mpq,mpq->m", WP * WP, Vs).astype(np.float64) / np.where(ok, sw, 1.0) ** 2
         psf_err = np.where(ok, np.sqrt(var), np.nan)
         fl = np.zeros(m, dtype=np.int64)
         fl[~ok] |= F_.FLAG_PSF_FLUX
-        fl[~inside.all(axis=(1, 2))] |= F_.FLAG_STAMP_EDGE
+        edge = (xc - hf < 0) | (xc + hf > nx - 1) | (yc - hf < 0) | (yc + hf > ny - 1)
+        fl[edge] |= F_.FLAG_STAMP_EDGE
         # blendedness: neighbours' model flux seen through the PSF
-        nb = Ms - fs[:, None, None] * P
+        nb = model[fr.index(xc, yc, sf)] - f32 * P
         with np.errstate(divide="ignore", invalid="ignore"):
             bl = np.einsum("mpq,mpq->m", P, nb) / (np.abs(fs) * np.einsum("mpq,mpq->m", P, P))
         fl[np.nan_to_num(bl) > cfg.blend_fraction] |= F_.FLAG_BLENDED
         # centroid errors from the 3-parameter sandwich at the final position
-        Fn, _, _, cov, good = _fit_chunk(ctx, R, xs, ys, fs, True)
+        sol, N, WA, good = _solve3(np.stack([P, Px, Py], axis=1), D, Ws)
+        Ninv = np.linalg.inv(N)
+        M = np.einsum("mapq,mbpq,mpq->mab", WA, WA, Vs, optimize=True).astype(np.float64)
+        cov = Ninv @ M @ Ninv
+        cov[~good] = np.nan
         with np.errstate(divide="ignore", invalid="ignore"):
-            fa = np.abs(np.where(np.isfinite(psf_flux), psf_flux, Fn))
+            fa = np.abs(np.where(np.isfinite(psf_flux), psf_flux, sol[:, 0]))
             x_err = np.sqrt(np.abs(cov[:, 1, 1])) / fa
             y_err = np.sqrt(np.abs(cov[:, 2, 2])) / fa
         # apertures on the neighbour-subtracted image; masked pixels -> own model
-        iya, ixa = stamp_grid(xc, yc, sa)
-        Ra, ins_a = gather(R, iya, ixa, 0.0)
-        Ua, _ = gather(usable, iya, ixa, False)
-        Va, _ = gather(V, iya, ixa, 0.0)
-        Pa = psf.stamps(xs, ys, sa, xc, yc)
-        own = fs[:, None, None] * Pa
+        Pa, Ra, Ua, Va = _central(Pq, ha), _central(Rq, ha), _central(Uq, ha), _central(Vq, ha)
+        own = f32 * Pa
         Da = np.where(Ua, Ra + own, own)
+        sa = 2 * ha + 1
         off = np.arange(sa) - ha
         ddx = off[None, None, :] - (xs - xc)[:, None, None]
         ddy = off[None, :, None] - (ys - yc)[:, None, None]
@@ -339,8 +388,8 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
     for c in ("x", "y", "x_err", "y_err", "snr", "ixx", "iyy", "ixy", "sky"):
         df[c] = df[c].astype(np.float32)
     if return_model:
-        # the model of the last fit iteration (the final 1-parameter fluxes differ negligibly)
-        return df, model
+        # the model of the final positions and fit fluxes (the 1-parameter fluxes differ negligibly)
+        return df, fr.crop(model).copy()
     return df
 
 

@@ -19,7 +19,7 @@ from scipy.spatial import cKDTree
 from archive.errors import ValidationError
 from archive.process import flags as F_
 from archive.process.detect import DetectionConfig, find_peaks, matched_filter
-from archive.process.measure import MeasureConfig, measure_sources, model_half, model_image
+from archive.process.measure import MeasureConfig, measure_sources, model_half, model_image, prepare_frame
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,32 @@ def _near_extended(df: pd.DataFrame, pk: pd.DataFrame, fwhm: float, factor: floa
     return out
 
 
+def _zone_counter(mask, mask_planes, cfg: SourceConfig, fwhm: float):
+    """``f(x, y) -> bool``: whether a pixel of ``residual_zone_planes`` lies within
+    ``saturated_zone_fwhm`` FWHM (a square) of the integer pixels ``(x, y)``.
+
+    A summed-area table of the zone pixels answers every query in O(1) (a maximum
+    filter of that size over the whole image would cost ~10x more).
+    """
+    zbits = F_.plane_bits(mask_planes, *cfg.residual_zone_planes) if mask is not None else 0
+    zpix = (np.asarray(mask) & zbits) != 0 if zbits else None
+    if zpix is None or not zpix.any():
+        return lambda x, y: np.zeros(np.size(x), dtype=bool)
+    r = max(1, int(np.ceil(cfg.saturated_zone_fwhm * fwhm)))
+    ny, nx = zpix.shape
+    sat = np.zeros((ny + 1, nx + 1), dtype=np.int32)
+    np.cumsum(zpix, axis=0, dtype=np.int32, out=sat[1:, 1:])
+    np.cumsum(sat[1:, 1:], axis=1, out=sat[1:, 1:])
+
+    def inside(x, y):
+        x0 = np.clip(np.asarray(x) - r, 0, nx)
+        x1 = np.clip(np.asarray(x) + r + 1, 0, nx)
+        y0 = np.clip(np.asarray(y) - r, 0, ny)
+        y1 = np.clip(np.asarray(y) + r + 1, 0, ny)
+        return (sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]) > 0
+    return inside
+
+
 def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np.ndarray | None = None,
                        mask_planes: Mapping[str, int] | None = None,
                        background_variance: np.ndarray | None = None, background: np.ndarray | None = None,
@@ -103,38 +129,41 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
     usable = np.isfinite(image) & np.isfinite(variance) & (variance > 0)
     if mask is not None and bits:
         usable &= (np.asarray(mask) & bits) == 0
-    w = np.where(usable, 1.0 / np.where(usable, variance, 1.0), 0.0).astype(np.float32)
-    img = np.where(usable, image, 0.0).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.reciprocal(variance, dtype=np.float32)
+    w[~usable] = 0.0
+    img = np.asarray(image, dtype=np.float32)
     fwhm = float(psf.fwhm())
     snr, fmap = matched_filter(img, w, fwhm)
     peaks = find_peaks(snr, cfg.detection)
+    del snr
     xs = peaks["x"].to_numpy()
     ys = peaks["y"].to_numpy()
     guess = fmap[peaks["y_peak"].to_numpy(), peaks["x_peak"].to_numpy()].astype(np.float64)
+    del fmap
     peak_snr = peaks["peak_snr"].to_numpy()
     second = np.zeros(xs.size, dtype=bool)
     log.info("detect pass 1: %d sources above %.1f sigma", xs.size, cfg.detection.threshold)
+    # the measurement planes are prepared once and shared by all passes
+    frame = prepare_frame(image, variance, mask, background_variance=background_variance, mask_planes=mask_planes,
+                          bad_planes=cfg.measure.bad_planes)
     df, model = measure_sources(image, variance, mask, psf, xs, ys, background_variance=background_variance,
                                 background=background, mask_planes=mask_planes, flux_guess=guess,
-                                config=cfg.measure, return_model=True)
-    # zones where residual peaks are not trusted: around saturated / bad pixels (their
-    # wings and interpolations are not modelled) and around extended sources (galaxies
-    # leave residuals a PSF cannot remove)
-    zone = np.zeros(image.shape, dtype=bool)
-    if mask is not None:
-        zbits = F_.plane_bits(mask_planes, *cfg.residual_zone_planes)
-        zpix = (np.asarray(mask) & zbits) != 0
-        if zpix.any():
-            from scipy import ndimage
-
-            r = max(1, int(np.ceil(cfg.saturated_zone_fwhm * fwhm)))
-            zone |= ndimage.maximum_filter(zpix.view(np.uint8), size=2 * r + 1).view(bool)
+                                config=cfg.measure, return_model=True, frame=frame)
+    zone = None
     for p in range(1, max(1, cfg.n_passes)):
-        resid = img - model.astype(np.float32)
-        var2 = variance + (cfg.model_error * model) ** 2
-        w2 = np.where(usable, 1.0 / np.where(usable, var2, 1.0), 0.0).astype(np.float32)
+        # residual detection: the variance grows by (model_error * model)^2 where sources were subtracted
+        resid = np.subtract(img, model, out=np.empty_like(img))
+        w2 = np.multiply(model, np.float32(cfg.model_error))
+        np.square(w2, out=w2)
+        w2 += variance
+        with np.errstate(divide="ignore", invalid="ignore"):
+            np.reciprocal(w2, out=w2)
+        w2[~usable] = 0.0
         snr2, fmap2 = matched_filter(resid, w2, fwhm)
+        del resid, w2
         pk = find_peaks(snr2, cfg.detection)
+        del snr2
         if len(pk) == 0:
             break
         known = np.column_stack([df["x"].to_numpy(), df["y"].to_numpy()])
@@ -144,7 +173,12 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
             new = d > cfg.merge_radius
         else:
             new = np.ones(len(pk), dtype=bool)
-        new &= ~zone[pk["y_peak"].to_numpy(), pk["x_peak"].to_numpy()]
+        # zones where residual peaks are not trusted: around saturated / bad pixels (their
+        # wings and interpolations are not modelled) and around extended sources (galaxies
+        # leave residuals a PSF cannot remove)
+        if zone is None:
+            zone = _zone_counter(mask, mask_planes, cfg, fwhm)
+        new &= ~zone(pk["x_peak"].to_numpy(), pk["y_peak"].to_numpy())
         # a faint residual peak inside the core of a much brighter star is PSF-model error
         if len(known) and cfg.core_contrast > 0:
             fpk = fmap2[pk["y_peak"].to_numpy(), pk["x_peak"].to_numpy()].astype(np.float64)
@@ -170,16 +204,19 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
         xs = np.concatenate([kx[touch], pk["x"].to_numpy()])
         ys = np.concatenate([ky[touch], pk["y"].to_numpy()])
         guess = np.concatenate([kf[touch], fmap2[pk["y_peak"].to_numpy(), pk["x_peak"].to_numpy()].astype(np.float64)])
-        sub, sub_model = measure_sources(image - fixed_model, variance, mask, psf, xs, ys,
+        del fmap2
+        sub_img = np.subtract(img, fixed_model, out=np.empty_like(img))
+        sub, sub_model = measure_sources(sub_img, variance, mask, psf, xs, ys,
                                          background_variance=background_variance, background=background,
                                          mask_planes=mask_planes, flux_guess=guess, config=cfg.measure,
-                                         return_model=True)
+                                         return_model=True, frame=frame.with_image(sub_img))
+        del sub_img
         # a fixed source next to a changed one keeps its old blendedness flag; refitted ones get new flags
         keep_df = df[~touch]
         df = pd.concat([keep_df, sub], ignore_index=True)
         peak_snr = np.concatenate([peak_snr[~touch], peak_snr[touch], pk["peak_snr"].to_numpy()])
         second = np.concatenate([second[~touch], second[touch], np.ones(len(pk), dtype=bool)])
-        model = fixed_model + sub_model
+        model = np.add(fixed_model, sub_model, out=fixed_model)
     df["peak_snr"] = peak_snr.astype(np.float32)
     df.loc[second, "flags"] = df.loc[second, "flags"].to_numpy() | F_.FLAG_SECOND_PASS
     # two starting points that converged onto one star: keep the first (brighter) one

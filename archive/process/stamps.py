@@ -110,3 +110,65 @@ def chunks(n: int, chunk: int):
     """Yield slices covering ``range(n)`` in pieces of at most ``chunk``."""
     for start in range(0, n, chunk):
         yield slice(start, min(n, start + chunk))
+
+
+class PaddedFrame:
+    """Flat, zero-padded copies of image planes for fast stamp access.
+
+    Planes of ``shape`` are padded by ``pad`` px on every side and flattened, so the
+    stamp of odd ``size`` around any integer centre ``(xc, yc)`` with
+    ``-pad + size // 2 <= xc < nx + pad - size // 2`` (same for y) is one ``take``
+    of flat indices ``base + offsets`` - no clipping, masking or ``where`` per stamp -
+    and stamps of models are summed into a padded plane with one ``bincount``. Padding
+    pixels read as 0 (False for masks), i.e. like masked pixels.
+    """
+
+    def __init__(self, shape: tuple[int, int], pad: int):
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.pad = int(pad)
+        self.nyp = self.shape[0] + 2 * self.pad
+        self.nxp = self.shape[1] + 2 * self.pad
+        self.size = self.nyp * self.nxp
+        self._offs: dict[int, np.ndarray] = {}
+
+    def fits(self, xc: np.ndarray, yc: np.ndarray, half: int) -> bool:
+        """Whether stamps of half-size ``half`` around all centres lie inside the padded frame."""
+        if np.size(xc) == 0:
+            return True
+        ny, nx = self.shape
+        p = self.pad - half
+        return bool(np.min(xc) >= -p and np.max(xc) < nx + p and np.min(yc) >= -p and np.max(yc) < ny + p)
+
+    def plane(self, a: np.ndarray, dtype=np.float32, fill=0) -> np.ndarray:
+        """Flat padded copy of a ``shape`` plane (``fill`` in the padding)."""
+        p = self.pad
+        out = np.full((self.nyp, self.nxp), fill, dtype=dtype)
+        out[p:p + self.shape[0], p:p + self.shape[1]] = a
+        return out.ravel()
+
+    def crop(self, flat: np.ndarray) -> np.ndarray:
+        """The image part (a ``shape`` view) of a flat padded plane."""
+        p = self.pad
+        return flat.reshape(self.nyp, self.nxp)[p:p + self.shape[0], p:p + self.shape[1]]
+
+    def offsets(self, size: int) -> np.ndarray:
+        """Flat index offsets ``(size, size)`` of a stamp relative to its centre."""
+        o = self._offs.get(size)
+        if o is None:
+            g = np.arange(size, dtype=np.int64) - size // 2
+            o = g[:, None] * self.nxp + g[None, :]
+            self._offs[size] = o
+        return o
+
+    def index(self, xc: np.ndarray, yc: np.ndarray, size: int) -> np.ndarray:
+        """Flat indices ``(n, size, size)`` of the stamps centred on integer pixels ``(xc, yc)``."""
+        base = (np.asarray(yc, np.int64) + self.pad) * self.nxp + (np.asarray(xc, np.int64) + self.pad)
+        return base[:, None, None] + self.offsets(size)[None]
+
+    def bincount(self, idx_parts: list, val_parts: list) -> np.ndarray:
+        """Sum of stamp values at flat indices into a new float64 padded plane."""
+        if not idx_parts:
+            return np.zeros(self.size)
+        return np.bincount(np.concatenate([i.ravel() for i in idx_parts]),
+                           weights=np.concatenate([v.ravel() for v in val_parts]).astype(np.float64),
+                           minlength=self.size)
