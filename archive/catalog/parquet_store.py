@@ -193,10 +193,11 @@ def _groups_overlapping_ranges(info: _FileInfo, ranges: np.ndarray) -> np.ndarra
 
 
 def _sorted_values(values: pa.Array) -> np.ndarray | None:
-    """Sorted unique values of a numeric, null-free value set (None: cannot prune by statistics)."""
+    """Sorted values of a numeric, null-free value set (None: cannot prune by statistics).
+    Duplicates are harmless to the searches below (np.unique's hashing is slower than a sort)."""
     if values.null_count or not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
         return None
-    v = np.unique(values.to_numpy(zero_copy_only=False))
+    v = np.sort(values.to_numpy(zero_copy_only=False))
     return v[~np.isnan(v)] if v.dtype.kind == "f" else v
 
 
@@ -331,12 +332,16 @@ class ParquetStore(CatalogStore):
     def _files(self, manifest: dict, table: str, partitions: Iterable[int] | None = None) -> list[pathlib.Path]:
         return [path for path, _ in self._entries(manifest, table, partitions)]
 
+    def _dataset_dir(self, table: str) -> str:
+        return f"{self.root}/{table}/dataset"
+
     def _entries(self, manifest: dict, table: str,
-                 partitions: Iterable[int] | None = None) -> list[tuple[pathlib.Path, dict]]:
-        """(path, manifest entry) of a table's live files, optionally of some partitions only."""
+                 partitions: Iterable[int] | None = None) -> list[tuple[str, dict]]:
+        """(path, manifest entry) of a table's live files, optionally of some partitions only.
+        Paths are plain strings: building 10^4 pathlib objects per call costs ~0.2 s."""
         if partitions is None:
-            base = self.root / table / "dataset"
-            return [(base / rel, meta) for rel, meta in manifest["tables"][table]["files"].items()]
+            base = self._dataset_dir(table)
+            return [(f"{base}/{rel}", meta) for rel, meta in manifest["tables"][table]["files"].items()]
         index = self._partition_index(manifest, table)
         return [e for p in dict.fromkeys(int(p) for p in partitions) for e in index.get(p, ())]
 
@@ -347,10 +352,10 @@ class ParquetStore(CatalogStore):
         committed = self._manifest_cache is not None and manifest is self._manifest_cache[1]
         if committed and cached is not None and cached[0] is manifest and table in cached[1]:
             return cached[1][table]
-        base = self.root / table / "dataset"
+        base = self._dataset_dir(table)
         index: dict = {}
         for rel, meta in manifest["tables"][table]["files"].items():
-            index.setdefault(meta.get("npix"), []).append((base / rel, meta))
+            index.setdefault(meta.get("npix"), []).append((f"{base}/{rel}", meta))
         if committed:
             if cached is None or cached[0] is not manifest:
                 self._index_cache = cached = (manifest, {})
@@ -460,16 +465,23 @@ class ParquetStore(CatalogStore):
         arr = values if isinstance(values, np.ndarray) else np.asarray(list(values))
         return pa.array(arr, type=t.column(column).arrow_type)
 
-    def _candidates(self, t: Table, entries: list, column: str, sorted_values: np.ndarray | None) -> list:
-        """Entries whose manifest id range (kept for the id column) can hold one of the values."""
-        if sorted_values is None or column != t.id_column:
+    def _candidates(self, t: Table, entries: list, column: str, sorted_values: np.ndarray | None,
+                    spans: bool = False) -> list:
+        """Entries whose manifest id range (kept for the id column) can hold one of the values;
+        entries without a range (written before ranges were kept) always can.  ``spans``:
+        ``sorted_values`` is [min, max] of the values and any overlap with it counts."""
+        if sorted_values is None or column != t.id_column or not entries:
             return entries
-        out = []
-        for path, meta in entries:
-            rng = meta.get("id")
-            if rng is None or _any_value_within(sorted_values, np.array([rng[0]]), np.array([rng[1]]))[0]:
-                out.append((path, meta))
-        return out
+        ranges = [m.get("id") for _, m in entries]
+        known = np.array([r is not None for r in ranges])
+        ok = ~known
+        if known.any():
+            bounds = np.array([r for r in ranges if r is not None], dtype=sorted_values.dtype)
+            if spans:
+                ok[known] = (bounds[:, 0] <= sorted_values[1]) & (bounds[:, 1] >= sorted_values[0])
+            else:
+                ok[known] = _any_value_within(sorted_values, bounds[:, 0], bounds[:, 1])
+        return [e for e, keep in zip(entries, ok) if keep]
 
     def _select_in(self, t: Table, entries: list, column: str, values: pa.Array,
                    columns: list[str]) -> pa.Table:
@@ -717,10 +729,11 @@ class ParquetTransaction(Transaction):
         files.update({rel: meta for t, rel, meta in self._new if t == table})
         return files
 
-    def _live_entries(self, table: str, partitions: Iterable[int] | None = None) -> list[tuple[pathlib.Path, dict]]:
-        base = self.store.root / table / "dataset"
+    def _live_entries(self, table: str, partitions: Iterable[int] | None = None) -> list[tuple[str, dict]]:
+        """(path, manifest entry) of the files this transaction sees, optionally of some partitions."""
+        base = self.store._dataset_dir(table)
         wanted = None if partitions is None else {int(p) for p in partitions}
-        return [(base / rel, meta) for rel, meta in self._live(table).items()
+        return [(f"{base}/{rel}", meta) for rel, meta in self._live(table).items()
                 if wanted is None or meta.get("npix") in wanted]
 
     def _check_new_keys(self, t: Table, rows: pa.Table) -> None:
@@ -733,8 +746,15 @@ class ParquetTransaction(Transaction):
         entries = self._live_entries(t.name)
         if not entries or not rows.num_rows:
             return
+        ids = rows.column(key).combine_chunks()
+        # first by the batch's id span alone (O(n), no sort): usually no file is left
+        span = pc.min_max(ids)
+        entries = self.store._candidates(t, entries, key, np.array([span["min"].as_py(), span["max"].as_py()]),
+                                         spans=True)
+        if not entries:
+            return
         cols = list(t.primary_key)
-        stored = self.store._select_in(t, entries, key, pc.unique(rows.column(key)), cols)
+        stored = self.store._select_in(t, entries, key, ids, cols)
         if stored.num_rows and len(cols) > 1:  # same id: compare the whole key
             stored = stored.join(rows.select(cols), keys=cols, join_type="inner").select(cols)
         if stored.num_rows:
@@ -812,12 +832,12 @@ class ParquetTransaction(Transaction):
                     continue
                 keep = _read_groups(pf, info, np.arange(info.n_groups), schema.names, schema).filter(pc.invert(hit))
             deleted += n
-            rel = str(path.relative_to(self.store.root / table / "dataset"))
+            rel = path[len(self.store._dataset_dir(table)) + 1:]
             if any(r == rel for tt, r, _ in self._new if tt == table):
                 # a file this transaction wrote: rewrite it in place (not yet visible)
                 self._new = [(tt, r, m) for tt, r, m in self._new if not (tt == table and r == rel)]
                 with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+                    os.unlink(path)
             else:
                 self._drop.append((table, rel))
             if keep.num_rows:
