@@ -8,6 +8,7 @@ Postgres store and by Alembic, input validation and ``docs/schema.md``.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -59,6 +60,68 @@ class Column:
                 "string": "U", "bool": "b", "timestamp": "M"}[self.type]
 
 
+#: Partial-index predicates the schema may use: ``<column> IS [NOT] NULL``.
+_WHERE = re.compile(r"(\w+) IS (NOT )?NULL")
+
+
+@dataclass(frozen=True)
+class Index:
+    """A B-tree index: key columns, optional covering (``INCLUDE``) columns and an
+    optional partial-index predicate (``<column> IS [NOT] NULL``).
+
+    A covering index lets Postgres answer a query that needs only its columns
+    with an index-only scan (no heap page visits); a partial one holds only the
+    rows matching ``where`` (e.g. the current versions of a versioned table).
+    """
+
+    columns: tuple[str, ...]
+    include: tuple[str, ...] = ()
+    where: str | None = None
+    name: str | None = None
+
+    def sql_name(self, table: str) -> str:
+        """``ix_<table>_<name>``, or ``ix_<table>_<key columns>`` for an unnamed index."""
+        return f"ix_{table}_{self.name or '_'.join(self.columns)}"
+
+    @property
+    def where_column(self) -> str | None:
+        """The column the partial-index predicate tests (None: not partial)."""
+        return None if self.where is None else _WHERE.fullmatch(self.where).group(1)
+
+    @property
+    def all_columns(self) -> tuple[str, ...]:
+        """Key and covering columns: what an index-only scan can return."""
+        return self.columns + self.include
+
+    def describe(self) -> str:
+        """One-line description for the docs: ``(healpix29) INCLUDE (...) WHERE ...``."""
+        out = f"({', '.join(self.columns)})"
+        if self.include:
+            out += f" INCLUDE ({', '.join(self.include)})"
+        if self.where:
+            out += f" WHERE {self.where}"
+        return out
+
+
+def _parse_index(spec, table: str) -> Index:
+    """An index entry of the YAML: a list of key columns, or a mapping with
+    ``columns`` and optional ``include``, ``where`` and ``name``."""
+    if isinstance(spec, list):
+        return Index(columns=tuple(spec))
+    if not isinstance(spec, dict) or "columns" not in spec:
+        raise ValueError(f"schema table {table!r}: an index is a list of columns or a mapping with "
+                         f"'columns' (and optional include, where, name); got {spec!r}")
+    unknown = set(spec) - {"columns", "include", "where", "name"}
+    if unknown:
+        raise ValueError(f"schema table {table!r}: unknown index key(s) {sorted(unknown)}")
+    where = spec.get("where")
+    if where is not None and not _WHERE.fullmatch(str(where)):
+        raise ValueError(f"schema table {table!r}: index predicate {where!r} is not of the form "
+                         "'<column> IS NULL' or '<column> IS NOT NULL'")
+    return Index(columns=tuple(spec["columns"]), include=tuple(spec.get("include") or ()),
+                 where=None if where is None else str(where), name=spec.get("name"))
+
+
 @dataclass(frozen=True)
 class Table:
     """A table: its columns in order, keys, indexes and whether it is positional."""
@@ -67,7 +130,7 @@ class Table:
     description: str
     columns: tuple[Column, ...]
     primary_key: tuple[str, ...]
-    indexes: tuple[tuple[str, ...], ...] = ()
+    indexes: tuple[Index, ...] = ()
     positional: bool = False
     _by_name: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -140,11 +203,14 @@ def _parse(doc: dict) -> Schema:
             description=t.get("description", ""),
             columns=tuple(cols),
             primary_key=tuple(t["primary_key"]),
-            indexes=tuple(tuple(ix) for ix in t.get("indexes", [])),
+            indexes=tuple(_parse_index(ix, tname) for ix in t.get("indexes", [])),
             positional=bool(t.get("positional", False)),
         )
-        for needed in list(table.primary_key) + [c for ix in table.indexes for c in ix]:
+        for needed in list(table.primary_key) + [c for ix in table.indexes for c in ix.all_columns]:
             table.column(needed)
+        for ix in table.indexes:
+            if ix.where is not None:
+                table.column(ix.where_column)
         if table.positional:
             for needed in ("ra", "dec", "healpix29"):
                 table.column(needed)
@@ -160,7 +226,8 @@ def load_schema() -> Schema:
 
 
 def sqlalchemy_metadata(schema: Schema | None = None) -> sa.MetaData:
-    """SQLAlchemy Core tables for every schema table, with keys and B-tree indexes."""
+    """SQLAlchemy Core tables for every schema table, with keys and B-tree indexes
+    (covering columns as ``INCLUDE``, partial predicates as ``WHERE`` on PostgreSQL)."""
     schema = schema or load_schema()
     md = sa.MetaData()
     for t in schema:
@@ -172,7 +239,12 @@ def sqlalchemy_metadata(schema: Schema | None = None) -> sa.MetaData:
         ]
         table = sa.Table(t.name, md, *cols, comment=t.description)
         for ix in t.indexes:
-            sa.Index(f"ix_{t.name}_{'_'.join(ix)}", *[table.c[n] for n in ix])
+            opts = {}
+            if ix.include:
+                opts["postgresql_include"] = list(ix.include)
+            if ix.where is not None:
+                opts["postgresql_where"] = sa.text(ix.where)
+            sa.Index(ix.sql_name(t.name), *[table.c[n] for n in ix.columns], **opts)
     return md
 
 
@@ -185,7 +257,10 @@ def markdown_docs(schema: Schema | None = None) -> str:
     for t in schema:
         out += [f"## `{t.name}`", "", t.description, "",
                 f"Primary key: `{', '.join(t.primary_key)}`"
-                + ("; HEALPix-partitioned." if t.positional else "."), "",
+                + ("; HEALPix-partitioned." if t.positional else "."), ""]
+        if t.indexes:
+            out += ["Indexes (PostgreSQL): " + "; ".join(f"`{ix.describe()}`" for ix in t.indexes) + ".", ""]
+        out += [
                 "| column | type | unit | null | description |", "|---|---|---|---|---|"]
         out += [f"| `{c.name}` | {c.type} | {c.unit or ''} | {'yes' if c.nullable else 'no'} "
                 f"| {c.description} |" for c in t.columns]
