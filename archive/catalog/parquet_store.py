@@ -832,14 +832,7 @@ class ParquetTransaction(Transaction):
                     continue
                 keep = _read_groups(pf, info, np.arange(info.n_groups), schema.names, schema).filter(pc.invert(hit))
             deleted += n
-            rel = path[len(self.store._dataset_dir(table)) + 1:]
-            if any(r == rel for tt, r, _ in self._new if tt == table):
-                # a file this transaction wrote: rewrite it in place (not yet visible)
-                self._new = [(tt, r, m) for tt, r, m in self._new if not (tt == table and r == rel)]
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-            else:
-                self._drop.append((table, rel))
+            self._forget(table, path[len(self.store._dataset_dir(table)) + 1:])
             if keep.num_rows:
                 self.append(table, keep, check_keys=False)
         self._journal()
@@ -864,20 +857,67 @@ class ParquetTransaction(Transaction):
 
     def close_versions(self, table: str, ids: Sequence, end: float,
                        partitions: Iterable[int] | None = None) -> int:
-        """Copy-on-write: rewrite the files holding these ids with validity_end set."""
+        """Set ``validity_end = end`` on the open versions of ``ids`` (copy-on-write).
+
+        Only files whose id range and row-group statistics admit one of the ids
+        and that still hold open versions are probed (id + validity_end); each
+        file holding one is read once, in Arrow, and the touched files of a
+        partition are rewritten together as one file, so a partition's file
+        count does not grow with the visits that close its versions."""
         t = self.store.table(table)
-        ids = np.unique(np.asarray(ids, dtype=np.int64))
-        if ids.size == 0:
+        if "validity_end" not in t:
+            raise ArchiveError(f"table {table!r} has no versions (no validity_end column)")
+        schema = self.store._schema(t)
+        key = t.id_column
+        value_set = self.store._value_set(t, key, np.asarray(ids, dtype=np.int64))
+        if len(value_set) == 0:
             return 0
-        rows = self.select_in(table, t.id_column, ids, partitions)
-        open_rows = rows["validity_end"].isna().to_numpy()
-        if not open_rows.any():
-            return 0
-        rows.loc[open_rows, "validity_end"] = float(end)
-        self.delete(table, t.id_column, ids, partitions)
-        self.append(table, pa.Table.from_pandas(rows, schema=t.arrow_schema, preserve_index=False),
-                    check_keys=False)
-        return int(open_rows.sum())
+        v = _sorted_values(value_set)
+        end_col = schema.get_field_index("validity_end")
+        base = self.store._dataset_dir(table)
+        rewritten: dict = {}  # partition -> [file rows with the versions closed]
+        closed = 0
+        for path, meta in self.store._candidates(t, self._live_entries(table, partitions), key, v):
+            info = self.store._footers.get(path, meta, schema)
+            groups = _groups_holding(info, key, v)
+            nulls = info.null_counts("validity_end")
+            if nulls is not None:  # groups without an open version need no probe
+                groups = groups[nulls[groups] > 0]
+            if not groups.size:
+                continue
+            with pq.ParquetFile(path, metadata=info.metadata) as pf:
+                probe = _read_groups(pf, info, groups, [key, "validity_end"], schema)
+                hit = (pc.is_in(probe.column(key), value_set=value_set).to_numpy(zero_copy_only=False)
+                       & probe.column("validity_end").is_null().to_numpy(zero_copy_only=False))
+                if not hit.any():
+                    continue
+                rows = _read_groups(pf, info, np.arange(info.n_groups), schema.names, schema)
+            # positions of the hits in the whole file: group starts + offsets within the probed groups
+            file_starts = np.concatenate([[0], np.cumsum(info.group_rows)])
+            probe_starts = np.concatenate([[0], np.cumsum(info.group_rows[groups])])
+            idx = np.flatnonzero(hit)
+            g = np.searchsorted(probe_starts, idx, side="right") - 1
+            mask = np.zeros(rows.num_rows, dtype=bool)
+            mask[file_starts[groups[g]] + idx - probe_starts[g]] = True
+            ends = pc.if_else(pa.array(mask), pa.scalar(float(end), pa.float64()), rows.column(end_col))
+            rows = rows.set_column(end_col, schema.field("validity_end"), ends)
+            closed += int(idx.size)
+            self._forget(table, path[len(base) + 1:])
+            rewritten.setdefault((meta.get("norder"), meta.get("npix")), []).append(rows)
+        for parts in rewritten.values():
+            self.append(table, pa.concat_tables(parts) if len(parts) > 1 else parts[0], check_keys=False)
+        self._journal()
+        return closed
+
+    def _forget(self, table: str, rel: str) -> None:
+        """Take a file out of the state this transaction commits: a committed file is
+        dropped at commit, a file this transaction wrote (not yet visible) is deleted now."""
+        if any(tt == table and r == rel for tt, r, _ in self._new):
+            self._new = [(tt, r, m) for tt, r, m in self._new if not (tt == table and r == rel)]
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self.store._dataset_dir(table)}/{rel}")
+        else:
+            self._drop.append((table, rel))
 
     def commit(self) -> None:
         if self._done:
