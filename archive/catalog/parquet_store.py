@@ -12,6 +12,16 @@ Layout (``K`` = the store's partition order)::
     ROOT/<table>/dataset/Norder=K/Dir=D/Npix=N/part-<gen>-<uid>.parquet
 
 Non-positional tables keep their files in ``ROOT/<table>/dataset/`` directly.
+A manifest entry per file holds ``rows``, ``npix``/``norder``, ``bytes`` and
+``id`` (min/max of the table's id column, so the key check and id look-ups skip
+files that cannot hold an id; entries of older stores lack the last two and are
+always candidates).
+
+Reading: files are immutable once committed, so their parsed footers are cached
+(:class:`_FooterCache`).  A region query opens only the files of the touched
+partitions, decodes only the row groups whose healpix29 statistics meet the
+covering's ranges, and those first for healpix29/ra/dec only; the other columns
+are decoded for the row groups that hold rows passing the exact test.
 
 Atomicity: the manifest is the truth.  A transaction writes new files under
 hidden temporary names, renames them into place, then replaces
