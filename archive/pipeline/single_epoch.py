@@ -9,10 +9,18 @@ writer) records each exposure: its ``source`` rows, matched across epochs into
 the ``exposure`` row (processed or rejected, with its reason), the
 ``image_product`` row of the calexp and the ``provenance`` row.  Exposures the
 archive already holds are skipped, so an interrupted run resumes where it stopped.
+
+When a run processes several exposures, two steps look at them together before
+anything is recorded: exposures whose zero point or seeing is far off the others
+of their band are rejected (clouds, bad focus:
+:mod:`archive.process.epoch_quality`), and the rest are refined against each other
+field by field (:mod:`archive.process.astrometry_relative`), which rewrites their
+calexps' WCS and their sources' sky positions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pathlib
@@ -40,7 +48,8 @@ log = logging.getLogger(__name__)
 #: Bits of ``exposure.quality_flags`` (stable: append new names at the end).
 QUALITY_BITS = {name: i for i, name in enumerate([
     "WRONG_SHAPE", "EMPTY", "CONSTANT", "MANY_NODATA", "HIGH_BACKGROUND", "HISTOGRAM_ANOMALY",
-    "MANY_SATURATED", "STUCK_VALUES", "BAD_PSF", "DOUBLE_PSF", "CHECK_ERROR", "STEP_FAILED"])}
+    "MANY_SATURATED", "STUCK_VALUES", "BAD_PSF", "DOUBLE_PSF", "CHECK_ERROR", "STEP_FAILED",
+    "LOW_TRANSPARENCY", "POOR_SEEING"])}
 
 
 def quality_bits(flags: list[str], rejected: bool) -> int:
@@ -62,6 +71,7 @@ class ProcessConfig:
     match_radius_arcsec: float = 1.0  # matching of sources across epochs (matched_source)
     refine_astrometry: bool = True  # the epochs of a field processed together: joint relative astrometry
     relative_astrometry: object = None  # archive.process.astrometry_relative.RelativeAstrometryConfig
+    epoch_quality: object = None  # archive.process.epoch_quality.EpochQualityConfig (clouds, bad focus)
     single_frame: object = None  # archive.process.single_frame.SingleFrameConfig (None = defaults)
     progress: bool | None = None  # None: a bar only on a terminal
 
@@ -141,37 +151,42 @@ def _process_one(raw_path: str, masters: dict, refcat: pd.DataFrame | None, prod
     return out
 
 
+def _measured(calexp, info) -> tuple[float, float, float]:
+    """(seeing in arcsec at the centre, zero point = AB mag of 1 count/s, 5-sigma point-source
+    limiting magnitude) of a calexp; NaN where it has no PSF or calibration."""
+    seeing = zp = lim = np.nan
+    if calexp is None:
+        return seeing, zp, lim
+    ny, nx = calexp.image.shape
+    scale = calexp.pixel_scale()
+    if calexp.psf is not None:
+        seeing = float(calexp.psf.fwhm((nx - 1) / 2.0, (ny - 1) / 2.0)) * scale
+    if calexp.photo_calib is not None and info.exp_time > 0:
+        zp = float(calexp.photo_calib.zero_point) + 2.5 * np.log10(info.exp_time)
+        # 5-sigma point source: noise-equivalent area 4 pi sigma_psf^2 with the median variance
+        if calexp.psf is not None:
+            fwhm_px = seeing / scale
+            area = 4.0 * np.pi * (fwhm_px / 2.3548) ** 2
+            noise = np.sqrt(np.nanmedian(calexp.variance) * area)
+            lim = float(calexp.photo_calib.zero_point - 2.5 * np.log10(5.0 * noise))
+    return seeing, zp, lim
+
+
 def _exposure_row(out: dict, exposure_id: int) -> dict:
     """The ``exposure`` row: pointing of the detector centre, seeing, sky, zero point, depth."""
-    from astropy.wcs.utils import proj_plane_pixel_scales
-
     from archive.pipeline.products import footprint
 
     info = out["info"]
     calexp = out.get("calexp")
-    wcs = calexp.wcs if calexp is not None else out["raw_wcs"]
-    ny, nx = out["shape"]
+    wcs = calexp.wcs if calexp is not None else out.get("calexp_wcs", out["raw_wcs"])
+    ny, nx = out.get("calexp_shape", out["shape"])
     if calexp is not None:
         ra, dec, _ = footprint(calexp)
-        scale = calexp.pixel_scale()
     else:
         ra, dec = (float(v) for v in wcs.all_pix2world([[(nx - 1) / 2.0, (ny - 1) / 2.0]], 0)[0])
         ra %= 360.0
-        scale = float(np.mean(proj_plane_pixel_scales(wcs.celestial))) * 3600.0  # arcsec/px
-    seeing = sky = zp = lim = np.nan
-    if calexp is not None:
-        if calexp.psf is not None:
-            seeing = float(calexp.psf.fwhm((nx - 1) / 2.0, (ny - 1) / 2.0)) * scale
-        sky = out.get("sky_level", np.nan)
-        if calexp.photo_calib is not None and info.exp_time > 0:
-            # AB magnitude of 1 count/s
-            zp = float(calexp.photo_calib.zero_point) + 2.5 * np.log10(info.exp_time)
-            # 5-sigma point source: noise-equivalent area 4 pi sigma_psf^2 with the median variance
-            if calexp.psf is not None:
-                fwhm_px = seeing / scale
-                area = 4.0 * np.pi * (fwhm_px / 2.3548) ** 2
-                noise = np.sqrt(np.nanmedian(calexp.variance) * area)
-                lim = float(calexp.photo_calib.zero_point - 2.5 * np.log10(5.0 * noise))
+    seeing, zp, lim = out["measured"] if "measured" in out else _measured(calexp, info)
+    sky = out.get("sky_level", np.nan) if calexp is not None or "measured" in out else np.nan
     return {
         "exposure_id": exposure_id, "visit": int(info.visit), "detector": int(info.detector),
         "band": info.band, "mjd_mid": float(info.mjd), "exp_time": float(info.exp_time),
@@ -245,6 +260,27 @@ def _fields(outs: list[dict], link_deg: float) -> list[list[int]]:
     _, lab = connected_components(coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n)),
                                   directed=False)
     return [list(np.flatnonzero(lab == k)) for k in np.unique(lab)]
+
+
+def reject_outlier_epochs(outs: list[dict], products_root: os.PathLike, config=None) -> None:
+    """Reject, in place, processed exposures whose zero point or seeing is far off the
+    others of their band in this run (:func:`archive.process.epoch_quality.check_epochs`):
+    they are recorded as rejected with the reason, their calexp file is removed and their
+    sources are not stored."""
+    from archive.process.epoch_quality import check_epochs
+
+    table = pd.DataFrame({"band": [o["info"].band for o in outs],
+                          "seeing": [o["measured"][0] for o in outs],
+                          "zero_point": [o["measured"][1] for o in outs]})
+    verdict = check_epochs(table, config)
+    for o, flags, reason in zip(outs, verdict["flags"], verdict["reason"]):
+        if not reason:
+            continue
+        o["rejected"], o["reason"] = True, reason
+        o["quality_flags"] = quality_bits(list(flags), True)
+        with contextlib.suppress(FileNotFoundError):
+            (pathlib.Path(products_root) / o["rel"]).unlink()
+        log.warning("exposure %s rejected: %s", o["exposure_id"], reason)
 
 
 def refine_field_astrometry(outs: list[dict], refcat: pd.DataFrame | None, products_root: os.PathLike,
@@ -333,12 +369,17 @@ def process_raws(store: CatalogStore, raw_paths: list, calib_paths: list, refcat
 
         bar = tqdm(total=len(todo), unit="exposure", desc="process")
 
-    held: list[dict] = []  # processed exposures waiting for the field's relative astrometry
-    refine = bool(cfg.refine_astrometry) and len(todo) > 1
+    held: list[dict] = []  # processed exposures waiting for the run-level steps
+    hold = len(todo) > 1  # epochs judged against each other, then refined together
+    refine = bool(cfg.refine_astrometry) and hold
+    if hold:
+        from archive.process.epoch_quality import EpochQualityConfig
+
+        # the run-level steps decide too: their configs go into every exposure's provenance
+        config_dict = {**config_dict, "epoch_quality": _plain(cfg.epoch_quality or EpochQualityConfig())}
     if refine:
         from archive.process.astrometry_relative import RelativeAstrometryConfig
 
-        # the calexps' WCSs then depend on this step too: its config goes into their provenance
         config_dict = {**config_dict,
                        "relative_astrometry": _plain(cfg.relative_astrometry or RelativeAstrometryConfig())}
 
@@ -357,12 +398,13 @@ def process_raws(store: CatalogStore, raw_paths: list, calib_paths: list, refcat
             log.error("%s: %s", path, error)
         else:
             out["raw_wcs"], out["shape"], out["exposure_id"] = wcs, shape, eid
-            if refine and not out["rejected"]:
+            if hold and not out["rejected"]:
                 calexp = out["calexp"]
                 ny, nx = calexp.image.shape
                 out["calexp_wcs"], out["calexp_shape"] = calexp.wcs, (ny, nx)
                 out["calexp_centre"] = calexp.center_sky()
                 out["calexp_diag_deg"] = float(np.hypot(nx, ny) * calexp.pixel_scale() / 3600.0)
+                out["measured"] = _measured(calexp, out["info"])
                 out["calexp"] = None  # on disk; read again when recorded, so a run's memory stays flat
                 held.append(out)
             else:
@@ -391,7 +433,10 @@ def process_raws(store: CatalogStore, raw_paths: list, calib_paths: list, refcat
                     continue
                 handle(path, out, None)
     if held:
-        refine_field_astrometry(held, refcat, products_root, cfg.relative_astrometry)
+        reject_outlier_epochs(held, products_root, cfg.epoch_quality)
+        if refine:
+            refine_field_astrometry([o for o in held if not o["rejected"]], refcat, products_root,
+                                    cfg.relative_astrometry)
         for out in sorted(held, key=lambda o: o["exposure_id"]):
             if "relative_rms_mas" in out:
                 report.refined[out["exposure_id"]] = out["relative_rms_mas"]

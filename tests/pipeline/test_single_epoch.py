@@ -150,3 +150,28 @@ def test_matched_api_on_processed_field(processed, tmp_path):
     assert back.shape == mat.shape and list(back.index) == list(mat.index)
     np.testing.assert_array_equal(back.to_numpy(), mat.to_numpy())
     arc.close()
+
+
+def test_cloudy_and_defocused_epochs_are_rejected_against_the_others(tmp_path):
+    root = tmp_path / "survey"
+    simulate_survey(root, SimConfig(seed=5, n_epochs=5, size=640, star_density=60, bad_epochs={2: "clouds", 4: "focus"},
+                                    streak_epochs=(), n_bias=3, n_dark=3, n_flat=3))
+    raws, calib = _inputs(root)
+    with Archive.init(tmp_path / "arc") as arc:
+        rep = arc.process_raws(raws, calib, refcat=root / "refcat.parquet")
+        assert not rep.failed, rep.failed
+        assert sorted(rep.rejected) == [3000, 5000], rep.rejected
+        # the cloudy epoch passes every single-frame step and only the comparison catches it; the
+        # defocused one has too few sharp stars for a PSF already (POOR_SEEING: tests/process)
+        assert "below the median" in rep.rejected[3000] and rep.rejected[5000].startswith(("psf:", "quality:"))
+        exp = arc.sql("SELECT * FROM exposure ORDER BY exposure_id").set_index("exposure_id")
+        assert exp.loc[3000, "quality_flags"] == 1 << QUALITY_BITS["LOW_TRANSPARENCY"]
+        # the measured zero point stays on the rejected row: users see why
+        assert exp.loc[3000, "zero_point"] < exp.loc[1000, "zero_point"] - 0.75
+        # nothing of a rejected exposure is kept: no sources, no calexp row or file
+        assert arc.sql("SELECT count(*) AS n FROM source WHERE exposure_id IN (3000, 5000)")["n"].iloc[0] == 0
+        prods = arc.sql("SELECT exposure_id, path FROM image_product")
+        assert sorted(prods["exposure_id"]) == [1000, 2000, 4000]
+        assert sorted(p.name for p in arc.products_root().rglob("*.fits")) == sorted(
+            pathlib.Path(p).name for p in prods["path"])
+        assert sorted(rep.refined) == [1000, 2000, 4000]
