@@ -206,6 +206,20 @@ def fit_tan_sip(x, y, ra, dec, weights, centre, degree: int | None, start: tuple
     return wcs
 
 
+def usable_for_astrometry(sources: pd.DataFrame, min_snr: float) -> np.ndarray:
+    """Boolean mask of sources fit for astrometry: finite ``x, y``, ``snr`` above ``min_snr``
+    (when present), no SAT/CR/BAD/NO_DATA pixel and a good centroid (when ``flags`` is present)."""
+    from archive.process import flags as F_
+
+    ok = np.isfinite(sources["x"].to_numpy(np.float64)) & np.isfinite(sources["y"].to_numpy(np.float64))
+    if "snr" in sources:
+        ok &= sources["snr"].to_numpy(np.float64) > min_snr
+    if "flags" in sources:
+        bad = F_.plane_bits(None, "SAT", "CR", "BAD", "NO_DATA") | int(F_.FLAG_CENTROID | F_.FLAG_STAMP_EDGE)
+        ok &= (sources["flags"].to_numpy() & bad) == 0
+    return ok
+
+
 def _sip_degree(max_degree: int | None, n: int, per_term: int) -> int | None:
     """Highest SIP degree <= max_degree with ``per_term`` matches per coefficient of one axis."""
     d = int(max_degree or 0)
@@ -230,12 +244,7 @@ def fit_astrometry(sources: pd.DataFrame, refcat: pd.DataFrame, wcs: WCS, shape:
             raise ValidationError(f"fit_astrometry: source table lacks column {c!r}")
     ny, nx = shape
     src = sources
-    if "snr" in src:
-        src = src[src["snr"].to_numpy() > cfg.min_snr]
-    if "flags" in src:
-        from archive.process import flags as F_
-        bad = F_.plane_bits(None, "SAT", "CR", "BAD", "NO_DATA") | int(F_.FLAG_CENTROID | F_.FLAG_STAMP_EDGE)
-        src = src[(src["flags"].to_numpy() & bad) == 0]
+    src = src[usable_for_astrometry(src, cfg.min_snr)]
     src_idx = src.index.to_numpy()
     sx = src["x"].to_numpy(np.float64)
     sy = src["y"].to_numpy(np.float64)

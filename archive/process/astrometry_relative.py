@@ -44,7 +44,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from archive.errors import ValidationError
-from archive.process.astrometry import _tan_deproject, _tan_project, fit_tan_sip
+from archive.process.astrometry import _tan_deproject, _tan_project, fit_tan_sip, usable_for_astrometry
 
 log = logging.getLogger(__name__)
 
@@ -102,19 +102,6 @@ class RelativeAstrometryResult:
     rms_after_mas: np.ndarray
     n_reference: int
     stars: pd.DataFrame
-
-
-def _good(src: pd.DataFrame, min_snr: float) -> np.ndarray:
-    """Indices of sources usable for astrometry (S/N, no SAT/CR/BAD/NO_DATA, good centroid)."""
-    ok = np.isfinite(src["x"].to_numpy(np.float64)) & np.isfinite(src["y"].to_numpy(np.float64))
-    if "snr" in src:
-        ok &= src["snr"].to_numpy(np.float64) > min_snr
-    if "flags" in src:
-        from archive.process import flags as F_
-
-        bad = F_.plane_bits(None, "SAT", "CR", "BAD", "NO_DATA") | int(F_.FLAG_CENTROID | F_.FLAG_STAMP_EDGE)
-        ok &= (src["flags"].to_numpy() & bad) == 0
-    return np.flatnonzero(ok)
 
 
 def _groups(xi: np.ndarray, eta: np.ndarray, epoch: np.ndarray, radius: float) -> np.ndarray:
@@ -181,7 +168,7 @@ def refine_epochs(sources: Sequence[pd.DataFrame], wcs: Sequence[WCS], shapes: S
             raise ValidationError(f"refine_epochs: epochs of detector {g} have different image shapes")
 
     # -- detections ---------------------------------------------------------------
-    idx = [_good(s, cfg.min_snr) for s in sources]
+    idx = [np.flatnonzero(usable_for_astrometry(s, cfg.min_snr)) for s in sources]
     ep = np.concatenate([np.full(len(k), i, dtype=np.int64) for i, k in enumerate(idx)])
     if ep.size == 0:
         raise ValidationError("refine_epochs: no usable sources on any epoch")
