@@ -3,9 +3,11 @@
 Goal (issue 4): a 10k-source visit end to end on Postgres in under a second
 with 10M objects stored.  What one visit does (archive/catalog/dia_ingest.py):
 validate the batch, check its exposures are new, lock the footprint (Postgres),
-read the current DIAObjects of the footprint + margin, associate, update the
-running-sum summaries, close the touched objects' versions, append the new
-versions and the DIASources, commit.
+read association's columns of the current DIAObjects of the footprint + margin
+(an index-only scan of the partial covering index on Postgres), associate, read
+all columns of the matched objects only, update the running-sum summaries,
+close the touched objects' versions, append the new versions and the
+DIASources, commit.
 
 Stored objects: ``--objects`` DIAObjects (full 186-column ``dia_object`` rows
 built by :func:`archive.catalog.summaries.new_objects` from 1 + Poisson(2)
@@ -14,7 +16,10 @@ spread uniformly on the sphere over a square patch at (RA, Dec) = (150, +2)
 whose area gives ``--density`` objects per deg^2 (default 30 000 / deg^2:
 1M objects -> 33 deg^2, 10M -> 333 deg^2).  They are loaded through the
 store's own ``transaction().append`` in chunks of ``--chunk`` rows (one
-transaction each); Postgres then runs ANALYZE.
+transaction each; the store sorts each chunk by healpix29); Postgres then runs
+VACUUM (ANALYZE) -- what autovacuum does soon after a bulk load; it sets the
+visibility map that lets the association read be index-only -- or only
+ANALYZE with ``--no-vacuum``.
 
 Visits: ``--visits`` visits of ``--sources`` DIASources each (every
 ``dia_source`` column filled, see bench/common.py), one band, one MJD,
@@ -128,8 +133,8 @@ class Phases:
         return out
 
 
-PHASES = ["validate (conform)", "exposure check", "lock", "query region", "associate", "summaries",
-          "close versions", "write dia_object", "write dia_source", "commit"]
+PHASES = ["validate (conform)", "exposure check", "lock", "query region", "associate", "read matched objects",
+          "summaries", "close versions", "write dia_object", "write dia_source", "commit"]
 
 
 def install_timers(ph: Phases) -> None:
@@ -140,17 +145,20 @@ def install_timers(ph: Phases) -> None:
     for cls in (postgres_store.PostgresTransaction, parquet_store.ParquetTransaction):
         ph.wrap(cls, "select_in", "exposure check")
         ph.wrap(cls, "query_region", "query region")
+        # all columns of the matched objects only (since the narrow association read)
+        if hasattr(cls, "current_versions"):
+            ph.wrap(cls, "current_versions", "read matched objects")
         ph.wrap(cls, "close_versions", "close versions")
         ph.wrap(cls, "append", lambda a: f"write {a[1]}")
         ph.wrap(cls, "commit", "commit")
     ph.wrap(postgres_store.PostgresTransaction, "lock_partitions", "lock")
-    # nested diagnostics
-    # the row reader of the Postgres store: COPY TO + Arrow CSV since 4aaa672, Python tuples before
-    if hasattr(postgres_store, "_fetch"):
-        ph.wrap(postgres_store, "_fetch", "pg: read rows (COPY TO csv -> Arrow -> DataFrame)", sub=True)
-    else:
-        ph.wrap(postgres_store, "_rows_to_frame", "pg: fetched rows -> DataFrame (Python tuples)", sub=True)
-    ph.wrap(postgres_store, "arrow_to_csv", "pg: Arrow -> CSV for COPY", sub=True)
+    # nested diagnostics: the Postgres store's row reader and COPY encoder
+    for attr, label in (("_copy_arrow", "pg: read rows (COPY TO csv -> Arrow)"),
+                        ("_copy_binary_arrow", "pg: read rows (binary COPY TO -> Arrow)"),
+                        ("arrow_to_copy_binary", "pg: Arrow -> binary COPY tuples"),
+                        ("arrow_to_csv", "pg: Arrow -> CSV for COPY")):
+        if hasattr(postgres_store, attr):
+            ph.wrap(postgres_store, attr, label, sub=True)
     ph.wrap(parquet_store.ParquetTransaction, "delete", "pq: copy-on-write delete (rewrite files)", sub=True)
     ph.wrap(parquet_store.ParquetTransaction, "select_in", "pq: select_in (read files)", sub=True)
 
@@ -205,8 +213,13 @@ def make_object_chunk(sky: Sky, n: int, first_id: int, seed: int) -> pd.DataFram
     return new_objects(src, validity_start=STORED_VALIDITY)
 
 
-def load_objects(store, sky: Sky, n_total: int, chunk: int, seed: int, analyze_url: str | None):
-    """Append the stored objects in chunks; return (ra, dec, id) of all of them and timings."""
+def load_objects(store, sky: Sky, n_total: int, chunk: int, seed: int, analyze_url: str | None,
+                 vacuum: bool = True):
+    """Append the stored objects in chunks; return (ra, dec, id) of all of them and timings.
+
+    Postgres: then ``VACUUM (ANALYZE)`` (``vacuum``) or only ``ANALYZE``.  VACUUM sets
+    the visibility map, as autovacuum does on its own shortly after a bulk load; until
+    then index-only scans (the association read) still visit the heap."""
     t_obj = store.table("dia_object")
     ras, decs, ids = [], [], []
     t_gen = t_write = 0.0
@@ -234,7 +247,7 @@ def load_objects(store, sky: Sky, n_total: int, chunk: int, seed: int, analyze_u
     if analyze_url:
         t0 = time.perf_counter()
         with pg_connect(analyze_url) as con:
-            con.execute("ANALYZE dia_object")
+            con.execute("VACUUM (ANALYZE) dia_object" if vacuum else "ANALYZE dia_object")
         t_an = time.perf_counter() - t0
     return np.concatenate(ras), np.concatenate(decs), np.concatenate(ids), (t_gen, t_write, t_an)
 
@@ -288,156 +301,35 @@ def open_backend(backend: str, workdir: str, stack: contextlib.ExitStack):
     return store, None
 
 
-def literal_region_sql(store, t, region, cols) -> str:
-    """The store's own region SQL (current versions) with its parameters inlined (for COPY/EXPLAIN)."""
-    sql, params = store._region_sql(t, region, cols, current_only=True)
-    if "lo" in params:  # before 546ad3e: ranges as bigint[] parameters (unnest + LATERAL)
-        lo = ",".join(map(str, params["lo"]))
-        hi = ",".join(map(str, params["hi"]))
-        sql = sql.replace("CAST(:lo AS bigint[])", f"'{{{lo}}}'::bigint[]").replace(
-            "CAST(:hi AS bigint[])", f"'{{{hi}}}'::bigint[]")
-    elif params:
-        raise RuntimeError(f"region diagnostic: unexpected SQL parameters {sorted(params)}")
-    return sql
-
-
-NARROW = ["dia_object_id", "ra", "dec", "ra_err", "dec_err", "ra_dec_cov", "healpix29", "n_dia_sources"]
-
-
 def pg_region_diagnostic(store, df: pd.DataFrame, cfg: AssociationConfig,
                          touched: np.ndarray) -> dict[str, float]:
     """After a visit (untimed in the table): read the visit's region (current dia_object
-    versions) several ways -- the store's own query_region (all 186 columns), the same SQL
-    executed with the rows left on the psycopg cursor (server + transfer, no conversion), the
-    same SQL through ``COPY (...) TO STDOUT (FORMAT csv)`` parsed by pyarrow.csv (fix A), and
-    fix B: the region with only the columns association needs, then all columns of only the
-    ``touched`` objects (the matched ones, whose summaries change), both through the store's
-    own query path and row conversion."""
-    import io
-
-    import pyarrow.csv as pacsv
-
-    from archive.catalog.store import frame_from_arrow
+    versions) again, the way ingest did before the partial covering index (all 186 columns
+    of every current object of the footprint) and the way it does now (association's
+    columns through the index, then all columns of only the ``touched`` objects), and check
+    the two agree on the region's objects."""
+    from archive.catalog.dia_ingest import ASSOCIATION_COLUMNS
     from archive.sky.regions import PixelSet
 
-    t = store.table("dia_object")
     region = PixelSet.around(df["ra"].to_numpy(float), df["dec"].to_numpy(float), cfg.order())
-    cols = t.column_names
     out: dict[str, float] = {}
-    t0 = time.perf_counter()
-    ref = store.query_region("dia_object", region, current_only=True)
-    out["store query_region (all columns)"] = time.perf_counter() - t0
-    lit = literal_region_sql(store, t, region, cols)
-    with pg_connect(store.url.replace("postgresql+psycopg://", "postgresql://")) as con:
+    with store.transaction() as tx:
         t0 = time.perf_counter()
-        cur = con.execute(lit)
-        n_sql = cur.rowcount
-        out["SQL execute only (rows stay in libpq)"] = time.perf_counter() - t0
-        cur.close()
+        ref = tx.query_region("dia_object", region, current_only=True)
+        out["all columns of the region (before)"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        buf = io.BytesIO()
-        with con.cursor().copy(f"COPY ({lit}) TO STDOUT (FORMAT csv)") as cp:
-            for block in cp:
-                buf.write(block)
-        arrow = pacsv.read_csv(io.BytesIO(buf.getvalue()),
-                               read_options=pacsv.ReadOptions(column_names=cols),
-                               convert_options=pacsv.ConvertOptions(
-                                   column_types={f.name: f.type for f in t.arrow_schema}))
-        fixed = frame_from_arrow(arrow)
-        out["bench's COPY TO csv + pyarrow.csv (fix A)"] = time.perf_counter() - t0
-    same = (len(fixed) == len(ref) == n_sql and np.array_equal(
-        np.sort(fixed["dia_object_id"].to_numpy()), np.sort(ref["dia_object_id"].to_numpy()))
-        and np.allclose(fixed.sort_values("dia_object_id")["ra"].to_numpy(),
-                        ref.sort_values("dia_object_id")["ra"].to_numpy(), rtol=0, atol=1e-12))
-    if not same:
-        raise RuntimeError(f"region diagnostic: COPY read {len(fixed)} rows, store {len(ref)}, SQL {n_sql}")
-    t0 = time.perf_counter()
-    narrow = store.query_region("dia_object", region, columns=NARROW, current_only=True)
-    sql_t = "SELECT * FROM dia_object WHERE dia_object_id = ANY(:v) AND validity_end IS NULL"
-    with store.engine.connect() as con:
-        if hasattr(postgres_store, "_fetch"):
-            full = postgres_store._fetch(con, sql_t, {"v": touched.tolist()}, t, cols)
-        else:
-            full = postgres_store._rows_to_frame(con.execute(postgres_store.sa.text(sql_t),
-                                                             {"v": touched.tolist()}), t, cols)
-    out["narrow region + full rows of touched (fix B)"] = time.perf_counter() - t0
-    if len(narrow) != len(ref) or len(full) != len(touched):
-        raise RuntimeError(f"region diagnostic: narrow read {len(narrow)} rows (store {len(ref)}), "
+        narrow = tx.query_region("dia_object", region, columns=ASSOCIATION_COLUMNS, current_only=True)
+        hp = narrow["healpix29"].to_numpy()[np.isin(narrow["dia_object_id"].to_numpy(), touched)]
+        full = tx.current_versions("dia_object", touched, healpix29=hp)
+        out["association columns + full rows of touched (now)"] = time.perf_counter() - t0
+        tx.rollback()
+    same = (len(narrow) == len(ref) and np.array_equal(np.sort(narrow["dia_object_id"].to_numpy()),
+                                                       np.sort(ref["dia_object_id"].to_numpy())))
+    if not same or len(full) != len(touched):
+        raise RuntimeError(f"region diagnostic: narrow read {len(narrow)} rows (all columns {len(ref)}), "
                            f"touched {len(full)} of {len(touched)}")
     out["rows"] = float(len(ref))
     out["touched"] = float(len(touched))
-    return out
-
-
-COVER_SQL = ("CREATE INDEX IF NOT EXISTS bench_current_cover ON dia_object (healpix29) INCLUDE "
-             "(dia_object_id, ra, dec, ra_err, dec_err, ra_dec_cov, n_dia_sources) WHERE validity_end IS NULL")
-
-
-def pg_fix_experiment(store, url: str, sky: Sky, ra, dec, n_src: int, n_regions: int, seed: int) -> dict:
-    """Proposed fix for the Postgres region read, measured on the same stored rows after the
-    timed visits: a partial covering index on the current versions (association's columns
-    only), VACUUM so index-only scans need no heap visit, then on fresh footprints (not
-    ingested, cold): (a) what ingest does now -- the store's query_region, all 186 columns of
-    every current object of the region; (b) the fix -- association's columns read by one
-    index-only range scan per covering range (unnest + LATERAL: a BitmapOr, which the store's
-    OR-of-ranges SQL gets, can never be index-only), associate, then all columns of only the
-    matched objects.  (a) and (b) use different footprints (no shared cache)."""
-    from archive.catalog.association import associate
-    from archive.sky.regions import PixelSet
-
-    out: dict = {}
-    with pg_connect(url) as con:
-        t0 = time.perf_counter()
-        con.execute(COVER_SQL)
-        out["create covering index (s)"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        con.execute("VACUUM (ANALYZE) dia_object")
-        out["VACUUM ANALYZE (s)"] = time.perf_counter() - t0
-    t = store.table("dia_object")
-    cfg = AssociationConfig(radius_arcsec=1.0)
-    a_times, b_times, b_parts = [], [], []
-    for j in range(2 * n_regions):
-        df = make_visit(sky, ra, dec, n_src, 9000 + j, seed + 9000 + j)
-        region = PixelSet.around(df["ra"].to_numpy(float), df["dec"].to_numpy(float), cfg.order())
-        rng_ = region.pixel_ranges()
-        lo = ",".join(map(str, rng_[:, 0]))
-        hi = ",".join(map(str, rng_[:, 1]))
-        narrow_sql = (f"SELECT {', '.join('x.' + c for c in NARROW)} FROM unnest('{{{lo}}}'::bigint[], "
-                      f"'{{{hi}}}'::bigint[]) AS r(lo, hi) JOIN LATERAL (SELECT * FROM dia_object x "
-                      "WHERE x.healpix29 >= r.lo AND x.healpix29 < r.hi AND x.validity_end IS NULL) x ON true")
-        if j == 0:
-            with pg_connect(url) as con:
-                plan = "\n".join(r[0] for r in con.execute("EXPLAIN " + narrow_sql).fetchall())
-            out["narrow read is an index-only scan of the covering index"] = (
-                "Index Only Scan using bench_current_cover" in plan)
-        t0 = time.perf_counter()
-        if j % 2:
-            store.query_region("dia_object", region, current_only=True)
-            a_times.append(time.perf_counter() - t0)
-            continue
-        with store.engine.connect() as con:
-            narrow = postgres_store._fetch(con, narrow_sql, {}, t, NARROW)
-        narrow = narrow[region.contains(narrow["ra"].to_numpy(), narrow["dec"].to_numpy())]
-        t1 = time.perf_counter()
-        res = associate(df, narrow[narrow["n_dia_sources"] > 0], 1.0,
-                        id_factory=lambda k: np.zeros(k, np.int64))
-        t2 = time.perf_counter()
-        ids = np.unique(res.dia_object_id[~res.is_new])
-        sql_t = "SELECT * FROM dia_object WHERE dia_object_id = ANY(:v) AND validity_end IS NULL"
-        with store.engine.connect() as con:
-            full = postgres_store._fetch(con, sql_t, {"v": ids.tolist()}, t, t.column_names)
-        t3 = time.perf_counter()
-        if len(full) != ids.size:
-            raise RuntimeError(f"fix experiment: {len(full)} full rows for {ids.size} matched ids")
-        b_times.append(t3 - t0 - (t2 - t1))
-        b_parts.append((t1 - t0, t3 - t2, len(narrow), ids.size))
-    out["(a) now: all columns of the region, s (median)"] = float(np.median(a_times))
-    out["(b) fix: narrow index-only read + full rows of matched, s (median)"] = float(np.median(b_times))
-    p = np.median(np.array(b_parts, dtype=float), axis=0)
-    out["(b) of which narrow read / matched full rows, s"] = f"{p[0]:.3f} / {p[1]:.3f}"
-    out["(b) rows: region / matched"] = f"{p[2]:,.0f} / {p[3]:,.0f}"
-    out["(a) all runs"] = " ".join(f"{x:.2f}" for x in a_times)
-    out["(b) all runs"] = " ".join(f"{x:.2f}" for x in b_times)
     return out
 
 
@@ -481,10 +373,12 @@ def run_backend(backend: str, args, ph: Phases, workdir: str) -> tuple[list[dict
                   f"({sky.side:.2f} x {sky.side:.2f} deg) in chunks of {args.chunk:,}", flush=True)
             t0 = time.perf_counter()
             ra, dec, ra_ids, (t_gen, t_write, t_an) = load_objects(store, sky, n_objects, args.chunk,
-                                                                   args.seed, url)
+                                                                   args.seed, url, not args.no_vacuum)
             t_load = time.perf_counter() - t0
             print(f"# {backend}: load {t_load:.1f} s (generate+conform {t_gen:.1f} s, write {t_write:.1f} s "
-                  f"= {n_objects / t_write:,.0f} rows/s, ANALYZE {t_an:.1f} s)", flush=True)
+                  f"= {n_objects / t_write:,.0f} rows/s"
+                  + (f", {'ANALYZE' if args.no_vacuum else 'VACUUM ANALYZE'} {t_an:.1f} s" if url else "")
+                  + ")", flush=True)
         if backend == "postgres":
             with pg_connect(url) as con:
                 size = con.execute("SELECT pg_size_pretty(pg_total_relation_size('dia_object'))").fetchone()[0]
@@ -528,13 +422,6 @@ def run_backend(backend: str, args, ph: Phases, workdir: str) -> tuple[list[dict
                     print(f"# ERROR: visit {visit}: {rep.n_sources} sources ingested, matched {frac:.1%} "
                           "(expected ~70 %)")
                     ok = False
-        if backend == "postgres" and args.fix_experiment and hasattr(postgres_store, "_fetch"):
-            fx = pg_fix_experiment(store, url, sky, ra, dec, int(args.sources[0]), args.fix_experiment,
-                                   args.seed)
-            print(f"# postgres fix experiment ({n_objects:,} objects, {int(args.sources[0]):,}-source "
-                  "footprints, cold, not ingested):")
-            for k, v in fx.items():
-                print(f"#   {k}: {v:.3f}" if isinstance(v, float) else f"#   {k}: {v}", flush=True)
         n_obj_now, n_src_now = count_current(store, backend, url)
         want_obj = n_objects + n_new_total
         if n_obj_now != want_obj or n_src_now != n_src_total:
@@ -594,9 +481,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--no-diagnostic", action="store_true",
                     help="skip the Postgres region-read diagnostic after each visit")
-    ap.add_argument("--fix-experiment", type=int, default=0, metavar="N",
-                    help="Postgres: after the visits, add a partial covering index + VACUUM and time "
-                         "the proposed region read on N fresh footprints beside the current one")
+    ap.add_argument("--no-vacuum", action="store_true",
+                    help="Postgres: only ANALYZE after the load (no VACUUM: visibility map not yet set)")
     ap.add_argument("--reuse", default=None, metavar="URL",
                     help="Postgres: skip the load and use this database loaded earlier by this script "
                          "(same --objects/--density/--seed); it is not dropped")

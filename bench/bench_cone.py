@@ -4,7 +4,7 @@ Loads ``--rows`` (default 10,000,000) random ``dia_source`` rows, generated
 vectorised and seeded in batches of ``--batch`` (default 1,000,000), into
 
 * a Postgres store in a freshly created database (``store.write``: validation +
-  COPY, one transaction per batch), then ``ANALYZE``;
+  sort by healpix29 + binary COPY, one transaction per batch), then ``ANALYZE``;
 * a Q3C table in the same database: ``CREATE TABLE q3c_dia_source AS SELECT *
   FROM dia_source`` (the same rows, every column), ``q3c_ang2ipix(ra, dec)``
   index, ``CLUSTER``, ``ANALYZE``;
@@ -252,11 +252,22 @@ def postgres_breakdown(store, args) -> list[str]:
 
     st = StageTimers()
     st.wrap(regions.Cone, "pixel_ranges", "HEALPix covering (pixel_ranges)")
-    st.wrap(store.engine, "connect", "pool checkout (+ pre-ping)")
-    for attr in ("_fetch", "_rows_to_frame"):  # the store's fetch step (name changed over time)
-        if hasattr(postgres_store, attr):
-            st.wrap(postgres_store, attr, f"SQL + fetch + DataFrame ({attr})")
-            break
+    # reads: a pool of autocommit connections (no pre-ping) since the client-overhead fix;
+    # before it, engine.connect with pool_pre_ping
+    reader = getattr(store, "_reader", None)
+    if reader is not None:
+        st.wrap(reader, "raw_connection", "pool checkout")
+    else:
+        st.wrap(store.engine, "connect", "pool checkout (+ pre-ping)")
+    for attr, label in (("_binary_columns", "SQL + binary fetch (_binary_columns)"),
+                        ("_copy_arrow", "SQL + COPY csv -> Arrow (_copy_arrow)"),
+                        ("_fetch", "SQL + fetch + DataFrame (_fetch)"),
+                        ("_rows_to_frame", "rows -> DataFrame (_rows_to_frame)"),
+                        ("cone_distance_arcsec", "distances (cone_distance_arcsec)"),
+                        ("nearest_first", "distance + sort on Arrow (nearest_first)"),
+                        ("frame_from_arrow", "Arrow -> pandas (frame_from_arrow)")):
+        if hasattr(postgres_store, attr):  # the store's fetch steps (names changed over time)
+            st.wrap(postgres_store, attr, label)
     return _breakdown(lambda ra, dec, r: store.cone(TABLE, ra, dec, r), st, args)
 
 

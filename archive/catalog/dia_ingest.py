@@ -9,9 +9,12 @@ For one batch (one visit, or several), inside one store transaction:
 3. load the *current* DIAObjects of the batch's footprint plus a margin (the
    HEALPix pixels holding the sources and their neighbours at a coarse order
    whose pixels are wider than the match radius), so matches across partition
-   borders, RA 0/360 and the poles are found;
-4. associate (:func:`archive.catalog.association.associate`), update the
-   touched objects' running sums (:mod:`archive.catalog.summaries`);
+   borders, RA 0/360 and the poles are found -- only the columns association
+   needs (:data:`ASSOCIATION_COLUMNS`; on Postgres an index-only scan of the
+   partial covering index of current versions);
+4. associate (:func:`archive.catalog.association.associate`), read all
+   columns of only the matched objects, update their running sums
+   (:mod:`archive.catalog.summaries`);
 5. close the touched objects' current versions (``validity_end = now``) and
    append the new versions (``validity_start = now``) and the DIASources.
 
@@ -45,6 +48,14 @@ log = logging.getLogger(__name__)
 LOCK_KEY = 0x0A55
 #: Order of the advisory-lock pixels (~0.9 deg).
 LOCK_ORDER = 6
+
+#: Columns of the footprint's current DIAObjects that association reads: positions
+#: and errors (candidates and scores), ``pos_sum_w`` (weights when a batch holds
+#: several visits), ``n_dia_sources`` (objects emptied by a replace are skipped),
+#: ``validity_start`` (ingest-time check), ``healpix29`` (grid join).  Postgres
+#: holds exactly these in the partial index ``ix_dia_object_current``.
+ASSOCIATION_COLUMNS = ["dia_object_id", "validity_start", "ra", "dec", "ra_err", "dec_err", "ra_dec_cov",
+                       "healpix29", "pos_sum_w", "n_dia_sources"]
 
 
 @dataclass
@@ -88,10 +99,6 @@ def now_mjd_tai() -> float:
     from astropy.time import Time
 
     return float(Time.now().tai.mjd)
-
-
-def _current(objects: pd.DataFrame) -> pd.DataFrame:
-    return objects[objects["validity_end"].isna()].reset_index(drop=True)
 
 
 def _lock(tx, region: PixelSet) -> None:
@@ -155,17 +162,32 @@ def ingest_dia_sources(store: CatalogStore, data, config: AssociationConfig | No
         region = PixelSet.around(ra, dec, config.order())
         _lock(tx, region)
         parts = _store_partitions(store, region)
-        current = tx.query_region("dia_object", region, current_only=True)
+        current = tx.query_region("dia_object", region, columns=ASSOCIATION_COLUMNS, current_only=True)
         if current["validity_start"].size and (current["validity_start"] >= now).any():
             raise ArchiveError(f"ingest time {now} is not later than stored object versions "
                                f"(latest {current['validity_start'].max()}); clocks disagree?")
         touched_old = np.empty(0, np.int64)
+        undone = None
         if len(old):
-            current, touched_old = _undo(tx, current, old, exposures, now)
+            undone, touched_old = _undo(tx, old, exposures, now)
+            current = _with_undone(current, undone)
         live = current[current["n_dia_sources"] > 0].reset_index(drop=True)
         res = associate(sources, live, radius_arcsec=config.radius_arcsec, use_errors=config.use_errors)
         sources["dia_object_id"] = res.dia_object_id
-        upd = apply_sources(current, sources, +1, validity_start=now)
+        # all columns only of the stored objects that took a source (their summaries change)
+        hit = res.object_index >= 0
+        matched_rows = np.unique(res.object_index[hit])
+        matched = live["dia_object_id"].to_numpy(np.int64)[matched_rows]
+        have = np.empty(0, np.int64) if undone is None else undone["dia_object_id"].to_numpy(np.int64)
+        fetch = ~np.isin(matched, have)
+        full = tx.current_versions("dia_object", matched[fetch],
+                                   healpix29=live["healpix29"].to_numpy(np.int64)[matched_rows[fetch]],
+                                   partitions=parts)
+        if len(full) != int(fetch.sum()):
+            raise ArchiveError(f"{int(fetch.sum()) - len(full)} matched DIAObject(s) have no current version "
+                               "any more (changed by another writer during the ingest?)")
+        objects_in = full if undone is None else pd.concat([undone, full], ignore_index=True)
+        upd = apply_sources(objects_in, sources, +1, validity_start=now)
         objects = upd.objects
         touched = np.union1d(np.unique(res.dia_object_id), touched_old)
         existing_ids = current["dia_object_id"].to_numpy(np.int64)
@@ -186,14 +208,16 @@ def ingest_dia_sources(store: CatalogStore, data, config: AssociationConfig | No
     return report
 
 
-def _undo(tx, current: pd.DataFrame, old: pd.DataFrame, exposures: np.ndarray, now: float):
-    """Remove the contribution of stored DIASources of ``exposures`` from their objects."""
+def _undo(tx, old: pd.DataFrame, exposures: np.ndarray, now: float) -> tuple[pd.DataFrame, np.ndarray]:
+    """Remove the contribution of stored DIASources of ``exposures`` from their objects.
+
+    Returns the current versions of those objects (all columns) with the
+    contribution removed (sums, counts and extremes; derived columns not yet
+    finalized), and their ids.  Deletes the old DIASource rows.
+    """
     ids = np.unique(old["dia_object_id"].dropna().to_numpy(np.int64))
-    have = np.isin(ids, current["dia_object_id"].to_numpy(np.int64))
-    if not have.all():
-        missing = tx.select_in("dia_object", "dia_object_id", ids[~have])
-        current = pd.concat([current, _current(missing)], ignore_index=True)
-    upd = apply_sources(current, old.dropna(subset=["dia_object_id"]), -1, validity_start=now)
+    objects = tx.current_versions("dia_object", ids)
+    upd = apply_sources(objects, old.dropna(subset=["dia_object_id"]), -1, validity_start=now)
     objects = upd.objects
     if upd.stale.size:
         rest = tx.select_in("dia_source", "dia_object_id", upd.stale)
@@ -202,6 +226,25 @@ def _undo(tx, current: pd.DataFrame, old: pd.DataFrame, exposures: np.ndarray, n
         objects = recompute_extrema(objects, rest, forced if len(forced) else None, ids=upd.stale)
     tx.delete("dia_source", "dia_source_id", old["dia_source_id"].to_numpy(np.int64))
     return objects, ids
+
+
+def _with_undone(current: pd.DataFrame, undone: pd.DataFrame) -> pd.DataFrame:
+    """The footprint's association columns with the undone objects' values in place
+    (same rows, same order), and undone objects outside the footprint appended."""
+    ids_c = current["dia_object_id"].to_numpy(np.int64)
+    ids_u = undone["dia_object_id"].to_numpy(np.int64)
+    pos = pd.Index(ids_u).get_indexer(ids_c)
+    hit = pos >= 0
+    out = current.copy()
+    if hit.any():
+        for c in ASSOCIATION_COLUMNS:
+            col = out[c].to_numpy(copy=True)
+            col[hit] = undone[c].to_numpy(dtype=col.dtype)[pos[hit]]
+            out[c] = col
+    outside = ~np.isin(ids_u, ids_c)
+    if outside.any():
+        out = pd.concat([out, undone.loc[outside, ASSOCIATION_COLUMNS]], ignore_index=True)
+    return out
 
 
 def ingest_forced_sources(store: CatalogStore, data, *, ingest_mjd: float | None = None,
@@ -217,7 +260,7 @@ def ingest_forced_sources(store: CatalogStore, data, *, ingest_mjd: float | None
         region = PixelSet.around(forced["ra"].to_numpy(float), forced["dec"].to_numpy(float),
                                  AssociationConfig().order())
         _lock(tx, region)
-        objects = _current(tx.select_in("dia_object", "dia_object_id", ids))
+        objects = tx.current_versions("dia_object", ids)
         unknown = np.setdiff1d(ids, objects["dia_object_id"].to_numpy(np.int64))
         if unknown.size:
             raise ValidationError(f"{where or 'dia_forced_source'}: unknown dia_object_id(s) "

@@ -17,6 +17,7 @@ import pyarrow as pa
 from archive.catalog.schema import Schema, Table, load_schema
 from archive.catalog.validate import conform
 from archive.errors import ArchiveError, NotFoundError
+from archive.sky.healpix import angular_separation_deg
 from archive.sky.regions import Cone
 
 
@@ -26,6 +27,9 @@ class Transaction(abc.ABC):
     Use as a context manager; leaving the block without an exception commits,
     an exception rolls back and leaves the store as it was.
     """
+
+    #: The store this transaction writes to (set by the backend).
+    store: CatalogStore
 
     @abc.abstractmethod
     def append(self, table: str, rows: pa.Table, check_keys: bool = True) -> None:
@@ -50,6 +54,20 @@ class Transaction(abc.ABC):
                   columns: Sequence[str] | None = None) -> pd.DataFrame:
         """Rows whose ``column`` is in ``values`` (``partitions``: optional order-K hint;
         ``columns``: a subset of columns, default all)."""
+
+    def current_versions(self, table: str, ids: Sequence, healpix29: Sequence | None = None,
+                         partitions: Iterable[int] | None = None,
+                         columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """The current (open: null ``validity_end``) versions of the rows whose id is in ``ids``.
+
+        ``healpix29`` (the rows' current order-29 pixels) and ``partitions``
+        (order-K pixels) are hints a backend may use to find them faster.  This
+        default selects every version by id and keeps the open ones.
+        """
+        t = self.store.table(table)
+        rows = self.select_in(table, t.id_column, ids, partitions, columns=None)
+        rows = rows[rows["validity_end"].isna()].reset_index(drop=True)
+        return rows if columns is None else rows[list(columns)]
 
     @abc.abstractmethod
     def close_versions(self, table: str, ids: Sequence, end: float, partitions: Iterable[int] | None = None) -> int:
@@ -110,9 +128,9 @@ class CatalogStore(abc.ABC):
 
         ``current_only``: versioned tables only, rows with a null ``validity_end``."""
 
-    def cone(self, table: str, ra: float, dec: float, radius_arcsec: float,
-             columns: Sequence[str] | None = None) -> pd.DataFrame:
-        """Rows within ``radius_arcsec`` of (ra, dec) [deg], with a ``distance_arcsec`` column, nearest first."""
+    def _cone_request(self, table: str, ra: float, dec: float, radius_arcsec: float,
+                      columns: Sequence[str] | None) -> tuple[Table, Cone, list[str]]:
+        """Check a cone search's arguments; returns (table, region, columns to read)."""
         t = self.table(table)
         if not t.positional:
             raise ArchiveError(f"table {table!r} has no positions; cone search needs ra/dec")
@@ -123,14 +141,19 @@ class CatalogStore(abc.ABC):
         if radius_arcsec > 180 * 3600:
             raise ArchiveError(f"cone radius {radius_arcsec} arcsec is larger than the sky")
         cols = self._columns(t, columns, need=("ra", "dec"))
-        region = Cone(ra % 360.0, dec, radius_arcsec / 3600.0)
-        df = self.query_region(table, region, cols)
-        from archive.sky.healpix import angular_separation_deg
+        return t, Cone(ra % 360.0, dec, radius_arcsec / 3600.0), cols
 
-        dist = angular_separation_deg(region.ra, region.dec, df["ra"].to_numpy(), df["dec"].to_numpy()) * 3600.0
-        df = df.assign(distance_arcsec=dist).sort_values("distance_arcsec", kind="stable")
-        keep = list(columns) + ["distance_arcsec"] if columns else list(df.columns)
-        return df[keep].reset_index(drop=True)
+    def cone(self, table: str, ra: float, dec: float, radius_arcsec: float,
+             columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """Rows within ``radius_arcsec`` of (ra, dec) [deg], with a ``distance_arcsec`` column, nearest first."""
+        _, region, cols = self._cone_request(table, ra, dec, radius_arcsec, columns)
+        df = self.query_region(table, region, cols)
+        dist = cone_distance_arcsec(region, df["ra"].to_numpy(), df["dec"].to_numpy())
+        order = np.argsort(dist, kind="stable")
+        out = (df[list(columns)] if columns else df).take(order)
+        out.index = pd.RangeIndex(len(out))
+        out["distance_arcsec"] = dist[order]
+        return out
 
     @abc.abstractmethod
     def get(self, table: str, ids: Sequence, columns: Sequence[str] | None = None) -> pd.DataFrame:
@@ -188,15 +211,37 @@ def open_store(target: str, create: bool = False, **kwargs) -> CatalogStore:
     return ParquetStore(target, create=create, **kwargs)
 
 
+#: Arrow types whose pandas conversion loses nulls (int -> float64, bool -> object)
+#: and the nullable pandas dtypes used instead when a column holds nulls.
+_NULLABLE = {pa.int64(): pd.Int64Dtype(), pa.int32(): pd.Int32Dtype(), pa.int16(): pd.Int16Dtype(),
+             pa.bool_(): pd.BooleanDtype()}
+
+
 def frame_from_arrow(arrow: pa.Table) -> pd.DataFrame:
     """Arrow -> pandas; integer and bool columns holding nulls become nullable
     pandas dtypes (a float64 would silently corrupt 64-bit ids)."""
-    df = arrow.to_pandas(ignore_metadata=True)
-    nullable = {pa.types.is_int64: "Int64", pa.types.is_int32: "Int32",
-                pa.types.is_int16: "Int16", pa.types.is_boolean: "boolean"}
+    # threads pay off for large tables only; for a cone's few rows they cost more than the work
+    df = arrow.to_pandas(ignore_metadata=True, use_threads=arrow.num_rows > 100_000)
     for field in arrow.schema:
-        if arrow.column(field.name).null_count:
-            for test, dtype in nullable.items():
-                if test(field.type):
-                    df[field.name] = pd.array(arrow.column(field.name).to_pylist(), dtype=dtype)
+        if field.type in _NULLABLE and arrow.column(field.name).null_count:
+            df[field.name] = arrow.column(field.name).to_pandas(types_mapper=_NULLABLE.get).array
     return df
+
+
+def cone_distance_arcsec(region: Cone, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    """Great-circle distance (arcsec) of (ra, dec) [deg] from the cone's centre."""
+    return angular_separation_deg(region.ra, region.dec, ra, dec) * 3600.0
+
+
+def nearest_first(rows: pa.Table, region: Cone, columns: Sequence[str] | None = None) -> pa.Table:
+    """Cone rows (Arrow, with ``ra``/``dec``) ordered by distance from the centre, with a
+    ``distance_arcsec`` column (float64, arcsec) appended; ``columns``: keep only those
+    (plus the distance).  Ties keep their order (stable)."""
+    dist = cone_distance_arcsec(region, rows.column("ra").to_numpy(), rows.column("dec").to_numpy())
+    if rows.num_rows > 1:
+        order = np.argsort(dist, kind="stable")
+        if (np.diff(order) != 1).any():
+            rows, dist = rows.take(pa.array(order)), dist[order]
+    if columns:
+        rows = rows.select(list(columns))
+    return rows.append_column(pa.field("distance_arcsec", pa.float64()), pa.array(dist, type=pa.float64()))
