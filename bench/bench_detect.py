@@ -99,13 +99,15 @@ def run_archive(work):
     t_psf = time.perf_counter()
     psf = estimate_psf(sub, var, mask=mask, background_variance=bkg.variance)
     t_psf = time.perf_counter() - t_psf
-    sp = stamp_psf(psf.psf, img.shape, ngrid=3, nearest=False)
+    sp = stamp_psf(psf.psf, img.shape)
     cr, sub = find_cosmic_rays(sub, var, psf.fwhm, mask=mask)
     mask = mask | np.where(cr, np.int32(1 << 2), np.int32(0))
+    t_dm = time.perf_counter()
     df, _ = detect_and_measure(sub, var, sp, mask=mask, background_variance=bkg.variance, background=bkg.background)
+    t_dm = time.perf_counter() - t_dm
     wall = time.perf_counter() - t0
     return {"x": df.x.to_numpy().tolist(), "y": df.y.to_numpy().tolist(), "snr": df.snr.to_numpy().tolist(),
-            "wall": wall, "note": f"incl. PSF estimation {t_psf:.1f} s and CR finding"}
+            "wall": wall, "note": f"incl. PSF estimation {t_psf:.1f} s and CR finding; detect+measure alone {t_dm:.1f} s"}
 
 
 def run_sep(work):

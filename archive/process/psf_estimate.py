@@ -57,6 +57,9 @@ class PsfEstimateConfig:
     degree: polynomial degree of the spatial variation (lowered until there are ``stars_per_term`` stars per term).
     n_iter: build/refine iterations per outer pass; n_outer: re-centroid + rebuild passes.
     clip_sigma: sample rejection threshold.
+    refit_stars: refit the stars' fluxes and centroids inside the builder after every model update
+        (off by default: on a 5-star frame and on a defocused epoch the joint fit ran away to a
+        too-narrow PSF).
     """
 
     initial_fwhm: float = 3.0
@@ -74,6 +77,7 @@ class PsfEstimateConfig:
     n_outer: int = 3
     clip_sigma: float = 4.0
     stars_per_term: int = 5
+    refit_stars: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -227,17 +231,48 @@ def _normalise_and_centre(basis: np.ndarray, os_: int) -> np.ndarray:
     return b
 
 
+def _star_fit(psf: PixelPSF, D: np.ndarray, w: np.ndarray, x: np.ndarray, y: np.ndarray, xc: np.ndarray,
+              yc: np.ndarray, flux: np.ndarray):
+    """Linearised weighted fit of ``F P(x, y)`` to star stamps ``D`` (centred on ``xc, yc``): new (F, x, y, ok)."""
+    from archive.process.psfmodel import PixelStampPsf
+
+    sn = D.shape[1]
+    P, Px, Py = PixelStampPsf(psf).stamps_with_gradient(x, y, sn, xc, yc)
+    A = np.stack([P, Px, Py], axis=1).astype(np.float64)
+    WA = A * w[:, None]
+    N = np.einsum("mapq,mbpq->mab", WA, A)
+    b = np.einsum("mapq,mpq->ma", WA, D)
+    ok = np.abs(np.linalg.det(N)) > 1e-30 * np.maximum(N[:, 0, 0], 1e-300) ** 3
+    N[~ok] = np.eye(3)
+    sol = np.linalg.solve(N, b[..., None])[..., 0]
+    F = sol[:, 0]
+    ok &= F > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dx = np.clip(np.where(ok, sol[:, 1] / F, 0.0), -0.5, 0.5)
+        dy = np.clip(np.where(ok, sol[:, 2] / F, 0.0), -0.5, 0.5)
+    return np.where(ok, F, flux), x + dx, y + dy, ok
+
+
 def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray, x: np.ndarray, y: np.ndarray,
                     flux: np.ndarray, bbox: tuple[float, float, float, float], *, half: int, oversample: int,
-                    degree: int, n_iter: int = 3, clip_sigma: float = 4.0) -> tuple[PixelPSF, np.ndarray]:
+                    degree: int, n_iter: int = 3, clip_sigma: float = 4.0, refit_stars: bool = False,
+                    neighbours: np.ndarray | None = None) -> tuple[PixelPSF, np.ndarray]:
     """Fit a PixelPSF to stars at (x, y) with fluxes ``flux`` on a background-subtracted image.
 
-    ``half``: native half-size of the model; returns the PSF and the per-star fraction
-    of samples kept.
+    ``half``: native half-size of the model. ``refit_stars``: after every model update
+    each star's flux and centroid are refitted with the current model (the measurement's
+    own evaluation of it), so the model and the stars' positions and fluxes converge
+    together instead of inheriting the errors of the starting (e.g. Gaussian) fits.
+    ``neighbours``: optional stamps ``(n, 2 half + 1, 2 half + 1)`` of neighbouring
+    sources' models to subtract. Returns the PSF, the per-star fraction of samples
+    kept, and the refitted ``(x, y, flux)``.
     """
     n = x.size
     if n == 0:
         raise ValidationError("build_pixel_psf: no stars")
+    x = np.asarray(x, np.float64).copy()
+    y = np.asarray(y, np.float64).copy()
+    flux = np.asarray(flux, np.float64).copy()
     os_ = int(oversample)
     S = 2 * half * os_ + 1
     c = S // 2
@@ -252,29 +287,35 @@ def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray,
     ixc = np.clip(ix, 0, nx - 1)
     inside = ((iy >= 0) & (iy < ny))[:, :, None] & ((ix >= 0) & (ix < nx))[:, None, :]
     D = image[iyc[:, :, None], ixc[:, None, :]].astype(np.float64)
+    if neighbours is not None:
+        D = D - neighbours
     V = variance[iyc[:, :, None], ixc[:, None, :]].astype(np.float64)
     U = usable[iyc[:, :, None], ixc[:, None, :]] & inside & np.isfinite(D) & (V > 0)
-    u = (ix - x[:, None])[:, None, :] + np.zeros((1, sn, 1))
-    v = (iy - y[:, None])[:, :, None] + np.zeros((1, 1, sn))
+    D = np.where(U, D, 0.0)
+    w0 = np.where(U, 1.0 / np.where(V > 0, V, 1.0), 0.0)  # per-pixel inverse variance
     star = np.broadcast_to(np.arange(n)[:, None, None], D.shape)
-    keep = U.copy()
-    d = D / flux[:, None, None]
-    w = np.where(U, flux[:, None, None] ** 2 / np.where(V > 0, V, 1.0), 0.0)
-    cu = c + u * os_
-    cv = c + v * os_
-    bu = np.floor(cu + 0.5).astype(np.int64)
-    bv = np.floor(cv + 0.5).astype(np.int64)
-    inb = (bu >= 0) & (bu < S) & (bv >= 0) & (bv < S)
-    keep &= inb
+    flat_star = star.ravel()
     T_star = poly_design(x, y, degree, bbox)  # (n, nt)
     nt = T_star.shape[1]
+
+    def geometry():
+        # sample offsets (oversampled model coordinates) of every star pixel, their bins and weights
+        u = (ix - x[:, None])[:, None, :] + np.zeros((1, sn, 1))
+        v = (iy - y[:, None])[:, :, None] + np.zeros((1, 1, sn))
+        cu = c + u * os_
+        cv = c + v * os_
+        bu = np.floor(cu + 0.5).astype(np.int64)
+        bv = np.floor(cv + 0.5).astype(np.int64)
+        inb = (bu >= 0) & (bu < S) & (bv >= 0) & (bv < S)
+        d = D / flux[:, None, None]
+        w = w0 * flux[:, None, None] ** 2
+        return cu, cv, (bv * S + bu), inb, d, w, _Keys(cu, cv, S)
+
+    cu, cv, bins_all, inb, d, w, keys = geometry()
+    keep = U & inb
     mean = np.zeros((1, S, S))
     modes = None
     coefs = np.zeros((3, nt))
-    flat_star = star.ravel()
-    cu_f, cv_f, d_f, w_f = cu.ravel(), cv.ravel(), d.ravel(), w.ravel()
-
-    keys = _Keys(cu, cv, S)
 
     def spatial(sel_, stars_s):
         if modes is None or degree == 0:
@@ -282,10 +323,20 @@ def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray,
         mv = keys(modes, sel_)  # (3, m)
         return (mv * (coefs @ T_star[stars_s].T)).sum(axis=0)
 
-    for it in range(max(1, n_iter) + 1):
+    def current_psf():
+        if degree > 0 and modes is not None:
+            cmat = np.zeros((4, nt))
+            cmat[0, 0] = 1.0
+            cmat[1:] = coefs
+            return PixelPSF(np.concatenate([mean, modes]), cmat, oversample=os_, degree=degree, bbox=bbox)
+        return PixelPSF(mean, None, oversample=os_, degree=0, bbox=bbox)
+
+    n_round = max(1, n_iter) + 1
+    for it in range(n_round):
         sel = keep.ravel()
-        bins = (bv * S + bu).ravel()[sel]
-        cs, vs, st = cu_f[sel], cv_f[sel], flat_star[sel]
+        bins = bins_all.ravel()[sel]
+        st = flat_star[sel]
+        d_f, w_f = d.ravel(), w.ravel()
         mean_vals = keys(mean, sel)[0] if it else 0.0
         resid = d_f[sel] - mean_vals - spatial(sel, st)
         mean = mean + _fit_bins(bins, S * S, np.ones((bins.size, 1)), resid, w_f[sel], 1e-9).reshape(1, S, S)
@@ -296,29 +347,30 @@ def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray,
             modes = _shape_modes(mean[0])
             mv = keys(modes, sel)  # (3, m)
             T = T_star[st]
-            X = (mv[:, :, None] * T[:, None, :].transpose(1, 0, 2)).transpose(1, 0, 2).reshape(cs.size, 3 * nt)
-            yv = d_f[sel] - keys(mean, sel)[0]
+            X = (mv[:, :, None] * T[:, None, :].transpose(1, 0, 2)).transpose(1, 0, 2).reshape(st.size, 3 * nt)
+            mvals = keys(mean, sel)[0]
+            yv = d_f[sel] - mvals
             ww = w_f[sel]
             A = (X * ww[:, None]).T @ X
             b = (X * ww[:, None]).T @ yv
             A += 1e-9 * np.trace(A) / A.shape[0] * np.eye(A.shape[0])
             coefs = np.linalg.solve(A, b).reshape(3, nt)
+        if refit_stars and 0 < it < n_round - 1:
+            # new fluxes and centroids with the current model, then the sample geometry again
+            F2, x2, y2, ok = _star_fit(current_psf(), D, np.where(keep, w0, 0.0), x, y, xc, yc, flux)
+            flux = np.where(ok, F2, flux)
+            x = np.where(ok, x2, x)
+            y = np.where(ok, y2, y)
+            cu, cv, bins_all, inb, d, w, keys = geometry()
         # clip outliers against the current model
         allm = (keys(mean)[0] + spatial(None, flat_star)).reshape(D.shape)
         chi = (d - allm) * np.sqrt(w)
         # the model's own error near the core is larger than the noise of bright stars: scale by a robust sigma
-        s = 1.4826 * np.median(np.abs(chi[keep])) if keep.any() else 1.0
-        keep = U & inb & (np.abs(chi) < clip_sigma * max(s, 1.0))
-    if degree > 0 and modes is not None:
-        basis = np.concatenate([mean, modes])
-        cmat = np.zeros((4, nt))
-        cmat[0, 0] = 1.0
-        cmat[1:] = coefs
-        psf = PixelPSF(basis, cmat, oversample=os_, degree=degree, bbox=bbox)
-    else:
-        psf = PixelPSF(mean, None, oversample=os_, degree=0, bbox=bbox)
+        s_ = 1.4826 * np.median(np.abs(chi[keep])) if keep.any() else 1.0
+        keep = U & inb & (np.abs(chi) < clip_sigma * max(s_, 1.0))
+    psf = current_psf()
     frac = keep.reshape(n, -1).sum(axis=1) / np.maximum(U.reshape(n, -1).sum(axis=1), 1)
-    return psf, frac
+    return psf, frac, (x, y, flux)
 
 
 def _shape_modes(m: np.ndarray) -> np.ndarray:
@@ -336,18 +388,31 @@ def _shape_modes(m: np.ndarray) -> np.ndarray:
     return out * (m.max() / np.maximum(np.abs(out).max(axis=(1, 2), keepdims=True), 1e-300))
 
 
-def _models(shape, psf, x, y, flux, half) -> np.ndarray:
-    """Image of PSF models of the given sources (stamps of half-size ``half``)."""
-    from archive.process.stamps import chunks, scatter_add, stamp_grid
+def _neighbour_stamps(shape, psf, x, y, flux, xs, ys, half) -> np.ndarray:
+    """Models of the sources ``(x, y, flux)`` seen in the stamps (half-size ``half``) of the
+    stars at ``(xs, ys)``: only the sources that reach a star's stamp are rendered, into a
+    padded scratch plane that is read back at the stamps (no full-image model)."""
+    from archive.process.measure import MeasureFrame, _model_flat
+    from archive.process.stamps import PaddedFrame
 
-    out = np.zeros(shape)
-    size = 2 * half + 1
-    for sl in chunks(len(x), 4096):
-        xc = np.floor(x[sl] + 0.5).astype(np.int64)
-        yc = np.floor(y[sl] + 0.5).astype(np.int64)
-        iy, ix = stamp_grid(xc, yc, size)
-        out += scatter_add(shape, iy, ix, psf.stamps(x[sl], y[sl], size, xc, yc) * flux[sl][:, None, None])
-    return out
+    sn = 2 * half + 1
+    xcs = np.floor(xs + 0.5).astype(np.int64)
+    ycs = np.floor(ys + 0.5).astype(np.int64)
+    if len(x) == 0:
+        return np.zeros((len(xs), sn, sn))
+    d, _ = cKDTree(np.column_stack([xs, ys])).query(np.column_stack([x, y]), k=1, p=np.inf)
+    near = d < 2 * half + 2
+    x, y, flux = x[near], y[near], flux[near]
+    xc = np.floor(x + 0.5).astype(np.int64)
+    yc = np.floor(y + 0.5).astype(np.int64)
+    ny, nx = shape
+    allx = np.concatenate([xc, xcs])
+    ally = np.concatenate([yc, ycs])
+    reach = int(max(0, -allx.min(), -ally.min(), allx.max() - nx + 1, ally.max() - ny + 1))
+    fr = PaddedFrame(tuple(shape), half + reach + 2)
+    mf = MeasureFrame(fr, np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros(0, bool))
+    plane = _model_flat(mf, psf, x, y, flux, half, 4096)
+    return plane[fr.index(xcs, ycs, sn)].astype(np.float64)
 
 
 def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | None = None, mask_planes=None,
@@ -359,6 +424,9 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
     mask_planes: the mask image and its plane layout. ``sources``: an already
     measured table to pick stars from (else a bright detection pass is run).
     """
+    from archive.process.measure import prepare_frame
+    from archive.process.psfmodel import PixelStampPsf
+
     cfg = config or PsfEstimateConfig()
     image = np.asarray(image, dtype=np.float32)
     variance = np.asarray(variance, dtype=np.float32)
@@ -370,11 +438,20 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
     if mask is not None:
         usable &= (np.asarray(mask) & bits) == 0
     fwhm = float(cfg.initial_fwhm)
+    det_cfg = SourceConfig(detection=DetectionConfig(threshold=cfg.detect_threshold), n_passes=1,
+                           measure=MeasureConfig(n_iter=2, aperture_radii=()))
+    frame = None
+
+    def get_frame():
+        nonlocal frame
+        if frame is None:
+            frame = prepare_frame(image, variance, mask, background_variance=background_variance,
+                                  mask_planes=mask_planes, bad_planes=det_cfg.measure.bad_planes)
+        return frame
     if sources is None:
-        det_cfg = SourceConfig(detection=DetectionConfig(threshold=cfg.detect_threshold), n_passes=1,
-                               measure=MeasureConfig(n_iter=2, aperture_radii=()))
         sources, model = detect_and_measure(image, variance, GaussianPsf(fwhm), mask=mask, mask_planes=mask_planes,
                                             background_variance=background_variance, config=det_cfg)
+        del model
         # refine the FWHM from the bright, compact sources' moments and measure again
         good = (sources["snr"] > cfg.min_snr) & ((sources["flags"].to_numpy() & F_.plane_bits(mask_planes, "SAT", "CR")) == 0)
         if good.sum() >= 5:
@@ -387,7 +464,7 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
                                               sources["x"].to_numpy(np.float64), sources["y"].to_numpy(np.float64),
                                               background_variance=background_variance, mask_planes=mask_planes,
                                               flux_guess=sources["psf_flux"].fillna(0).to_numpy(np.float64),
-                                              config=det_cfg.measure)
+                                              config=det_cfg.measure, frame=get_frame())
     sel = select_stars(sources, fwhm, cfg, mask_planes)
     nsel = int(sel.sum())
     if nsel < 3:
@@ -395,7 +472,6 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
     degree = cfg.degree
     while degree > 0 and nsel < cfg.stars_per_term * n_poly_terms(degree):
         degree -= 1
-    stars = sources.loc[sel].copy()
     x_all = sources["x"].to_numpy(np.float64).copy()
     y_all = sources["y"].to_numpy(np.float64).copy()
     f_all = sources["psf_flux"].fillna(0.0).to_numpy(np.float64).copy()
@@ -405,21 +481,22 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
     frac = np.ones(nsel)
     mcfg = MeasureConfig(n_iter=3, fit_halfsize_fwhm=2.0, aperture_radii=())
     sp = GaussianPsf(fwhm)
+    others = np.ones(len(x_all), dtype=bool)
+    others[idx] = False
     for outer in range(max(1, cfg.n_outer)):
-        # neighbours of the PSF stars are subtracted with their current models
-        others = np.ones(len(x_all), dtype=bool)
-        others[idx] = False
-        if outer == 0:
-            # neighbours keep their first-pass (Gaussian-PSF) models
-            nb = _models(image.shape, sp, x_all[others], y_all[others], f_all[others], half)
-        psf, frac = build_pixel_psf(image - nb, variance, usable, x_all[idx], y_all[idx], f_all[idx], bbox,
-                                    half=half, oversample=cfg.oversample, degree=degree, n_iter=cfg.n_iter,
-                                    clip_sigma=cfg.clip_sigma)
+        # neighbours of the PSF stars are subtracted with their current models (the first
+        # time with their Gaussian-PSF fits) inside the stars' stamps
+        nb = _neighbour_stamps(image.shape, sp, x_all[others], y_all[others], f_all[others], x_all[idx], y_all[idx],
+                               half)
+        psf, frac, (xs, ys, fs) = build_pixel_psf(image, variance, usable, x_all[idx], y_all[idx], f_all[idx], bbox,
+                                                  half=half, oversample=cfg.oversample, degree=degree,
+                                                  n_iter=cfg.n_iter, clip_sigma=cfg.clip_sigma, neighbours=nb,
+                                                  refit_stars=cfg.refit_stars)
+        x_all[idx], y_all[idx], f_all[idx] = xs, ys, fs
         if outer + 1 < max(1, cfg.n_outer):
-            # re-measure the PSF stars and every source that reaches into their stamps with the
-            # new model (jointly, so blends are refitted), then rebuild the neighbour models
-            sp = GridStampPsf.from_callable(psf.model, (ny, nx), ngrid=5 if degree > 0 else 1,
-                                            oversample=psf.oversample, nearest=True)
+            # re-measure the PSF stars and their neighbours jointly (blends are refitted) with
+            # the new model
+            sp = PixelStampPsf(psf)
             pts = np.column_stack([x_all, y_all])
             dmin, _ = cKDTree(pts[idx]).query(pts, k=1)
             near = dmin < 2 * half + 3 * fwhm
@@ -427,16 +504,16 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
             sub = np.nonzero(near)[0]
             m = measure_sources(image, variance, mask, sp, x_all[sub], y_all[sub],
                                 background_variance=background_variance, mask_planes=mask_planes,
-                                flux_guess=f_all[sub], config=mcfg)
+                                flux_guess=f_all[sub], config=mcfg, frame=get_frame())
             okm = np.isfinite(m["psf_flux"].to_numpy()) & (m["psf_flux"].to_numpy() > 0) & \
                 ((m["flags"].to_numpy() & int(F_.FLAG_CENTROID)) == 0)
-            x_all[sub] = np.where(okm, m["x"].to_numpy(np.float64), x_all[sub])
-            y_all[sub] = np.where(okm, m["y"].to_numpy(np.float64), y_all[sub])
-            f_all[sub] = np.where(okm, m["psf_flux"].to_numpy(np.float64), f_all[sub])
-            nbr = near & others
-            nb = _models(image.shape, sp, x_all[nbr], y_all[nbr], f_all[nbr], half) + \
-                _models(image.shape, GaussianPsf(fwhm), x_all[others & ~near], y_all[others & ~near],
-                        f_all[others & ~near], half)
+            # the stars and their neighbours all take these joint fits with the new model
+            x_all[sub[okm]] = m["x"].to_numpy(np.float64)[okm]
+            y_all[sub[okm]] = m["y"].to_numpy(np.float64)[okm]
+            f_all[sub[okm]] = m["psf_flux"].to_numpy(np.float64)[okm]
+            # far sources cannot reach the stamps; near ones now carry the new model's fits
+            keep_o = others & near
+            others = keep_o
     # summary: FWHM and ellipticity over the detector
     fw_c = fwhm_from_image(psf.model((nx - 1) / 2.0, (ny - 1) / 2.0), psf.oversample)
     grid = [(gx, gy) for gy in np.linspace(0, ny - 1, 3) for gx in np.linspace(0, nx - 1, 3)]
