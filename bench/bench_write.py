@@ -94,6 +94,7 @@ def _print_stages(st: StageTimers, wall: float) -> None:
 def bench_postgres(df, repeat: int) -> dict:
     import pyarrow.compute as pc
 
+    from archive.catalog import postgres_store
     from archive.catalog.postgres_store import _PGCOPY_HEADER, _PGCOPY_TRAILER, arrow_to_copy_binary, arrow_to_csv
     from archive.catalog.store import open_store
     from archive.catalog.validate import conform
@@ -116,8 +117,10 @@ def bench_postgres(df, repeat: int) -> dict:
         cols = ", ".join(f'"{c}"' for c in conformed.column_names)
         print(f"  CSV: {len(csv) / 1e6:.0f} MB for {n} rows ({len(csv) / n:.0f} B/row), encoded in {csv_s:.2f} s")
         t0 = time.perf_counter()
-        binary = _PGCOPY_HEADER + arrow_to_copy_binary(
-            conformed.take(pc.sort_indices(conformed.column("healpix29")))) + _PGCOPY_TRAILER
+        ordered = conformed.take(pc.sort_indices(conformed.column("healpix29")))
+        step = max(1024, postgres_store.COPY_CHUNK_BYTES // postgres_store._row_bytes_bound(ordered))
+        binary = b"".join([_PGCOPY_HEADER] + [arrow_to_copy_binary(ordered.slice(i, step))  # store's chunks
+                                              for i in range(0, n, step)] + [_PGCOPY_TRAILER])
         bin_s = time.perf_counter() - t0
         print(f"  binary COPY: {len(binary) / 1e6:.0f} MB ({len(binary) / n:.0f} B/row), sorted + encoded "
               f"in {bin_s:.2f} s")
