@@ -154,7 +154,6 @@ def install_timers(ph: Phases) -> None:
     ph.wrap(postgres_store.PostgresTransaction, "lock_partitions", "lock")
     # nested diagnostics: the Postgres store's row reader and COPY encoder
     for attr, label in (("_copy_arrow", "pg: read rows (COPY TO csv -> Arrow)"),
-                        ("_copy_binary_arrow", "pg: read rows (binary COPY TO -> Arrow)"),
                         ("arrow_to_copy_binary", "pg: Arrow -> binary COPY tuples"),
                         ("arrow_to_csv", "pg: Arrow -> CSV for COPY")):
         if hasattr(postgres_store, attr):
