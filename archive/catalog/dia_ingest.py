@@ -169,7 +169,7 @@ def ingest_dia_sources(store: CatalogStore, data, config: AssociationConfig | No
         touched_old = np.empty(0, np.int64)
         undone = None
         if len(old):
-            undone, touched_old = _undo(tx, old, exposures, now)
+            undone, touched_old = _undo(tx, old, exposures, now, parts)
             current = _with_undone(current, undone)
         live = current[current["n_dia_sources"] > 0].reset_index(drop=True)
         res = associate(sources, live, radius_arcsec=config.radius_arcsec, use_errors=config.use_errors)
@@ -208,15 +208,21 @@ def ingest_dia_sources(store: CatalogStore, data, config: AssociationConfig | No
     return report
 
 
-def _undo(tx, old: pd.DataFrame, exposures: np.ndarray, now: float) -> tuple[pd.DataFrame, np.ndarray]:
+def _undo(tx, old: pd.DataFrame, exposures: np.ndarray, now: float,
+          parts: np.ndarray | None) -> tuple[pd.DataFrame, np.ndarray]:
     """Remove the contribution of stored DIASources of ``exposures`` from their objects.
 
     Returns the current versions of those objects (all columns) with the
     contribution removed (sums, counts and extremes; derived columns not yet
-    finalized), and their ids.  Deletes the old DIASource rows.
+    finalized), and their ids.  Deletes the old DIASource rows.  ``parts``: the
+    footprint's store partitions, where the objects normally are (the others
+    are then looked up everywhere).
     """
     ids = np.unique(old["dia_object_id"].dropna().to_numpy(np.int64))
-    objects = tx.current_versions("dia_object", ids)
+    objects = tx.current_versions("dia_object", ids, partitions=parts)
+    missing = np.setdiff1d(ids, objects["dia_object_id"].to_numpy(np.int64))
+    if missing.size:
+        objects = pd.concat([objects, tx.current_versions("dia_object", missing)], ignore_index=True)
     upd = apply_sources(objects, old.dropna(subset=["dia_object_id"]), -1, validity_start=now)
     objects = upd.objects
     if upd.stale.size:
