@@ -91,9 +91,11 @@ class Archive:
         if "validity_start" not in t:
             if as_of is not None:
                 raise ArchiveError(f"table {table!r} has no versions; as_of applies to dia_object")
-            return fetch(columns)
+            return fetch(columns, False)
         need = None if columns is None else list(dict.fromkeys(list(columns) + ["validity_start", "validity_end"]))
-        df = fetch(need)
+        # ``fetch(columns, current_only)``: for "now" the store keeps only the current versions
+        # itself (on Postgres through the index of current versions) where it can
+        df = fetch(need, as_of is None)
         end = df["validity_end"]
         if as_of is None:
             keep = end.isna()
@@ -112,13 +114,15 @@ class Archive:
         For ``dia_object`` only the current version of each object is returned,
         or with ``as_of`` (MJD TAI) the version the archive held at that time.
         """
-        df = self._versions(table, columns, lambda c: self.store.cone(table, ra, dec, radius_arcsec, c), as_of)
+        df = self._versions(table, columns, lambda c, cur: self.store.cone(table, ra, dec, radius_arcsec, c, cur),
+                            as_of)
         return self._out(df, as_table, table)
 
     def region(self, table: str, region, columns: Sequence[str] | None = None, as_table: bool = False,
                as_of: float | None = None):
         """Rows inside an :mod:`archive.sky.regions` region (Cone, Box, Polygon)."""
-        df = self._versions(table, columns, lambda c: self.store.query_region(table, region, c), as_of)
+        df = self._versions(table, columns, lambda c, cur: self.store.query_region(table, region, c, cur),
+                            as_of)
         return self._out(df, as_table, table)
 
     def get(self, table: str, ids, columns: Sequence[str] | None = None, as_table: bool = False,
@@ -126,7 +130,7 @@ class Archive:
         """Rows whose id (first primary-key column) is in ``ids`` (current versions for dia_object)."""
         if isinstance(ids, (int, str)):
             ids = [ids]
-        df = self._versions(table, columns, lambda c: self.store.get(table, list(ids), c), as_of)
+        df = self._versions(table, columns, lambda c, cur: self.store.get(table, list(ids), c), as_of)
         return self._out(df, as_table, table)
 
     def history(self, dia_object_id: int) -> pd.DataFrame:

@@ -293,8 +293,10 @@ class PostgresStore(CatalogStore):
         return frame_from_arrow(arrow.select(cols))
 
     def cone(self, table: str, ra: float, dec: float, radius_arcsec: float,
-             columns: Sequence[str] | None = None) -> pd.DataFrame:
+             columns: Sequence[str] | None = None, current_only: bool = False) -> pd.DataFrame:
         """Rows within ``radius_arcsec`` of (ra, dec) [deg], with a ``distance_arcsec`` column, nearest first.
+
+        ``current_only``: versioned tables only, rows with a null ``validity_end``.
 
         One round trip.  Cones up to ``SMALL_CONE_ARCSEC``: binary rows, ordered
         by distance column by column, then Arrow, then one conversion to pandas;
@@ -302,9 +304,9 @@ class PostgresStore(CatalogStore):
         """
         t, region, cols = self._cone_request(table, ra, dec, radius_arcsec, columns)
         if radius_arcsec > SMALL_CONE_ARCSEC:
-            return frame_from_arrow(nearest_first(self._region_arrow(t, region, cols), region, columns))
+            return frame_from_arrow(nearest_first(self._region_arrow(t, region, cols, current_only), region, columns))
         keep = list(columns) if columns else cols
-        sql, _ = self._region_sql(t, region, cols, as_text=False)
+        sql, _ = self._region_sql(t, region, cols, current_only, as_text=False)
         values = self._read(lambda d: _binary_columns(d, sql))
         if not values:
             key = (t.name, tuple(keep))

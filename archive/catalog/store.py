@@ -144,10 +144,12 @@ class CatalogStore(abc.ABC):
         return t, Cone(ra % 360.0, dec, radius_arcsec / 3600.0), cols
 
     def cone(self, table: str, ra: float, dec: float, radius_arcsec: float,
-             columns: Sequence[str] | None = None) -> pd.DataFrame:
-        """Rows within ``radius_arcsec`` of (ra, dec) [deg], with a ``distance_arcsec`` column, nearest first."""
+             columns: Sequence[str] | None = None, current_only: bool = False) -> pd.DataFrame:
+        """Rows within ``radius_arcsec`` of (ra, dec) [deg], with a ``distance_arcsec`` column, nearest first.
+
+        ``current_only``: versioned tables only, rows with a null ``validity_end``."""
         _, region, cols = self._cone_request(table, ra, dec, radius_arcsec, columns)
-        df = self.query_region(table, region, cols)
+        df = self.query_region(table, region, cols, current_only=current_only)
         dist = cone_distance_arcsec(region, df["ra"].to_numpy(), df["dec"].to_numpy())
         order = np.argsort(dist, kind="stable")
         out = (df[list(columns)] if columns else df).take(order)

@@ -103,6 +103,13 @@ def test_history_as_of(store):
     then = arc.cone("dia_object", 150, 2, 3600, as_of=61005)
     before = arc.cone("dia_object", 150, 2, 3600, as_of=60999)
     assert (now["n_dia_sources"] == 2).all() and (then["n_dia_sources"] == 1).all() and before.empty
+    # the store's own current-versions filter (large and small cones take different paths on
+    # Postgres) equals filtering all versions
+    for radius in (3600, 60):
+        every = store.cone("dia_object", 150, 2, radius)
+        cur = store.cone("dia_object", 150, 2, radius, current_only=True)
+        assert len(every) > len(cur) > 0 and cur["validity_end"].isna().all()
+        pd.testing.assert_frame_equal(cur, every[every["validity_end"].isna()].reset_index(drop=True))
     oid = int(now["dia_object_id"].iloc[0])
     hist = arc.history(oid)
     assert hist["validity_start"].tolist() == [61000, 61010]
