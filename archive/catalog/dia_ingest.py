@@ -140,7 +140,6 @@ def ingest_dia_sources(store: CatalogStore, data, config: AssociationConfig | No
     if sources.empty:
         raise ValidationError(f"{where or 'dia_source batch'}: no rows")
     exposures = np.unique(sources["exposure_id"].to_numpy(np.int64))
-    now = now_mjd_tai() if ingest_mjd is None else float(ingest_mjd)
     t_obj = store.table("dia_object")
 
     with store.transaction() as tx:
@@ -149,7 +148,7 @@ def ingest_dia_sources(store: CatalogStore, data, config: AssociationConfig | No
             known = tx.select_in("dia_source", "external_id", ext) if len(ext) else sources.iloc[:0]
             sources = sources[~sources["external_id"].isin(set(known["external_id"]))].reset_index(drop=True)
             if sources.empty:
-                return IngestReport(0, 0, 0, [], now)
+                return IngestReport(0, 0, 0, [], now_mjd_tai() if ingest_mjd is None else float(ingest_mjd))
             old = sources.iloc[:0]
         else:
             old = tx.select_in("dia_source", "exposure_id", exposures)
@@ -161,11 +160,12 @@ def ingest_dia_sources(store: CatalogStore, data, config: AssociationConfig | No
         dec = np.concatenate([sources["dec"].to_numpy(float), old["dec"].to_numpy(float)])
         region = PixelSet.around(ra, dec, config.order())
         _lock(tx, region)
+        # the clock is read once the footprint is locked: a batch that waited for an overlapping
+        # one gets a later time than the versions that one wrote
+        now = now_mjd_tai() if ingest_mjd is None else float(ingest_mjd)
         parts = _store_partitions(store, region)
         current = tx.query_region("dia_object", region, columns=ASSOCIATION_COLUMNS, current_only=True)
-        if current["validity_start"].size and (current["validity_start"] >= now).any():
-            raise ArchiveError(f"ingest time {now} is not later than stored object versions "
-                               f"(latest {current['validity_start'].max()}); clocks disagree?")
+        _check_later(now, current["validity_start"].to_numpy(np.float64))
         touched_old = np.empty(0, np.int64)
         undone = None
         if len(old):
@@ -253,6 +253,14 @@ def _with_undone(current: pd.DataFrame, undone: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _check_later(now: float, validity_start) -> None:
+    """A new version must start after the versions it closes (else their interval would be empty)."""
+    vs = np.asarray(validity_start, dtype=np.float64)
+    if vs.size and (vs >= now).any():
+        raise ArchiveError(f"ingest time {now} is not later than stored object versions "
+                           f"(latest {vs.max()}); clocks disagree?")
+
+
 def ingest_forced_sources(store: CatalogStore, data, *, ingest_mjd: float | None = None,
                           where: str | None = None) -> int:
     """Write dia_forced_source rows and fold them into their objects' forced-flux summaries."""
@@ -260,13 +268,14 @@ def ingest_forced_sources(store: CatalogStore, data, *, ingest_mjd: float | None
     forced = frame_from_arrow(conform(t, data, where))
     if forced.empty:
         return 0
-    now = now_mjd_tai() if ingest_mjd is None else float(ingest_mjd)
     ids = np.unique(forced["dia_object_id"].to_numpy(np.int64))
     with store.transaction() as tx:
         region = PixelSet.around(forced["ra"].to_numpy(float), forced["dec"].to_numpy(float),
                                  AssociationConfig().order())
         _lock(tx, region)
+        now = now_mjd_tai() if ingest_mjd is None else float(ingest_mjd)  # after the lock, as above
         objects = tx.current_versions("dia_object", ids)
+        _check_later(now, objects["validity_start"].to_numpy(np.float64) if "validity_start" in objects else [])
         unknown = np.setdiff1d(ids, objects["dia_object_id"].to_numpy(np.int64))
         if unknown.size:
             raise ValidationError(f"{where or 'dia_forced_source'}: unknown dia_object_id(s) "

@@ -144,6 +144,10 @@ def test_light_curve_and_forced(store):
         "visit": [3, 4], "detector": [0, 0], "band": ["r", "r"], "mjd": [60003.0, 60004.0],
         "ra": [objs["ra"].iloc[0]] * 2, "dec": [objs["dec"].iloc[0]] * 2,
         "psf_flux": [10.0, 30.0], "psf_flux_err": [5.0, 5.0], "flags": [0, 0]})
+    # a forced batch stamped before the version it would close is refused, nothing written
+    with pytest.raises(ArchiveError, match="not later than stored object versions"):
+        arc.ingest_forced(forced, ingest_mjd=61000.5)
+    assert store.count("dia_forced_source") == 0
     assert arc.ingest_forced(forced, ingest_mjd=61002) == 2
     lc = arc.light_curve(oid)
     assert lc["kind"].tolist() == ["detection", "detection", "forced", "forced"]
