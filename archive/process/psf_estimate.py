@@ -1,19 +1,23 @@
 """Empirical PSF: select stars, build a spatially varying pixelized PSF (``PixelPSF``).
 
-1. Detect bright sources with a Gaussian guess of the PSF and measure them.
+1. Detect bright sources with a Gaussian guess of the PSF; the FWHM is refined from the
+   bright sources' adaptive moments (stamps that follow the estimate, so a PSF much wider
+   than the guess is measured, not clipped) and the sources re-measured with it.
 2. Keep isolated, unflagged, unsaturated stars with S/N above ``min_snr`` whose
    adaptive-moment size lies within ``size_clip`` robust sigma of the stellar locus.
-3. Build the model on a grid oversampled by ``oversample``: every star pixel,
-   divided by the star's flux, is a sample of the PSF at offset (pixel - centroid)
-   and detector position (x, y). Each oversampled pixel of the model is a
-   polynomial of degree ``degree`` in (x, y), fitted by weighted least squares over
-   all samples falling in it (all pixels at once with ``bincount`` normal
-   equations). Iterations refine it the Anderson-King way: the model is
-   interpolated at the exact sample offsets and the binned residuals are added
-   back, which removes the blur of binning; samples more than ``clip_sigma`` off
-   are rejected (neighbours, cosmic rays).
-4. The model is normalised (sum 1 in native pixels everywhere) and recentred; the
-   stars are re-measured with it (new centroids and fluxes) and the model rebuilt.
+3. Build the model (:func:`build_pixel_psf`) sampled every ``1 / oversample`` px (1 for a
+   well-sampled PSF: a free model has ``oversample^2`` times the pixels to fit from the same
+   stars): every star pixel, divided by the star's flux, samples the PSF at offset
+   (pixel - centroid) and detector position (x, y). The mean is first the per-pixel median
+   of the samples (one contaminated star cannot shape it), then refined the Anderson-King
+   way (residuals at the exact sample offsets, interpolated as the model is evaluated,
+   binned back). The spatial variation is polynomials of degree ``degree`` (lowered until
+   there are ``stars_per_term`` stars per term) times the mean's dilation and shear modes.
+   Every star's amplitude is refitted against the model; pixels off by ``clip_sigma``
+   (neighbours, cosmic-ray remnants; grown by a pixel) and stars whose core residual is an
+   outlier among the stars are rejected.
+4. The model is normalised (sum 1 in native pixels) and recentred; neighbours of the stars
+   are re-measured with it and subtracted from the stars' stamps, and the model rebuilt.
 
 Reports the FWHM (px) and ellipticity ``1 - b/a`` of the model at the detector
 centre and over a grid, and the stars used.
@@ -33,7 +37,7 @@ from archive.errors import ValidationError
 from archive.image.psf import PixelPSF, fwhm_from_image, n_poly_terms, poly_design
 from archive.process import flags as F_
 from archive.process.measure import MeasureConfig, _adaptive_moments, measure_sources
-from archive.process.psfmodel import GaussianPsf, GridStampPsf
+from archive.process.psfmodel import GaussianPsf
 from archive.process.sources import SourceConfig, detect_and_measure
 from archive.process.detect import DetectionConfig
 
@@ -52,14 +56,18 @@ class PsfEstimateConfig:
     isolation_flux: ... brighter than this fraction of it.
     size_clip: stars whose moment size is this many robust sigma off the locus are dropped.
     reject_planes: a star with any of these mask planes within 3 px is dropped.
-    oversample: model samples per native pixel.
+    oversample: model samples per native pixel; 0 = automatic: 1 for a PSF of FWHM >= ``min_fwhm_native``
+        px (a free oversampled model has four times the pixels to fit from the same stars, and with
+        tens of stars their noise is the model's largest error), else 2.
+    min_fwhm_native: see ``oversample``.
     half_size_fwhm: native half-size of the model in FWHM (at least 7 px).
     degree: polynomial degree of the spatial variation (lowered until there are ``stars_per_term`` stars per term).
-    n_iter: build/refine iterations per outer pass; n_outer: re-centroid + rebuild passes.
+    n_iter: build/refine iterations per outer pass; n_outer: passes of (re-measure the stars'
+        neighbours with the model, subtract them, rebuild).
     clip_sigma: sample rejection threshold.
-    refit_stars: refit the stars' fluxes and centroids inside the builder after every model update
-        (off by default: on a 5-star frame and on a defocused epoch the joint fit ran away to a
-        too-narrow PSF).
+    model_error: fractional error of the model in the builder's amplitude fits and clip (the
+        model is not better than this in the core of a bright star).
+    star_clip: stars whose core residual is this many robust sigma above the others' are dropped.
     """
 
     initial_fwhm: float = 3.0
@@ -70,14 +78,16 @@ class PsfEstimateConfig:
     isolation_flux: float = 0.1
     size_clip: float = 3.0
     reject_planes: tuple[str, ...] = ("SAT", "BAD", "CR", "NO_DATA", "EDGE", "SUSPECT", "INTRP", "STREAK")
-    oversample: int = 2
+    oversample: int = 0
+    min_fwhm_native: float = 2.5
     half_size_fwhm: float = 3.0
     degree: int = 2
-    n_iter: int = 3
+    n_iter: int = 4
     n_outer: int = 3
     clip_sigma: float = 4.0
-    stars_per_term: int = 5
-    refit_stars: bool = False
+    stars_per_term: int = 2
+    model_error: float = 0.02
+    star_clip: float = 5.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,7 +97,9 @@ class PsfEstimateConfig:
 class PsfResult:
     """psf: the PixelPSF; fwhm (px, detector centre); ellipticity (1 - b/a) and theta
     (deg, major axis from +x) at the centre; fwhm_range: (min, max) FWHM over a 3x3
-    grid; stars: the candidate table with a ``used`` column; n_stars: stars used."""
+    grid; stars: the candidate table with a ``used`` column; n_stars: stars used; degree:
+    of the spatial variation; flux_var: ``(nt, nt)`` matrix of the model's flux uncertainty
+    (see :meth:`model_flux_error`)."""
 
     psf: PixelPSF
     fwhm: float
@@ -97,6 +109,15 @@ class PsfResult:
     stars: pd.DataFrame
     n_stars: int
     degree: int
+    flux_var: np.ndarray = field(default_factory=lambda: np.zeros((1, 1)))
+
+    def model_flux_error(self, x, y) -> np.ndarray:
+        """Fractional error of a PSF flux at pixel (x, y) (origin 0) from the PSF model's
+        spatial-term uncertainty (:func:`build_pixel_psf`); add it in quadrature to a
+        flux's photon error. 0 for a constant model (its error is common to all sources:
+        a zero-point offset, which photometric calibration absorbs)."""
+        T = poly_design(np.asarray(x, float), np.asarray(y, float), self.degree, self.psf.bbox)
+        return np.sqrt(np.clip(np.einsum("...t,tu,...u->...", T, self.flux_var, T), 0, None))
 
 
 def _moments_shape(ixx, iyy, ixy):
@@ -146,44 +167,84 @@ def select_stars(sources: pd.DataFrame, fwhm: float, config: PsfEstimateConfig,
     return ok
 
 
-class _Keys:
-    """Bicubic (Keys, a = -0.5) interpolation of S x S model images at every star's pixel grid.
+def _moment_fwhm(image: np.ndarray, usable: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm: float,
+                 n_iter: int = 3) -> float | None:
+    """Gaussian-equivalent FWHM (px) of sources at (x, y) from their adaptive second moments.
+
+    The median over sources of ``2.3548 sqrt((ixx + iyy) / 2 - 1/12)`` (the pixel's own
+    1/12 px^2 removed). The stamps (half-size 3 FWHM) follow the estimate for up to
+    ``n_iter`` rounds, so a PSF several times wider than the guess is measured, not
+    clipped to the stamp. Returns None when no source has valid moments.
+    """
+    xc = np.floor(x + 0.5).astype(np.int64)
+    yc = np.floor(y + 0.5).astype(np.int64)
+    ny, nx = image.shape
+    for _ in range(n_iter):
+        h = max(5, int(np.ceil(3.0 * fwhm)))
+        off = np.arange(-h, h + 1)
+        iy = np.clip(yc[:, None] + off, 0, ny - 1)
+        ix = np.clip(xc[:, None] + off, 0, nx - 1)
+        inside = ((yc[:, None] + off >= 0) & (yc[:, None] + off < ny))[:, :, None] & \
+            ((xc[:, None] + off >= 0) & (xc[:, None] + off < nx))[:, None, :]
+        U = usable[iy[:, :, None], ix[:, None, :]] & inside
+        D = np.where(U, image[iy[:, :, None], ix[:, None, :]], 0.0).astype(np.float64)
+        ddx = (xc[:, None] + off - x[:, None])[:, None, :]
+        ddy = (yc[:, None] + off - y[:, None])[:, :, None]
+        s2 = (fwhm / 2.3548200450309493) ** 2
+        ixx, iyy, _, ok = _adaptive_moments(D, U, ddx, ddy, s2, 12, h)
+        if not ok.any():
+            return None
+        q = np.median(0.5 * (ixx[ok] + iyy[ok])) - 1.0 / 12.0
+        if not q > 0.05:
+            return None
+        new = float(np.sqrt(q) * 2.3548200450309493)
+        done = abs(new - fwhm) < 0.03 * fwhm
+        fwhm = new
+        if done:
+            break
+    return fwhm
+
+
+class _Sampler:
+    """The model's own interpolation (:meth:`PixelPSF.render_stamps`: cubic B-spline of the
+    zero-padded basis) at every star pixel, for S x S model images.
 
     A star's native pixels sample the model on a separable grid (``cu`` varies along
-    columns, ``cv`` along rows), so the values are ``Wy B Wx^T`` per star with dense
-    4-tap rows - two matrix products for all stars at once. ``(basis, sel)`` returns
-    ``(K, n_sel)`` values in the flattened ``(star, row, column)`` order of the samples.
+    columns, ``cv`` along rows; oversampled model coordinates, centre ``S // 2``), so the
+    values are ``Wy C Wx^T`` per star, with ``C`` the spline coefficients of a basis image
+    and dense 4-tap rows - two matrix products for all stars at once. ``(basis, sel)``
+    returns ``(K, n_sel)`` values in the flattened ``(star, row, column)`` order of the
+    samples. The builder fits the model through the same interpolation that evaluates it.
     """
 
     def __init__(self, cu: np.ndarray, cv: np.ndarray, S: int):
-        # cu: (n, sn, sn) varying along the last axis; cv varying along the middle axis
+        P = PixelPSF._PAD
         self.S = S
+        Sp = S + 2 * P
 
         def rows(c):
             n, m = c.shape
+            c = c + P
             i0 = np.floor(c).astype(np.int64) - 1
-            t = c - (i0 + 1)
-            d = np.stack([t + 1, t, 1 - t, 2 - t], axis=-1)
-            a = -0.5
-            ad = np.abs(d)
-            w = np.where(ad <= 1, (a + 2) * ad ** 3 - (a + 3) * ad ** 2 + 1,
-                         np.where(ad < 2, a * ad ** 3 - 5 * a * ad ** 2 + 8 * a * ad - 4 * a, 0.0))
             idx = i0[..., None] + np.arange(4)
-            ok = (idx >= 0) & (idx < S)
-            out = np.zeros((n, m, S))
+            w = PixelPSF._bspline3(c[..., None] - idx)
+            ok = (idx >= 0) & (idx < Sp)
+            out = np.zeros((n, m, Sp))
             nn = np.broadcast_to(np.arange(n)[:, None, None], idx.shape)
             mm = np.broadcast_to(np.arange(m)[None, :, None], idx.shape)
             out[nn[ok], mm[ok], idx[ok]] = w[ok]
             return out
-        self.wx = rows(cu[:, 0, :])  # (n, sn, S)
-        self.wy = rows(cv[:, :, 0])  # (n, sn, S)
+        self.wx = rows(cu[:, 0, :])  # (n, sn, Sp)
+        self.wy = rows(cv[:, :, 0])  # (n, sn, Sp)
 
     def __call__(self, basis: np.ndarray, sel=None) -> np.ndarray:
-        n, sn, S = self.wy.shape
+        P = PixelPSF._PAD
+        n, sn, Sp = self.wy.shape
         out = []
         wxT = self.wx.transpose(0, 2, 1)
         for b in basis:
-            t = (self.wy.reshape(n * sn, S) @ b).reshape(n, sn, S)
+            coef = ndimage.spline_filter(np.pad(b, P), order=3, mode="mirror")
+            t = (self.wy.reshape(n * sn, Sp) @ coef).reshape(n, sn, Sp)
             v = np.matmul(t, wxT).ravel()
             out.append(v if sel is None else v[sel])
         return np.stack(out)
@@ -231,47 +292,62 @@ def _normalise_and_centre(basis: np.ndarray, os_: int) -> np.ndarray:
     return b
 
 
-def _star_fit(psf: PixelPSF, D: np.ndarray, w: np.ndarray, x: np.ndarray, y: np.ndarray, xc: np.ndarray,
-              yc: np.ndarray, flux: np.ndarray):
-    """Linearised weighted fit of ``F P(x, y)`` to star stamps ``D`` (centred on ``xc, yc``): new (F, x, y, ok)."""
-    from archive.process.psfmodel import PixelStampPsf
-
-    sn = D.shape[1]
-    P, Px, Py = PixelStampPsf(psf).stamps_with_gradient(x, y, sn, xc, yc)
-    A = np.stack([P, Px, Py], axis=1).astype(np.float64)
-    WA = A * w[:, None]
-    N = np.einsum("mapq,mbpq->mab", WA, A)
-    b = np.einsum("mapq,mpq->ma", WA, D)
-    ok = np.abs(np.linalg.det(N)) > 1e-30 * np.maximum(N[:, 0, 0], 1e-300) ** 3
-    N[~ok] = np.eye(3)
-    sol = np.linalg.solve(N, b[..., None])[..., 0]
-    F = sol[:, 0]
-    ok &= F > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        dx = np.clip(np.where(ok, sol[:, 1] / F, 0.0), -0.5, 0.5)
-        dy = np.clip(np.where(ok, sol[:, 2] / F, 0.0), -0.5, 0.5)
-    return np.where(ok, F, flux), x + dx, y + dy, ok
+def _bin_median(bins: np.ndarray, vals: np.ndarray, nbins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-bin median of ``vals`` (unweighted: one vote per sample) and the sample counts."""
+    order = np.lexsort((vals, bins))
+    v = vals[order]
+    cnt = np.bincount(bins, minlength=nbins)
+    start = np.concatenate([[0], np.cumsum(cnt)[:-1]])
+    has = cnt > 0
+    med = np.zeros(nbins)
+    lo = start[has] + (cnt[has] - 1) // 2
+    hi = start[has] + cnt[has] // 2
+    med[has] = 0.5 * (v[lo] + v[hi])
+    return med, cnt
 
 
 def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray, x: np.ndarray, y: np.ndarray,
                     flux: np.ndarray, bbox: tuple[float, float, float, float], *, half: int, oversample: int,
-                    degree: int, n_iter: int = 3, clip_sigma: float = 4.0, refit_stars: bool = False,
-                    neighbours: np.ndarray | None = None) -> tuple[PixelPSF, np.ndarray]:
-    """Fit a PixelPSF to stars at (x, y) with fluxes ``flux`` on a background-subtracted image.
+                    degree: int, n_iter: int = 4, clip_sigma: float = 4.0, model_error: float = 0.02,
+                    star_clip: float = 5.0, neighbours: np.ndarray | None = None, fit_half: int | None = None):
+    """Fit a PixelPSF to stars at (x, y) (px, origin 0) with fluxes ``flux`` on a background-subtracted image.
 
-    ``half``: native half-size of the model. ``refit_stars``: after every model update
-    each star's flux and centroid are refitted with the current model (the measurement's
-    own evaluation of it), so the model and the stars' positions and fluxes converge
-    together instead of inheriting the errors of the starting (e.g. Gaussian) fits.
-    ``neighbours``: optional stamps ``(n, 2 half + 1, 2 half + 1)`` of neighbouring
-    sources' models to subtract. Returns the PSF, the per-star fraction of samples
-    kept, and the refitted ``(x, y, flux)``.
+    ``half``: native half-size (px) of the model; ``oversample``: model samples per pixel;
+    ``degree``: polynomial degree of the spatial variation (shape modes of the mean).
+    ``neighbours``: optional stamps ``(n, 2 half + 1, 2 half + 1)`` of neighbouring sources'
+    models to subtract.
+
+    Robustness (a star stamp holds neighbours, undetected faint sources, cosmic-ray
+    remnants; few stars put few samples in each model pixel):
+
+    - the first model is the per-pixel *median* of the flux-normalised samples, so one
+      contaminated star cannot shape it; later iterations refine it by weighted means of
+      the residuals at the exact sample offsets (Anderson-King);
+    - every star's amplitude is refitted against the current model (its starting flux,
+      e.g. from a Gaussian fit, is ~10% off and varies from star to star; the shape must
+      not absorb that); star positions stay fixed (refitting them against the model the
+      same stars define aligns their noise and shrinks the model when stars are few);
+    - the model is fitted with inverse-variance weights; the amplitudes and the clip use
+      ``variance / F^2 + (model_error * model)^2``, so the cores of bright stars are not
+      clipped for the model's own few-per-cent error, while neighbours (grown by one pixel)
+      are;
+    - stars whose core residual chi^2 is a ``star_clip`` robust-sigma outlier among the
+      stars (doubles, galaxies, blends) are dropped and the model rebuilt without them.
+
+    Returns ``(psf, frac, flux, good, flux_var)``: the PSF, the per-star fraction of samples
+    kept, the refitted fluxes (counts in the stamp, the model summing to 1), the stars kept,
+    and the ``(nt, nt)`` matrix ``Q`` of the model's flux uncertainty: a PSF flux fitted (with
+    flat weights over the stamp of half-size ``fit_half``, default ``half // 2``) at (x, y)
+    has a fractional variance ``T Q T^T`` (``T``: the polynomial terms at x, y) from the
+    statistical errors of the spatial coefficients (their covariance from the fit, scaled by
+    its reduced chi^2). The mean model's own noise is common to all stars (a zero-point
+    offset) and not in it.
     """
     n = x.size
     if n == 0:
         raise ValidationError("build_pixel_psf: no stars")
-    x = np.asarray(x, np.float64).copy()
-    y = np.asarray(y, np.float64).copy()
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
     flux = np.asarray(flux, np.float64).copy()
     os_ = int(oversample)
     S = 2 * half * os_ + 1
@@ -292,36 +368,25 @@ def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray,
     V = variance[iyc[:, :, None], ixc[:, None, :]].astype(np.float64)
     U = usable[iyc[:, :, None], ixc[:, None, :]] & inside & np.isfinite(D) & (V > 0)
     D = np.where(U, D, 0.0)
-    w0 = np.where(U, 1.0 / np.where(V > 0, V, 1.0), 0.0)  # per-pixel inverse variance
-    star = np.broadcast_to(np.arange(n)[:, None, None], D.shape)
-    flat_star = star.ravel()
+    V = np.where(U, V, 1.0)
+    flat_star = np.broadcast_to(np.arange(n)[:, None, None], D.shape).ravel()
     T_star = poly_design(x, y, degree, bbox)  # (n, nt)
     nt = T_star.shape[1]
-
-    def geometry():
-        # sample offsets (oversampled model coordinates) of every star pixel, their bins and weights
-        u = (ix - x[:, None])[:, None, :] + np.zeros((1, sn, 1))
-        v = (iy - y[:, None])[:, :, None] + np.zeros((1, 1, sn))
-        cu = c + u * os_
-        cv = c + v * os_
-        bu = np.floor(cu + 0.5).astype(np.int64)
-        bv = np.floor(cv + 0.5).astype(np.int64)
-        inb = (bu >= 0) & (bu < S) & (bv >= 0) & (bv < S)
-        d = D / flux[:, None, None]
-        w = w0 * flux[:, None, None] ** 2
-        return cu, cv, (bv * S + bu), inb, d, w, _Keys(cu, cv, S)
-
-    cu, cv, bins_all, inb, d, w, keys = geometry()
+    # sample offsets in oversampled model coordinates, their nearest model pixel
+    cu = c + ((ix - x[:, None])[:, None, :] + np.zeros((1, sn, 1))) * os_
+    cv = c + ((iy - y[:, None])[:, :, None] + np.zeros((1, 1, sn))) * os_
+    bu = np.floor(cu + 0.5).astype(np.int64)
+    bv = np.floor(cv + 0.5).astype(np.int64)
+    inb = (bu >= 0) & (bu < S) & (bv >= 0) & (bv < S)
+    bins_all = (bv * S + bu).ravel()
+    keys = _Sampler(cu, cv, S)
+    r2 = ((ix - x[:, None])[:, None, :] ** 2 + (iy - y[:, None])[:, :, None] ** 2)
+    good = np.ones(n, dtype=bool)
     keep = U & inb
     mean = np.zeros((1, S, S))
     modes = None
     coefs = np.zeros((3, nt))
-
-    def spatial(sel_, stars_s):
-        if modes is None or degree == 0:
-            return 0.0
-        mv = keys(modes, sel_)  # (3, m)
-        return (mv * (coefs @ T_star[stars_s].T)).sum(axis=0)
+    amp = np.ones(n)
 
     def current_psf():
         if degree > 0 and modes is not None:
@@ -331,50 +396,108 @@ def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray,
             return PixelPSF(np.concatenate([mean, modes]), cmat, oversample=os_, degree=degree, bbox=bbox)
         return PixelPSF(mean, None, oversample=os_, degree=0, bbox=bbox)
 
-    n_round = max(1, n_iter) + 1
+    def model_all():
+        m = keys(mean)[0]
+        if degree > 0 and modes is not None:
+            m = m + (keys(modes) * (coefs @ T_star[flat_star].T)).sum(axis=0)
+        return m.reshape(D.shape)
+
+    n_round = max(2, n_iter) + 1
     for it in range(n_round):
-        sel = keep.ravel()
-        bins = bins_all.ravel()[sel]
-        st = flat_star[sel]
-        d_f, w_f = d.ravel(), w.ravel()
-        mean_vals = keys(mean, sel)[0] if it else 0.0
-        resid = d_f[sel] - mean_vals - spatial(sel, st)
-        mean = mean + _fit_bins(bins, S * S, np.ones((bins.size, 1)), resid, w_f[sel], 1e-9).reshape(1, S, S)
+        F = flux * amp
+        d = D / F[:, None, None]
+        use = keep & good[:, None, None]
+        sel = use.ravel()
+        bins = bins_all[sel]
+        if it == 0:
+            med, _ = _bin_median(bins, d.ravel()[sel], S * S)
+            mean = med.reshape(1, S, S)
+        else:
+            m_s = model_all().ravel()[sel]
+            w_s = F[flat_star[sel]] ** 2 / V.ravel()[sel]
+            resid = d.ravel()[sel] - m_s
+            mean = mean + _fit_bins(bins, S * S, np.ones((bins.size, 1)), resid, w_s, 1e-9).reshape(1, S, S)
         mean = _normalise_and_centre(mean, os_)
         if degree > 0 and it >= 1:
-            # spatial variation as polynomials times three shape modes of the mean:
-            # dilation and the two shears (first-order changes of size and ellipticity)
+            # spatial variation as polynomials times three shape modes of the mean (dilation
+            # and the two shears: first-order changes of size and ellipticity), with the mean
+            # times the same polynomials as nuisance columns: a smooth error of the stars'
+            # fluxes changes amplitudes, not shapes, and must not leak into the modes
             modes = _shape_modes(mean[0])
-            mv = keys(modes, sel)  # (3, m)
-            T = T_star[st]
-            X = (mv[:, :, None] * T[:, None, :].transpose(1, 0, 2)).transpose(1, 0, 2).reshape(st.size, 3 * nt)
+            mv = keys(modes, sel)
             mvals = keys(mean, sel)[0]
-            yv = d_f[sel] - mvals
-            ww = w_f[sel]
-            A = (X * ww[:, None]).T @ X
-            b = (X * ww[:, None]).T @ yv
+            T = T_star[flat_star[sel]]
+            X = np.concatenate([(mv[:, :, None] * T[None]).transpose(1, 0, 2).reshape(bins.size, 3 * nt),
+                                mvals[:, None] * T], axis=1)
+            w_s = F[flat_star[sel]] ** 2 / V.ravel()[sel]
+            A = (X * w_s[:, None]).T @ X
+            bvec = (X * w_s[:, None]).T @ (d.ravel()[sel] - mvals)
             A += 1e-9 * np.trace(A) / A.shape[0] * np.eye(A.shape[0])
-            coefs = np.linalg.solve(A, b).reshape(3, nt)
-        if refit_stars and 0 < it < n_round - 1:
-            # new fluxes and centroids with the current model, then the sample geometry again
-            F2, x2, y2, ok = _star_fit(current_psf(), D, np.where(keep, w0, 0.0), x, y, xc, yc, flux)
-            flux = np.where(ok, F2, flux)
-            x = np.where(ok, x2, x)
-            y = np.where(ok, y2, y)
-            cu, cv, bins_all, inb, d, w, keys = geometry()
-        # clip outliers against the current model
-        allm = (keys(mean)[0] + spatial(None, flat_star)).reshape(D.shape)
-        chi = (d - allm) * np.sqrt(w)
-        # the model's own error near the core is larger than the noise of bright stars: scale by a robust sigma
-        s_ = 1.4826 * np.median(np.abs(chi[keep])) if keep.any() else 1.0
-        keep = U & inb & (np.abs(chi) < clip_sigma * max(s_, 1.0))
+            sol_all = np.linalg.solve(A, bvec)
+            coefs = sol_all[:3 * nt].reshape(3, nt)
+            fit_A, fit_dof = A, (X, w_s, d.ravel()[sel] - mvals)
+        # amplitudes against the current model, then the clip with the new amplitudes
+        m = model_all()
+        mp = np.clip(m, 0, None)
+        W = np.where(use, 1.0 / (V / F[:, None, None] ** 2 + (model_error * mp) ** 2), 0.0)
+        den = np.einsum("npq,npq->n", W, m * m)
+        num = np.einsum("npq,npq->n", W, m * d)
+        a_new = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
+        # a star whose amplitude moves by more than a factor 2 is not described by the model
+        good &= (a_new > 0.5) & (a_new < 2.0)
+        amp = amp * np.where(good, a_new, 1.0)
+        F = flux * amp
+        d = D / F[:, None, None]
+        # the first (median) model is blurred by the binning: a looser model error for its clip
+        eps = model_error if it else max(model_error, 0.1)
+        sig2 = V / F[:, None, None] ** 2 + (eps * mp) ** 2
+        chi2 = (d - m) ** 2 / sig2
+        bad = U & inb & (chi2 > clip_sigma ** 2)
+        # grow the clipped pixels by one (a neighbour's wings follow its clipped core)
+        bad = ndimage.binary_dilation(bad, structure=np.ones((1, 3, 3), bool)) & U & inb
+        keep = U & inb & ~bad
+        # star-level outliers: core (r < half / 2) chi^2 per pixel, clipped pixels included
+        core = U & inb & (r2 <= (half / 2.0) ** 2)
+        q = np.einsum("npq,npq->n", core, np.minimum(chi2, 1e4)) / np.maximum(core.sum(axis=(1, 2)), 1)
+        if good.sum() > 5 and it < n_round - 1:
+            qm = np.median(q[good])
+            qs = 1.4826 * np.median(np.abs(q[good] - qm))
+            out = good & (q > qm + star_clip * max(qs, 0.1 * qm)) & (q > 2.0)
+            # never drop more than a third of the stars at once
+            if out.sum() > good.sum() // 3:
+                thr = np.sort(q[out])[::-1][good.sum() // 3]
+                out &= q > thr
+            good &= ~out
     psf = current_psf()
     frac = keep.reshape(n, -1).sum(axis=1) / np.maximum(U.reshape(n, -1).sum(axis=1), 1)
-    return psf, frac, (x, y, flux)
+    flux_var = np.zeros((nt, nt))
+    if degree > 0 and modes is not None:
+        # covariance of the mode coefficients (the nuisance amplitude terms marginalised),
+        # scaled by the fit's reduced chi^2
+        X, w_s, yv = fit_dof
+        r = yv - X @ np.linalg.solve(fit_A, (X * w_s[:, None]).T @ yv)
+        chi2_nu = max(1.0, float((w_s * r * r).sum()) / max(X.shape[0] - X.shape[1], 1))
+        cov = np.linalg.inv(fit_A)[:3 * nt, :3 * nt] * chi2_nu
+        # a flux fitted with model P changes by -sum(P dP) / sum(P^2) for a model error dP
+        hf = int(fit_half if fit_half is not None else max(3, half // 2))
+        g = (np.arange(S) - c) / os_
+        ctr = (np.abs(g)[None, :] <= hf) & (np.abs(g)[:, None] <= hf) & \
+            np.isclose(g[None, :] % 1, 0) & np.isclose(g[:, None] % 1, 0)
+        m0 = mean[0][ctr]
+        sk = -np.array([(m0 * md[ctr]).sum() for md in modes]) / (m0 * m0).sum()  # (3,)
+        # sigma^2(x, y) = sum_kk' sk sk' T cov_(k,k') T^T
+        cv = cov.reshape(3, nt, 3, nt)
+        flux_var = np.einsum("k,ktlu,l->tu", sk, cv, sk)
+    return psf, frac, flux * amp, good, flux_var
 
 
 def _shape_modes(m: np.ndarray) -> np.ndarray:
-    """Dilation and shear modes ``(3, S, S)`` of a centred image (each integrates to ~0)."""
+    """Dilation and shear modes ``(3, S, S)`` of a centred image (each integrates to ~0).
+
+    Central differences (not the exact derivative of the interpolant): they damp the
+    model's pixel-scale noise, and the modes' shapes err by much less than the noise
+    their coefficients carry (checked on noiseless and noisy simulated stars).
+    """
     S = m.shape[0]
     g = np.arange(S) - S // 2
     X = np.broadcast_to(g[None, :], m.shape)
@@ -452,19 +575,21 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
         sources, model = detect_and_measure(image, variance, GaussianPsf(fwhm), mask=mask, mask_planes=mask_planes,
                                             background_variance=background_variance, config=det_cfg)
         del model
-        # refine the FWHM from the bright, compact sources' moments and measure again
-        good = (sources["snr"] > cfg.min_snr) & ((sources["flags"].to_numpy() & F_.plane_bits(mask_planes, "SAT", "CR")) == 0)
+        # refine the FWHM from the bright sources' own moments (stamps sized by the current
+        # estimate, iterated: the measurement's moment stamps are sized by the guess and
+        # saturate for a PSF much wider than it) and measure again with the new Gaussian
+        good = (sources["snr"].to_numpy() > cfg.min_snr) & \
+            ((sources["flags"].to_numpy() & F_.plane_bits(mask_planes, "SAT", "CR")) == 0)
         if good.sum() >= 5:
-            s2 = np.median(0.5 * (sources.loc[good, "ixx"] + sources.loc[good, "iyy"])) - 1.0 / 12.0
-            if s2 > 0.05:
-                new = float(np.sqrt(s2) * 2.3548200450309493)
-                if abs(new - fwhm) > 0.1 * fwhm:
-                    fwhm = new
-                    sources = measure_sources(image, variance, mask, GaussianPsf(fwhm),
-                                              sources["x"].to_numpy(np.float64), sources["y"].to_numpy(np.float64),
-                                              background_variance=background_variance, mask_planes=mask_planes,
-                                              flux_guess=sources["psf_flux"].fillna(0).to_numpy(np.float64),
-                                              config=det_cfg.measure, frame=get_frame())
+            new = _moment_fwhm(image, usable, sources["x"].to_numpy(np.float64)[good],
+                               sources["y"].to_numpy(np.float64)[good], fwhm)
+            if new is not None and abs(new - fwhm) > 0.1 * fwhm:
+                fwhm = new
+                sources = measure_sources(image, variance, mask, GaussianPsf(fwhm),
+                                          sources["x"].to_numpy(np.float64), sources["y"].to_numpy(np.float64),
+                                          background_variance=background_variance, mask_planes=mask_planes,
+                                          flux_guess=sources["psf_flux"].fillna(0).to_numpy(np.float64),
+                                          config=det_cfg.measure, frame=get_frame())
     sel = select_stars(sources, fwhm, cfg, mask_planes)
     nsel = int(sel.sum())
     if nsel < 3:
@@ -478,7 +603,7 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
     idx = np.nonzero(sel)[0]
     half = max(7, int(np.ceil(cfg.half_size_fwhm * fwhm)))
     bbox = (0.0, 0.0, float(nx - 1), float(ny - 1))
-    frac = np.ones(nsel)
+    os_ = cfg.oversample or (1 if fwhm >= cfg.min_fwhm_native else 2)
     mcfg = MeasureConfig(n_iter=3, fit_halfsize_fwhm=2.0, aperture_radii=())
     sp = GaussianPsf(fwhm)
     others = np.ones(len(x_all), dtype=bool)
@@ -488,11 +613,18 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
         # time with their Gaussian-PSF fits) inside the stars' stamps
         nb = _neighbour_stamps(image.shape, sp, x_all[others], y_all[others], f_all[others], x_all[idx], y_all[idx],
                                half)
-        psf, frac, (xs, ys, fs) = build_pixel_psf(image, variance, usable, x_all[idx], y_all[idx], f_all[idx], bbox,
-                                                  half=half, oversample=cfg.oversample, degree=degree,
-                                                  n_iter=cfg.n_iter, clip_sigma=cfg.clip_sigma, neighbours=nb,
-                                                  refit_stars=cfg.refit_stars)
-        x_all[idx], y_all[idx], f_all[idx] = xs, ys, fs
+        psf, frac, fs, good, flux_var = build_pixel_psf(
+            image, variance, usable, x_all[idx], y_all[idx], f_all[idx], bbox, half=half, oversample=os_,
+            degree=degree, n_iter=cfg.n_iter, clip_sigma=cfg.clip_sigma, model_error=cfg.model_error,
+            star_clip=cfg.star_clip, neighbours=nb, fit_half=max(3, int(np.ceil(MeasureConfig.fit_halfsize_fwhm * fwhm))))
+        f_all[idx] = fs
+        if not good.all():
+            # stars the builder rejected (their residual is an outlier) leave the set
+            log.debug("PSF builder dropped %d of %d stars", int((~good).sum()), good.size)
+            sel[idx[~good]] = False
+            idx = idx[good]
+            while degree > 0 and idx.size < cfg.stars_per_term * n_poly_terms(degree):
+                degree -= 1
         if outer + 1 < max(1, cfg.n_outer):
             # re-measure the PSF stars and their neighbours jointly (blends are refitted) with
             # the new model
@@ -507,10 +639,13 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
                                 flux_guess=f_all[sub], config=mcfg, frame=get_frame())
             okm = np.isfinite(m["psf_flux"].to_numpy()) & (m["psf_flux"].to_numpy() > 0) & \
                 ((m["flags"].to_numpy() & int(F_.FLAG_CENTROID)) == 0)
-            # the stars and their neighbours all take these joint fits with the new model
-            x_all[sub[okm]] = m["x"].to_numpy(np.float64)[okm]
-            y_all[sub[okm]] = m["y"].to_numpy(np.float64)[okm]
-            f_all[sub[okm]] = m["psf_flux"].to_numpy(np.float64)[okm]
+            # the neighbours take these joint fits with the new model; the PSF stars keep
+            # their first centroids (see build_pixel_psf)
+            upd = sub[okm]
+            upd = upd[~sel[upd]]
+            x_all[upd] = m["x"].to_numpy(np.float64)[okm][np.isin(sub[okm], upd)]
+            y_all[upd] = m["y"].to_numpy(np.float64)[okm][np.isin(sub[okm], upd)]
+            f_all[upd] = m["psf_flux"].to_numpy(np.float64)[okm][np.isin(sub[okm], upd)]
             # far sources cannot reach the stamps; near ones now carry the new model's fits
             keep_o = others & near
             others = keep_o
@@ -528,10 +663,28 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
     e, theta = _moments_shape(ixx[0], iyy[0], ixy[0])
     stars_all = sources.copy()
     stars_all["used"] = sel
-    log.info("PSF from %d stars (degree %d): FWHM %.2f px (%.2f-%.2f), ellipticity %.3f", nsel, degree, fw_c,
+    log.info("PSF from %d stars (degree %d): FWHM %.2f px (%.2f-%.2f), ellipticity %.3f", int(sel.sum()), degree, fw_c,
              min(fws), max(fws), e)
     return PsfResult(psf=psf, fwhm=float(fw_c), ellipticity=e, theta=theta, fwhm_range=(float(min(fws)), float(max(fws))),
-                     stars=stars_all, n_stars=nsel, degree=degree)
+                     stars=stars_all, n_stars=int(sel.sum()), degree=int(psf.degree), flux_var=flux_var)
+
+
+def add_model_flux_error(sources: pd.DataFrame, result: PsfResult) -> pd.DataFrame:
+    """Copy of a source table measured with ``result.psf`` whose ``psf_flux_err`` includes the
+    PSF model's flux error (:meth:`PsfResult.model_flux_error`, in quadrature) and whose
+    ``snr`` is ``psf_flux / psf_flux_err`` again. Photon noise alone under-states the error
+    of bright stars, whose fluxes are limited by the model's knowledge of the PSF across
+    the detector (a few 0.1% with tens of PSF stars)."""
+    out = sources.copy()
+    if len(out) == 0:
+        return out
+    e = result.model_flux_error(out["x"].to_numpy(np.float64), out["y"].to_numpy(np.float64))
+    f = out["psf_flux"].to_numpy(np.float64)
+    err = np.hypot(out["psf_flux_err"].to_numpy(np.float64), np.abs(f) * e)
+    out["psf_flux_err"] = err
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["snr"] = (f / err).astype(out["snr"].dtype)
+    return out
 
 
 def run(exposure, config: PsfEstimateConfig | None = None, background=None):

@@ -25,7 +25,7 @@ from archive.process.astrometry import AstrometryConfig, AstrometryResult, fit_a
 from archive.process.background import estimate_background
 from archive.process.characterize import CharacterizeConfig, add_sky_coordinates
 from archive.process.photocal import PhotoCalConfig, PhotoCalResult, apply_calibration, calibrate_photometry
-from archive.process.psf_estimate import PsfEstimateConfig, PsfResult, estimate_psf
+from archive.process.psf_estimate import PsfEstimateConfig, PsfResult, add_model_flux_error, estimate_psf
 from archive.process.quality import QualityConfig, QualityReport, check_exposure, check_psf
 from archive.process.streaks import StreakConfig, find_streaks
 
@@ -121,6 +121,9 @@ def process_exposure(exposure: Exposure, refcat: pd.DataFrame | None = None,
         return res.reject(f"measurement: {exc}")
     calexp = ch.exposure
     sources = ch.sources
+    if res.psf is not None:
+        # PSF-flux errors include the PSF model's own (spatial-term) uncertainty
+        sources = add_model_flux_error(sources, res.psf)
     res.calexp = calexp
     res.sources = sources
     band = calexp.info.band

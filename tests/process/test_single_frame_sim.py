@@ -115,13 +115,25 @@ def test_centroids_astrometry_and_photometry(processed):
     # total-count zero point by the Moffat wings outside 12 px (~1%); the fluxes above are
     # calibrated against the reference catalog and carry no such offset
     assert res.photocal.zero_point == pytest.approx(epoch.zero_point, abs=0.02)
-    # errors: pulls of isolated stars at 10 < S/N < 50 (bright stars are limited by PSF-model systematics)
-    faint = m & (snr > 10) & (snr < 50)
-    sf, tf = s.iloc[i[faint]], truth[faint]
-    pull = (sf.psf_flux.to_numpy() - tf.flux_njy.to_numpy() * np.median(r)) / sf.psf_flux_err.to_numpy()
-    assert faint.sum() > 30
-    # robust (MAD) width: a few stars sit on galaxy wings or CR remnants
-    assert 0.85 < 1.4826 * np.median(np.abs(pull - np.median(pull))) < 1.15
+    # errors: pulls of isolated stars whose pixels within 3 px hold no cosmic ray (a star on
+    # an incompletely masked CR is 15 sigma off here). At S/N > 50 the PSF model used to
+    # dominate (pull std 3.8 on this field); the errors now include the model's own flux
+    # error and the pulls equal those measured with the simulator's true PSF star by star
+    # (std 1.23 with either on this field; 0.96-1.09 on seeds 8, 9, 11), so what is left
+    # above 1 is not the PSF model. The widths of ~30-40 pulls scatter by +-0.15.
+    no_cr = (s["flags"].to_numpy() & F_.plane_bits(res.calexp.mask_planes, "CR", "INTRP")) == 0
+
+    def pulls(lo, hi):
+        sel = m & (snr > lo) & (snr < hi) & no_cr[i]
+        sp, tp = s.iloc[i[sel]], truth[sel]
+        return (sp.psf_flux.to_numpy() - tp.flux_njy.to_numpy() * np.median(r)) / sp.psf_flux_err.to_numpy()
+    bright_pull = pulls(50, np.inf)
+    assert bright_pull.size >= 15
+    assert 0.8 < bright_pull.std() < 1.3
+    # 10 < S/N < 50: robust (MAD) width, a few stars sit on galaxy wings (1.19 with the true PSF)
+    faint_pull = pulls(10, 50)
+    assert faint_pull.size > 30
+    assert 0.8 < 1.4826 * np.median(np.abs(faint_pull - np.median(faint_pull))) < 1.3
     # ra/dec/healpix present
     assert s.healpix29.dtype == np.int64 and s.ra.notna().all()
 
