@@ -82,8 +82,8 @@ class PsfEstimateConfig:
     min_fwhm_native: float = 2.5
     half_size_fwhm: float = 3.0
     degree: int = 2
-    n_iter: int = 4
-    n_outer: int = 3
+    n_iter: int = 3
+    n_outer: int = 2
     clip_sigma: float = 4.0
     stars_per_term: int = 2
     model_error: float = 0.02
@@ -381,6 +381,8 @@ def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray,
     bins_all = (bv * S + bu).ravel()
     keys = _Sampler(cu, cv, S)
     r2 = ((ix - x[:, None])[:, None, :] ** 2 + (iy - y[:, None])[:, :, None] ** 2)
+    core = U & inb & (r2 <= (half / 2.0) ** 2)
+    n_core = np.maximum(core.sum(axis=(1, 2)), 1)
     good = np.ones(n, dtype=bool)
     keep = U & inb
     mean = np.zeros((1, S, S))
@@ -413,7 +415,7 @@ def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray,
             med, _ = _bin_median(bins, d.ravel()[sel], S * S)
             mean = med.reshape(1, S, S)
         else:
-            m_s = model_all().ravel()[sel]
+            m_s = m.ravel()[sel]  # the previous round's model (the amplitude refit does not change it)
             w_s = F[flat_star[sel]] ** 2 / V.ravel()[sel]
             resid = d.ravel()[sel] - m_s
             mean = mean + _fit_bins(bins, S * S, np.ones((bins.size, 1)), resid, w_s, 1e-9).reshape(1, S, S)
@@ -457,8 +459,7 @@ def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray,
         bad = ndimage.binary_dilation(bad, structure=np.ones((1, 3, 3), bool)) & U & inb
         keep = U & inb & ~bad
         # star-level outliers: core (r < half / 2) chi^2 per pixel, clipped pixels included
-        core = U & inb & (r2 <= (half / 2.0) ** 2)
-        q = np.einsum("npq,npq->n", core, np.minimum(chi2, 1e4)) / np.maximum(core.sum(axis=(1, 2)), 1)
+        q = np.where(core, np.minimum(chi2, 1e4), 0.0).sum(axis=(1, 2)) / n_core
         if good.sum() > 5 and it < n_round - 1:
             qm = np.median(q[good])
             qs = 1.4826 * np.median(np.abs(q[good] - qm))
@@ -581,8 +582,11 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
         good = (sources["snr"].to_numpy() > cfg.min_snr) & \
             ((sources["flags"].to_numpy() & F_.plane_bits(mask_planes, "SAT", "CR")) == 0)
         if good.sum() >= 5:
-            new = _moment_fwhm(image, usable, sources["x"].to_numpy(np.float64)[good],
-                               sources["y"].to_numpy(np.float64)[good], fwhm)
+            # the median size of the 300 brightest is as good as that of all of them
+            gi = np.nonzero(good)[0]
+            gi = gi[np.argsort(-sources["snr"].to_numpy()[gi])[:300]]
+            new = _moment_fwhm(image, usable, sources["x"].to_numpy(np.float64)[gi],
+                               sources["y"].to_numpy(np.float64)[gi], fwhm)
             if new is not None and abs(new - fwhm) > 0.1 * fwhm:
                 fwhm = new
                 sources = measure_sources(image, variance, mask, GaussianPsf(fwhm),
