@@ -29,8 +29,24 @@ hidden temporary names, renames them into place, then replaces
 manifest once and only open files it lists, so they see the old state or the
 new one, never half.  A writer killed before the commit leaves files that no
 manifest lists; its journal in ``_txn/`` names them and the next writer
-deletes them.  A second concurrent writer finds the fcntl lock held and gets
+deletes them.  Files a commit takes out of the store (merged, rewritten) are
+listed under ``retired`` in the manifest and unlinked only by a commit
+``RETAIN_SECONDS`` later, so a reader still working from the previous manifest
+finds them.  A second concurrent writer finds the fcntl lock held and gets
 :class:`~archive.errors.StoreLockedError` naming the holder's PID.
+
+Compaction: every batch adds a file per partition it touches, and a region
+query opens every file of its partitions.  So each commit (unless
+``auto_compact`` is off) merges files in the partitions the transaction
+wrote, size-tiered like an LSM tree: a file's tier is ``floor(log_F(rows /
+COMPACT_BASE_ROWS))`` (F = ``compact_fanout``, tier 0 below ``F *
+COMPACT_BASE_ROWS`` rows), and a tier that holds F files is merged into one
+sorted file, which lands a tier higher (and may cascade).  A partition then
+holds fewer than F files per tier, and a row is rewritten about once per tier
+it climbs, so write amplification grows with ``log_F`` of the partition size.
+The merge is part of the transaction: its output is a new file, its inputs are
+dropped, all at the same manifest commit.  :meth:`ParquetStore.compact`
+still merges whole partitions into one file on demand.
 """
 
 from __future__ import annotations
@@ -82,6 +98,54 @@ COMPRESSION = "lz4"
 FOOTER_CACHE_FILES = 4_096
 #: Threads writing a batch's partition files (pyarrow releases the GIL).
 WRITE_THREADS = max(1, min(4, os.cpu_count() or 1))
+#: Automatic compaction (see the module docstring): a partition tier holding this
+#: many files is merged into one.  4 keeps a partition at <= 3 files per tier
+#: (cone latency grows with the files opened) with about log_4(rows / base) rewrites
+#: per row.
+COMPACT_FANOUT = 4
+#: Rows below which files are not told apart by size: every file under
+#: ``COMPACT_FANOUT * COMPACT_BASE_ROWS`` rows is in tier 0, so the many tiny files
+#: of per-visit ingests merge together in a few cheap steps instead of climbing
+#: tiers of 1, 4, 16... rows one by one.
+COMPACT_BASE_ROWS = 2_048
+#: Seconds a file stays on disk after a commit took it out of the store (listed
+#: under ``retired`` in the manifest, unlinked by the first commit after that):
+#: a reader that read the previous manifest is still reading its files, and with
+#: merges at commit nearly every commit drops some.  Readers that outlive this
+#: window re-read the manifest and retry (``_retrying``).
+RETAIN_SECONDS = 60.0
+
+
+def compaction_tier(rows: int, fanout: int = COMPACT_FANOUT, base: int | None = None) -> int:
+    """Size tier of a file of ``rows`` rows: 0 below ``fanout * base`` (default
+    ``COMPACT_BASE_ROWS``), then +1 per factor ``fanout``."""
+    tier, x = 0, int(rows) // (COMPACT_BASE_ROWS if base is None else base)
+    while x >= fanout:
+        x //= fanout
+        tier += 1
+    return tier
+
+
+def plan_merges(files: Sequence[tuple[str, int]], fanout: int = COMPACT_FANOUT,
+                base: int | None = None) -> list[list[str]]:
+    """Which of one partition's files (name, rows) to merge, as groups (one output file each).
+
+    Repeatedly merges the lowest tier that holds ``fanout`` or more files (real
+    or already-planned outputs); an output that completes a higher tier is
+    folded into that tier's merge, so a cascade costs one rewrite, not several.
+    Afterwards every tier holds fewer than ``fanout`` files."""
+    units: list[tuple[int, list[str]]] = [(int(rows), [name]) for name, rows in files]
+    while True:
+        tiers: dict[int, list[int]] = {}
+        for i, (rows, _) in enumerate(units):
+            tiers.setdefault(compaction_tier(rows, fanout, base), []).append(i)
+        full = [tier for tier, members in tiers.items() if len(members) >= fanout]
+        if not full:
+            break
+        members = set(tiers[min(full)])
+        merged = (sum(units[i][0] for i in members), [n for i in sorted(members) for n in units[i][1]])
+        units = [u for i, u in enumerate(units) if i not in members] + [merged]
+    return [names for _, names in units if len(names) > 1]
 
 
 def _writer_options(schema: pa.Schema) -> dict:
@@ -165,7 +229,9 @@ class _FooterCache:
         self._lock = threading.Lock()
         self.misses = 0
 
-    def get(self, path: pathlib.Path, meta: dict, schema: pa.Schema) -> _FileInfo:
+    def get(self, path: pathlib.Path, meta: dict, schema: pa.Schema, keep: bool = True) -> _FileInfo:
+        """The file's parsed footer; ``keep=False``: do not add it to the cache on a
+        miss (files read once before they leave the store, e.g. merge inputs)."""
         key = (str(path), meta.get("rows"), meta.get("bytes"))
         with self._lock:
             info = self._entries.get(key)
@@ -179,6 +245,8 @@ class _FooterCache:
         info = _FileInfo(metadata, schema)
         with self._lock:
             self.misses += 1
+            if not keep:
+                return info
             self._entries[key] = info
             while len(self._entries) > self.max_files:
                 self._entries.popitem(last=False)
@@ -276,8 +344,19 @@ class ParquetStore(CatalogStore):
     backend = "parquet"
 
     def __init__(self, root, create: bool = False, order: int = DEFAULT_ORDER,
-                 schema: Schema | None = None) -> None:
+                 schema: Schema | None = None, auto_compact: bool = True,
+                 compact_fanout: int = COMPACT_FANOUT, retain_seconds: float = RETAIN_SECONDS) -> None:
+        """``auto_compact``: transactions merge same-tier files of the partitions they
+        wrote at commit (default; see the module docstring); ``compact_fanout``: files
+        per tier that trigger a merge (also the tiers' size factor), at least 2;
+        ``retain_seconds``: how long dropped files stay for readers of older
+        manifests (0: unlinked at the commit that drops them)."""
         super().__init__(schema)
+        if int(compact_fanout) < 2:
+            raise ArchiveError(f"compact_fanout must be at least 2, got {compact_fanout}")
+        self.auto_compact = bool(auto_compact)
+        self.compact_fanout = int(compact_fanout)
+        self.retain_seconds = float(retain_seconds)
         self.root = pathlib.Path(root).expanduser().absolute()
         marker = self.root / "archive-store.json"
         if create:
@@ -549,8 +628,13 @@ class ParquetStore(CatalogStore):
                 for t in self.schema:
                     files = [str(f) for f in self._files(manifest, t.name)]
                     if files:
-                        con.execute(f'CREATE VIEW "{t.name}" AS SELECT * FROM read_parquet('
-                                    f"{files!r}, union_by_name=false, hive_partitioning=false)")
+                        try:
+                            con.execute(f'CREATE VIEW "{t.name}" AS SELECT * FROM read_parquet('
+                                        f"{files!r}, union_by_name=false, hive_partitioning=false)")
+                        except duckdb.IOException as exc:  # a commit since the manifest read dropped
+                            if "No files found" in str(exc):  # a file (a merge): the caller retries
+                                raise FileNotFoundError(str(exc).splitlines()[0]) from None
+                            raise
                     else:
                         empty = t.arrow_schema.empty_table()
                         con.register("_empty", empty)
@@ -572,8 +656,9 @@ class ParquetStore(CatalogStore):
                 msg = str(exc).splitlines()[0]
                 if "read-only" in msg.lower() or "read only" in msg.lower():
                     raise ReadOnlyError(f"archive SQL is read-only: {msg}") from None
-                if isinstance(exc, duckdb.IOException) and "No files found" in msg:
-                    raise FileNotFoundError(msg) from None
+                if isinstance(exc, duckdb.IOException) and ("No files found" in msg
+                                                            or "No such file or directory" in msg):
+                    raise FileNotFoundError(msg) from None  # a commit since dropped a file: retry
                 raise ArchiveError(f"SQL error: {msg}") from None
             finally:
                 con.close()
@@ -586,8 +671,9 @@ class ParquetStore(CatalogStore):
             self._duck_dir = None
 
     # -- writing -------------------------------------------------------------
-    def transaction(self) -> ParquetTransaction:
-        return ParquetTransaction(self)
+    def transaction(self, auto_compact: bool | None = None) -> ParquetTransaction:
+        """A write transaction; ``auto_compact`` overrides the store's setting for it."""
+        return ParquetTransaction(self, self.auto_compact if auto_compact is None else auto_compact)
 
     def _write_hats_metadata(self, t: Table, files: dict) -> None:
         """HATS properties, partition list and schema file for one table."""
@@ -616,7 +702,7 @@ class ParquetStore(CatalogStore):
         one file per partition.  Returns the number of files removed per table.
         """
         removed: dict[str, int] = {}
-        with self.transaction() as tx:
+        with self.transaction(auto_compact=False) as tx:  # it leaves partitions at one file already
             for name in tables or [t.name for t in self.schema]:
                 t = self.table(name)
                 groups: dict = {}
@@ -643,6 +729,7 @@ class ParquetStore(CatalogStore):
         txn_dir.mkdir(exist_ok=True)
         manifest = self.manifest()
         live = {(name, rel) for name, t in manifest["tables"].items() for rel in t["files"]}
+        live |= {(name, rel) for name, rel, _ in manifest.get("retired", [])}  # still kept for readers
         removed = 0
         interrupted = False
         for journal in sorted(txn_dir.glob("*.json")):
@@ -658,8 +745,8 @@ class ParquetStore(CatalogStore):
                     with contextlib.suppress(FileNotFoundError):
                         p.unlink()
                         removed += 1
-            for table, rel in entry.get("drop", []):
-                if (table, rel) not in live:  # committed drop whose unlink did not happen
+            for table, rel in entry.get("drop", []) + entry.get("expire", []):
+                if (table, rel) not in live:  # committed drop / expiry whose unlink did not happen
                     with contextlib.suppress(FileNotFoundError):
                         (self.root / table / "dataset" / rel).unlink()
             journal.unlink()
@@ -685,8 +772,12 @@ class ParquetStore(CatalogStore):
 class ParquetTransaction(Transaction):
     """Holds the store's write lock from creation until commit or rollback."""
 
-    def __init__(self, store: ParquetStore) -> None:
+    def __init__(self, store: ParquetStore, auto_compact: bool = True) -> None:
         self.store = store
+        #: merge same-tier files of the partitions this transaction wrote, at commit
+        self.auto_compact = auto_compact
+        #: merges done at commit: (table, npix, files merged, rows)
+        self.merges: list[tuple[str, int | None, int, int]] = []
         self._lock_fh = self._acquire_lock()
         try:
             store.recover()
@@ -697,6 +788,7 @@ class ParquetTransaction(Transaction):
         self.txid = f"{self.base['generation'] + 1:012d}-{uuid.uuid4().hex[:8]}"
         self._new: list[tuple[str, str, dict]] = []     # (table, rel, meta)
         self._drop: list[tuple[str, str]] = []          # (table, rel)
+        self._expire: list[tuple[str, str]] = []        # retired files this commit unlinks
         self._done = False
 
     def _acquire_lock(self):
@@ -729,7 +821,8 @@ class ParquetTransaction(Transaction):
             self._lock_fh = None
 
     def _journal(self) -> None:
-        entry = {"new": [[t, rel] for t, rel, _ in self._new], "drop": [list(d) for d in self._drop]}
+        entry = {"new": [[t, rel] for t, rel, _ in self._new], "drop": [list(d) for d in self._drop],
+                 "expire": [list(d) for d in self._expire]}
         _atomic_write(self.store.root / "_txn" / f"{self.txid}.json", json.dumps(entry).encode())
 
     def _live(self, table: str) -> dict:
@@ -772,6 +865,13 @@ class ParquetTransaction(Transaction):
             raise ValidationError(f"table {t.name!r}: {stored.num_rows} row(s) already stored with the same "
                                   f"key ({', '.join(t.primary_key)}), e.g. {example}; nothing written")
 
+    def _new_rel(self, npix: int | None) -> str:
+        """A fresh file name (relative to the table's dataset directory) in partition ``npix``."""
+        name = f"part-{self.base['generation'] + 1:08d}-{uuid.uuid4().hex[:12]}.parquet"
+        if npix is None:
+            return name
+        return f"Norder={self.store.order}/Dir={npix // 10000 * 10000}/Npix={npix}/{name}"
+
     def append(self, table: str, rows: pa.Table, check_keys: bool = True) -> None:
         """Append rows; ``check_keys=False`` skips the stored-key scan for rows whose
         keys are new by construction (rewritten rows, fresh object versions)."""
@@ -786,7 +886,6 @@ class ParquetTransaction(Transaction):
         if not rows.num_rows:
             return
         base = self.store.root / table / "dataset"
-        gen = self.base["generation"] + 1
         if t.positional:
             rows = rows.sort_by("healpix29")
             part = partition_pixel(rows.column("healpix29").to_numpy(), self.store.order)
@@ -801,11 +900,7 @@ class ParquetTransaction(Transaction):
         id_lo, id_hi = np.minimum.reduceat(ids, starts), np.maximum.reduceat(ids, starts)
         planned = []
         for npix, s, e, lo, hi in zip(npixes, starts.tolist(), ends.tolist(), id_lo.tolist(), id_hi.tolist()):
-            name = f"part-{gen:08d}-{uuid.uuid4().hex[:12]}.parquet"
-            if npix is None:
-                rel = name
-            else:
-                rel = f"Norder={self.store.order}/Dir={npix // 10000 * 10000}/Npix={npix}/{name}"
+            rel = self._new_rel(npix)
             meta = {"rows": int(e - s), "npix": npix, "norder": self.store.order if npix is not None else None,
                     "id": [lo, hi]}
             planned.append((base / rel, rows.slice(s, e - s), meta))
@@ -929,21 +1024,109 @@ class ParquetTransaction(Transaction):
         else:
             self._drop.append((table, rel))
 
+    def _merge_tiers(self) -> None:
+        """Merge same-tier files of the partitions this transaction wrote (see
+        :func:`plan_merges`), as part of this transaction.
+
+        Outputs are journalled before they are written and their inputs dropped
+        only once all are written, so an exception or a kill leaves the
+        pre-transaction state; untouched partitions are never looked at."""
+        touched: dict[str, set] = {}
+        for table, _, meta in self._new:
+            touched.setdefault(table, set()).add(meta.get("npix"))
+        jobs = []  # (table, npix, input rels, output rel, output meta)
+        for table, npixes in touched.items():
+            by_part: dict = {}
+            for rel, meta in self._live(table).items():
+                if meta.get("npix") in npixes:
+                    by_part.setdefault(meta.get("npix"), []).append((rel, meta))
+            for npix, files in by_part.items():
+                metas = dict(files)
+                for group in plan_merges([(rel, meta["rows"]) for rel, meta in files], self.store.compact_fanout):
+                    meta = {"rows": sum(metas[r]["rows"] for r in group), "npix": npix,
+                            "norder": self.store.order if npix is not None else None}
+                    jobs.append((table, npix, [(r, metas[r]) for r in group], self._new_rel(npix), meta))
+        if not jobs:
+            return
+        self._new += [(table, rel, meta) for table, _, _, rel, meta in jobs]
+        self._journal()  # outputs named before they exist, so a crash can be cleaned up
+        if len(jobs) == 1 or WRITE_THREADS == 1:
+            for job in jobs:
+                self._merge_files(*job)
+        else:  # partitions merge independently; pyarrow releases the GIL
+            with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
+                list(pool.map(lambda job: self._merge_files(*job), jobs))
+        mine = {(t, r) for t, r, _ in self._new}
+        gone = {(table, rel) for table, _, inputs, _, _ in jobs for rel, _ in inputs}
+        for table, rel in gone:
+            if (table, rel) in mine:  # written by this transaction, never visible: delete now
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{self.store._dataset_dir(table)}/{rel}")
+            else:
+                self._drop.append((table, rel))
+        self._new = [(t, r, m) for t, r, m in self._new if (t, r) not in gone]
+        self._journal()  # the drops, so a crash after the commit still unlinks them
+        self.merges += [(table, npix, len(inputs), meta["rows"]) for table, npix, inputs, _, meta in jobs]
+        log.debug("%s: merged %d file(s) into %d at commit", self.store.root,
+                  sum(len(j[2]) for j in jobs), len(jobs))
+
+    def _merge_files(self, table: str, npix: int | None, inputs: list[tuple[str, dict]], rel: str,
+                     meta: dict) -> None:
+        """Write the rows of ``inputs`` (one partition's files) as one sorted file ``rel``;
+        fills in ``meta``'s id range and size."""
+        t = self.store.table(table)
+        schema = self.store._schema(t)
+        base = self.store._dataset_dir(table)
+        parts = []
+        for in_rel, in_meta in inputs:
+            path = f"{base}/{in_rel}"
+            info = self.store._footers.get(path, in_meta, schema, keep=False)
+            with pq.ParquetFile(path, metadata=info.metadata) as pf:
+                parts.append(_read_groups(pf, info, np.arange(info.n_groups), schema.names, schema))
+        rows = pa.concat_tables(parts)
+        if rows.num_rows != meta["rows"]:
+            raise ArchiveError(f"{table}: merging {len(inputs)} file(s) of partition {npix} read "
+                               f"{rows.num_rows} rows, the manifest lists {meta['rows']}; the store is damaged")
+        # positional files are sorted by healpix29 (row-group pruning); others by key (id look-ups)
+        rows = rows.sort_by("healpix29" if t.positional else [(c, "ascending") for c in t.primary_key])
+        span = pc.min_max(rows.column(t.id_column))
+        meta["id"] = [span["min"].as_py(), span["max"].as_py()]
+        meta["bytes"] = _write_file(pathlib.Path(base) / rel, rows)
+
     def commit(self) -> None:
         if self._done:
             return
+        if self.auto_compact and self._new:
+            try:
+                self._merge_tiers()
+            except BaseException:
+                self.rollback()
+                raise
         try:
-            if self._new or self._drop:
+            # dropped files are retired, not unlinked, for readers of the previous manifest;
+            # those retired at least retain_seconds ago are unlinked after this commit
+            now = time.time()
+            retain = self.store.retain_seconds
+            retired = [e for e in self.base.get("retired", []) if now - e[2] < retain]
+            self._expire = [(t, rel) for t, rel, at in self.base.get("retired", []) if now - at >= retain]
+            if retain > 0:
+                retired += [[t, rel, now] for t, rel in self._drop]
+            else:
+                self._expire += self._drop
+            if self._new or self._drop or self._expire:
                 touched = {t for t, _, _ in self._new} | {t for t, _ in self._drop}
                 # a new dict around the base's untouched entries (never modified in place)
                 manifest = {**self.base, "generation": self.base["generation"] + 1,
                             "tables": {name: ({**tab, "files": self._live(name)} if name in touched else tab)
-                                       for name, tab in self.base["tables"].items()}}
+                                       for name, tab in self.base["tables"].items()},
+                            "retired": retired}
+                if self._expire:
+                    self._journal()  # so that a crash after the commit still unlinks them
                 for name in touched:
                     self.store._write_hats_metadata(self.store.table(name), manifest["tables"][name]["files"])
                 _atomic_write(self.store.root / "manifest.json", json.dumps(manifest, indent=1).encode())
                 _fsync_dir(self.store.root)  # the commit point is durable
-                self._remove(self._drop)
+                self._remove(self._expire)
             self._remove_journal()
         finally:
             self._done = True

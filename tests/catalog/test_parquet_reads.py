@@ -42,8 +42,9 @@ def small_groups(monkeypatch):
 
 @pytest.fixture
 def loaded(tmp_path, small_groups, make_dia_sources):
-    """Four batches over the same field: several files per partition, ~10 row groups per file."""
-    s = open_store(str(tmp_path / "arc"), create=True)
+    """Four batches over the same field: several files per partition, ~10 row groups per file
+    (automatic compaction off: these tests are about reading across files)."""
+    s = open_store(str(tmp_path / "arc"), create=True, auto_compact=False)
     for b in range(4):
         s.write("dia_source", make_dia_sources(1500, seed=b, start_id=1 + 10_000 * b))
     yield s
