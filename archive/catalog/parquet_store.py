@@ -101,7 +101,9 @@ WRITE_THREADS = max(1, min(4, os.cpu_count() or 1))
 #: Automatic compaction (see the module docstring): a partition tier holding this
 #: many files is merged into one.  4 keeps a partition at <= 3 files per tier
 #: (cone latency grows with the files opened) with about log_4(rows / base) rewrites
-#: per row.
+#: per row.  Measured (bench_cone, 2M dense rows in 20 batches of 100k, 45
+#: partitions): 111 files instead of 900, 2" cones 3.1 ms instead of 8.5 ms
+#: (one file per partition: 2.0 ms), loading 9 s instead of 3-6 s.
 COMPACT_FANOUT = 4
 #: Rows below which files are not told apart by size: every file under
 #: ``COMPACT_FANOUT * COMPACT_BASE_ROWS`` rows is in tier 0, so the many tiny files
@@ -698,8 +700,11 @@ class ParquetStore(CatalogStore):
     def compact(self, tables: Sequence[str] | None = None, min_files: int = 2) -> dict[str, int]:
         """Merge each partition's files into one sorted file (one atomic transaction).
 
-        Batches add a file per partition they touch; compaction keeps reads to
-        one file per partition.  Returns the number of files removed per table.
+        Transactions already keep partitions at a few files each (automatic
+        compaction); this takes every partition of ``tables`` down to one, e.g.
+        before a read-heavy phase.  The merged-away files are retired (kept
+        ``retain_seconds`` for readers, unlinked by a later commit).  Returns the
+        number of files removed per table.
         """
         removed: dict[str, int] = {}
         with self.transaction(auto_compact=False) as tx:  # it leaves partitions at one file already
