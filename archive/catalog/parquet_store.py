@@ -110,6 +110,10 @@ COMPACT_FANOUT = 4
 #: of per-visit ingests merge together in a few cheap steps instead of climbing
 #: tiers of 1, 4, 16... rows one by one.
 COMPACT_BASE_ROWS = 2_048
+#: Largest file an automatic merge writes (rows): a merge holds its rows in memory
+#: (~250 B a row for dia_source) and runs inside an ingest's commit, so a tier
+#: whose merge would exceed this is left as it is (``compact()`` still merges it).
+COMPACT_MAX_ROWS = 2_000_000
 #: Seconds a file stays on disk after a commit took it out of the store (listed
 #: under ``retired`` in the manifest, unlinked by the first commit after that):
 #: a reader that read the previous manifest is still reading its files, and with
@@ -129,22 +133,27 @@ def compaction_tier(rows: int, fanout: int = COMPACT_FANOUT, base: int | None = 
 
 
 def plan_merges(files: Sequence[tuple[str, int]], fanout: int = COMPACT_FANOUT,
-                base: int | None = None) -> list[list[str]]:
+                base: int | None = None, max_rows: int | None = None) -> list[list[str]]:
     """Which of one partition's files (name, rows) to merge, as groups (one output file each).
 
     Repeatedly merges the lowest tier that holds ``fanout`` or more files (real
     or already-planned outputs); an output that completes a higher tier is
     folded into that tier's merge, so a cascade costs one rewrite, not several.
-    Afterwards every tier holds fewer than ``fanout`` files."""
+    Afterwards every tier holds fewer than ``fanout`` files, except tiers whose
+    merge would write more than ``max_rows`` rows (left alone)."""
     units: list[tuple[int, list[str]]] = [(int(rows), [name]) for name, rows in files]
+    too_big: set[int] = set()
     while True:
         tiers: dict[int, list[int]] = {}
         for i, (rows, _) in enumerate(units):
             tiers.setdefault(compaction_tier(rows, fanout, base), []).append(i)
-        full = [tier for tier, members in tiers.items() if len(members) >= fanout]
+        full = [tier for tier, members in tiers.items() if len(members) >= fanout and tier not in too_big]
         if not full:
             break
         members = set(tiers[min(full)])
+        if max_rows is not None and sum(units[i][0] for i in members) > max_rows:
+            too_big.add(min(full))  # outputs land in higher tiers only, so it stays as it is
+            continue
         merged = (sum(units[i][0] for i in members), [n for i in sorted(members) for n in units[i][1]])
         units = [u for i, u in enumerate(units) if i not in members] + [merged]
     return [names for _, names in units if len(names) > 1]
@@ -347,10 +356,12 @@ class ParquetStore(CatalogStore):
 
     def __init__(self, root, create: bool = False, order: int = DEFAULT_ORDER,
                  schema: Schema | None = None, auto_compact: bool = True,
-                 compact_fanout: int = COMPACT_FANOUT, retain_seconds: float = RETAIN_SECONDS) -> None:
+                 compact_fanout: int = COMPACT_FANOUT, compact_max_rows: int | None = COMPACT_MAX_ROWS,
+                 retain_seconds: float = RETAIN_SECONDS) -> None:
         """``auto_compact``: transactions merge same-tier files of the partitions they
         wrote at commit (default; see the module docstring); ``compact_fanout``: files
         per tier that trigger a merge (also the tiers' size factor), at least 2;
+        ``compact_max_rows``: largest file an automatic merge writes (None: no limit);
         ``retain_seconds``: how long dropped files stay for readers of older
         manifests (0: unlinked at the commit that drops them)."""
         super().__init__(schema)
@@ -358,6 +369,7 @@ class ParquetStore(CatalogStore):
             raise ArchiveError(f"compact_fanout must be at least 2, got {compact_fanout}")
         self.auto_compact = bool(auto_compact)
         self.compact_fanout = int(compact_fanout)
+        self.compact_max_rows = compact_max_rows
         self.retain_seconds = float(retain_seconds)
         self.root = pathlib.Path(root).expanduser().absolute()
         marker = self.root / "archive-store.json"
@@ -1047,7 +1059,8 @@ class ParquetTransaction(Transaction):
                     by_part.setdefault(meta.get("npix"), []).append((rel, meta))
             for npix, files in by_part.items():
                 metas = dict(files)
-                for group in plan_merges([(rel, meta["rows"]) for rel, meta in files], self.store.compact_fanout):
+                for group in plan_merges([(rel, meta["rows"]) for rel, meta in files],
+                                         self.store.compact_fanout, max_rows=self.store.compact_max_rows):
                     meta = {"rows": sum(metas[r]["rows"] for r in group), "npix": npix,
                             "norder": self.store.order if npix is not None else None}
                     jobs.append((table, npix, [(r, metas[r]) for r in group], self._new_rel(npix), meta))

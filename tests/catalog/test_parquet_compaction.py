@@ -112,6 +112,18 @@ def test_plan_tiers_and_cascade():
     assert plan_merges([("big", 10_000)] + [(f"s{i}", 10) for i in range(4)], 4, 8) == [[f"s{i}" for i in range(4)]]
 
 
+def test_plan_never_writes_more_than_max_rows():
+    files = [(f"b{i}", 600) for i in range(4)] + [(f"s{i}", 10) for i in range(4)]
+    # the four small files merge; the four 600-row files would make 2,400 rows: left alone
+    assert plan_merges(files, 4, 8, max_rows=2000) == [[f"s{i}" for i in range(4)]]
+    assert sorted(map(sorted, plan_merges(files, 4, 8))) == [[f"b{i}" for i in range(4)], [f"s{i}" for i in range(4)]]
+    rng = np.random.default_rng(5)
+    for trial in range(200):
+        files = [(f"f{i}", int(r)) for i, r in enumerate(rng.integers(1, 3000, rng.integers(0, 30)))]
+        size = dict(files)
+        assert all(sum(size[n] for n in g) <= 5000 for g in plan_merges(files, 4, 8, max_rows=5000))
+
+
 # -- many batches ------------------------------------------------------------
 def test_many_batches_stay_bounded_and_read_like_an_uncompacted_store(tmp_path, small, make_dia_sources):
     auto = _open(tmp_path / "auto", compact_fanout=FANOUT)
@@ -194,6 +206,10 @@ def test_switch_store_and_transaction(tmp_path, small, make_dia_sources):
     with on.transaction(auto_compact=False) as tx:  # switched off for one transaction
         tx.append("dia_source", conform(on.table("dia_source"), _batch(make_dia_sources, 3, 10)))
     assert not tx.merges and max(len(r) for r in _per_partition(_manifest_files(on)).values()) == 4
+    capped = _open(tmp_path / "capped", compact_fanout=FANOUT, compact_max_rows=30)
+    for b in range(8):  # 10-row files: four make 40 rows, more than the cap: never merged
+        capped.write("dia_source", _batch(make_dia_sources, b, 10, box=(150.0, 0.0, 0.01)))
+    assert sorted(m["rows"] for m in _manifest_files(capped).values()) == [10] * 8
     with pytest.raises(ArchiveError, match="compact_fanout"):
         open_store(str(tmp_path / "on"), compact_fanout=1)
 
