@@ -59,6 +59,9 @@ def cmd_demo(args) -> int:
         print(arc.sql("SELECT visit, band, round(mjd_mid, 4) AS mjd, status, round(seeing, 2) AS seeing_arcsec, "
                       "round(zero_point, 3) AS zero_point, round(lim_mag, 2) AS lim_mag FROM exposure ORDER BY visit")
               .to_string(index=False))
+        why = arc.sql("SELECT visit, quality_reason FROM exposure WHERE status = 'rejected' ORDER BY visit")
+        for v, reason in zip(why["visit"], why["quality_reason"]):
+            print(f"visit {v} rejected: {reason}")
         n = arc.sql("SELECT count(*) AS n FROM source")["n"].iloc[0]
         m = arc.sql("SELECT count(*) AS n, avg(n_epochs) AS k FROM matched_source")
         print(f"\n{n} sources, matched into {m['n'].iloc[0]} objects seen on {m['k'].iloc[0]:.1f} epochs "
