@@ -19,16 +19,21 @@ from astropy.wcs import WCS
 from scipy import signal
 
 from archive.errors import ValidationError
-from archive.image.psf import PSF, MoffatPSF, StampAccumulator, add_point_sources
+from archive.image.psf import PSF, MoffatPSF, StampAccumulator
 from archive.sim.config import SimConfig
 from archive.sim.geometry import detector_origins, focal_plane_radius, make_wcs, tangent_to_sky
 from archive.sim.skymodel import EXP_B1, object_fluxes, object_positions, rng_for
 
-#: Half-size of point-source stamps in units of the local FWHM: faint (< 2e4 e-), normal, bright (> 2e5 e-).
-#: Each stamp holds the object's whole flux (the profile is renormalised inside it).
-FAINT_STAMP_FWHM = 2.5
-POINT_STAMP_FWHM = 4.0
-BRIGHT_STAMP_FWHM = 10.0
+#: Point sources are drawn out to the radius beyond which their Moffat wings hold less than this
+#: fraction of their own Poisson noise ``sqrt(flux_e)`` (see :func:`point_stamp_half`), and are
+#: never renormalised inside their stamps: inside it, each image is exactly ``flux_e`` times the
+#: true pixel-integrated PSF, and what lies beyond is far below the noise, even summed.
+WING_NOISE_FRACTION = 0.05
+#: Stamp half-sizes (px) are rounded up to these classes so that batches stay large.  The largest
+#: (151 px stamps) caps them: it leaves out 8e-7 of the flux at FWHM 4.25 px, 5e-5 at 10 px (beta 3.5).
+STAMP_HALF_CLASSES = (5, 7, 9, 11, 13, 15, 18, 21, 25, 30, 36, 43, 51, 61, 75)
+#: Half-size (px) of the largest galaxy stamp (:func:`render_galaxies` ``max_size`` 63).
+GALAXY_HALF_MAX = 31
 
 
 @dataclass
@@ -219,12 +224,78 @@ def detector_gain(config: SimConfig, detector: int) -> float:
     return float(config.gain * (1.0 + rng.uniform(-0.03, 0.03)))
 
 
+def point_stamp_half(psf: MoffatPSF, xs, ys, flux_e, wing_fraction: float = WING_NOISE_FRACTION) -> np.ndarray:
+    """Stamp half-size (px, int) leaving out less than ``wing_fraction * sqrt(flux_e)`` electrons.
+
+    A Moffat (FWHM ``f`` at the position, ``alpha = f / (2 sqrt(2^(1/beta) - 1))``,
+    axis ratio ``q = 1 - ellipticity``, isophotes ``r^2 = q x'^2 + y'^2 / q``) holds
+    ``(1 + q R^2 / alpha^2) ** (1 - beta)`` of its flux at most outside the disk of
+    radius ``R`` (that disk contains the isophote ``r = R sqrt(q)``), and a square stamp
+    of half-size ``h`` contains the disk of radius ``h + 0.5``.  Half-sizes are rounded
+    up to :data:`STAMP_HALF_CLASSES` (the largest class caps them).
+    """
+    fw = psf.fwhm_at(np.asarray(xs, dtype=float), np.asarray(ys, dtype=float))
+    beta = psf.beta
+    alpha = fw / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    q = 1.0 - psf.ellipticity
+    # largest flux fraction that may lie outside the stamp (1 = none needed)
+    t = np.minimum(wing_fraction / np.sqrt(np.maximum(np.asarray(flux_e, dtype=float), 1e-300)), 1.0)
+    radius = alpha * np.sqrt((t ** (-1.0 / (beta - 1.0)) - 1.0) / q)
+    need = np.ceil(radius - 0.5)
+    classes = np.asarray(STAMP_HALF_CLASSES)
+    return classes[np.minimum(np.searchsorted(classes, need), classes.size - 1)]
+
+
+def point_source_stamps(psf: MoffatPSF, xs, ys, size: int) -> np.ndarray:
+    """Pixel-integrated PSF stamps ``(N, size, size)`` normalised over the whole plane.
+
+    Placed as :meth:`PSF.image` places them, but *not* renormalised inside the stamp
+    (``PSF.render_stamps`` is: it would move the cut wings into the core), so each
+    stamp sums to the PSF's flux fraction inside it and ``F *`` stamp is exactly a
+    source of total flux ``F`` wherever the stamp reaches.  ``MoffatPSF``'s pixel
+    response carries the profile's analytic normalisation (1 over the plane).
+    """
+    xs = np.atleast_1d(np.asarray(xs, dtype=float))
+    ys = np.atleast_1d(np.asarray(ys, dtype=float))
+    g = np.arange(size, dtype=float) - size // 2
+    u = g[None, None, :] - (xs - np.floor(xs + 0.5))[:, None, None]
+    v = g[None, :, None] - (ys - np.floor(ys + 0.5))[:, None, None]
+    xm = (xs + psf.x_offset)[:, None, None]
+    ym = (ys + psf.y_offset)[:, None, None]
+    return np.broadcast_to(psf._pixel_response(xm, ym, u, v), (xs.size, size, size))
+
+
+def add_point_source_models(image: np.ndarray, psf: MoffatPSF, xs, ys, flux_e, half,
+                            max_pixels: int = 2_000_000) -> np.ndarray:
+    """Add point sources of total flux ``flux_e`` at ``(xs, ys)`` to ``image`` in place.
+
+    Each is ``flux_e`` times :func:`point_source_stamps` on a stamp of half-size
+    ``half`` (px, per source); stamps are rendered in batches of one size (at most
+    ``max_pixels`` stamp pixels each) and summed in one pass.  Returns ``image``.
+    """
+    xs = np.asarray(xs, dtype=float)
+    ys = np.asarray(ys, dtype=float)
+    fl = np.asarray(flux_e, dtype=float)
+    half = np.asarray(half, dtype=int)
+    acc = StampAccumulator(image.shape)
+    for h in np.unique(half):
+        idx = np.flatnonzero(half == h)
+        size = 2 * int(h) + 1
+        step = max(1, max_pixels // (size * size))
+        for start in range(0, idx.size, step):
+            k = idx[start:start + step]
+            acc.add(point_source_stamps(psf, xs[k], ys[k], size) * fl[k][:, None, None], xs[k], ys[k])
+    acc.finish(image)
+    return image
+
+
 @dataclass
 class EpochModel:
     """Noiseless rendering of one detector in one epoch, with its truth.
 
     ``model_e``: incident electrons per pixel (sky + objects + streak) before
-    the flat field; ``sky_e``: the sky part alone; ``cosmic_e``: electrons
+    the flat field (each point source in it is exactly ``flux_e`` times ``psf``
+    out to the stamp of :func:`point_stamp_half`); ``sky_e``: the sky part alone; ``cosmic_e``: electrons
     deposited by cosmic rays (not flat-fielded, added after).  ``sources``:
     one row per object whose centre falls on the detector (see
     :func:`render_epoch`).  ``cosmic_rays`` (``x0, y0, x1, y1`` track ends,
@@ -365,11 +436,11 @@ def render_epoch(config: SimConfig, sky: pd.DataFrame, epoch: Epoch, detector: i
     x, y = wcs.all_world2pix(ra, dec, 0, tolerance=1e-8, maxiter=50, quiet=True)
     flux_njy = object_fluxes(sky, epoch.band, epoch.mjd)
     kind = sky["kind"].to_numpy()
-    # render everything whose largest stamp (bright stars, big galaxies) can reach the detector
-    fw_max = float(psf.fwhm_at(np.array([0.0, nx - 1.0, 0.0, nx - 1.0]), np.array([0.0, 0.0, ny - 1.0, ny - 1.0])).max())
-    margin = max(BRIGHT_STAMP_FWHM * fw_max, 32.0) + 2.0
-    near = (x > -margin) & (x < nx - 1 + margin) & (y > -margin) & (y < ny - 1 + margin)
     flux_e = flux_njy * e_per_njy
+
+    def within(margin: float) -> np.ndarray:
+        """Objects within ``margin`` px of the detector (whose stamps may reach it)."""
+        return (x > -margin) & (x < nx - 1 + margin) & (y > -margin) & (y < ny - 1 + margin)
 
     # --- sky background with a linear gradient
     sky_level = sky_electrons(config, epoch)
@@ -379,22 +450,17 @@ def render_epoch(config: SimConfig, sky: pd.DataFrame, epoch: Epoch, detector: i
     sky_e = sky_level * (1.0 + config.sky_gradient * (gx * u[None, :] + gy * v[:, None]))
     model = np.zeros((ny, nx))
 
-    # --- point sources (stars, variables, transients, moving objects)
-    pts = near & (kind != "galaxy") & (flux_e > 0)
+    # --- point sources (stars, variables, transients, moving objects): stamps large enough that
+    # the wings left out are far below the source's own noise, not renormalised
+    pts = within(STAMP_HALF_CLASSES[-1] + 1.0) & (kind != "galaxy") & (flux_e > 0)
     if pts.any():
         px, py, pf = x[pts], y[pts], flux_e[pts]
-        fw = psf.fwhm_at(px, py)
-        # stamp size by brightness: the dropped wings stay well below the noise
-        tiers = ((pf < 2e4, FAINT_STAMP_FWHM), ((pf >= 2e4) & (pf < 2e5), POINT_STAMP_FWHM),
-                 (pf >= 2e5, BRIGHT_STAMP_FWHM))
-        for sel, mult in tiers:
-            if sel.any():
-                size = 2 * int(math.ceil(mult * float(fw[sel].max()))) + 1
-                size = min(size, 2 * (min(nx, ny) // 2) + 1, 151)
-                add_point_sources(model, psf, px[sel], py[sel], pf[sel], size=size)
+        half = point_stamp_half(psf, px, py, pf)
+        reach = (px > -half - 1) & (px < nx + half) & (py > -half - 1) & (py < ny + half)
+        add_point_source_models(model, psf, px[reach], py[reach], pf[reach], half[reach])
 
     # --- galaxies
-    gal = near & (kind == "galaxy")
+    gal = within(GALAXY_HALF_MAX + 2.0) & (kind == "galaxy")
     if gal.any():
         r_eff_px = sky["r_eff_arcsec"].to_numpy()[gal] / config.pixel_scale
         # PA east of north on the sky -> angle from +x in pixels: the sky's north is +y (up to rotation)
@@ -451,11 +517,11 @@ def render_epoch(config: SimConfig, sky: pd.DataFrame, epoch: Epoch, detector: i
     on = (x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5)
     idx = np.flatnonzero(on)
     fw_on = psf.fwhm_at(x[idx], y[idx])
-    # peak of a point source ~ flux * (central stamp pixel); galaxies use the rendered model
+    # peak of a point source: flux times its brightest pixel's PSF fraction; galaxies: the rendered model
     peak = np.zeros(idx.size)
     is_pt = kind[idx] != "galaxy"
     if is_pt.any():
-        st = psf.render_stamps(x[idx][is_pt], y[idx][is_pt], 3)
+        st = point_source_stamps(psf, x[idx][is_pt], y[idx][is_pt], 3)
         peak[is_pt] = flux_e[idx][is_pt] * st.max(axis=(1, 2))
     ixs = np.clip(np.floor(x[idx] + 0.5).astype(int), 0, nx - 1)
     iys = np.clip(np.floor(y[idx] + 0.5).astype(int), 0, ny - 1)
