@@ -25,6 +25,7 @@ import numpy as np
 from scipy.special import erf
 
 from archive.errors import ValidationError
+from archive.process.stamps import matmul_rows
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +307,8 @@ class PixelStampPsf:
     ``sum_k a_k(x, y) bilinear_phase(T_k)``, with its own polynomial coefficients (no grid
     of nodes over the detector, whose interpolation errs by the PSF's change between
     nodes). The table holds, per phase cell, the four bilinear terms of every basis image
-    contiguously, so one gather per source serves all of them (float32: stamps sum
-    ~1e3 pixels; the gradients and the bilinear blend are exact to ~1e-7 relative).
+    contiguously, so the sources of one phase cell are evaluated together by one product
+    with that cell's block (float32: stamps sum ~1e3 pixels; the gradients and the bilinear blend are exact to ~1e-7 relative).
     Kernels are normalised per source so a native stamp sums to 1 before truncation.
     """
 
@@ -413,20 +414,30 @@ class PixelStampPsf:
             wdy = np.stack([zero, zero, one, fx], axis=1) * np.float32(P)
         key = (ky + kmax) * (2 * kmax + 1) + (kx + kmax)
         groups = [np.arange(n)] if kmax == 0 else [np.nonzero(key == k)[0] for k in np.unique(key)]
+        # sources are grouped by phase cell: each cell's table block (K * 4, size^2) is used
+        # as is by one product for all its sources, instead of being gathered per source
+        # (the gather, 16 x size^2 floats per source, was most of the cost)
+        cell = iy0 * P + ix0
+        wts = [wv] + ([wdx, wdy] if grad else [])
+        outs = [out] + ([gx, gy] if grad else [])
         for sel in groups:
             oy = int(ky[sel[0]])
             ox = int(kx[sel[0]])
             t = tab if kmax == 0 else tab[..., th + oy - h:th + oy + h + 1, th + ox - h:th + ox + h + 1]
-            for lo in range(0, sel.size, 1024):
-                s = sel[lo:lo + 1024]
-                G = t[iy0[s], ix0[s]].reshape(s.size, K * 4, size * size)  # one gather per source
-                w = (a[s][:, :, None] * wv[s][:, None, :]).reshape(s.size, 1, K * 4)
-                out[s] = np.matmul(w, G).reshape(s.size, size, size)
-                if grad:
-                    wx = (a[s][:, :, None] * wdx[s][:, None, :]).reshape(s.size, 1, K * 4)
-                    wy = (a[s][:, :, None] * wdy[s][:, None, :]).reshape(s.size, 1, K * 4)
-                    gx[s] = np.matmul(wx, G).reshape(s.size, size, size)
-                    gy[s] = np.matmul(wy, G).reshape(s.size, size, size)
+            sel = sel[np.argsort(cell[sel], kind="stable")]
+            cs = cell[sel]
+            starts = np.flatnonzero(np.r_[True, cs[1:] != cs[:-1]])
+            ends = np.r_[starts[1:], sel.size]
+            # per-source weights of the K * 4 table planes, in cell order
+            Ws = [(a[sel][:, :, None] * wt[sel][:, None, :]).reshape(sel.size, K * 4) for wt in wts]
+            Rs = [np.empty((sel.size, size * size), dtype=np.float32) for _ in wts]
+            for lo, hi in zip(starts.tolist(), ends.tolist()):
+                c = int(cs[lo])
+                Tc = t[c // P, c % P].reshape(K * 4, size * size)
+                for Wq, Rq in zip(Ws, Rs):
+                    matmul_rows(Wq[lo:hi], Tc, out=Rq[lo:hi])
+            for o, Rq in zip(outs, Rs):
+                o[sel] = Rq.reshape(sel.size, size, size)
         return out, gx, gy
 
 
