@@ -401,28 +401,54 @@ def _empty_columns(radii) -> dict:
     return {c: np.array([], dtype=np.int64 if c == "flags" else np.float64) for c in cols}
 
 
+def _wsum(I: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """``(I * g).sum(axis=(1, 2))`` for stamps ``I`` (m, S, S) and ``g`` broadcastable to them;
+    a ``g`` constant along rows or columns is applied to ``I``'s marginal (no full temporary)."""
+    if g.ndim == 3 and g.shape[1] == 1:
+        return np.einsum("mq,mq->m", I.sum(axis=1, dtype=np.float64), np.broadcast_to(g[:, 0, :], (I.shape[0], I.shape[2])))
+    if g.ndim == 3 and g.shape[2] == 1:
+        return np.einsum("mp,mp->m", I.sum(axis=2, dtype=np.float64), np.broadcast_to(g[:, :, 0], (I.shape[0], I.shape[1])))
+    return np.einsum("mpq,mpq->m", I, np.broadcast_to(g, I.shape), dtype=np.float64)
+
+
 def _adaptive_moments(D, U, ddx, ddy, s2, n_iter, half):
-    """Adaptive second moments of stamps ``D`` about their centre offsets (px^2)."""
+    """Adaptive second moments of stamps ``D`` about their centre offsets (px^2).
+
+    ``D``, ``U``: stamps (m, S, S) and their usable pixels; ``ddx``, ``ddy``: pixel offsets
+    from the centre, broadcastable to the stamps (e.g. (m, 1, S) and (m, S, 1)); ``s2``:
+    starting Gaussian variance (px^2). Returns ``(ixx, iyy, ixy, ok)``.
+    """
     m = D.shape[0]
     mxx = np.full(m, s2)
     myy = np.full(m, s2)
     mxy = np.zeros(m)
     ok = np.ones(m, dtype=bool)
     lim = (half / 2.0) ** 2
+    # the weighted pixels in float32 (their sums, ~1e-7 relative, are far below the noise)
+    DU = np.where(U, D, 0).astype(np.float32)
+    ddx = np.asarray(ddx, np.float32)
+    ddy = np.asarray(ddy, np.float32)
+    dxx, dyy, dxy = ddx * ddx, ddy * ddy, ddx * ddy
+    q = np.empty(np.broadcast_shapes(DU.shape, dxy.shape), dtype=np.float32)
     for _ in range(max(1, n_iter)):
         det = mxx * myy - mxy * mxy
         ok &= det > 0
         det = np.where(det > 0, det, 1.0)
         ixx_, iyy_, ixy_ = myy / det, mxx / det, -mxy / det
-        q = ixx_[:, None, None] * ddx ** 2 + iyy_[:, None, None] * ddy ** 2 + 2 * ixy_[:, None, None] * ddx * ddy
-        w = np.exp(-0.5 * np.minimum(q, 50.0)) * U
-        I = w * D
-        s0 = I.sum(axis=(1, 2))
+        # Gaussian weight exp(-q / 2) of the current moments, times the usable data
+        np.multiply((2.0 * ixy_).astype(np.float32)[:, None, None], dxy, out=q)
+        q += ixx_.astype(np.float32)[:, None, None] * dxx
+        q += iyy_.astype(np.float32)[:, None, None] * dyy
+        np.minimum(q, np.float32(50.0), out=q)
+        q *= np.float32(-0.5)
+        np.exp(q, out=q)
+        q *= DU
+        s0 = q.sum(axis=(1, 2), dtype=np.float64)
         ok &= s0 > 0
         s0 = np.where(s0 > 0, s0, 1.0)
-        qxx = (I * ddx * ddx).sum(axis=(1, 2)) / s0
-        qyy = (I * ddy * ddy).sum(axis=(1, 2)) / s0
-        qxy = (I * ddx * ddy).sum(axis=(1, 2)) / s0
+        qxx = _wsum(q, dxx) / s0
+        qyy = _wsum(q, dyy) / s0
+        qxy = _wsum(q, dxy) / s0
         # weighted moments Q of a Gaussian C under weight M satisfy Q^-1 = C^-1 + M^-1
         nxx, nyy, nxy = 2 * qxx, 2 * qyy, 2 * qxy
         bad = (nxx <= 0) | (nyy <= 0) | (nxx * nyy - nxy ** 2 <= 0) | (nxx > lim) | (nyy > lim) | ~np.isfinite(nxx + nyy + nxy)
