@@ -398,10 +398,11 @@ def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray,
             return PixelPSF(np.concatenate([mean, modes]), cmat, oversample=os_, degree=degree, bbox=bbox)
         return PixelPSF(mean, None, oversample=os_, degree=0, bbox=bbox)
 
-    def model_all():
-        m = keys(mean)[0]
+    def model_all(kmean, kmodes):
+        """The current model at every sample from the sampled mean and modes."""
+        m = kmean
         if degree > 0 and modes is not None:
-            m = m + (keys(modes) * (coefs @ T_star[flat_star].T)).sum(axis=0)
+            m = m + (kmodes * (coefs @ T_star.T)[:, flat_star]).sum(axis=0)
         return m.reshape(D.shape)
 
     n_round = max(2, n_iter) + 1
@@ -420,26 +421,37 @@ def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray,
             resid = d.ravel()[sel] - m_s
             mean = mean + _fit_bins(bins, S * S, np.ones((bins.size, 1)), resid, w_s, 1e-9).reshape(1, S, S)
         mean = _normalise_and_centre(mean, os_)
+        kmean = keys(mean)[0]
+        kmodes = None
         if degree > 0 and it >= 1:
             # spatial variation as polynomials times three shape modes of the mean (dilation
             # and the two shears: first-order changes of size and ellipticity), with the mean
             # times the same polynomials as nuisance columns: a smooth error of the stars'
             # fluxes changes amplitudes, not shapes, and must not leak into the modes
             modes = _shape_modes(mean[0])
-            mv = keys(modes, sel)
-            mvals = keys(mean, sel)[0]
-            T = T_star[flat_star[sel]]
-            X = np.concatenate([(mv[:, :, None] * T[None]).transpose(1, 0, 2).reshape(bins.size, 3 * nt),
-                                mvals[:, None] * T], axis=1)
-            w_s = F[flat_star[sel]] ** 2 / V.ravel()[sel]
-            A = (X * w_s[:, None]).T @ X
-            bvec = (X * w_s[:, None]).T @ (d.ravel()[sel] - mvals)
+            kmodes = keys(modes)
+            # the design's columns are M_k T_t (M: the three modes and the mean at the sample,
+            # T: the star's polynomial terms), so its normal matrix is sum over stars of
+            # (per-star sums of w M_k M_l) (x) T T^T: a few (stars, 4, 4) sums instead of the
+            # (samples, 4 nt) design matrix
+            M = np.concatenate([kmodes[:, sel], kmean[None, sel]])  # (4, n_sel)
+            st = flat_star[sel]
+            w_s = F[st] ** 2 / V.ravel()[sel]
+            yv = d.ravel()[sel] - M[3]
+            G = np.empty((n, 4, 4))
+            g = np.empty((n, 4))
+            for k in range(4):
+                g[:, k] = np.bincount(st, weights=w_s * M[k] * yv, minlength=n)
+                for l in range(k, 4):
+                    G[:, k, l] = G[:, l, k] = np.bincount(st, weights=w_s * M[k] * M[l], minlength=n)
+            A = np.einsum("skl,st,su->ktlu", G, T_star, T_star).reshape(4 * nt, 4 * nt)
+            bvec = np.einsum("sk,st->kt", g, T_star).reshape(4 * nt)
             A += 1e-9 * np.trace(A) / A.shape[0] * np.eye(A.shape[0])
             sol_all = np.linalg.solve(A, bvec)
             coefs = sol_all[:3 * nt].reshape(3, nt)
-            fit_A, fit_dof = A, (X, w_s, d.ravel()[sel] - mvals)
+            fit_A, fit_dof = A, (M, st, w_s, yv, sol_all)
         # amplitudes against the current model, then the clip with the new amplitudes
-        m = model_all()
+        m = model_all(kmean, kmodes)
         mp = np.clip(m, 0, None)
         W = np.where(use, 1.0 / (V / F[:, None, None] ** 2 + (model_error * mp) ** 2), 0.0)
         den = np.einsum("npq,npq->n", W, m * m)
@@ -475,9 +487,11 @@ def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray,
     if degree > 0 and modes is not None:
         # covariance of the mode coefficients (the nuisance amplitude terms marginalised),
         # scaled by the fit's reduced chi^2
-        X, w_s, yv = fit_dof
-        r = yv - X @ np.linalg.solve(fit_A, (X * w_s[:, None]).T @ yv)
-        chi2_nu = max(1.0, float((w_s * r * r).sum()) / max(X.shape[0] - X.shape[1], 1))
+        M, st, w_s, yv, sol_all = fit_dof
+        # the fit's prediction at each sample: sum_k M_k (T_star . coefficients_k)
+        cs = T_star @ sol_all.reshape(4, nt).T  # (n, 4)
+        r = yv - np.einsum("ki,ik->i", M, cs[st])
+        chi2_nu = max(1.0, float((w_s * r * r).sum()) / max(yv.size - 4 * nt, 1))
         cov = np.linalg.inv(fit_A)[:3 * nt, :3 * nt] * chi2_nu
         # a flux fitted with model P changes by -sum(P dP) / sum(P^2) for a model error dP
         hf = int(fit_half if fit_half is not None else max(3, half // 2))
