@@ -12,11 +12,17 @@ from archive.process.masters import make_master_bias, make_master_dark, make_mas
 from archive.sim import SimConfig, load_manifest, simulate_survey, wcs_from_text
 
 
+#: The test field: one 2048 x 2048 detector of the default sky at 100 stars/arcmin^2 (~450
+#: unblended stars above S/N 50, enough to measure a pull width to +-0.035), with 3 bias, dark
+#: and flat frames through the real ISR.
+FIELD = dict(seed=7, n_epochs=1, size=2048, star_density=100, cosmic_ray_rate=60, n_bias=3, n_dark=3, n_flat=3)
+
+
 @pytest.fixture(scope="module")
 def processed(tmp_path_factory):
     d = tmp_path_factory.mktemp("sim")
-    simulate_survey(d, SimConfig(seed=7, n_epochs=1, size=640, star_density=100, cosmic_ray_rate=60,
-                                 n_bias=3, n_dark=3, n_flat=3))
+    config = SimConfig(**FIELD)
+    simulate_survey(d, config)
     man = load_manifest(d)
     bias = make_master_bias([read_raw(d / c["path"]) for c in man["calib"]["bias"]])
     dark = make_master_dark([read_raw(d / c["path"]) for c in man["calib"]["dark"]], bias)
@@ -28,7 +34,7 @@ def processed(tmp_path_factory):
     epoch = pd.read_parquet(d / "truth" / "epochs.parquet").iloc[0]
     crs = pd.read_parquet(d / "truth" / "cosmic_rays.parquet")
     defects = pd.read_parquet(d / "truth" / "defects.parquet")
-    return res, truth.reset_index(drop=True), epoch, crs, defects, bias, dark, flat
+    return res, truth.reset_index(drop=True), epoch, crs, defects, bias, dark, flat, config
 
 
 def _truth_snr(truth, epoch):
@@ -83,7 +89,7 @@ def test_detection_completeness_and_purity(processed):
     assert (d2[det] < max(1.5, 0.5 * fw)).mean() >= 0.99
 
 
-def test_centroids_astrometry_and_photometry(processed):
+def test_centroids_and_astrometry(processed):
     res, truth, epoch = processed[:3]
     s = res.sources
     snr = _truth_snr(truth, epoch)
@@ -92,7 +98,7 @@ def test_centroids_astrometry_and_photometry(processed):
     d, i = cKDTree(np.c_[s.x, s.y]).query(np.c_[truth.x, truth.y])
     m = (d < 1.0) & stars & iso
     bright = m & (snr > 50)
-    assert bright.sum() >= 15
+    assert bright.sum() >= 150
     ss, tt = s.iloc[i[bright]], truth[bright]
     dx = ss.x.to_numpy() - tt.x.to_numpy()
     dy = ss.y.to_numpy() - tt.y.to_numpy()
@@ -108,34 +114,85 @@ def test_centroids_astrometry_and_photometry(processed):
     xh, yh = wcs_from_text(epoch.wcs_header).all_world2pix(truth.ra, truth.dec, 0)
     assert np.sqrt(np.mean((xh - truth.x) ** 2 + (yh - truth.y) ** 2) / 2) > 1.0
     assert res.astrometry.rms_arcsec < 0.05
-    # calibrated PSF fluxes in nJy: bias < 1% at S/N > 50
-    r = ss.psf_flux.to_numpy() / tt.flux_njy.to_numpy()
-    assert abs(np.median(r) - 1) < 0.01
     # the zero point refers to 12 px aperture-corrected counts: it differs from the true
-    # total-count zero point by the Moffat wings outside 12 px (~1%); the fluxes above are
-    # calibrated against the reference catalog and carry no such offset
+    # total-count zero point by the Moffat wings outside 12 px (~1%); the fluxes are
+    # calibrated against the reference catalog and carry no such offset (next test)
     assert res.photocal.zero_point == pytest.approx(epoch.zero_point, abs=0.02)
-    # errors: pulls of isolated stars whose pixels within 3 px hold no cosmic ray (a star on
-    # an incompletely masked CR is 15 sigma off here). At S/N > 50 the PSF model used to
-    # dominate (pull std 3.8 on this field); the errors now include the model's own flux
-    # error and the pulls equal those measured with the simulator's true PSF star by star
-    # (std 1.23 with either on this field; 0.96-1.09 on seeds 8, 9, 11), so what is left
-    # above 1 is not the PSF model. The widths of ~30-40 pulls scatter by +-0.15.
-    no_cr = (s["flags"].to_numpy() & F_.plane_bits(res.calexp.mask_planes, "CR", "INTRP")) == 0
-
-    def pulls(lo, hi):
-        sel = m & (snr > lo) & (snr < hi) & no_cr[i]
-        sp, tp = s.iloc[i[sel]], truth[sel]
-        return (sp.psf_flux.to_numpy() - tp.flux_njy.to_numpy() * np.median(r)) / sp.psf_flux_err.to_numpy()
-    bright_pull = pulls(50, np.inf)
-    assert bright_pull.size >= 15
-    assert 0.8 < bright_pull.std() < 1.3
-    # 10 < S/N < 50: robust (MAD) width, a few stars sit on galaxy wings (1.19 with the true PSF)
-    faint_pull = pulls(10, 50)
-    assert faint_pull.size > 30
-    assert 0.8 < 1.4826 * np.median(np.abs(faint_pull - np.median(faint_pull))) < 1.3
     # ra/dec/healpix present
     assert s.healpix29.dtype == np.int64 and s.ra.notna().all()
+
+
+def _truth_blend(config, truth, epoch):
+    """Per truth row: other objects' light in its fit region over its own flux, PSF-weighted.
+
+    From the noiseless rendering of the same epoch (inf for rows whose 2 FWHM box leaves the
+    detector): ``sum P (image - sky - F P) / (F sum P^2)`` over a +-2 FWHM box, ``P`` the true
+    PSF normalised over the plane; the light of any neighbour, galaxy or wing counts.
+    """
+    from archive.sim.render import plan_epochs, point_source_stamps, render_epoch
+    from archive.sim.skymodel import make_sky
+
+    m = render_epoch(config, make_sky(config), plan_epochs(config)[0], int(epoch.detector))
+    h = int(np.ceil(2 * epoch.psf_fwhm))
+    off = np.arange(2 * h + 1) - h
+    ix = np.floor(truth.x.to_numpy() + 0.5).astype(int)
+    iy = np.floor(truth.y.to_numpy() + 0.5).astype(int)
+    k = np.flatnonzero((ix >= h) & (ix < config.nx - h) & (iy >= h) & (iy < config.ny - h))
+    P = point_source_stamps(m.psf, truth.x.to_numpy()[k], truth.y.to_numpy()[k], 2 * h + 1)
+    f = truth.flux_e.to_numpy()[k]
+    obj = (m.model_e - m.sky_e)[iy[k, None, None] + off[None, :, None], ix[k, None, None] + off[None, None, :]]
+    blend = np.full(len(truth), np.inf)
+    blend[k] = (P * (obj - f[:, None, None] * P)).sum(axis=(1, 2)) / ((P * P).sum(axis=(1, 2)) * f)
+    return blend
+
+
+def test_psf_fluxes_unbiased_and_errors_match_the_scatter(processed):
+    """Calibrated PSF fluxes of unblended stars: bias < 1% and pull width 0.9-1.1 above S/N 50.
+
+    Stars: unsaturated, non-variable, matched within 1 px, other objects' light in the fit
+    region < 0.3% of the star's (PSF-weighted, from the truth rendering: blends have errors of
+    their own), no cosmic-ray pixel within 3 px (a star on an incompletely masked CR is 15
+    sigma off) and the fit stamp on the image (STAMP_EDGE: light from beyond the edge is not
+    modelled). Pulls are about ``truth x median(measured / truth)``: the zero point's error is
+    common to all stars, not part of any one's error. Measured here: 445 stars above S/N 50,
+    pull std 0.99 (+-0.035), bias -0.1%; seeds 8-10: 0.99, 1.03, 1.01. What is left: the PSF
+    model's ~0.05% spatial error (0.5 sigma at S/N 1000) and the background (faint bin).
+    """
+    res, truth, epoch, config = processed[0], processed[1], processed[2], processed[8]
+    s = res.sources
+    snr = _truth_snr(truth, epoch)
+    stars = truth.kind.isin(["star"]).to_numpy() & ~truth.saturated.to_numpy()
+    d, i = cKDTree(np.c_[s.x, s.y]).query(np.c_[truth.x, truth.y])
+    fl = s["flags"].to_numpy()
+    clean = (fl & (F_.plane_bits(res.calexp.mask_planes, "CR", "INTRP") | int(F_.FLAG_STAMP_EDGE))) == 0
+    m = (d < 1.0) & stars & (_truth_blend(config, truth, epoch) < 0.003) & clean[i]
+    f = s.psf_flux.to_numpy()[i]
+    ferr = s.psf_flux_err.to_numpy()[i]
+    ratio = f / truth.flux_njy.to_numpy()
+    bright = m & (snr > 50)
+    r0 = np.median(ratio[bright])
+    pull = (f - truth.flux_njy.to_numpy() * r0) / ferr
+
+    def width(p):
+        return 1.4826 * np.median(np.abs(p - np.median(p)))
+
+    assert bright.sum() >= 400
+    # bias < 1% in every bin above S/N 50 (calibration included)
+    for lo, hi in ((50, 100), (100, 200), (200, np.inf)):
+        b = m & (snr > lo) & (snr < hi)
+        assert b.sum() >= 80
+        assert abs(np.median(ratio[b]) - 1) < 0.01, (lo, hi)
+    # the reported errors describe the scatter: std and robust width of ~450 pulls (+-0.035)
+    assert 0.9 < pull[bright].std() < 1.1
+    assert 0.9 < width(pull[bright]) < 1.1
+    assert np.abs(pull[bright]).max() < 5
+    # 10 < S/N < 50: errors still right; fluxes 0.5-1.5% low relative to bright stars (mean pull
+    # -0.1 to -0.2 for sky-limited stars): the subtracted background (0.07 sigma/pixel above the
+    # true sky) is more than the undetected light the fits see under them
+    faint = m & (snr > 10) & (snr < 50)
+    assert faint.sum() > 500
+    assert 0.9 < width(pull[faint]) < 1.1
+    assert abs(np.median(ratio[faint]) / r0 - 1) < 0.02
 
 
 def test_cosmic_rays_masked_not_catalogued(processed):
