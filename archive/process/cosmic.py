@@ -91,22 +91,32 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, fwhm: float, *, ma
         raise ValidationError(f"find_cosmic_rays: image {img.shape} and variance {var.shape} must be equal 2-D shapes")
     if not np.isfinite(fwhm) or fwhm <= 0:
         raise ValidationError(f"find_cosmic_rays: fwhm must be > 0 px, got {fwhm}")
-    good = np.isfinite(img) & np.isfinite(var) & (var > 0)
-    skip = ~good
-    if mask is not None:
-        bits = F_.plane_bits(mask_planes, *cfg.skip_planes)
-        if bits:
-            skip |= (np.asarray(mask) & bits) != 0
-    sig = np.sqrt(np.where(good, var, np.inf)).astype(np.float32)
-    x = np.where(good, img, 0.0).astype(np.float32)
+    ny, nx = img.shape
+    bits = F_.plane_bits(mask_planes, *cfg.skip_planes) if mask is not None else 0
+    mk = np.asarray(mask) if mask is not None else None
+
+    def usable(yy, xx):
+        """finite pixel with a finite, positive variance (gathered at the given pixels)"""
+        v, w = img[yy, xx], var[yy, xx]
+        return np.isfinite(v) & np.isfinite(w) & (w > 0)
+
+    def skipped(yy, xx):
+        return (mk[yy, xx] & bits) != 0 if bits else np.zeros(np.size(yy), dtype=bool)
+
+    # candidates above min_sigma; everything else is evaluated at the candidates only (the
+    # full-image maps of sigma, usable and skipped pixels cost more than the test itself)
+    with np.errstate(invalid="ignore", over="ignore"):
+        cand = np.multiply(img, img) > np.float32(cfg.min_sigma ** 2) * var
+        cand &= img > 0
+    cy, cx = np.divmod(np.flatnonzero(cand), nx)
+    del cand
+    keep = usable(cy, cx) & ~skipped(cy, cx)
+    cy, cx = cy[keep], cx[keep]
     k = np.float32(cfg.cond_sigma)
     cr = np.zeros(img.shape, dtype=bool)
-    cand = (x > cfg.min_sigma * sig) & ~skip
-    cy, cx = np.nonzero(cand)
     if cy.size:
-        ny, nx = img.shape
-        c = x[cy, cx]
-        lhs = c - k * sig[cy, cx]
+        c = img[cy, cx]
+        lhs = c - k * np.sqrt(var[cy, cx])
         hit = np.zeros(cy.size, dtype=bool)
         for dist in (1, 2):
             for dy, dx in _DIRS:
@@ -118,36 +128,46 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, fwhm: float, *, ma
                 inb = (yb >= 0) & (yb < ny) & (xb >= 0) & (xb < nx)
                 ya, xa = np.clip(ya, 0, ny - 1), np.clip(xa, 0, nx - 1)
                 yb, xb = np.clip(yb, 0, ny - 1), np.clip(xb, 0, nx - 1)
-                a = np.where(ina, x[ya, xa], 0.0)
-                b = np.where(inb, x[yb, xb], 0.0)
-                va = np.where(ina, var[ya, xa], np.inf)
-                vb = np.where(inb, var[yb, xb], np.inf)
-                m = 0.5 * (a + b)
-                sm = 0.5 * np.sqrt(va + vb)
-                # pixels next to an unusable pixel cannot be judged in that direction
-                ok = np.isfinite(sm) & ina & inb & good[ya, xa] & good[yb, xb]
-                hit |= ok & (lhs * ratio > m + k * sm)
+                a, b = img[ya, xa], img[yb, xb]
+                va, vb = var[ya, xa], var[yb, xb]
+                with np.errstate(invalid="ignore"):
+                    # pixels next to an unusable pixel cannot be judged in that direction
+                    ok = ina & inb & np.isfinite(a + b) & np.isfinite(va + vb) & (va > 0) & (vb > 0)
+                    m = 0.5 * (a + b)
+                    sm = 0.5 * np.sqrt(va + vb)
+                    hit |= ok & (lhs * ratio > m + k * sm)
         cr[cy[hit], cx[hit]] = True
     # grow into bright neighbours (CR halos, wider tracks): only the 8 neighbours of CR
     # pixels can join, so the dilation is done on their coordinates, not on the whole image
-    grow_ok = (x > cfg.grow_sigma * sig) & ~skip
-    ny, nx = img.shape
+    ry, rx = (cy[hit], cx[hit]) if cy.size else (cy, cx)
     for _ in range(max(0, cfg.grow_iter)):
-        ry, rx = np.nonzero(cr)
         if ry.size == 0:
             break
         gy = (ry[:, None] + np.array([-1, -1, -1, 0, 0, 1, 1, 1])[None, :]).ravel()
         gx = (rx[:, None] + np.array([-1, 0, 1, -1, 1, -1, 0, 1])[None, :]).ravel()
         ok = (gy >= 0) & (gy < ny) & (gx >= 0) & (gx < nx)
         gy, gx = gy[ok], gx[ok]
-        add = grow_ok[gy, gx] & ~cr[gy, gx]
+        with np.errstate(invalid="ignore"):
+            bright = img[gy, gx] > np.float32(cfg.grow_sigma) * np.sqrt(var[gy, gx])
+        add = bright & usable(gy, gx) & ~skipped(gy, gx) & ~cr[gy, gx]
         if not add.any():
             break
         cr[gy[add], gx[add]] = True
+        fl = np.unique(np.concatenate([ry * nx + rx, gy[add] * nx + gx[add]]))
+        ry, rx = np.divmod(fl, nx)
     cleaned = img
-    if cfg.interpolate and cr.any():
-        cleaned = interpolate_over(img, cr | ~good, sigma=1.5)
-    log.info("find_cosmic_rays: %d CR pixels", int(cr.sum()))
+    if cfg.interpolate and ry.size:
+        # CR pixels and unusable ones are filled from the usable pixels around them
+        bad = ~(np.isfinite(img) & np.isfinite(var) & (var > 0))
+        by, bx = np.divmod(np.flatnonzero(bad), nx) if bad.any() else (ry[:0], rx[:0])
+        bad[ry, rx] = True
+        if by.size:
+            fl = np.unique(np.concatenate([ry * nx + rx, by * nx + bx]))
+            by, bx = np.divmod(fl, nx)
+        else:
+            by, bx = ry, rx
+        cleaned = _fill(img, bad, by, bx, 1.5)
+    log.info("find_cosmic_rays: %d CR pixels", int(ry.size))
     return cr, cleaned
 
 
@@ -160,13 +180,18 @@ def interpolate_over(image: np.ndarray, bad: np.ndarray, sigma: float = 1.5) -> 
     masked areas) the image is filtered as a whole. Both give the same values.
     """
     img = np.asarray(image, dtype=np.float32)
-    good = ~bad
+    by, bx = np.nonzero(bad)
+    return _fill(img, bad, by, bx, sigma)
+
+
+def _fill(img: np.ndarray, bad: np.ndarray, by: np.ndarray, bx: np.ndarray, sigma: float) -> np.ndarray:
+    """:func:`interpolate_over` with the bad pixels' rows ``by`` and columns ``bx`` already known."""
     out = img.copy()
     r = int(4.0 * sigma + 0.5)
-    by, bx = np.nonzero(bad)
     if by.size == 0:
         return out
     if by.size * (2 * r + 1) ** 2 > img.size:
+        good = ~bad
         num = ndimage.gaussian_filter(np.where(good, img, 0.0).astype(np.float32), sigma, truncate=4.0, mode="constant")
         den = ndimage.gaussian_filter(good.astype(np.float32), sigma, truncate=4.0, mode="constant")
         fill = np.where(den > 1e-3, num / np.maximum(den, 1e-3), 0.0)
@@ -184,7 +209,7 @@ def interpolate_over(image: np.ndarray, bad: np.ndarray, sigma: float = 1.5) -> 
         inx = (xx >= 0) & (xx < nx)
         yc = np.clip(yy, 0, ny - 1)[:, :, None]
         xc = np.clip(xx, 0, nx - 1)[:, None, :]
-        w = np.where(iny[:, :, None] & inx[:, None, :] & good[yc, xc], k2[None], np.float32(0.0))
+        w = np.where(iny[:, :, None] & inx[:, None, :] & ~bad[yc, xc], k2[None], np.float32(0.0))
         v = np.where(w > 0, img[yc, xc], np.float32(0.0))
         num = np.einsum("npq,npq->n", w, v)
         den = w.sum(axis=(1, 2))
