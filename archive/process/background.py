@@ -25,6 +25,7 @@ from scipy.interpolate import BSpline, RectBivariateSpline
 from scipy.special import erf
 
 from archive.errors import ValidationError
+from archive.process.stamps import matmul_rows
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def _interpolate(mesh_vals: np.ndarray, shape: tuple[int, int], mesh: int) -> np
     coef = spl.get_coeffs().reshape(len(ty) - ky - 1, len(tx) - kx - 1)
     By = BSpline.design_matrix(np.arange(ny, dtype=np.float64), ty, ky).toarray().astype(np.float32)
     Bx = BSpline.design_matrix(np.arange(nx, dtype=np.float64), tx, kx).toarray().astype(np.float32)
-    return (By @ coef.astype(np.float32)) @ Bx.T
+    return matmul_rows(matmul_rows(By, coef.astype(np.float32)), np.ascontiguousarray(Bx.T))
 
 
 def estimate_background(image: np.ndarray, mask: np.ndarray | None = None,

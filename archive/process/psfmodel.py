@@ -308,7 +308,8 @@ class PixelStampPsf:
     of nodes over the detector, whose interpolation errs by the PSF's change between
     nodes). The table holds, per phase cell, the four bilinear terms of every basis image
     contiguously, so the sources of one phase cell are evaluated together by one product
-    with that cell's block (float32: stamps sum ~1e3 pixels; the gradients and the bilinear blend are exact to ~1e-7 relative).
+    with that cell's block (float32: stamps sum ~1e3 pixels; the gradients and the bilinear
+    blend are exact to ~1e-7 relative).
     Kernels are normalised per source so a native stamp sums to 1 before truncation.
     """
 
@@ -361,7 +362,8 @@ class PixelStampPsf:
         ph = -0.5 + np.arange(P + 1) / P
         pos = c + (g[None, :] - ph[:, None]) * os_  # (P+1, S) spline coordinates of each native pixel
         W = PixelPSF._bspline3(pos[:, :, None] - np.arange(Sp)[None, None, :]).reshape((P + 1) * S, Sp)
-        T = np.einsum("ar,krs,bs->kab", W, coef, W, optimize=True)  # (K, (P+1) S, (P+1) S)
+        WT = np.ascontiguousarray(W.T)
+        T = np.stack([matmul_rows(matmul_rows(W, ck), WT) for ck in coef])  # (K, (P+1) S, (P+1) S)
         T = T.reshape(K, P + 1, S, P + 1, S).transpose(1, 3, 0, 2, 4)  # (P+1, P+1, K, S, S)
         t00 = T[:-1, :-1]
         t01 = T[:-1, 1:]
