@@ -439,7 +439,8 @@ def _adaptive_moments(D, U, ddx, ddy, s2, n_iter, half):
         np.multiply((2.0 * ixy_).astype(np.float32)[:, None, None], dxy, out=q)
         q += ixx_.astype(np.float32)[:, None, None] * dxx
         q += iyy_.astype(np.float32)[:, None, None] * dyy
-        np.minimum(q, np.float32(50.0), out=q)
+        # q >= 0 for a positive-definite weight; the clip only guards sources already failed
+        np.clip(q, np.float32(0.0), np.float32(50.0), out=q)
         q *= np.float32(-0.5)
         np.exp(q, out=q)
         q *= DU

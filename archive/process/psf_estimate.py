@@ -1,8 +1,8 @@
 """Empirical PSF: select stars, build a spatially varying pixelized PSF (``PixelPSF``).
 
 1. Detect bright sources with a Gaussian guess of the PSF; the FWHM is refined from the
-   bright sources' adaptive moments (stamps that follow the estimate, so a PSF much wider
-   than the guess is measured, not clipped) and the sources re-measured with it.
+   brightest peaks' adaptive moments (stamps that follow the estimate, so a PSF much wider
+   than the guess is measured, not clipped) and the sources measured once, with it.
 2. Keep isolated, unflagged, unsaturated stars with S/N above ``min_snr`` whose
    adaptive-moment size lies within ``size_clip`` robust sigma of the stellar locus.
 3. Build the model (:func:`build_pixel_psf`) sampled every ``1 / oversample`` px (1 for a
@@ -36,10 +36,11 @@ from scipy.spatial import cKDTree
 from archive.errors import ValidationError
 from archive.image.psf import PixelPSF, fwhm_from_image, n_poly_terms, poly_design
 from archive.process import flags as F_
-from archive.process.measure import MeasureConfig, _adaptive_moments, measure_sources
+from archive.process.measure import MeasureConfig, _adaptive_moments, mask_or_within, measure_sources
 from archive.process.psfmodel import GaussianPsf
-from archive.process.sources import SourceConfig, detect_and_measure
-from archive.process.detect import DetectionConfig
+from archive.process.sources import SourceConfig, finish_sources
+from archive.process.stamps import matmul_rows
+from archive.process.detect import DetectionConfig, find_peaks, matched_filter
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ class _Sampler:
         wxT = self.wx.transpose(0, 2, 1)
         for b in basis:
             coef = ndimage.spline_filter(np.pad(b, P), order=3, mode="mirror")
-            t = (self.wy.reshape(n * sn, Sp) @ coef).reshape(n, sn, Sp)
+            t = matmul_rows(self.wy.reshape(n * sn, Sp), coef).reshape(n, sn, Sp)
             v = np.matmul(t, wxT).ravel()
             out.append(v if sel is None else v[sel])
         return np.stack(out)
@@ -553,6 +554,50 @@ def _neighbour_stamps(shape, psf, x, y, flux, xs, ys, half) -> np.ndarray:
     return plane[fr.index(xcs, ycs, sn)].astype(np.float64)
 
 
+def _bright_sources(image: np.ndarray, variance: np.ndarray, usable: np.ndarray, mask, mask_planes,
+                    background_variance, fwhm: float, cfg: PsfEstimateConfig, det_cfg: SourceConfig,
+                    frame) -> tuple[pd.DataFrame, float]:
+    """The star-finding pass: bright peaks (``cfg.detect_threshold`` sigma) of the matched filter for a
+    Gaussian of FWHM ``fwhm`` (px), the FWHM refined from the brightest peaks' own moments, and the
+    peaks measured once with a Gaussian of that FWHM. Returns ``(sources, fwhm)``."""
+    bits = F_.plane_bits(mask_planes, *det_cfg.no_detect_planes)
+    ok = np.isfinite(image) & np.isfinite(variance) & (variance > 0)
+    if mask is not None and bits:
+        ok &= (np.asarray(mask) & bits) == 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.reciprocal(variance, dtype=np.float32)
+    w[~ok] = 0.0
+    del ok
+    snr, fmap = matched_filter(image, w, fwhm)
+    del w
+    peaks = find_peaks(snr, det_cfg.detection)
+    del snr
+    x = peaks["x"].to_numpy()
+    y = peaks["y"].to_numpy()
+    guess = fmap[peaks["y_peak"].to_numpy(), peaks["x_peak"].to_numpy()].astype(np.float64)
+    del fmap
+    psnr = peaks["peak_snr"].to_numpy()
+    # refine the FWHM from the bright peaks' own moments (stamps sized by the current estimate,
+    # iterated: a PSF much wider than the guess is measured, not clipped) before measuring, so
+    # the sources are measured once, with the refined Gaussian
+    good = psnr > cfg.min_snr
+    if mask is not None:
+        good &= (mask_or_within(np.asarray(mask), x, y, det_cfg.measure.flag_radius)
+                 & F_.plane_bits(mask_planes, "SAT", "CR")) == 0
+    if good.sum() >= 5:
+        # the median size of the 300 brightest is as good as that of all of them (peaks are sorted by S/N)
+        gi = np.nonzero(good)[0][:300]
+        new = _moment_fwhm(image, usable, x[gi], y[gi], fwhm)
+        if new is not None and abs(new - fwhm) > 0.1 * fwhm:
+            fwhm = new
+    sources = measure_sources(image, variance, mask, GaussianPsf(fwhm), x, y, background_variance=background_variance,
+                              mask_planes=mask_planes, flux_guess=guess, config=det_cfg.measure, frame=frame)
+    sources["peak_snr"] = psnr.astype(np.float32)
+    log.debug("PSF star finding: %d peaks above %.0f sigma, Gaussian FWHM %.2f px", len(x), det_cfg.detection.threshold,
+              fwhm)
+    return finish_sources(sources, image.shape), fwhm
+
+
 def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | None = None, mask_planes=None,
                  background_variance: np.ndarray | None = None, config: PsfEstimateConfig | None = None,
                  sources: pd.DataFrame | None = None) -> PsfResult:
@@ -587,27 +632,8 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
                                   mask_planes=mask_planes, bad_planes=det_cfg.measure.bad_planes)
         return frame
     if sources is None:
-        sources, model = detect_and_measure(image, variance, GaussianPsf(fwhm), mask=mask, mask_planes=mask_planes,
-                                            background_variance=background_variance, config=det_cfg)
-        del model
-        # refine the FWHM from the bright sources' own moments (stamps sized by the current
-        # estimate, iterated: the measurement's moment stamps are sized by the guess and
-        # saturate for a PSF much wider than it) and measure again with the new Gaussian
-        good = (sources["snr"].to_numpy() > cfg.min_snr) & \
-            ((sources["flags"].to_numpy() & F_.plane_bits(mask_planes, "SAT", "CR")) == 0)
-        if good.sum() >= 5:
-            # the median size of the 300 brightest is as good as that of all of them
-            gi = np.nonzero(good)[0]
-            gi = gi[np.argsort(-sources["snr"].to_numpy()[gi])[:300]]
-            new = _moment_fwhm(image, usable, sources["x"].to_numpy(np.float64)[gi],
-                               sources["y"].to_numpy(np.float64)[gi], fwhm)
-            if new is not None and abs(new - fwhm) > 0.1 * fwhm:
-                fwhm = new
-                sources = measure_sources(image, variance, mask, GaussianPsf(fwhm),
-                                          sources["x"].to_numpy(np.float64), sources["y"].to_numpy(np.float64),
-                                          background_variance=background_variance, mask_planes=mask_planes,
-                                          flux_guess=sources["psf_flux"].fillna(0).to_numpy(np.float64),
-                                          config=det_cfg.measure, frame=get_frame())
+        sources, fwhm = _bright_sources(image, variance, usable, mask, mask_planes, background_variance, fwhm, cfg,
+                                        det_cfg, get_frame())
     sel = select_stars(sources, fwhm, cfg, mask_planes)
     nsel = int(sel.sum())
     if nsel < 3:

@@ -219,16 +219,20 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
         model = np.add(fixed_model, sub_model, out=fixed_model)
     df["peak_snr"] = peak_snr.astype(np.float32)
     df.loc[second, "flags"] = df.loc[second, "flags"].to_numpy() | F_.FLAG_SECOND_PASS
-    # two starting points that converged onto one star: keep the first (brighter) one
+    return finish_sources(df, image.shape), model
+
+
+def finish_sources(df: pd.DataFrame, shape: tuple[int, int]) -> pd.DataFrame:
+    """A measured table made a catalogue of one image: of two starting points that converged onto
+    one star (within 0.5 px) the first is kept, centroids that wandered off the image (a star
+    beyond the edge) are dropped, rows are sorted by decreasing ``psf_flux`` (index reset)."""
     if len(df) > 1:
         pts = np.column_stack([df["x"].to_numpy(np.float64), df["y"].to_numpy(np.float64)])
         pairs = cKDTree(pts).query_pairs(0.5, output_type="ndarray")
         if len(pairs):
             drop = np.unique(np.maximum(pairs[:, 0], pairs[:, 1]))
             df = df.drop(index=df.index[drop])
-    # centroids that wandered off the image (a star beyond the edge) are not sources of this image
-    ny, nx = image.shape
+    ny, nx = shape
     inside = (df["x"] >= -0.5) & (df["x"] < nx - 0.5) & (df["y"] >= -0.5) & (df["y"] < ny - 0.5)
     df = df[inside.to_numpy()]
-    df = df.sort_values("psf_flux", ascending=False, na_position="last").reset_index(drop=True)
-    return df, model
+    return df.sort_values("psf_flux", ascending=False, na_position="last").reset_index(drop=True)
