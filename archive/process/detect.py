@@ -79,7 +79,7 @@ def _reflect(idx: np.ndarray, n: int) -> np.ndarray:
 #: output rows (columns) per band block in :func:`gaussian_blur` (fastest of 16-96 on a 4k image; the
 #: products do ``(_BLOCK + 2 r) / (2 r + 1)`` times the taps' work for a kernel of radius r)
 _BLOCK = 24
-def gaussian_blur(a: np.ndarray, sigma: float, truncate: float = 4.0) -> np.ndarray:
+def gaussian_blur(a: np.ndarray, sigma: float, truncate: float = 4.0, out: np.ndarray | None = None) -> np.ndarray:
     """``scipy.ndimage.gaussian_filter(a, sigma, truncate=truncate)`` in float32 (reflect edges).
 
     Written here rather than calling ndimage because ndimage's 1-D correlation (double
@@ -88,7 +88,8 @@ def gaussian_blur(a: np.ndarray, sigma: float, truncate: float = 4.0) -> np.ndar
     output rows or columns, plus the kernel's halo; at most
     :data:`~archive.process.stamps.TILE_MNK` multiply-adds each) in single-threaded BLAS sgemm.
     The halo beyond the image is reflected like ndimage's ``mode="reflect"``; results
-    agree with ndimage to float32 rounding (~3e-7 relative).
+    agree with ndimage to float32 rounding (~3e-7 relative). ``out``: a float32 array of
+    ``a``'s shape for the result; it may be ``a`` itself (filtered in place).
     """
     a = np.asarray(a, dtype=np.float32)
     k = _gauss_taps(sigma, truncate)
@@ -96,7 +97,11 @@ def gaussian_blur(a: np.ndarray, sigma: float, truncate: float = 4.0) -> np.ndar
     ny, nx = a.shape
     H = _BLOCK
     if min(ny, nx) < max(2 * H, 2 * r + 1):
-        return ndimage.gaussian_filter(a, sigma, truncate=truncate)
+        res = ndimage.gaussian_filter(a, sigma, truncate=truncate)
+        if out is None:
+            return res
+        out[...] = res
+        return out
     B = _band(k, H)
     BT = np.ascontiguousarray(B.T)
     # the other dimension of a tile: as many as keep m n k under TILE_MNK
@@ -110,7 +115,8 @@ def gaussian_blur(a: np.ndarray, sigma: float, truncate: float = 4.0) -> np.ndar
         bt = BT[:w + 2 * r, :w]
         for y0 in range(0, ny, L):
             np.matmul(a[y0:y0 + L, cols], bt, out=tmp[y0:y0 + L, x0:x0 + w])
-    out = np.empty_like(a)
+    # (the input is not read again: the result may overwrite it)
+    out = np.empty_like(a) if out is None else out
     # along y (columns): B times row blocks of the row-filtered image
     for y0 in range(0, ny, H):
         h = min(H, ny - y0)
@@ -122,11 +128,13 @@ def gaussian_blur(a: np.ndarray, sigma: float, truncate: float = 4.0) -> np.ndar
     return out
 
 
-def matched_filter(image: np.ndarray, weight: np.ndarray, fwhm: float) -> tuple[np.ndarray, np.ndarray]:
-    """S/N and flux-estimate maps for point sources of Gaussian FWHM ``fwhm`` (px).
+def snr_map(image: np.ndarray, weight: np.ndarray, fwhm: float) -> tuple[np.ndarray, np.ndarray]:
+    """S/N map of point sources of Gaussian FWHM ``fwhm`` (px) and its normalisation.
 
     image: background-subtracted image; weight: inverse variance per pixel (0 where
-    masked). Returns ``(snr, flux)`` as float32 maps; flux is in the image's units.
+    masked). Returns float32 maps ``(snr, norm)`` with ``norm = sqrt(sum(P^2 w))``: the
+    flux estimate at a pixel is ``snr / norm`` (image units), its error ``1 / norm``
+    (callers that need the flux at a few peaks divide there, not over the whole image).
     """
     if fwhm <= 0 or not np.isfinite(fwhm):
         raise ValidationError(f"matched_filter: fwhm must be > 0 px, got {fwhm}")
@@ -134,16 +142,26 @@ def matched_filter(image: np.ndarray, weight: np.ndarray, fwhm: float) -> tuple[
     w = np.asarray(weight, dtype=np.float32)
     iw = np.multiply(np.asarray(image, dtype=np.float32), w)
     iw[~(w > 0)] = 0.0
-    num = gaussian_blur(iw, s)
-    del iw
+    num = gaussian_blur(iw, s, out=iw)
     den = gaussian_blur(w, s / np.sqrt(2.0))
     den *= np.float32(1.0 / (4.0 * np.pi * s * s))
     bad = ~(den > 1e-29)
     np.maximum(den, np.float32(1e-30), out=den)
-    flux = num / den
     np.sqrt(den, out=den)
     snr = np.divide(num, den, out=num)
     snr[bad] = 0.0
+    return snr, den
+
+
+def matched_filter(image: np.ndarray, weight: np.ndarray, fwhm: float) -> tuple[np.ndarray, np.ndarray]:
+    """S/N and flux-estimate maps for point sources of Gaussian FWHM ``fwhm`` (px).
+
+    image: background-subtracted image; weight: inverse variance per pixel (0 where
+    masked). Returns ``(snr, flux)`` as float32 maps; flux is in the image's units
+    (see :func:`snr_map`, which leaves the division to the pixels that need it).
+    """
+    snr, norm = snr_map(image, weight, fwhm)
+    flux = np.divide(snr, norm, out=norm)
     return snr, flux
 
 

@@ -8,6 +8,7 @@ are then not significant), add the new peaks and re-measure everything together.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Mapping
@@ -18,8 +19,9 @@ from scipy.spatial import cKDTree
 
 from archive.errors import ValidationError
 from archive.process import flags as F_
-from archive.process.detect import DetectionConfig, find_peaks, matched_filter
+from archive.process.detect import DetectionConfig, find_peaks, snr_map
 from archive.process.measure import MeasureConfig, measure_sources, model_half, model_image, prepare_frame
+from archive.process.stamps import chunks, gather, stamp_grid
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,13 @@ class SourceConfig:
         return asdict(self)
 
 
+def _flatten(lists) -> tuple[np.ndarray, np.ndarray]:
+    """(owner, item) index arrays of a list of index lists (e.g. from ``cKDTree.query_ball_point``)."""
+    lens = np.fromiter(map(len, lists), dtype=np.intp, count=len(lists))
+    items = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.intp, count=int(lens.sum()))
+    return np.repeat(np.arange(len(lists)), lens), items
+
+
 def _near_extended(df: pd.DataFrame, pk: pd.DataFrame, fwhm: float, factor: float) -> np.ndarray:
     """Residual peaks lying within 4 sigma of an extended (larger than the PSF) source."""
     out = np.zeros(len(pk), dtype=bool)
@@ -72,35 +81,40 @@ def _near_extended(df: pd.DataFrame, pk: pd.DataFrame, fwhm: float, factor: floa
     ey = df["y"].to_numpy(np.float64)[ext]
     rad = 4.0 * np.sqrt(tr[ext])
     tree = cKDTree(np.column_stack([pk["x"].to_numpy(), pk["y"].to_numpy()]))
-    for i in np.nonzero(rad > 0)[0]:
-        out[tree.query_ball_point([ex[i], ey[i]], rad[i])] = True
+    _, hit = _flatten(tree.query_ball_point(np.column_stack([ex, ey]), rad))
+    out[hit] = True
     return out
 
 
-def _zone_counter(mask, mask_planes, cfg: SourceConfig, fwhm: float):
-    """``f(x, y) -> bool``: whether a pixel of ``residual_zone_planes`` lies within
-    ``saturated_zone_fwhm`` FWHM (a square) of the integer pixels ``(x, y)``.
+def _in_zone(mask, mask_planes, cfg: SourceConfig, fwhm: float, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Whether a pixel of ``residual_zone_planes`` lies within ``saturated_zone_fwhm`` FWHM (a
+    square) of the integer pixels ``(x, y)``.
 
-    A summed-area table of the zone pixels answers every query in O(1) (a maximum
-    filter of that size over the whole image would cost ~10x more).
+    The mask is read in the squares around the queried peaks only: there are a few hundred
+    of them, and a summed-area table (or a maximum filter) of the whole mask costs more.
     """
+    out = np.zeros(np.size(x), dtype=bool)
     zbits = F_.plane_bits(mask_planes, *cfg.residual_zone_planes) if mask is not None else 0
-    zpix = (np.asarray(mask) & zbits) != 0 if zbits else None
-    if zpix is None or not zpix.any():
-        return lambda x, y: np.zeros(np.size(x), dtype=bool)
+    if not zbits or out.size == 0:
+        return out
     r = max(1, int(np.ceil(cfg.saturated_zone_fwhm * fwhm)))
-    ny, nx = zpix.shape
-    sat = np.zeros((ny + 1, nx + 1), dtype=np.int32)
-    np.cumsum(zpix, axis=0, dtype=np.int32, out=sat[1:, 1:])
-    np.cumsum(sat[1:, 1:], axis=1, out=sat[1:, 1:])
+    mask = np.asarray(mask)
+    for sl in chunks(out.size, 2048):
+        iy, ix = stamp_grid(np.asarray(x)[sl], np.asarray(y)[sl], 2 * r + 1)
+        ms, _ = gather(mask, iy, ix, 0)
+        out[sl] = ((ms & zbits) != 0).any(axis=(1, 2))
+    return out
 
-    def inside(x, y):
-        x0 = np.clip(np.asarray(x) - r, 0, nx)
-        x1 = np.clip(np.asarray(x) + r + 1, 0, nx)
-        y0 = np.clip(np.asarray(y) - r, 0, ny)
-        y1 = np.clip(np.asarray(y) + r + 1, 0, ny)
-        return (sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]) > 0
-    return inside
+
+def _core_shadowed(df: pd.DataFrame, cand: np.ndarray, fpk: np.ndarray, radius: float, contrast: float) -> np.ndarray:
+    """Residual peaks (``cand`` (m, 2) px, peak flux ``fpk``) within ``radius`` px of a known source
+    more than ``contrast`` times brighter: PSF-model error in the bright core, not new sources."""
+    kflux = df["psf_flux"].fillna(0).to_numpy(np.float64)
+    known = np.column_stack([df["x"].to_numpy(), df["y"].to_numpy()])
+    who, nb = _flatten(cKDTree(known).query_ball_point(cand, radius))
+    brightest = np.full(len(cand), -np.inf)
+    np.maximum.at(brightest, who, kflux[nb])
+    return brightest > contrast * np.maximum(fpk, 0.0)
 
 
 def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np.ndarray | None = None,
@@ -134,13 +148,13 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
     w[~usable] = 0.0
     img = np.asarray(image, dtype=np.float32)
     fwhm = float(psf.fwhm())
-    snr, fmap = matched_filter(img, w, fwhm)
+    snr, norm = snr_map(img, w, fwhm)
     peaks = find_peaks(snr, cfg.detection)
-    del snr
     xs = peaks["x"].to_numpy()
     ys = peaks["y"].to_numpy()
-    guess = fmap[peaks["y_peak"].to_numpy(), peaks["x_peak"].to_numpy()].astype(np.float64)
-    del fmap
+    yp, xp = peaks["y_peak"].to_numpy(), peaks["x_peak"].to_numpy()
+    guess = snr[yp, xp].astype(np.float64) / norm[yp, xp]
+    del snr, norm
     peak_snr = peaks["peak_snr"].to_numpy()
     second = np.zeros(xs.size, dtype=bool)
     log.info("detect pass 1: %d sources above %.1f sigma", xs.size, cfg.detection.threshold)
@@ -150,7 +164,6 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
     df, model = measure_sources(image, variance, mask, psf, xs, ys, background_variance=background_variance,
                                 background=background, mask_planes=mask_planes, flux_guess=guess,
                                 config=cfg.measure, return_model=True, frame=frame)
-    zone = None
     for p in range(1, max(1, cfg.n_passes)):
         # residual detection: the variance grows by (model_error * model)^2 where sources were subtracted
         resid = np.subtract(img, model, out=np.empty_like(img))
@@ -160,10 +173,12 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
         with np.errstate(divide="ignore", invalid="ignore"):
             np.reciprocal(w2, out=w2)
         w2[~usable] = 0.0
-        snr2, fmap2 = matched_filter(resid, w2, fwhm)
+        snr2, norm2 = snr_map(resid, w2, fwhm)
         del resid, w2
         pk = find_peaks(snr2, cfg.detection)
-        del snr2
+        ypk, xpk = pk["y_peak"].to_numpy(), pk["x_peak"].to_numpy()
+        fpk = snr2[ypk, xpk].astype(np.float64) / norm2[ypk, xpk]
+        del snr2, norm2
         if len(pk) == 0:
             break
         known = np.column_stack([df["x"].to_numpy(), df["y"].to_numpy()])
@@ -176,17 +191,10 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
         # zones where residual peaks are not trusted: around saturated / bad pixels (their
         # wings and interpolations are not modelled) and around extended sources (galaxies
         # leave residuals a PSF cannot remove)
-        if zone is None:
-            zone = _zone_counter(mask, mask_planes, cfg, fwhm)
-        new &= ~zone(pk["x_peak"].to_numpy(), pk["y_peak"].to_numpy())
+        new &= ~_in_zone(mask, mask_planes, cfg, fwhm, xpk, ypk)
         # a faint residual peak inside the core of a much brighter star is PSF-model error
         if len(known) and cfg.core_contrast > 0:
-            fpk = fmap2[pk["y_peak"].to_numpy(), pk["x_peak"].to_numpy()].astype(np.float64)
-            kflux = df["psf_flux"].fillna(0).to_numpy(np.float64)
-            near = cKDTree(known).query_ball_point(cand, cfg.core_radius_fwhm * fwhm)
-            for k, lst in enumerate(near):
-                if lst and kflux[lst].max() > cfg.core_contrast * max(fpk[k], 0.0):
-                    new[k] = False
+            new &= ~_core_shadowed(df, cand, fpk, cfg.core_radius_fwhm * fwhm, cfg.core_contrast)
         new &= ~_near_extended(df, pk, fwhm, cfg.extended_factor)
         if not new.any():
             break
@@ -203,8 +211,7 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
         fixed_model = model - model_image(image.shape, psf, kx[touch], ky[touch], kf[touch], hm)
         xs = np.concatenate([kx[touch], pk["x"].to_numpy()])
         ys = np.concatenate([ky[touch], pk["y"].to_numpy()])
-        guess = np.concatenate([kf[touch], fmap2[pk["y_peak"].to_numpy(), pk["x_peak"].to_numpy()].astype(np.float64)])
-        del fmap2
+        guess = np.concatenate([kf[touch], fpk[new]])
         sub_img = np.subtract(img, fixed_model, out=np.empty_like(img))
         sub, sub_model = measure_sources(sub_img, variance, mask, psf, xs, ys,
                                          background_variance=background_variance, background=background,
