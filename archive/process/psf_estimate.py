@@ -40,7 +40,7 @@ from archive.process.measure import MeasureConfig, _adaptive_moments, mask_or_wi
 from archive.process.psfmodel import GaussianPsf
 from archive.process.sources import SourceConfig, finish_sources
 from archive.process.stamps import matmul_rows
-from archive.process.detect import DetectionConfig, find_peaks, matched_filter
+from archive.process.detect import DetectionConfig, find_peaks, snr_map
 
 log = logging.getLogger(__name__)
 
@@ -568,14 +568,14 @@ def _bright_sources(image: np.ndarray, variance: np.ndarray, usable: np.ndarray,
         w = np.reciprocal(variance, dtype=np.float32)
     w[~ok] = 0.0
     del ok
-    snr, fmap = matched_filter(image, w, fwhm)
+    snr, norm = snr_map(image, w, fwhm)
     del w
     peaks = find_peaks(snr, det_cfg.detection)
-    del snr
     x = peaks["x"].to_numpy()
     y = peaks["y"].to_numpy()
-    guess = fmap[peaks["y_peak"].to_numpy(), peaks["x_peak"].to_numpy()].astype(np.float64)
-    del fmap
+    yp, xp = peaks["y_peak"].to_numpy(), peaks["x_peak"].to_numpy()
+    guess = snr[yp, xp].astype(np.float64) / norm[yp, xp]
+    del snr, norm
     psnr = peaks["peak_snr"].to_numpy()
     # refine the FWHM from the bright peaks' own moments (stamps sized by the current estimate,
     # iterated: a PSF much wider than the guess is measured, not clipped) before measuring, so
