@@ -295,7 +295,11 @@ def _normalise_and_centre(basis: np.ndarray, os_: int) -> np.ndarray:
 
 def _bin_median(bins: np.ndarray, vals: np.ndarray, nbins: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-bin median of ``vals`` (unweighted: one vote per sample) and the sample counts."""
-    order = np.lexsort((vals, bins))
+    # values sorted, then stably by bin: the same order as lexsort((vals, bins)) up to ties of
+    # equal values, with a fast unstable value sort and a radix sort of small bin numbers
+    order = np.argsort(vals)
+    bt = np.int16 if nbins <= np.iinfo(np.int16).max else np.int64
+    order = order[np.argsort(bins[order].astype(bt), kind="stable")]
     v = vals[order]
     cnt = np.bincount(bins, minlength=nbins)
     start = np.concatenate([[0], np.cumsum(cnt)[:-1]])
@@ -435,22 +439,20 @@ def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray,
             # T: the star's polynomial terms), so its normal matrix is sum over stars of
             # (per-star sums of w M_k M_l) (x) T T^T: a few (stars, 4, 4) sums instead of the
             # (samples, 4 nt) design matrix
-            M = np.concatenate([kmodes[:, sel], kmean[None, sel]])  # (4, n_sel)
-            st = flat_star[sel]
-            w_s = F[st] ** 2 / V.ravel()[sel]
-            yv = d.ravel()[sel] - M[3]
-            G = np.empty((n, 4, 4))
-            g = np.empty((n, 4))
-            for k in range(4):
-                g[:, k] = np.bincount(st, weights=w_s * M[k] * yv, minlength=n)
-                for l in range(k, 4):
-                    G[:, k, l] = G[:, l, k] = np.bincount(st, weights=w_s * M[k] * M[l], minlength=n)
+            # per star (rows) and sample (columns); unused samples weigh 0
+            npx = D.shape[1] * D.shape[2]
+            M = np.concatenate([kmodes, kmean[None]]).reshape(4, n, npx).transpose(1, 0, 2)  # (n, 4, npx)
+            w_s = np.where(use, F[:, None, None] ** 2 / V, 0.0).reshape(n, 1, npx)
+            yv = d.reshape(n, npx) - M[:, 3]
+            wM = M * w_s
+            G = np.matmul(wM, M.transpose(0, 2, 1))  # (n, 4, 4)
+            g = np.einsum("nkp,np->nk", wM, yv)
             A = np.einsum("skl,st,su->ktlu", G, T_star, T_star).reshape(4 * nt, 4 * nt)
             bvec = np.einsum("sk,st->kt", g, T_star).reshape(4 * nt)
             A += 1e-9 * np.trace(A) / A.shape[0] * np.eye(A.shape[0])
             sol_all = np.linalg.solve(A, bvec)
             coefs = sol_all[:3 * nt].reshape(3, nt)
-            fit_A, fit_dof = A, (M, st, w_s, yv, sol_all)
+            fit_A, fit_dof = A, (M, w_s, yv, sol_all, int(sel.sum()))
         # amplitudes against the current model, then the clip with the new amplitudes
         m = model_all(kmean, kmodes)
         mp = np.clip(m, 0, None)
@@ -488,11 +490,11 @@ def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray,
     if degree > 0 and modes is not None:
         # covariance of the mode coefficients (the nuisance amplitude terms marginalised),
         # scaled by the fit's reduced chi^2
-        M, st, w_s, yv, sol_all = fit_dof
+        M, w_s, yv, sol_all, n_used = fit_dof
         # the fit's prediction at each sample: sum_k M_k (T_star . coefficients_k)
         cs = T_star @ sol_all.reshape(4, nt).T  # (n, 4)
-        r = yv - np.einsum("ki,ik->i", M, cs[st])
-        chi2_nu = max(1.0, float((w_s * r * r).sum()) / max(yv.size - 4 * nt, 1))
+        r = yv - np.einsum("nkp,nk->np", M, cs)
+        chi2_nu = max(1.0, float((w_s[:, 0] * r * r).sum()) / max(n_used - 4 * nt, 1))
         cov = np.linalg.inv(fit_A)[:3 * nt, :3 * nt] * chi2_nu
         # a flux fitted with model P changes by -sum(P dP) / sum(P^2) for a model error dP
         hf = int(fit_half if fit_half is not None else max(3, half // 2))
