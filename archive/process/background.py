@@ -93,6 +93,49 @@ def _count_below(cells: np.ndarray, n: np.ndarray, t: np.ndarray, inclusive: boo
         hi = np.where(act & ~right, mid, hi)
 
 
+class _PrefixSums:
+    """``at(k)``: per row of ``vals ** power`` (its first ``n`` entries used), the sum of the first ``k[row]``.
+
+    Clipping only moves the clip indices through the tails of each sorted cell, so the sums are
+    kept for the first and the last ``window`` used values of each row (plus the row totals):
+    a quarter of the work of cumulative sums over whole rows. Rows whose index leaves the
+    windows (a cell dominated by a source) get their full cumulative sums when asked.
+    """
+
+    def __init__(self, vals: np.ndarray, n: np.ndarray, power: int = 1):
+        R, ncol = vals.shape
+        L = min(ncol, max(16, ncol // 8))
+        self.vals, self.n, self.L, self.power = vals, n.astype(np.int64), L, power
+        self.rows = np.arange(R)
+        # float32 sums (pairwise totals) of values about the cell median, as before
+        self.total = (vals.sum(axis=1) if power == 1 else np.einsum("ij,ij->i", vals, vals)).astype(np.float64)
+        self.head = np.zeros((R, L + 1))
+        self.head[:, 1:] = np.cumsum(vals[:, :L] ** power, axis=1)
+        # the last L used values summed from the end: tail[r, j] = sum of vals[r, n - j:n] ** power
+        win = vals[:, ncol - 1:ncol - L - 1 if ncol > L else None:-1].copy()
+        part = np.nonzero(self.n < ncol)[0]
+        if part.size:
+            idx = np.clip(self.n[part, None] - 1 - np.arange(L)[None, :], 0, ncol - 1)
+            win[part] = vals[part[:, None], idx]
+        self.tail = np.zeros((R, L + 1))
+        self.tail[:, 1:] = np.cumsum(win ** power, axis=1)
+
+    def at(self, k: np.ndarray) -> np.ndarray:
+        k = np.asarray(k, np.int64)
+        out = np.empty(k.size)
+        head = k <= self.L
+        out[head] = self.head[self.rows[head], k[head]]
+        back = self.n - k
+        tail = ~head & (back >= 0) & (back <= self.L) & (self.n >= self.L)
+        out[tail] = self.total[tail] - self.tail[self.rows[tail], back[tail]]
+        rest = np.nonzero(~head & ~tail)[0]
+        if rest.size:
+            c = np.zeros((rest.size, self.vals.shape[1] + 1))
+            c[:, 1:] = np.cumsum(self.vals[rest] ** self.power, axis=1)
+            out[rest] = c[np.arange(rest.size), k[rest]]
+        return out
+
+
 def _cell_stats(image: np.ndarray, good: np.ndarray, mesh: int, clip_sigma: float, clip_iters: int):
     ny, nx = image.shape
     my = -(-ny // mesh)
@@ -101,25 +144,22 @@ def _cell_stats(image: np.ndarray, good: np.ndarray, mesh: int, clip_sigma: floa
     pad[:ny, :nx] = np.where(good, image, np.inf)
     cells = pad.reshape(my, mesh, mx, mesh).transpose(0, 2, 1, 3).reshape(my * mx, mesh * mesh)
     cells.sort(axis=1)
-    n = np.isfinite(cells).sum(axis=1)
     rows = np.arange(cells.shape[0])
     ncol = cells.shape[1]
-    # cumulative sums about each cell's median (float32 keeps full precision for values near it)
+    # usable values per cell: the +inf of unusable pixels sort to the end of each row
+    n = _count_below(cells, np.full(rows.size, ncol), np.float32(np.inf), False)
+    # sums about each cell's median (float32 keeps full precision for values near it)
     ref = cells[rows, np.clip((n - 1) // 2, 0, ncol - 1)]
     ref = np.where(np.isfinite(ref), ref, 0.0).astype(np.float32)
     vals = cells - ref[:, None]
     vals[~np.isfinite(vals)] = 0.0
-    cs = np.zeros((vals.shape[0], ncol + 1), dtype=np.float32)
-    np.cumsum(vals, axis=1, out=cs[:, 1:])
-    np.square(vals, out=vals)
-    cs2 = np.zeros((vals.shape[0], ncol + 1), dtype=np.float32)
-    np.cumsum(vals, axis=1, out=cs2[:, 1:])
-    del vals
+    s1 = _PrefixSums(vals, n)
+    s2 = _PrefixSums(vals, n, power=2)
 
     def moments(lo, hi):
         cnt = np.maximum(hi - lo, 1)
-        m = (cs[rows, hi].astype(np.float64) - cs[rows, lo]) / cnt
-        v = (cs2[rows, hi].astype(np.float64) - cs2[rows, lo]) / cnt - m ** 2
+        m = (s1.at(hi) - s1.at(lo)) / cnt
+        v = (s2.at(hi) - s2.at(lo)) / cnt - m ** 2
         return m + ref, np.maximum(v, 0.0)
 
     def median(lo, hi):
@@ -205,6 +245,32 @@ def _interpolate(mesh_vals: np.ndarray, shape: tuple[int, int], mesh: int) -> np
     return matmul_rows(matmul_rows(By, coef.astype(np.float32)), np.ascontiguousarray(Bx.T))
 
 
+def _box3(a: np.ndarray) -> np.ndarray:
+    """3x3 mean with reflected edges (``ndimage.uniform_filter(a, 3)``) as shifted sums: ndimage's
+    double-precision line buffers cost ~5x more for this small box."""
+    p = np.pad(a, 1, mode="symmetric")
+    r = p[:, :-2] + p[:, 1:-1]
+    r += p[:, 2:]
+    out = r[:-2] + r[1:-1]
+    out += r[2:]
+    out *= np.float32(1.0 / 9.0)
+    return out
+
+
+def _dilate_square(b: np.ndarray, r: int) -> np.ndarray:
+    """Binary dilation by a (2 r + 1)^2 square (``ndimage.maximum_filter`` of a mask) as shifted
+    ORs along each axis, ~4x cheaper than the generic filter."""
+    h = b.copy()
+    for d in range(1, r + 1):
+        h[:, d:] |= b[:, :-d]
+        h[:, :-d] |= b[:, d:]
+    v = h.copy()
+    for d in range(1, r + 1):
+        v[d:] |= h[:-d]
+        v[:-d] |= h[d:]
+    return v
+
+
 def estimate_background(image: np.ndarray, mask: np.ndarray | None = None,
                         config: BackgroundConfig | None = None) -> Background:
     """Estimate smooth background and noise maps of ``image``.
@@ -250,10 +316,10 @@ def estimate_background(image: np.ndarray, mask: np.ndarray | None = None,
             rms0 = np.repeat(np.repeat(mesh_rms, mesh_p, 0), mesh_p, 1)[:ny, :nx]
             resid = np.where(good[::step, ::step], img_p - bkg0, 0.0).astype(np.float32)
             # 3x3 box smoothing reduces the noise by 3, so the threshold is scaled
-            sm = ndimage.uniform_filter(resid, size=3)
+            sm = _box3(resid)
             s_p = sm > (cfg.source_sigma / 3.0) * rms0
             grow = max(1, cfg.source_grow // step)
-            s_p = ndimage.maximum_filter(s_p.view(np.uint8), size=2 * grow + 1).view(bool)
+            s_p = _dilate_square(s_p, grow)
             if step > 1:
                 s_p = np.repeat(np.repeat(s_p, step, 0), step, 1)[:image.shape[0], :image.shape[1]]
             src = s_p
