@@ -79,7 +79,8 @@ def _reflect(idx: np.ndarray, n: int) -> np.ndarray:
 #: output rows (columns) per band block in :func:`gaussian_blur` (fastest of 16-96 on a 4k image; the
 #: products do ``(_BLOCK + 2 r) / (2 r + 1)`` times the taps' work for a kernel of radius r)
 _BLOCK = 24
-def gaussian_blur(a: np.ndarray, sigma: float, truncate: float = 4.0, out: np.ndarray | None = None) -> np.ndarray:
+def gaussian_blur(a: np.ndarray, sigma: float, truncate: float = 4.0, out: np.ndarray | None = None,
+                  work: np.ndarray | None = None) -> np.ndarray:
     """``scipy.ndimage.gaussian_filter(a, sigma, truncate=truncate)`` in float32 (reflect edges).
 
     Written here rather than calling ndimage because ndimage's 1-D correlation (double
@@ -89,7 +90,8 @@ def gaussian_blur(a: np.ndarray, sigma: float, truncate: float = 4.0, out: np.nd
     :data:`~archive.process.stamps.TILE_MNK` multiply-adds each) in single-threaded BLAS sgemm.
     The halo beyond the image is reflected like ndimage's ``mode="reflect"``; results
     agree with ndimage to float32 rounding (~3e-7 relative). ``out``: a float32 array of
-    ``a``'s shape for the result; it may be ``a`` itself (filtered in place).
+    ``a``'s shape for the result; it may be ``a`` itself (filtered in place). ``work``: a
+    float32 array of that shape for the intermediate (row-filtered) image, distinct from both.
     """
     a = np.asarray(a, dtype=np.float32)
     k = _gauss_taps(sigma, truncate)
@@ -106,7 +108,7 @@ def gaussian_blur(a: np.ndarray, sigma: float, truncate: float = 4.0, out: np.nd
     BT = np.ascontiguousarray(B.T)
     # the other dimension of a tile: as many as keep m n k under TILE_MNK
     L = max(8, TILE_MNK // (H * (H + 2 * r)))
-    tmp = np.empty_like(a)
+    tmp = np.empty_like(a) if work is None else work
     # along x (rows): column blocks of the image times B^T
     for x0 in range(0, nx, H):
         w = min(H, nx - x0)
@@ -128,22 +130,30 @@ def gaussian_blur(a: np.ndarray, sigma: float, truncate: float = 4.0, out: np.nd
     return out
 
 
-def snr_map(image: np.ndarray, weight: np.ndarray, fwhm: float) -> tuple[np.ndarray, np.ndarray]:
+def snr_map(image: np.ndarray, weight: np.ndarray, fwhm: float, *, overwrite_image: bool = False,
+            overwrite_weight: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """S/N map of point sources of Gaussian FWHM ``fwhm`` (px) and its normalisation.
 
     image: background-subtracted image; weight: inverse variance per pixel (0 where
     masked). Returns float32 maps ``(snr, norm)`` with ``norm = sqrt(sum(P^2 w))``: the
     flux estimate at a pixel is ``snr / norm`` (image units), its error ``1 / norm``
     (callers that need the flux at a few peaks divide there, not over the whole image).
+    ``overwrite_image``, ``overwrite_weight``: the (float32) image / weight may be
+    overwritten (their buffers become the two maps, so that no full-size planes beyond
+    one work plane are allocated).
     """
     if fwhm <= 0 or not np.isfinite(fwhm):
         raise ValidationError(f"matched_filter: fwhm must be > 0 px, got {fwhm}")
     s = fwhm / FWHM_PER_SIGMA
     w = np.asarray(weight, dtype=np.float32)
-    iw = np.multiply(np.asarray(image, dtype=np.float32), w)
+    image = np.asarray(image, dtype=np.float32)
+    iw = np.multiply(image, w, out=image if overwrite_image else None)
     iw[~(w > 0)] = 0.0
-    num = gaussian_blur(iw, s, out=iw)
-    den = gaussian_blur(w, s / np.sqrt(2.0))
+    # one work plane serves both blurs; the numerator is filtered in place
+    work = np.empty_like(iw)
+    num = gaussian_blur(iw, s, out=iw, work=work)
+    den = gaussian_blur(w, s / np.sqrt(2.0), work=work, out=w if overwrite_weight else None)
+    del work
     den *= np.float32(1.0 / (4.0 * np.pi * s * s))
     bad = ~(den > 1e-29)
     np.maximum(den, np.float32(1e-30), out=den)

@@ -77,8 +77,9 @@ class MeasureFrame:
 
     img: image with unusable pixels set to 0; W: fit weights (1 / background variance), 0
     where unusable; V: full variance, 0 where unusable; U: usable pixels. Built once per
-    image by :func:`prepare_frame`; :meth:`with_image` swaps the image only (e.g. after
-    subtracting fixed models), keeping the weights.
+    image by :func:`prepare_frame`; :meth:`with_image` swaps the image only, keeping the
+    weights. The model plane of :func:`measure_sources` is a scratch plane of the frame,
+    handed over to the caller when the model is returned.
     """
 
     frame: PaddedFrame
@@ -93,7 +94,7 @@ class MeasureFrame:
     def with_image(self, image: np.ndarray) -> "MeasureFrame":
         img = self.frame.plane(image, np.float32)
         img[~self.U] = 0.0
-        return MeasureFrame(self.frame, img, self.W, self.V, self.U, self._buf, self._written)
+        return MeasureFrame(self.frame, img, self.W, self.V, self.U)
 
     def scratch(self) -> np.ndarray:
         """The zeroed float32 model plane (allocated once; pixels written since the last call are reset)."""
@@ -103,6 +104,13 @@ class MeasureFrame:
             self._buf[idx] = 0.0
         self._written.clear()
         return self._buf
+
+    def take_scratch(self) -> np.ndarray:
+        """The model plane as it is, now the caller's: the frame starts a new one when it needs it."""
+        buf = self.scratch() if self._buf is None else self._buf
+        self._buf = None
+        self._written = []
+        return buf
 
 
 def prepare_frame(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None, *,
@@ -126,13 +134,32 @@ def prepare_frame(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | No
     fr = PaddedFrame(shape, pad)
     U = fr.plane(usable & (bv > 0), bool, False)
     with np.errstate(divide="ignore", invalid="ignore"):
-        W = fr.plane(np.reciprocal(bv, dtype=np.float32), np.float32)
+        W = fr.plane(None, np.float32)
+        np.reciprocal(bv, out=fr.crop(W), dtype=np.float32)
         V = fr.plane(variance, np.float32)
         img = fr.plane(image, np.float32)
     W[~U] = 0.0
     V[~U] = 0.0
     img[~U] = 0.0
     return MeasureFrame(fr, img, W, V, U)
+
+
+def add_models(frame: PaddedFrame, plane: np.ndarray, psf, x, y, flux, half: int, chunk: int = 2048) -> list:
+    """Add ``flux * P`` stamps (half-size ``half``) at ``(x, y)`` into a flat padded float32 plane of
+    ``frame`` (``np.add.at``: overlapping stamps sum); returns the flat indices written, per chunk."""
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    flux = np.asarray(flux, np.float64)
+    size = 2 * half + 1
+    written = []
+    for sl in chunks(len(x), chunk):
+        xc = np.floor(x[sl] + 0.5).astype(np.int64)
+        yc = np.floor(y[sl] + 0.5).astype(np.int64)
+        idx = frame.index(xc, yc, size)
+        st = psf.stamps(x[sl], y[sl], size, xc, yc) * flux[sl].astype(np.float32)[:, None, None]
+        np.add.at(plane, idx.ravel(), st.astype(np.float32).ravel())
+        written.append(idx)
+    return written
 
 
 def _model_flat(mf: "MeasureFrame", psf, x, y, flux, half: int, chunk: int) -> np.ndarray:
@@ -142,16 +169,8 @@ def _model_flat(mf: "MeasureFrame", psf, x, y, flux, half: int, chunk: int) -> n
     pixels the previous call wrote are reset, and the stamps are added with ``np.add.at``,
     so no full-size plane is allocated or zeroed per iteration.
     """
-    fr = mf.frame
     buf = mf.scratch()
-    size = 2 * half + 1
-    for sl in chunks(len(x), chunk):
-        xc = np.floor(x[sl] + 0.5).astype(np.int64)
-        yc = np.floor(y[sl] + 0.5).astype(np.int64)
-        idx = fr.index(xc, yc, size)
-        st = psf.stamps(x[sl], y[sl], size, xc, yc) * flux[sl].astype(np.float32)[:, None, None]
-        np.add.at(buf, idx.ravel(), st.astype(np.float32).ravel())
-        mf._written.append(idx)
+    mf._written.extend(add_models(mf.frame, buf, psf, x, y, flux, half, chunk))
     return buf
 
 
@@ -217,7 +236,8 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
                     x: np.ndarray, y: np.ndarray, *, background_variance: np.ndarray | None = None,
                     background: np.ndarray | None = None, mask_planes: Mapping[str, int] | None = None,
                     flux_guess: np.ndarray | None = None, config: MeasureConfig | None = None,
-                    return_model: bool = False, frame: MeasureFrame | None = None):
+                    return_model: bool = False, frame: MeasureFrame | None = None,
+                    fixed_model: np.ndarray | None = None):
     """Measure point sources at starting positions ``(x, y)`` (px, 0-based).
 
     image: background-subtracted image (counts); variance: its variance (counts^2,
@@ -226,10 +246,14 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
     variance of the background used as fit weights (default ``variance``);
     background: subtracted background (reported as ``sky``); flux_guess: starting
     fluxes; frame: the planes already prepared by :func:`prepare_frame` from these
-    arguments (saves the full-image passes when one image is measured repeatedly).
+    arguments (saves the full-image passes when one image is measured repeatedly);
+    fixed_model: with ``frame``, a flat padded plane in its layout of other sources' models,
+    held fixed and subtracted from the image (a re-measurement of some sources among others).
     Returns a DataFrame with ``x, y, x_err, y_err, psf_flux, psf_flux_err,
     ap_flux_r*, ap_flux_r*_err, snr, ixx, iyy, ixy, sky, flags`` (fluxes in the
-    image's units) and, with ``return_model``, also the model image (float32) of all sources.
+    image's units) and, with ``return_model``, also the model image (float32) of all sources:
+    a ``shape`` view of a flat padded plane in ``frame``'s layout (the frame's model plane,
+    handed over; ``model.base`` is that plane).
     """
     cfg = config or MeasureConfig()
     image = np.asarray(image)
@@ -262,11 +286,17 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
     xc0 = np.floor(x + 0.5).astype(np.int64)
     yc0 = np.floor(y + 0.5).astype(np.int64)
     need = max(hm, hq) + int(np.ceil(cfg.max_shift)) + 2
+    if fixed_model is not None and (frame is None or not frame.frame.fits(xc0, yc0, need)):
+        raise ValidationError("measure_sources: fixed_model needs a frame that holds every source's stamps")
     if frame is None or not frame.frame.fits(xc0, yc0, need):
         reach = int(max(0, -xc0.min(), -yc0.min(), xc0.max() - nx + 1, yc0.max() - ny + 1))
         frame = prepare_frame(image, variance, mask, background_variance=background_variance,
                               mask_planes=mask_planes, bad_planes=cfg.bad_planes, pad=max(48, need + reach))
     fr = frame.frame
+
+    def img_at(idx):
+        """image pixels at flat indices, less the fixed models"""
+        return frame.img[idx] if fixed_model is None else frame.img[idx] - fixed_model[idx]
 
     x0, y0 = x.copy(), y.copy()
     flux = np.zeros(n) if flux_guess is None else np.nan_to_num(np.asarray(flux_guess, dtype=np.float64)).copy()
@@ -282,7 +312,7 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
             yc = np.floor(ys + 0.5).astype(np.int64)
             idx = fr.index(xc, yc, sf)
             P, Px, Py = psf_with_gradient(psf, xs, ys, sf, xc, yc)
-            D = frame.img[idx] - model[idx] + fs.astype(np.float32)[:, None, None] * P
+            D = img_at(idx) - model[idx] + fs.astype(np.float32)[:, None, None] * P
             sol, _, _, good = _solve3(np.stack([P, Px, Py], axis=1), D, frame.W[idx])
             Fn = sol[:, 0]
             move = good & (Fn > 0)
@@ -311,7 +341,7 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
         # one PSF evaluation (with gradient) on the largest stamp; the fit uses its centre
         Pq, Pxq, Pyq = psf_with_gradient(psf, xs, ys, sq, xc, yc)
         idq = fr.index(xc, yc, sq)
-        Rq = frame.img[idq] - model[idq]
+        Rq = img_at(idq) - model[idq]
         Uq = frame.U[idq]
         Vq = frame.V[idq]
         P, Px, Py = _central(Pq, hf), _central(Pxq, hf), _central(Pyq, hf)
@@ -389,7 +419,7 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
         df[c] = df[c].astype(np.float32)
     if return_model:
         # the model of the final positions and fit fluxes (the 1-parameter fluxes differ negligibly)
-        return df, fr.crop(model).copy()
+        return df, fr.crop(frame.take_scratch())
     return df
 
 

@@ -570,7 +570,7 @@ def _bright_sources(image: np.ndarray, variance: np.ndarray, usable: np.ndarray,
         w = np.reciprocal(variance, dtype=np.float32)
     w[~ok] = 0.0
     del ok
-    snr, norm = snr_map(image, w, fwhm)
+    snr, norm = snr_map(image, w, fwhm, overwrite_weight=True)
     del w
     peaks = find_peaks(snr, det_cfg.detection)
     x = peaks["x"].to_numpy()

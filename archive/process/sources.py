@@ -20,7 +20,7 @@ from scipy.spatial import cKDTree
 from archive.errors import ValidationError
 from archive.process import flags as F_
 from archive.process.detect import DetectionConfig, find_peaks, snr_map
-from archive.process.measure import MeasureConfig, measure_sources, model_half, model_image, prepare_frame
+from archive.process.measure import MeasureConfig, add_models, measure_sources, model_half, prepare_frame
 from archive.process.stamps import chunks, gather, stamp_grid
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,8 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
     w[~usable] = 0.0
     img = np.asarray(image, dtype=np.float32)
     fwhm = float(psf.fwhm())
-    snr, norm = snr_map(img, w, fwhm)
+    snr, norm = snr_map(img, w, fwhm, overwrite_weight=True)
+    del w
     peaks = find_peaks(snr, cfg.detection)
     xs = peaks["x"].to_numpy()
     ys = peaks["y"].to_numpy()
@@ -164,7 +165,12 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
     df, model = measure_sources(image, variance, mask, psf, xs, ys, background_variance=background_variance,
                                 background=background, mask_planes=mask_planes, flux_guess=guess,
                                 config=cfg.measure, return_model=True, frame=frame)
+    # the model image is a view of a padded plane in the frame's layout: later passes update it there
+    plane = model.base if model.base is not None and model.base.size == frame.frame.size else None
     for p in range(1, max(1, cfg.n_passes)):
+        if plane is None:
+            plane = frame.frame.plane(model, np.float32)
+            model = frame.frame.crop(plane)
         # residual detection: the variance grows by (model_error * model)^2 where sources were subtracted
         resid = np.subtract(img, model, out=np.empty_like(img))
         w2 = np.multiply(model, np.float32(cfg.model_error))
@@ -173,7 +179,7 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
         with np.errstate(divide="ignore", invalid="ignore"):
             np.reciprocal(w2, out=w2)
         w2[~usable] = 0.0
-        snr2, norm2 = snr_map(resid, w2, fwhm)
+        snr2, norm2 = snr_map(resid, w2, fwhm, overwrite_image=True, overwrite_weight=True)
         del resid, w2
         pk = find_peaks(snr2, cfg.detection)
         ypk, xpk = pk["y_peak"].to_numpy(), pk["x_peak"].to_numpy()
@@ -208,22 +214,23 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
         kf = df["psf_flux"].fillna(0).to_numpy(np.float64)
         dk, _ = cKDTree(cand[new]).query(known, k=1)
         touch = dk < 2 * hm + 1
-        fixed_model = model - model_image(image.shape, psf, kx[touch], ky[touch], kf[touch], hm)
+        # the touched sources' models leave the plane, which then holds the fixed models: the
+        # subset is measured against them (in place: no full-image copies of models or images)
+        add_models(frame.frame, plane, psf, kx[touch], ky[touch], -kf[touch], hm)
         xs = np.concatenate([kx[touch], pk["x"].to_numpy()])
         ys = np.concatenate([ky[touch], pk["y"].to_numpy()])
         guess = np.concatenate([kf[touch], fpk[new]])
-        sub_img = np.subtract(img, fixed_model, out=np.empty_like(img))
-        sub, sub_model = measure_sources(sub_img, variance, mask, psf, xs, ys,
+        sub, sub_model = measure_sources(image, variance, mask, psf, xs, ys,
                                          background_variance=background_variance, background=background,
                                          mask_planes=mask_planes, flux_guess=guess, config=cfg.measure,
-                                         return_model=True, frame=frame.with_image(sub_img))
-        del sub_img
+                                         return_model=True, frame=frame, fixed_model=plane)
+        plane += sub_model.base
+        del sub_model
         # a fixed source next to a changed one keeps its old blendedness flag; refitted ones get new flags
         keep_df = df[~touch]
         df = pd.concat([keep_df, sub], ignore_index=True)
         peak_snr = np.concatenate([peak_snr[~touch], peak_snr[touch], pk["peak_snr"].to_numpy()])
         second = np.concatenate([second[~touch], second[touch], np.ones(len(pk), dtype=bool)])
-        model = np.add(fixed_model, sub_model, out=fixed_model)
     df["peak_snr"] = peak_snr.astype(np.float32)
     df.loc[second, "flags"] = df.loc[second, "flags"].to_numpy() | F_.FLAG_SECOND_PASS
     return finish_sources(df, image.shape), model

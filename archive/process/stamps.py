@@ -167,11 +167,12 @@ class PaddedFrame:
         p = self.pad - half
         return bool(np.min(xc) >= -p and np.max(xc) < nx + p and np.min(yc) >= -p and np.max(yc) < ny + p)
 
-    def plane(self, a: np.ndarray, dtype=np.float32, fill=0) -> np.ndarray:
-        """Flat padded copy of a ``shape`` plane (``fill`` in the padding)."""
+    def plane(self, a: np.ndarray | None, dtype=np.float32, fill=0) -> np.ndarray:
+        """Flat padded copy of a ``shape`` plane (``fill`` in the padding; all ``fill`` for None)."""
         p = self.pad
         out = np.full((self.nyp, self.nxp), fill, dtype=dtype)
-        out[p:p + self.shape[0], p:p + self.shape[1]] = a
+        if a is not None:
+            out[p:p + self.shape[0], p:p + self.shape[1]] = a
         return out.ravel()
 
     def crop(self, flat: np.ndarray) -> np.ndarray:
