@@ -130,8 +130,10 @@ def _process_one(raw_path: str, masters: dict, refcat: pd.DataFrame | None, prod
                  config) -> dict:
     from astropy.stats import sigma_clipped_stats
 
+    from archive.pipeline.runtime import keep_freed_memory
     from archive.process import isr, single_frame
 
+    keep_freed_memory()  # freed full-frame planes are reused, not unmapped (see runtime.py)
     raw = read_raw(raw_path)
     info = raw.info
     det = int(info.detector)
