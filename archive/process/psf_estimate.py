@@ -235,20 +235,20 @@ class _Sampler:
             mm = np.broadcast_to(np.arange(m)[None, :, None], idx.shape)
             out[nn[ok], mm[ok], idx[ok]] = w[ok]
             return out
-        self.wx = rows(cu[:, 0, :])  # (n, sn, Sp)
+        self.wxT = np.ascontiguousarray(rows(cu[:, 0, :]).transpose(0, 2, 1))  # (n, Sp, sn)
         self.wy = rows(cv[:, :, 0])  # (n, sn, Sp)
 
     def __call__(self, basis: np.ndarray, sel=None) -> np.ndarray:
         P = PixelPSF._PAD
         n, sn, Sp = self.wy.shape
-        out = []
-        wxT = self.wx.transpose(0, 2, 1)
-        for b in basis:
-            coef = ndimage.spline_filter(np.pad(b, P), order=3, mode="mirror")
-            t = matmul_rows(self.wy.reshape(n * sn, Sp), coef).reshape(n, sn, Sp)
-            v = np.matmul(t, wxT).ravel()
-            out.append(v if sel is None else v[sel])
-        return np.stack(out)
+        K = len(basis)
+        # all bases in one pair of products: the row weights times the side-by-side
+        # coefficient images, then every star's (K sn, Sp) block times its column weights
+        coef = np.concatenate([ndimage.spline_filter(np.pad(b, P), order=3, mode="mirror") for b in basis], axis=1)
+        t = matmul_rows(self.wy.reshape(n * sn, Sp), coef).reshape(n, sn * K, Sp)
+        v = np.matmul(t, self.wxT).reshape(n, sn, K, sn)
+        v = v.transpose(2, 0, 1, 3).reshape(K, -1)
+        return v if sel is None else v[:, sel]
 
 
 def _fit_bins(bins: np.ndarray, nbins: int, T: np.ndarray, d: np.ndarray, w: np.ndarray, ridge: float) -> np.ndarray:
@@ -293,22 +293,49 @@ def _normalise_and_centre(basis: np.ndarray, os_: int) -> np.ndarray:
     return b
 
 
-def _bin_median(bins: np.ndarray, vals: np.ndarray, nbins: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-bin median of ``vals`` (unweighted: one vote per sample) and the sample counts."""
+def _bin_median(bins: np.ndarray, vals: np.ndarray, nbins: int,
+                rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-bin median of ``vals`` (unweighted: one vote per sample) and the sample counts.
+
+    ``rows``: optional group (star) of every sample, where no group has two samples in one
+    bin (a star's native pixels fall in distinct model pixels for an integer oversampling):
+    the samples are then laid out as a ``(nbins, groups)`` table padded with +inf and sorted
+    along its rows (short independent sorts; ~4x faster than one sort of all samples).
+    Both paths give the same medians.
+    """
+    cnt = np.bincount(bins, minlength=nbins)
+    has = cnt > 0
+    med = np.zeros(nbins)
+    if rows is not None and bins.size:
+        tab = np.full((nbins, int(rows.max()) + 1), np.inf)
+        tab[bins, rows] = vals
+        tab.sort(axis=1)
+        b = np.nonzero(has)[0]
+        med[has] = 0.5 * (tab[b, (cnt[has] - 1) // 2] + tab[b, cnt[has] // 2])
+        return med, cnt
     # values sorted, then stably by bin: the same order as lexsort((vals, bins)) up to ties of
     # equal values, with a fast unstable value sort and a radix sort of small bin numbers
     order = np.argsort(vals)
     bt = np.int16 if nbins <= np.iinfo(np.int16).max else np.int64
     order = order[np.argsort(bins[order].astype(bt), kind="stable")]
     v = vals[order]
-    cnt = np.bincount(bins, minlength=nbins)
     start = np.concatenate([[0], np.cumsum(cnt)[:-1]])
-    has = cnt > 0
-    med = np.zeros(nbins)
     lo = start[has] + (cnt[has] - 1) // 2
     hi = start[has] + cnt[has] // 2
     med[has] = 0.5 * (v[lo] + v[hi])
     return med, cnt
+
+
+def _grow3x3(b: np.ndarray) -> np.ndarray:
+    """3x3 binary dilation of every stamp of a ``(n, h, w)`` bool array (outside = False):
+    ``ndimage.binary_dilation(b, np.ones((1, 3, 3)))`` as four shifted ORs (separable box)."""
+    r = b.copy()
+    r[:, 1:, :] |= b[:, :-1, :]
+    r[:, :-1, :] |= b[:, 1:, :]
+    out = r.copy()
+    out[:, :, 1:] |= r[:, :, :-1]
+    out[:, :, :-1] |= r[:, :, 1:]
+    return out
 
 
 def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray, x: np.ndarray, y: np.ndarray,
@@ -407,7 +434,8 @@ def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray,
         """The current model at every sample from the sampled mean and modes."""
         m = kmean
         if degree > 0 and modes is not None:
-            m = m + (kmodes * (coefs @ T_star.T)[:, flat_star]).sum(axis=0)
+            # per-star mode amplitudes applied star by star (no per-sample gather of them)
+            m = m.reshape(n, -1) + np.einsum("knp,kn->np", kmodes.reshape(3, n, -1), coefs @ T_star.T)
         return m.reshape(D.shape)
 
     n_round = max(2, n_iter) + 1
@@ -418,7 +446,7 @@ def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray,
         sel = use.ravel()
         bins = bins_all[sel]
         if it == 0:
-            med, _ = _bin_median(bins, d.ravel()[sel], S * S)
+            med, _ = _bin_median(bins, d.ravel()[sel], S * S, rows=flat_star[sel])
             mean = med.reshape(1, S, S)
         else:
             m_s = m.ravel()[sel]  # the previous round's model (the amplitude refit does not change it)
@@ -471,7 +499,7 @@ def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray,
         chi2 = (d - m) ** 2 / sig2
         bad = U & inb & (chi2 > clip_sigma ** 2)
         # grow the clipped pixels by one (a neighbour's wings follow its clipped core)
-        bad = ndimage.binary_dilation(bad, structure=np.ones((1, 3, 3), bool)) & U & inb
+        bad = _grow3x3(bad) & U & inb
         keep = U & inb & ~bad
         # star-level outliers: core (r < half / 2) chi^2 per pixel, clipped pixels included
         q = np.where(core, np.minimum(chi2, 1e4), 0.0).sum(axis=(1, 2)) / n_core
