@@ -36,7 +36,7 @@ from scipy.spatial import cKDTree
 from archive.errors import ValidationError
 from archive.image.psf import PixelPSF, fwhm_from_image, n_poly_terms, poly_design
 from archive.process import flags as F_
-from archive.process.measure import MeasureConfig, _adaptive_moments, mask_or_within, measure_sources
+from archive.process.measure import MeasureConfig, _adaptive_moments, mask_or_within, measure_sources, model_half
 from archive.process.psfmodel import GaussianPsf
 from archive.process.sources import SourceConfig, finish_sources
 from archive.process.stamps import matmul_rows
@@ -131,8 +131,11 @@ def _moments_shape(ixx, iyy, ixy):
 
 
 def select_stars(sources: pd.DataFrame, fwhm: float, config: PsfEstimateConfig,
-                 mask_planes=None) -> np.ndarray:
-    """Boolean selection of PSF stars in a measured source table (see module doc)."""
+                 mask_planes=None, others: pd.DataFrame | None = None) -> np.ndarray:
+    """Boolean selection of PSF stars in a measured source table (see module doc).
+
+    ``others``: further sources (columns ``x``, ``y`` in px, ``psf_flux`` in image units;
+    e.g. faint peaks not measured) that count in the isolation test only."""
     cfg = config
     n = len(sources)
     if n == 0:
@@ -143,13 +146,17 @@ def select_stars(sources: pd.DataFrame, fwhm: float, config: PsfEstimateConfig,
     ok = ((flags & bad) == 0) & (sources["snr"].to_numpy() > cfg.min_snr)
     ok &= np.isfinite(sources["psf_flux"].to_numpy()) & (sources["psf_flux"].to_numpy() > 0)
     # isolation against every detected source
-    pts = np.column_stack([sources["x"].to_numpy(np.float64), sources["y"].to_numpy(np.float64)])
-    flux = np.abs(sources["psf_flux"].to_numpy(np.float64))
+    tabs = [sources] if others is None or len(others) == 0 else [sources, others]
+    pts = np.column_stack([np.concatenate([t["x"].to_numpy(np.float64) for t in tabs]),
+                           np.concatenate([t["y"].to_numpy(np.float64) for t in tabs])])
+    flux = np.abs(np.concatenate([t["psf_flux"].to_numpy(np.float64) for t in tabs]))
     pairs = cKDTree(pts).query_pairs(cfg.isolation * fwhm, output_type="ndarray")
     if len(pairs):
         a, b = pairs[:, 0], pairs[:, 1]
-        ok[a[flux[b] > cfg.isolation_flux * flux[a]]] = False
-        ok[b[flux[a] > cfg.isolation_flux * flux[b]]] = False
+        iso = np.ones(len(pts), dtype=bool)
+        iso[a[flux[b] > cfg.isolation_flux * flux[a]]] = False
+        iso[b[flux[a] > cfg.isolation_flux * flux[b]]] = False
+        ok &= iso[:n]
     # stellar locus in the moments: robust clip of ixx, iyy and ixy separately
     mom = [sources[c].to_numpy(np.float64) for c in ("ixx", "iyy", "ixy")]
     scale = np.median(0.5 * (mom[0][ok] + mom[1][ok])) if ok.any() else 1.0
@@ -558,53 +565,94 @@ def _shape_modes(m: np.ndarray) -> np.ndarray:
 
 
 def _neighbour_stamps(shape, psf, x, y, flux, xs, ys, half) -> np.ndarray:
-    """Models of the sources ``(x, y, flux)`` seen in the stamps (half-size ``half``) of the
-    stars at ``(xs, ys)``: only the sources that reach a star's stamp are rendered, into a
-    padded scratch plane that is read back at the stamps (no full-image model)."""
-    from archive.process.measure import MeasureFrame, _model_flat
-    from archive.process.stamps import PaddedFrame
+    """Models of the sources ``(x, y, flux)`` (px, origin 0; image units) seen in the stamps
+    (half-size ``half`` px) of the stars at ``(xs, ys)``: ``(n_stars, 2 half + 1, 2 half + 1)``.
 
+    Every source whose stamp (same size) overlaps a star's is rendered once and its overlap
+    added into that star's stamp (one bincount over all star-source pairs): no image-sized
+    plane. ``shape`` (the image's) is not needed for that and kept for the callers."""
     sn = 2 * half + 1
+    out = np.zeros(len(xs) * sn * sn)
+    if len(x) == 0 or len(xs) == 0:
+        return out.reshape(len(xs), sn, sn)
     xcs = np.floor(xs + 0.5).astype(np.int64)
     ycs = np.floor(ys + 0.5).astype(np.int64)
-    if len(x) == 0:
-        return np.zeros((len(xs), sn, sn))
-    d, _ = cKDTree(np.column_stack([xs, ys])).query(np.column_stack([x, y]), k=1, p=np.inf)
-    near = d < 2 * half + 2
-    x, y, flux = x[near], y[near], flux[near]
     xc = np.floor(x + 0.5).astype(np.int64)
     yc = np.floor(y + 0.5).astype(np.int64)
-    ny, nx = shape
-    allx = np.concatenate([xc, xcs])
-    ally = np.concatenate([yc, ycs])
-    reach = int(max(0, -allx.min(), -ally.min(), allx.max() - nx + 1, ally.max() - ny + 1))
-    fr = PaddedFrame(tuple(shape), half + reach + 2)
-    mf = MeasureFrame(fr, np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros(0, bool))
-    plane = _model_flat(mf, psf, x, y, flux, half, 4096)
-    return plane[fr.index(xcs, ycs, sn)].astype(np.float64)
+    # pairs whose integer stamp centres are within 2 half (Chebyshev): the stamps overlap
+    pr = cKDTree(np.column_stack([xcs, ycs]).astype(np.float64)).sparse_distance_matrix(
+        cKDTree(np.column_stack([xc, yc]).astype(np.float64)), 2 * half + 0.5, p=np.inf, output_type="ndarray")
+    if pr.size == 0:
+        return out.reshape(len(xs), sn, sn)
+    si, sj = pr["i"].astype(np.int64), pr["j"].astype(np.int64)
+    uj, inv = np.unique(sj, return_inverse=True)
+    st = psf.stamps(x[uj], y[uj], sn, xc[uj], yc[uj]) * np.asarray(flux, np.float64)[uj][:, None, None]
+    # source-stamp pixel (a, b) lies at (a + dy, b + dx) of the star's stamp
+    g = np.arange(sn)
+    r = g[None, :] + (yc[sj] - ycs[si])[:, None]
+    c = g[None, :] + (xc[sj] - xcs[si])[:, None]
+    ok = ((r >= 0) & (r < sn))[:, :, None] & ((c >= 0) & (c < sn))[:, None, :]
+    flat = (si[:, None, None] * sn + r[:, :, None]) * sn + c[:, None, :]
+    out += np.bincount(flat[ok], weights=st[inv][ok], minlength=out.size)
+    return out.reshape(len(xs), sn, sn)
 
 
-def _bright_sources(image: np.ndarray, variance: np.ndarray, usable: np.ndarray, mask, mask_planes,
-                    background_variance, fwhm: float, cfg: PsfEstimateConfig, det_cfg: SourceConfig,
-                    frame) -> tuple[pd.DataFrame, float]:
-    """The star-finding pass: bright peaks (``cfg.detect_threshold`` sigma) of the matched filter for a
-    Gaussian of FWHM ``fwhm`` (px), the FWHM refined from the brightest peaks' own moments, and the
-    peaks measured once with a Gaussian of that FWHM. Returns ``(sources, fwhm)``."""
-    bits = F_.plane_bits(mask_planes, *det_cfg.no_detect_planes)
-    ok = np.isfinite(image) & np.isfinite(variance) & (variance > 0)
+def _binned(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None,
+            bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """2x2-binned image (sum of the four pixels, counts) and its inverse variance (1 / the
+    summed variance, counts^-2; 0 where any of the four pixels is unusable: non-finite,
+    variance <= 0, or in a mask plane of ``bits``). An odd last row or column is dropped.
+    float32 ``(ny // 2, nx // 2)`` planes; pairs of rows are summed first (contiguous reads)."""
+    ny, nx = image.shape
+    im = image[:ny - ny % 2, :nx - nx % 2]
+    va = variance[:ny - ny % 2, :nx - nx % 2]
+    r = np.add(im[0::2], im[1::2], dtype=np.float32)
+    ib = np.add(r[:, 0::2], r[:, 1::2])
+    r = np.add(va[0::2], va[1::2], dtype=np.float32)
+    vb = np.add(r[:, 0::2], r[:, 1::2])
+    r = np.minimum(va[0::2], va[1::2])
+    ok = np.minimum(r[:, 0::2], r[:, 1::2]) > 0  # (False for NaN)
+    del r
+    ok &= np.isfinite(ib)
+    ok &= np.isfinite(vb)
     if mask is not None and bits:
-        ok &= (np.asarray(mask) & bits) == 0
+        m = np.asarray(mask)[:ny - ny % 2, :nx - nx % 2]
+        mr = np.bitwise_or(m[0::2], m[1::2])
+        ok &= ((mr[:, 0::2] | mr[:, 1::2]) & bits) == 0
+        del mr
     with np.errstate(divide="ignore", invalid="ignore"):
-        w = np.reciprocal(variance, dtype=np.float32)
-    w[~ok] = 0.0
-    del ok
-    snr, norm = snr_map(image, w, fwhm, overwrite_weight=True)
-    del w
+        wb = np.reciprocal(vb, out=vb)
+    wb[~ok] = 0.0
+    ib[~ok] = 0.0
+    return ib, wb
+
+
+def _binned_fwhm(fwhm: float) -> float:
+    """FWHM (binned px) of the matched filter on the 2x2-binned image for a point source of
+    Gaussian-equivalent FWHM ``fwhm`` (native px): the 2 px bins add (4 - 1) / 12 px^2 of
+    pixel variance to the native sampling's."""
+    s2 = (fwhm / 2.3548200450309493) ** 2 + 0.25
+    return float(2.3548200450309493 * np.sqrt(s2) / 2.0)
+
+
+def _star_peaks(image: np.ndarray, variance: np.ndarray, usable: np.ndarray, mask, mask_planes, fwhm: float,
+                cfg: PsfEstimateConfig, det_cfg: SourceConfig) -> tuple[dict, float]:
+    """The star-finding pass: bright peaks (``cfg.detect_threshold`` sigma) of the matched filter for a
+    Gaussian of FWHM ``fwhm`` (px) and the FWHM refined from the brightest peaks' own moments.
+    Returns ``(peaks, fwhm)``: ``peaks`` holds arrays ``x``, ``y`` (native px, origin 0), ``guess``
+    (matched-filter flux, counts) and ``peak_snr``, by decreasing ``peak_snr``."""
+    # PSF stars are bright (S/N >> the threshold): the search runs on the 2x2-binned image
+    # (a quarter of the pixels to filter and label; a point source loses a few per cent of
+    # its S/N), the peaks are mapped back to native pixels and measured there
+    ib, wb = _binned(image, variance, mask, F_.plane_bits(mask_planes, *det_cfg.no_detect_planes))
+    snr, norm = snr_map(ib, wb, _binned_fwhm(fwhm), overwrite_image=True, overwrite_weight=True)
+    del ib, wb
     peaks = find_peaks(snr, det_cfg.detection)
-    x = peaks["x"].to_numpy()
-    y = peaks["y"].to_numpy()
+    # bin (i, j) covers native pixels 2i, 2i + 1 (centre 2i + 0.5)
+    x = 2.0 * peaks["x"].to_numpy() + 0.5
+    y = 2.0 * peaks["y"].to_numpy() + 0.5
     yp, xp = peaks["y_peak"].to_numpy(), peaks["x_peak"].to_numpy()
-    guess = snr[yp, xp].astype(np.float64) / norm[yp, xp]
+    guess = snr[yp, xp].astype(np.float64) / norm[yp, xp]  # the bins sum the pixels: total counts
     del snr, norm
     psnr = peaks["peak_snr"].to_numpy()
     # refine the FWHM from the bright peaks' own moments (stamps sized by the current estimate,
@@ -620,12 +668,52 @@ def _bright_sources(image: np.ndarray, variance: np.ndarray, usable: np.ndarray,
         new = _moment_fwhm(image, usable, x[gi], y[gi], fwhm)
         if new is not None and abs(new - fwhm) > 0.1 * fwhm:
             fwhm = new
-    sources = measure_sources(image, variance, mask, GaussianPsf(fwhm), x, y, background_variance=background_variance,
-                              mask_planes=mask_planes, flux_guess=guess, config=det_cfg.measure, frame=frame)
-    sources["peak_snr"] = psnr.astype(np.float32)
     log.debug("PSF star finding: %d peaks above %.0f sigma, Gaussian FWHM %.2f px", len(x), det_cfg.detection.threshold,
               fwhm)
-    return finish_sources(sources, image.shape), fwhm
+    return {"x": x, "y": y, "guess": guess, "peak_snr": psnr}, fwhm
+
+
+def _measure_peaks(image: np.ndarray, variance: np.ndarray, mask, mask_planes, background_variance, peaks: dict,
+                   fwhm: float, det_cfg: SourceConfig, frame, n_bright: int | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Measure star peaks (:func:`_star_peaks`) with a Gaussian of FWHM ``fwhm`` (px).
+
+    ``n_bright``: only the ``n_bright`` brightest peaks (the star candidates; None: all) and
+    the peaks whose model stamps reach theirs (fitted jointly, as in a full measurement)
+    are measured. Returns ``(sources, faint)``: the measured table (:func:`finish_sources`)
+    and the other peaks (``x``, ``y`` px; ``psf_flux``: their matched-filter flux scaled by
+    the measured sources' median ratio of PSF to matched-filter flux), which only serve as
+    neighbours (isolation, subtraction)."""
+    x, y, guess, psnr = peaks["x"], peaks["y"], peaks["guess"], peaks["peak_snr"]
+    meas = np.ones(x.size, dtype=bool)
+    if n_bright is not None and x.size > n_bright:
+        pts = np.column_stack([x, y])
+        reach = 2 * model_half(GaussianPsf(fwhm), det_cfg.measure) + 2
+        d, _ = cKDTree(pts[:n_bright]).query(pts, k=1, p=np.inf, distance_upper_bound=reach)
+        meas = d < reach
+        meas[:n_bright] = True
+    sources = measure_sources(image, variance, mask, GaussianPsf(fwhm), x[meas], y[meas],
+                              background_variance=background_variance, mask_planes=mask_planes,
+                              flux_guess=guess[meas], config=det_cfg.measure, frame=frame)
+    sources["peak_snr"] = psnr[meas].astype(np.float32)
+    f = sources["psf_flux"].to_numpy(np.float64)
+    okf = np.isfinite(f) & (f > 0) & (guess[meas] > 0)
+    ratio = float(np.median(f[okf] / guess[meas][okf])) if okf.any() else 1.0
+    faint = pd.DataFrame({"x": x[~meas], "y": y[~meas], "psf_flux": guess[~meas] * ratio})
+    return finish_sources(sources, image.shape), faint
+
+
+def _model_fwhm(model: np.ndarray, oversample: int) -> float:
+    """:func:`fwhm_from_image` (native px) of a centred model image, on its central part only:
+    the up-sampling costs as the square of the image size, and beyond a few FWHM from the
+    peak the model is orders of magnitude below half maximum (its spline prefilter reaches
+    the half-maximum contour with weights < 1e-6 from there)."""
+    S = model.shape[0]
+    c = S // 2
+    above = np.nonzero((model >= 0.5 * model.max()).any(axis=0) | (model >= 0.5 * model.max()).any(axis=1))[0]
+    # margin of 6 model pixels beyond the half-maximum region (0.27^6 ~ 4e-4 of an already
+    # faint value); never larger than the image
+    r = int(min(c, max(np.abs(above - c).max() if above.size else c, 1) + 6 + oversample))
+    return fwhm_from_image(model[c - r:c + r + 1, c - r:c + r + 1], oversample)
 
 
 def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | None = None, mask_planes=None,
@@ -661,19 +749,34 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
             frame = prepare_frame(image, variance, mask, background_variance=background_variance,
                                   mask_planes=mask_planes, bad_planes=det_cfg.measure.bad_planes)
         return frame
+    faint = None
     if sources is None:
-        sources, fwhm = _bright_sources(image, variance, usable, mask, mask_planes, background_variance, fwhm, cfg,
-                                        det_cfg, get_frame())
-    sel = select_stars(sources, fwhm, cfg, mask_planes)
+        peaks, fwhm = _star_peaks(image, variance, usable, mask, mask_planes, fwhm, cfg, det_cfg)
+        # measure the candidates first (the builder takes the max_stars brightest good ones);
+        # all peaks only when too few of them pass
+        n_bright = 2 * cfg.max_stars
+        sources, faint = _measure_peaks(image, variance, mask, mask_planes, background_variance, peaks, fwhm,
+                                        det_cfg, get_frame(), n_bright)
+        sel = select_stars(sources, fwhm, cfg, mask_planes, others=faint)
+        if sel.sum() < cfg.max_stars and len(faint):
+            sources, faint = _measure_peaks(image, variance, mask, mask_planes, background_variance, peaks, fwhm,
+                                            det_cfg, get_frame(), None)
+            sel = select_stars(sources, fwhm, cfg, mask_planes, others=faint)
+    else:
+        sel = select_stars(sources, fwhm, cfg, mask_planes)
     nsel = int(sel.sum())
     if nsel < 3:
         raise ValidationError(f"estimate_psf: only {nsel} usable PSF stars (need >= 3; S/N > {cfg.min_snr}, isolated, unflagged)")
     degree = cfg.degree
     while degree > 0 and nsel < cfg.stars_per_term * n_poly_terms(degree):
         degree -= 1
-    x_all = sources["x"].to_numpy(np.float64).copy()
-    y_all = sources["y"].to_numpy(np.float64).copy()
-    f_all = sources["psf_flux"].fillna(0.0).to_numpy(np.float64).copy()
+    # the unmeasured faint peaks are neighbours too (subtracted from the stars' stamps)
+    n_src = len(sources)
+    nb_tabs = [sources] if faint is None or len(faint) == 0 else [sources, faint]
+    x_all = np.concatenate([t["x"].to_numpy(np.float64) for t in nb_tabs])
+    y_all = np.concatenate([t["y"].to_numpy(np.float64) for t in nb_tabs])
+    f_all = np.concatenate([t["psf_flux"].fillna(0.0).to_numpy(np.float64) for t in nb_tabs])
+    sel = np.concatenate([sel, np.zeros(len(x_all) - n_src, dtype=bool)])
     idx = np.nonzero(sel)[0]
     half = max(7, int(np.ceil(cfg.half_size_fwhm * fwhm)))
     bbox = (0.0, 0.0, float(nx - 1), float(ny - 1))
@@ -724,10 +827,12 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
             keep_o = others & near
             others = keep_o
     # summary: FWHM and ellipticity over the detector
-    fw_c = fwhm_from_image(psf.model((nx - 1) / 2.0, (ny - 1) / 2.0), psf.oversample)
+    # (the 3x3 grid's middle point is the detector centre)
     grid = [(gx, gy) for gy in np.linspace(0, ny - 1, 3) for gx in np.linspace(0, nx - 1, 3)]
-    fws = [fwhm_from_image(psf.model(gx, gy), psf.oversample) for gx, gy in grid]
-    k = psf.model((nx - 1) / 2.0, (ny - 1) / 2.0)
+    models = [psf.model(gx, gy) for gx, gy in grid]
+    fws = [_model_fwhm(m, psf.oversample) for m in models]
+    fw_c = fws[4]
+    k = models[4]
     S = k.shape[0]
     g = (np.arange(S) - S // 2) / psf.oversample
     ddx = np.broadcast_to(g[None, None, :], (1, S, S))
@@ -736,6 +841,7 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
     ixx, iyy, ixy, _ = _adaptive_moments(k[None], np.ones((1, S, S), bool), ddx, ddy, s2, 12, S // (2 * psf.oversample))
     e, theta = _moments_shape(ixx[0], iyy[0], ixy[0])
     stars_all = sources.copy()
+    sel = sel[:n_src]
     stars_all["used"] = sel
     log.info("PSF from %d stars (degree %d): FWHM %.2f px (%.2f-%.2f), ellipticity %.3f", int(sel.sum()), degree, fw_c,
              min(fws), max(fws), e)
