@@ -175,7 +175,7 @@ def select_stars(sources: pd.DataFrame, fwhm: float, config: PsfEstimateConfig,
     return ok
 
 
-def _moment_fwhm(image: np.ndarray, usable: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm: float,
+def _moment_fwhm(image: np.ndarray, usable, x: np.ndarray, y: np.ndarray, fwhm: float,
                  n_iter: int = 3) -> float | None:
     """Gaussian-equivalent FWHM (px) of sources at (x, y) from their adaptive second moments.
 
@@ -242,8 +242,10 @@ class _Sampler:
             mm = np.broadcast_to(np.arange(m)[None, :, None], idx.shape)
             out[nn[ok], mm[ok], idx[ok]] = w[ok]
             return out
-        self.wxT = np.ascontiguousarray(rows(cu[:, 0, :]).transpose(0, 2, 1))  # (n, Sp, sn)
-        self.wy = rows(cv[:, :, 0])  # (n, sn, Sp)
+        # float32 products (half the work of float64): the sampled values err by ~1e-7 of the
+        # model's peak, far below the stars' noise
+        self.wxT = np.ascontiguousarray(rows(cu[:, 0, :]).transpose(0, 2, 1), dtype=np.float32)  # (n, Sp, sn)
+        self.wy = rows(cv[:, :, 0]).astype(np.float32)  # (n, sn, Sp)
 
     def __call__(self, basis: np.ndarray, sel=None) -> np.ndarray:
         P = PixelPSF._PAD
@@ -251,10 +253,11 @@ class _Sampler:
         K = len(basis)
         # all bases in one pair of products: the row weights times the side-by-side
         # coefficient images, then every star's (K sn, Sp) block times its column weights
-        coef = np.concatenate([ndimage.spline_filter(np.pad(b, P), order=3, mode="mirror") for b in basis], axis=1)
+        coef = np.concatenate([ndimage.spline_filter(np.pad(b, P), order=3, mode="mirror") for b in basis],
+                              axis=1).astype(np.float32)
         t = matmul_rows(self.wy.reshape(n * sn, Sp), coef).reshape(n, sn * K, Sp)
         v = np.matmul(t, self.wxT).reshape(n, sn, K, sn)
-        v = v.transpose(2, 0, 1, 3).reshape(K, -1)
+        v = v.transpose(2, 0, 1, 3).reshape(K, -1).astype(np.float64)
         return v if sel is None else v[:, sel]
 
 
@@ -345,12 +348,13 @@ def _grow3x3(b: np.ndarray) -> np.ndarray:
     return out
 
 
-def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray, x: np.ndarray, y: np.ndarray,
+def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable, x: np.ndarray, y: np.ndarray,
                     flux: np.ndarray, bbox: tuple[float, float, float, float], *, half: int, oversample: int,
                     degree: int, n_iter: int = 4, clip_sigma: float = 4.0, model_error: float = 0.02,
                     star_clip: float = 5.0, neighbours: np.ndarray | None = None, fit_half: int | None = None):
     """Fit a PixelPSF to stars at (x, y) (px, origin 0) with fluxes ``flux`` on a background-subtracted image.
 
+    ``usable``: bool image of the usable pixels (or anything indexed like one, e.g. :class:`_UsableAt`).
     ``half``: native half-size (px) of the model; ``oversample``: model samples per pixel;
     ``degree``: polynomial degree of the spatial variation (shape modes of the mean).
     ``neighbours``: optional stamps ``(n, 2 half + 1, 2 half + 1)`` of neighbouring sources'
@@ -405,7 +409,10 @@ def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray,
     if neighbours is not None:
         D = D - neighbours
     V = variance[iyc[:, :, None], ixc[:, None, :]].astype(np.float64)
-    U = usable[iyc[:, :, None], ixc[:, None, :]] & inside & np.isfinite(D) & (V > 0)
+    key = (iyc[:, :, None], ixc[:, None, :])
+    # (with _UsableAt only its mask test: the pixels' finiteness is tested here anyway)
+    U = (usable.mask_ok(key) & np.isfinite(V) if isinstance(usable, _UsableAt) else usable[key])
+    U &= inside & np.isfinite(D) & (V > 0)
     D = np.where(U, D, 0.0)
     V = np.where(U, V, 1.0)
     flat_star = np.broadcast_to(np.arange(n)[:, None, None], D.shape).ravel()
@@ -461,15 +468,19 @@ def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable: np.ndarray,
             resid = d.ravel()[sel] - m_s
             mean = mean + _fit_bins(bins, S * S, np.ones((bins.size, 1)), resid, w_s, 1e-9).reshape(1, S, S)
         mean = _normalise_and_centre(mean, os_)
-        kmean = keys(mean)[0]
         kmodes = None
-        if degree > 0 and it >= 1:
+        fit_modes = degree > 0 and it >= 1
+        if fit_modes:
             # spatial variation as polynomials times three shape modes of the mean (dilation
             # and the two shears: first-order changes of size and ellipticity), with the mean
             # times the same polynomials as nuisance columns: a smooth error of the stars'
             # fluxes changes amplitudes, not shapes, and must not leak into the modes
             modes = _shape_modes(mean[0])
-            kmodes = keys(modes)
+            kall = keys(np.concatenate([mean, modes]))  # the mean and modes sampled together
+            kmean, kmodes = kall[0], kall[1:]
+        else:
+            kmean = keys(mean)[0]
+        if fit_modes:
             # the design's columns are M_k T_t (M: the three modes and the mean at the sample,
             # T: the star's polynomial terms), so its normal matrix is sum over stars of
             # (per-star sums of w M_k M_l) (x) T T^T: a few (stars, 4, 4) sums instead of the
@@ -635,7 +646,7 @@ def _binned_fwhm(fwhm: float) -> float:
     return float(2.3548200450309493 * np.sqrt(s2) / 2.0)
 
 
-def _star_peaks(image: np.ndarray, variance: np.ndarray, usable: np.ndarray, mask, mask_planes, fwhm: float,
+def _star_peaks(image: np.ndarray, variance: np.ndarray, usable, mask, mask_planes, fwhm: float,
                 cfg: PsfEstimateConfig, det_cfg: SourceConfig) -> tuple[dict, float]:
     """The star-finding pass: bright peaks (``cfg.detect_threshold`` sigma) of the matched filter for a
     Gaussian of FWHM ``fwhm`` (px) and the FWHM refined from the brightest peaks' own moments.
@@ -716,6 +727,27 @@ def _model_fwhm(model: np.ndarray, oversample: int) -> float:
     return fwhm_from_image(model[c - r:c + r + 1, c - r:c + r + 1], oversample)
 
 
+class _UsableAt:
+    """The usable-pixel image (finite image and variance, variance > 0, none of the mask
+    bits ``bits``), evaluated only where it is indexed: ``u[iy, ix]`` gives the bool array of
+    ``image[iy, ix]``'s shape. Stands for a full bool plane where only stamps are read."""
+
+    def __init__(self, image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None, bits: int):
+        self.image, self.variance, self.bits = image, variance, int(bits)
+        self.mask = None if mask is None or not bits else np.asarray(mask)
+        self.shape = image.shape
+
+    def __getitem__(self, key) -> np.ndarray:
+        v = self.variance[key]
+        return np.isfinite(self.image[key]) & np.isfinite(v) & (v > 0) & self.mask_ok(key)
+
+    def mask_ok(self, key) -> np.ndarray:
+        """The mask test alone: none of the bits set at ``key``."""
+        if self.mask is None:
+            return np.ones(np.shape(self.variance[key]), dtype=bool)
+        return (self.mask[key] & self.bits) == 0
+
+
 def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | None = None, mask_planes=None,
                  background_variance: np.ndarray | None = None, config: PsfEstimateConfig | None = None,
                  sources: pd.DataFrame | None = None) -> PsfResult:
@@ -735,9 +767,8 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
         raise ValidationError(f"estimate_psf: image {image.shape} and variance {variance.shape} must be equal 2-D shapes")
     ny, nx = image.shape
     bits = F_.plane_bits(mask_planes, "BAD", "SAT", "CR", "NO_DATA")
-    usable = np.isfinite(image) & np.isfinite(variance) & (variance > 0)
-    if mask is not None:
-        usable &= (np.asarray(mask) & bits) == 0
+    # read at the star stamps only (no image-sized plane)
+    usable = _UsableAt(image, variance, mask, bits)
     fwhm = float(cfg.initial_fwhm)
     det_cfg = SourceConfig(detection=DetectionConfig(threshold=cfg.detect_threshold), n_passes=1,
                            measure=MeasureConfig(n_iter=2, aperture_radii=()))
@@ -754,7 +785,7 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
         peaks, fwhm = _star_peaks(image, variance, usable, mask, mask_planes, fwhm, cfg, det_cfg)
         # measure the candidates first (the builder takes the max_stars brightest good ones);
         # all peaks only when too few of them pass
-        n_bright = 2 * cfg.max_stars
+        n_bright = 3 * cfg.max_stars // 2
         sources, faint = _measure_peaks(image, variance, mask, mask_planes, background_variance, peaks, fwhm,
                                         det_cfg, get_frame(), n_bright)
         sel = select_stars(sources, fwhm, cfg, mask_planes, others=faint)
