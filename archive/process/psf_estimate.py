@@ -1,8 +1,12 @@
 """Empirical PSF: select stars, build a spatially varying pixelized PSF (``PixelPSF``).
 
-1. Detect bright sources with a Gaussian guess of the PSF; the FWHM is refined from the
-   brightest peaks' adaptive moments (stamps that follow the estimate, so a PSF much wider
-   than the guess is measured, not clipped) and the sources measured once, with it.
+1. Detect bright sources with a Gaussian guess of the PSF on the 2x2-binned image (PSF stars
+   are far above the threshold); the FWHM is refined from the brightest peaks' adaptive
+   moments at native resolution (stamps that follow the estimate, so a PSF much wider than
+   the guess is measured, not clipped) and the candidates - the ``1.5 max_stars`` brightest
+   peaks and the peaks whose stamps reach theirs - measured once, with it (all peaks when
+   too few candidates pass). The other peaks count as neighbours with their matched-filter
+   fluxes.
 2. Keep isolated, unflagged, unsaturated stars with S/N above ``min_snr`` whose
    adaptive-moment size lies within ``size_clip`` robust sigma of the stellar locus.
 3. Build the model (:func:`build_pixel_psf`) sampled every ``1 / oversample`` px (1 for a
@@ -608,6 +612,18 @@ def _neighbour_stamps(shape, psf, x, y, flux, xs, ys, half) -> np.ndarray:
     return out.reshape(len(xs), sn, sn)
 
 
+def _pairs_all(b: np.ndarray) -> np.ndarray:
+    """2x2 AND of a bool image of even shape: ``(ny // 2, nx // 2)``. Row pairs first, then the
+    column pairs read as one uint16 each (both True: 0x0101; contiguous, no strided pass)."""
+    r = np.ascontiguousarray(b[0::2] & b[1::2])
+    return r.view(np.uint16) == 0x0101
+
+
+def _pairs_none(r: np.ndarray) -> np.ndarray:
+    """Column-pair NOR of a bool image of even width (two adjacent bools read as one uint16)."""
+    return np.ascontiguousarray(r).view(np.uint16) == 0
+
+
 def _binned(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None,
             bits: int) -> tuple[np.ndarray, np.ndarray]:
     """2x2-binned image (sum of the four pixels, counts) and its inverse variance (1 / the
@@ -621,16 +637,14 @@ def _binned(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None,
     ib = np.add(r[:, 0::2], r[:, 1::2])
     r = np.add(va[0::2], va[1::2], dtype=np.float32)
     vb = np.add(r[:, 0::2], r[:, 1::2])
-    r = np.minimum(va[0::2], va[1::2])
-    ok = np.minimum(r[:, 0::2], r[:, 1::2]) > 0  # (False for NaN)
-    del r
-    ok &= np.isfinite(ib)
-    ok &= np.isfinite(vb)
+    # a bin is usable when all its pixels are: per-pixel tests as bools, combined over row
+    # pairs, then over column pairs by reading two adjacent bools as one uint16
+    ok = _pairs_all(va > 0)  # (False for NaN)
     if mask is not None and bits:
         m = np.asarray(mask)[:ny - ny % 2, :nx - nx % 2]
-        mr = np.bitwise_or(m[0::2], m[1::2])
-        ok &= ((mr[:, 0::2] | mr[:, 1::2]) & bits) == 0
-        del mr
+        ok &= _pairs_none((np.bitwise_or(m[0::2], m[1::2]) & bits) != 0)
+    ok &= np.isfinite(ib)
+    ok &= np.isfinite(vb)
     with np.errstate(divide="ignore", invalid="ignore"):
         wb = np.reciprocal(vb, out=vb)
     wb[~ok] = 0.0
