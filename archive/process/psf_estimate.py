@@ -612,13 +612,6 @@ def _neighbour_stamps(shape, psf, x, y, flux, xs, ys, half) -> np.ndarray:
     return out.reshape(len(xs), sn, sn)
 
 
-def _pairs_all(b: np.ndarray) -> np.ndarray:
-    """2x2 AND of a bool image of even shape: ``(ny // 2, nx // 2)``. Row pairs first, then the
-    column pairs read as one uint16 each (both True: 0x0101; contiguous, no strided pass)."""
-    r = np.ascontiguousarray(b[0::2] & b[1::2])
-    return r.view(np.uint16) == 0x0101
-
-
 def _pairs_none(r: np.ndarray) -> np.ndarray:
     """Column-pair NOR of a bool image of even width (two adjacent bools read as one uint16)."""
     return np.ascontiguousarray(r).view(np.uint16) == 0
@@ -633,16 +626,25 @@ def _binned(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None,
     ny, nx = image.shape
     im = image[:ny - ny % 2, :nx - nx % 2]
     va = variance[:ny - ny % 2, :nx - nx % 2]
+    # one row-pair buffer serves every plane in turn (few fresh image-sized allocations)
     r = np.add(im[0::2], im[1::2], dtype=np.float32)
     ib = np.add(r[:, 0::2], r[:, 1::2])
-    r = np.add(va[0::2], va[1::2], dtype=np.float32)
+    np.add(va[0::2], va[1::2], out=r, dtype=np.float32)
     vb = np.add(r[:, 0::2], r[:, 1::2])
-    # a bin is usable when all its pixels are: per-pixel tests as bools, combined over row
-    # pairs, then over column pairs by reading two adjacent bools as one uint16
-    ok = _pairs_all(va > 0)  # (False for NaN)
+    # a bin is usable when all its pixels are: per-pixel tests on row pairs, then on column
+    # pairs by reading two adjacent bools as one uint16
+    np.minimum(va[0::2], va[1::2], out=r, dtype=np.float32)
+    bad = r > 0
+    np.logical_not(bad, out=bad)  # (True for NaN)
+    ok = _pairs_none(bad)
     if mask is not None and bits:
         m = np.asarray(mask)[:ny - ny % 2, :nx - nx % 2]
-        ok &= _pairs_none((np.bitwise_or(m[0::2], m[1::2]) & bits) != 0)
+        mr = np.bitwise_or(m[0::2], m[1::2], out=r.view(np.int32) if m.dtype == np.int32 else None)
+        np.bitwise_and(mr, bits, out=mr)
+        np.not_equal(mr, 0, out=bad)
+        ok &= _pairs_none(bad)
+        del mr
+    del r, bad
     ok &= np.isfinite(ib)
     ok &= np.isfinite(vb)
     with np.errstate(divide="ignore", invalid="ignore"):
