@@ -383,12 +383,16 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
         ddx = off[None, None, :] - (xs - xc)[:, None, None]
         ddy = off[None, :, None] - (ys - yc)[:, None, None]
         for r in radii:
-            a = aperture_stamps(xs - xc, ys - yc, r, ha)
+            # the aperture's own stamp: a pixel k px from the stamp centre is at least k - 1 px
+            # from the source (|centre offset| <= 0.5 px), so small apertures use small stamps
+            hr = min(ha, int(np.ceil(r + 1.0)))
+            c = slice(ha - hr, ha + hr + 1)
+            a = aperture_stamps(xs - xc, ys - yc, r, hr)
             name = ap_column(r)
-            out[name][sl] = np.einsum("mpq,mpq->m", a, Da)
-            out[name + "_err"][sl] = np.sqrt(np.einsum("mpq,mpq->m", a * a, Va))
+            out[name][sl] = np.einsum("mpq,mpq->m", a, Da[:, c, c])
+            out[name + "_err"][sl] = np.sqrt(np.einsum("mpq,mpq->m", a * a, Va[:, c, c]))
             if r == max(radii):
-                bad_in = ((a > 0) & ~Ua).any(axis=(1, 2))
+                bad_in = ((a > 0) & ~Ua[:, c, c]).any(axis=(1, 2))
                 fl[bad_in] |= F_.FLAG_APERTURE_EDGE
         # adaptive moments on a smaller central stamp
         c0 = ha - hmom
