@@ -79,6 +79,8 @@ def _reflect(idx: np.ndarray, n: int) -> np.ndarray:
 #: output rows (columns) per band block in :func:`gaussian_blur` (fastest of 16-96 on a 4k image; the
 #: products do ``(_BLOCK + 2 r) / (2 r + 1)`` times the taps' work for a kernel of radius r)
 _BLOCK = 24
+
+
 def gaussian_blur(a: np.ndarray, sigma: float, truncate: float = 4.0, out: np.ndarray | None = None,
                   work: np.ndarray | None = None) -> np.ndarray:
     """``scipy.ndimage.gaussian_filter(a, sigma, truncate=truncate)`` in float32 (reflect edges).
@@ -143,7 +145,7 @@ def snr_map(image: np.ndarray, weight: np.ndarray, fwhm: float, *, overwrite_ima
     one work plane are allocated).
     """
     if fwhm <= 0 or not np.isfinite(fwhm):
-        raise ValidationError(f"matched_filter: fwhm must be > 0 px, got {fwhm}")
+        raise ValidationError(f"snr_map: fwhm must be > 0 px, got {fwhm}")
     s = fwhm / FWHM_PER_SIGMA
     w = np.asarray(weight, dtype=np.float32)
     image = np.asarray(image, dtype=np.float32)
@@ -161,18 +163,6 @@ def snr_map(image: np.ndarray, weight: np.ndarray, fwhm: float, *, overwrite_ima
     snr = np.divide(num, den, out=num)
     snr[bad] = 0.0
     return snr, den
-
-
-def matched_filter(image: np.ndarray, weight: np.ndarray, fwhm: float) -> tuple[np.ndarray, np.ndarray]:
-    """S/N and flux-estimate maps for point sources of Gaussian FWHM ``fwhm`` (px).
-
-    image: background-subtracted image; weight: inverse variance per pixel (0 where
-    masked). Returns ``(snr, flux)`` as float32 maps; flux is in the image's units
-    (see :func:`snr_map`, which leaves the division to the pixels that need it).
-    """
-    snr, norm = snr_map(image, weight, fwhm)
-    flux = np.divide(snr, norm, out=norm)
-    return snr, flux
 
 
 def _refine(snr: np.ndarray, py: np.ndarray, px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

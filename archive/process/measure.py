@@ -77,9 +77,8 @@ class MeasureFrame:
 
     img: image with unusable pixels set to 0; W: fit weights (1 / background variance), 0
     where unusable; V: full variance, 0 where unusable; U: usable pixels. Built once per
-    image by :func:`prepare_frame`; :meth:`with_image` swaps the image only, keeping the
-    weights. The model plane of :func:`measure_sources` is a scratch plane of the frame,
-    handed over to the caller when the model is returned.
+    image by :func:`prepare_frame`. The model plane of :func:`measure_sources` is a scratch
+    plane of the frame, handed over to the caller when the model is returned.
     """
 
     frame: PaddedFrame
@@ -90,11 +89,6 @@ class MeasureFrame:
 
     _buf: np.ndarray | None = None
     _written: list = field(default_factory=list)
-
-    def with_image(self, image: np.ndarray) -> "MeasureFrame":
-        img = self.frame.plane(image, np.float32)
-        img[~self.U] = 0.0
-        return MeasureFrame(self.frame, img, self.W, self.V, self.U)
 
     def scratch(self) -> np.ndarray:
         """The zeroed float32 model plane (allocated once; pixels written since the last call are reset)."""
