@@ -159,13 +159,8 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, fwhm: float, *, ma
     if cfg.interpolate and ry.size:
         # CR pixels and unusable ones are filled from the usable pixels around them
         bad = ~(np.isfinite(img) & np.isfinite(var) & (var > 0))
-        by, bx = np.divmod(np.flatnonzero(bad), nx) if bad.any() else (ry[:0], rx[:0])
         bad[ry, rx] = True
-        if by.size:
-            fl = np.unique(np.concatenate([ry * nx + rx, by * nx + bx]))
-            by, bx = np.divmod(fl, nx)
-        else:
-            by, bx = ry, rx
+        by, bx = np.divmod(np.flatnonzero(bad), nx)
         cleaned = _fill(img, bad, by, bx, 1.5)
     log.info("find_cosmic_rays: %d CR pixels", int(ry.size))
     return cr, cleaned

@@ -43,7 +43,7 @@ from archive.process import flags as F_
 from archive.process.measure import MeasureConfig, _adaptive_moments, mask_or_within, measure_sources, model_half
 from archive.process.psfmodel import GaussianPsf
 from archive.process.sources import SourceConfig, finish_sources
-from archive.process.stamps import matmul_rows
+from archive.process.stamps import gather, matmul_rows, stamp_grid
 from archive.process.detect import DetectionConfig, find_peaks, snr_map
 
 log = logging.getLogger(__name__)
@@ -190,18 +190,14 @@ def _moment_fwhm(image: np.ndarray, usable, x: np.ndarray, y: np.ndarray, fwhm: 
     """
     xc = np.floor(x + 0.5).astype(np.int64)
     yc = np.floor(y + 0.5).astype(np.int64)
-    ny, nx = image.shape
     for _ in range(n_iter):
         h = max(5, int(np.ceil(3.0 * fwhm)))
-        off = np.arange(-h, h + 1)
-        iy = np.clip(yc[:, None] + off, 0, ny - 1)
-        ix = np.clip(xc[:, None] + off, 0, nx - 1)
-        inside = ((yc[:, None] + off >= 0) & (yc[:, None] + off < ny))[:, :, None] & \
-            ((xc[:, None] + off >= 0) & (xc[:, None] + off < nx))[:, None, :]
-        U = usable[iy[:, :, None], ix[:, None, :]] & inside
-        D = np.where(U, image[iy[:, :, None], ix[:, None, :]], 0.0).astype(np.float64)
-        ddx = (xc[:, None] + off - x[:, None])[:, None, :]
-        ddy = (yc[:, None] + off - y[:, None])[:, :, None]
+        iy, ix = stamp_grid(xc, yc, 2 * h + 1)
+        pix, inside = gather(image, iy, ix, 0)
+        U = gather(usable, iy, ix, False)[0] & inside
+        D = np.where(U, pix, 0.0).astype(np.float64)
+        ddx = (ix - x[:, None])[:, None, :]
+        ddy = (iy - y[:, None])[:, :, None]
         s2 = (fwhm / 2.3548200450309493) ** 2
         ixx, iyy, _, ok = _adaptive_moments(D, U, ddx, ddy, s2, 12, h)
         if not ok.any():
@@ -579,13 +575,13 @@ def _shape_modes(m: np.ndarray) -> np.ndarray:
     return out * (m.max() / np.maximum(np.abs(out).max(axis=(1, 2), keepdims=True), 1e-300))
 
 
-def _neighbour_stamps(shape, psf, x, y, flux, xs, ys, half) -> np.ndarray:
+def _neighbour_stamps(psf, x, y, flux, xs, ys, half) -> np.ndarray:
     """Models of the sources ``(x, y, flux)`` (px, origin 0; image units) seen in the stamps
     (half-size ``half`` px) of the stars at ``(xs, ys)``: ``(n_stars, 2 half + 1, 2 half + 1)``.
 
     Every source whose stamp (same size) overlaps a star's is rendered once and its overlap
     added into that star's stamp (one bincount over all star-source pairs): no image-sized
-    plane. ``shape`` (the image's) is not needed for that and kept for the callers."""
+    plane."""
     sn = 2 * half + 1
     out = np.zeros(len(xs) * sn * sn)
     if len(x) == 0 or len(xs) == 0:
@@ -835,7 +831,7 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
     for outer in range(max(1, cfg.n_outer)):
         # neighbours of the PSF stars are subtracted with their current models (the first
         # time with their Gaussian-PSF fits) inside the stars' stamps
-        nb = _neighbour_stamps(image.shape, sp, x_all[others], y_all[others], f_all[others], x_all[idx], y_all[idx],
+        nb = _neighbour_stamps(sp, x_all[others], y_all[others], f_all[others], x_all[idx], y_all[idx],
                                half)
         psf, frac, fs, good, flux_var = build_pixel_psf(
             image, variance, usable, x_all[idx], y_all[idx], f_all[idx], bbox, half=half, oversample=os_,
@@ -865,11 +861,10 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
                 ((m["flags"].to_numpy() & int(F_.FLAG_CENTROID)) == 0)
             # the neighbours take these joint fits with the new model; the PSF stars keep
             # their first centroids (see build_pixel_psf)
-            upd = sub[okm]
-            upd = upd[~sel[upd]]
-            x_all[upd] = m["x"].to_numpy(np.float64)[okm][np.isin(sub[okm], upd)]
-            y_all[upd] = m["y"].to_numpy(np.float64)[okm][np.isin(sub[okm], upd)]
-            f_all[upd] = m["psf_flux"].to_numpy(np.float64)[okm][np.isin(sub[okm], upd)]
+            take = okm & ~sel[sub]
+            x_all[sub[take]] = m["x"].to_numpy(np.float64)[take]
+            y_all[sub[take]] = m["y"].to_numpy(np.float64)[take]
+            f_all[sub[take]] = m["psf_flux"].to_numpy(np.float64)[take]
             # far sources cannot reach the stamps; near ones now carry the new model's fits
             keep_o = others & near
             others = keep_o

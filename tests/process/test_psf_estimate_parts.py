@@ -42,7 +42,7 @@ def test_neighbour_stamps_equal_the_model_image():
     x = np.concatenate([xs + rng.uniform(-15, 15, 4), rng.uniform(-5, 245, 40)])
     y = np.concatenate([ys + rng.uniform(-15, 15, 4), rng.uniform(-5, 205, 40)])
     f = rng.uniform(100, 1000, x.size)
-    got = P._neighbour_stamps(shape, psf, x, y, f, xs, ys, half)
+    got = P._neighbour_stamps(psf, x, y, f, xs, ys, half)
     # reference: the model image of all sources (padded, so stamps past the edge hold their
     # sources too), read at the stars' stamps
     pad = 3 * half
@@ -51,7 +51,7 @@ def test_neighbour_stamps_equal_the_model_image():
     yc = np.floor(ys + 0.5).astype(int) + pad
     want = np.stack([ref[b - half:b + half + 1, a - half:a + half + 1] for a, b in zip(xc, yc)])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * f.max() * psf.stamps(0.0, 0.0, 3).max())
-    assert P._neighbour_stamps(shape, psf, x[:0], y[:0], f[:0], xs, ys, half).shape == (4, 2 * half + 1, 2 * half + 1)
+    assert P._neighbour_stamps(psf, x[:0], y[:0], f[:0], xs, ys, half).shape == (4, 2 * half + 1, 2 * half + 1)
 
 
 def test_binned_planes_sum_pixels_and_drop_unusable_bins():
