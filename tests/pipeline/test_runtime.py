@@ -5,8 +5,6 @@ import sys
 
 import pytest
 
-from archive.pipeline import runtime
-
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
 def test_keep_freed_memory_reuses_large_blocks():
@@ -25,7 +23,3 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     faults = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
     assert faults < 100, faults  # without it: 2,720 here (huge pages), ~80,000 with 4 kB pages
 
-
-def test_keep_freed_memory_is_idempotent():
-    first = runtime.keep_freed_memory()
-    assert runtime.keep_freed_memory() == first
