@@ -193,12 +193,15 @@ class Archive:
             df = df[df["band"].isin(list(bands))]
         return df.sort_values(["mjd", "kind"], kind="stable").reset_index(drop=True)
 
-    def sql(self, query: str, as_table: bool = False):
+    def sql(self, query: str, as_table: bool = False, timeout: float | None = None):
         """Run one read-only SQL query (PostgreSQL dialect; DuckDB on the Parquet store).
 
-        Statements that would change data are refused with :class:`~archive.errors.ReadOnlyError`.
+        Only a single SELECT (or EXPLAIN of one, without ANALYZE) runs; anything
+        else, and functions that would touch files, other servers, locks or
+        settings, are refused with :class:`~archive.errors.ReadOnlyError`.
+        ``timeout``: seconds before the query is cancelled (default 300).
         """
-        return self._out(self.store.sql(query), as_table, None)
+        return self._out(self.store.sql(query, timeout=timeout), as_table, None)
 
     def write(self, table: str, data, where: str | None = None) -> int:
         """Validate rows (DataFrame, Arrow or astropy Table) against the schema and append them atomically.

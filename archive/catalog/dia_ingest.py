@@ -102,10 +102,10 @@ def now_mjd_tai() -> float:
 
 
 def _lock(tx, region: PixelSet) -> None:
+    """Advisory locks (Postgres) on the order-LOCK_ORDER pixels covering ``region``,
+    whatever its order (a wide match radius gives a coarser footprint)."""
     if hasattr(tx, "lock_partitions"):
-        shift = 2 * (region.order - LOCK_ORDER)
-        pix = region.pixels >> shift if shift >= 0 else region.pixels
-        tx.lock_partitions(LOCK_KEY, np.unique(pix))
+        tx.lock_partitions(LOCK_KEY, region.pixels_at(LOCK_ORDER))
 
 
 def _store_partitions(store: CatalogStore, region: PixelSet) -> np.ndarray | None:

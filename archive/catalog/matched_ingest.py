@@ -96,12 +96,7 @@ class MatchedIngestReport:
 def _lock(tx, region: PixelSet, held: np.ndarray | None = None) -> np.ndarray:
     """Advisory locks (Postgres) on the order-6 pixels of ``region`` not in ``held``;
     returns all pixels held.  A no-op on stores without them (Parquet has one writer)."""
-    shift = 2 * (region.order - LOCK_ORDER)
-    if shift >= 0:
-        pix = np.unique(region.pixels >> shift)
-    else:  # a footprint coarser than the lock pixels: lock all their children
-        pix = np.unique(((region.pixels << -shift)[:, None]
-                         + np.arange(1 << -shift)[None, :]).ravel())
+    pix = region.pixels_at(LOCK_ORDER)
     held = np.empty(0, np.int64) if held is None else held
     if hasattr(tx, "lock_partitions"):
         tx.lock_partitions(LOCK_KEY, np.setdiff1d(pix, held))

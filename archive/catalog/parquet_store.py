@@ -74,7 +74,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from archive.catalog.schema import Schema, Table
-from archive.catalog.sqlguard import check_read_only
+from archive.catalog.sqlguard import check_duckdb_query
 from archive.catalog.store import CatalogStore, Transaction, frame_from_arrow
 from archive.errors import ArchiveError, NotFoundError, ReadOnlyError, StoreLockedError, ValidationError
 from archive.sky.healpix import partition_pixel
@@ -403,6 +403,11 @@ def _write_file(path: pathlib.Path, rows: pa.Table) -> int:
             tmp.unlink()
         raise
     return os.stat(path).st_size
+
+
+def _sql_string(text: str) -> str:
+    """``text`` as a DuckDB string literal."""
+    return "'" + str(text).replace("'", "''") + "'"
 
 
 class ParquetStore(CatalogStore):
@@ -741,8 +746,9 @@ class ParquetStore(CatalogStore):
                     files = [str(f) for f in self._files(manifest, t.name)]
                     if files:
                         try:
+                            listed = ", ".join(_sql_string(f) for f in files)
                             con.execute(f'CREATE VIEW "{t.name}" AS SELECT * FROM read_parquet('
-                                        f"{files!r}, union_by_name=false, hive_partitioning=false)")
+                                        f"[{listed}], union_by_name=false, hive_partitioning=false)")
                         except duckdb.IOException as exc:  # a commit since the manifest read dropped
                             if "No files found" in str(exc):  # a file (a merge): the caller retries
                                 raise FileNotFoundError(str(exc).splitlines()[0]) from None
@@ -757,22 +763,42 @@ class ParquetStore(CatalogStore):
             self._duck_generation = gen
         return path
 
-    def sql(self, query: str) -> pd.DataFrame:
-        check_read_only(query)
+    def sql(self, query: str, timeout: float | None = None) -> pd.DataFrame:
+        """One read-only query through DuckDB over the current snapshot.
+
+        Behind the parser guard (:func:`check_duckdb_query`), the connection is
+        read-only, may touch only the snapshot's Parquet files (``allowed_paths``;
+        no other file, URL or extension), cannot install or load extensions,
+        has its configuration locked and is interrupted after ``timeout`` s."""
+        check_duckdb_query(query)
+        limit = self.sql_timeout if timeout is None else float(timeout)
 
         def run(manifest):
-            con = duckdb.connect(self._duck_database(manifest), read_only=True)
+            files = [str(f) for t in self.schema for f in self._files(manifest, t.name)]
+            con = duckdb.connect(self._duck_database(manifest), read_only=True,
+                                 config={"autoinstall_known_extensions": False,
+                                         "autoload_known_extensions": False})
+            timer = threading.Timer(limit, con.interrupt)
             try:
+                con.execute("SET allowed_paths = [" + ", ".join(_sql_string(f) for f in files) + "]")
+                con.execute("SET enable_external_access = false")
+                con.execute("SET lock_configuration = true")
+                timer.start()
                 return con.sql(query).to_arrow_table()
             except duckdb.Error as exc:
                 msg = str(exc).splitlines()[0]
+                if isinstance(exc, duckdb.InterruptException):
+                    raise ArchiveError(f"SQL query cancelled after {limit:g} s (timeout)") from None
                 if "read-only" in msg.lower() or "read only" in msg.lower():
                     raise ReadOnlyError(f"archive SQL is read-only: {msg}") from None
+                if isinstance(exc, duckdb.PermissionException):
+                    raise ReadOnlyError(f"archive SQL reads the archive's tables only: {msg}") from None
                 if isinstance(exc, duckdb.IOException) and ("No files found" in msg
                                                             or "No such file or directory" in msg):
                     raise FileNotFoundError(msg) from None  # a commit since dropped a file: retry
                 raise ArchiveError(f"SQL error: {msg}") from None
             finally:
+                timer.cancel()
                 con.close()
 
         return frame_from_arrow(self._retrying(run))

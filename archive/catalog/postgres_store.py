@@ -36,7 +36,7 @@ import sqlalchemy as sa
 
 from archive.catalog.migrate import current_revision, head_revision, upgrade
 from archive.catalog.schema import Schema, Table
-from archive.catalog.sqlguard import check_read_only
+from archive.catalog.sqlguard import check_postgres_query
 from archive.catalog.store import CatalogStore, Transaction, cone_distance_arcsec, frame_from_arrow, nearest_first
 from archive.errors import ArchiveError, ReadOnlyError, ValidationError
 from archive.sky.regions import Cone
@@ -77,6 +77,9 @@ SMALL_CONE_ARCSEC = 300.0
 
 #: Seconds after which a pooled connection is replaced (server-side idle limits).
 POOL_RECYCLE_S = 1800
+
+#: Longest a user SQL query waits for a lock, in ms (writers hold theirs briefly).
+SQL_LOCK_TIMEOUT_MS = 10_000
 
 #: ``:name`` parameters outside single-quoted literals.
 _PARAM = re.compile(r"'[^']*'|(?<!:):([A-Za-z_]\w*)")
@@ -349,12 +352,22 @@ class PostgresStore(CatalogStore):
         sql = f"SELECT count(*) FROM {_quote(t.name)}"
         return int(self._read(lambda d: d.execute(sql).fetchone()[0]))
 
-    def sql(self, query: str) -> pd.DataFrame:
-        check_read_only(query)
+    def sql(self, query: str, timeout: float | None = None) -> pd.DataFrame:
+        """One read-only query on the server.
+
+        Behind the parser guard (:func:`check_postgres_query`: one SELECT, no
+        file, signal, lock, dblink or SQL-as-text functions), the query runs in
+        a READ ONLY transaction with a statement timeout and a lock timeout,
+        and its connection is closed afterwards, so nothing it could leave in
+        the session (an advisory lock, a temp table, a setting) outlives it."""
+        check_postgres_query(query)
+        limit_ms = max(1, int(1000 * (self.sql_timeout if timeout is None else float(timeout))))
         for attempt in range(2):
             con = self.engine.connect()
             try:
                 con.exec_driver_sql("SET TRANSACTION READ ONLY")
+                con.exec_driver_sql(f"SET LOCAL statement_timeout = {limit_ms}")
+                con.exec_driver_sql(f"SET LOCAL lock_timeout = {min(limit_ms, SQL_LOCK_TIMEOUT_MS)}")
                 result = con.exec_driver_sql(query.replace("%", "%%"))
                 return pd.DataFrame.from_records(result.fetchall(), columns=list(result.keys()))
             except sa.exc.DBAPIError as exc:
@@ -362,12 +375,17 @@ class PostgresStore(CatalogStore):
                     self.engine.dispose()  # server restarted: the pooled connections are all dead
                     continue
                 msg = str(exc.orig).strip().splitlines()[0]
+                if isinstance(exc.orig, psycopg.errors.QueryCanceled):
+                    raise ArchiveError(f"SQL query cancelled after {limit_ms / 1000:g} s (timeout): {msg}") from None
+                if isinstance(exc.orig, psycopg.errors.LockNotAvailable):
+                    raise ArchiveError(f"SQL query waited too long for a lock: {msg}") from None
                 if "read-only transaction" in msg:
                     raise ReadOnlyError(f"archive SQL is read-only: {msg}") from None
+                if isinstance(exc.orig, psycopg.errors.InsufficientPrivilege):
+                    raise ReadOnlyError(f"archive SQL: {msg}") from None
                 raise ArchiveError(f"SQL error: {msg}") from None
             finally:
-                if not con.invalidated:
-                    con.rollback()
+                con.invalidate()  # never back to the pool: the session dies with the query
                 con.close()
 
     def close(self) -> None:

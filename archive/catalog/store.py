@@ -161,9 +161,15 @@ class CatalogStore(abc.ABC):
     def get(self, table: str, ids: Sequence, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """Rows whose id column (first primary-key column) is in ``ids``."""
 
+    #: Default limit on one user SQL query, in seconds (``sql(timeout=...)`` overrides it).
+    sql_timeout: float = 300.0
+
     @abc.abstractmethod
-    def sql(self, query: str) -> pd.DataFrame:
-        """Run a read-only SQL query; a statement that would change data is refused."""
+    def sql(self, query: str, timeout: float | None = None) -> pd.DataFrame:
+        """Run one read-only SQL query; anything else is refused (see :mod:`archive.catalog.sqlguard`).
+
+        ``timeout``: seconds before the query is cancelled (default ``sql_timeout``).
+        """
 
     @abc.abstractmethod
     def count(self, table: str) -> int:

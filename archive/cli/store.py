@@ -43,7 +43,8 @@ def cmd_db_grant_read_only(args) -> int:
     if "://" not in url:
         raise ArchiveError("`archive db grant-read-only` needs a PostgreSQL URL")
     url = normalize_url(url)
-    _safe(lambda: grant_read_only(url, args.role), url)
+    for line in _safe(lambda: grant_read_only(url, args.role), url):
+        print(line)
     print(f"role {args.role} can read (SELECT) every archive table and write none")
     return 0
 
@@ -75,7 +76,7 @@ def cmd_cone(args) -> int:
 
 def cmd_sql(args) -> int:
     with Archive.open(args.repo) as arc:
-        df = arc.sql(args.query)
+        df = arc.sql(args.query, timeout=args.timeout)
     emit(df, args.format, args.output)
     return 0
 
@@ -143,9 +144,11 @@ def register(sub) -> None:
     add_format_options(p)
     p.set_defaults(func=cmd_cone)
 
-    p = sub.add_parser("sql", help="run one read-only SQL query")
+    p = sub.add_parser("sql", help="run one read-only SQL query (a single SELECT; see README)")
     _repo_option(p)
     p.add_argument("query", metavar="QUERY")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="cancel the query after S seconds (default: 300)")
     add_format_options(p)
     p.set_defaults(func=cmd_sql)
 

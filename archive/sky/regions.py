@@ -489,6 +489,15 @@ class PixelSet:
     def default_order(self) -> int:
         return self.order
 
+    def pixels_at(self, order: int) -> np.ndarray:
+        """The sorted unique pixels at ``order`` that cover this set exactly or more:
+        the ancestors when ``order`` is coarser, all descendants when it is finer."""
+        shift = 2 * (self.order - check_order(order))
+        if shift >= 0:
+            return np.unique(self.pixels >> shift)
+        children = np.arange(1 << -shift, dtype=np.int64)
+        return ((self.pixels << -shift)[:, None] + children[None, :]).ravel()
+
     def pixel_ranges(self, order: int | None = None) -> np.ndarray:
         return pixels_to_ranges(self.pixels, self.order)
 

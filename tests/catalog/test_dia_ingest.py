@@ -160,17 +160,20 @@ def test_light_curve_and_forced(store):
         arc.light_curve(12345)
 
 
-def _worker(url, visit, barrier):
+def _worker(url, visit, barrier, radius=1.0):
     from archive.api import Archive as A
 
     ra, dec = _field(300, seed=7)
     arc = A.open(url)
     barrier.wait()
-    arc.ingest_dia_sources(_visit(ra, dec, visit, visit, visit * 1000))  # real clock
+    arc.ingest_dia_sources(_visit(ra, dec, visit, visit, visit * 1000), radius_arcsec=radius)  # real clock
     arc.close()
 
 
-def test_concurrent_overlapping_batches_postgres(pg_store_url):
+# 900": a footprint coarser than the order-6 lock pixels, which once locked the
+# wrong pixel numbers (600 objects from 300 positions)
+@pytest.mark.parametrize("radii", [(1.0, 1.0), (900.0, 1.0)])
+def test_concurrent_overlapping_batches_postgres(pg_store_url, radii):
     import sqlalchemy as sa
 
     from archive.catalog.schema import load_schema
@@ -181,7 +184,7 @@ def test_concurrent_overlapping_batches_postgres(pg_store_url):
     eng.dispose()
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(2)
-    procs = [ctx.Process(target=_worker, args=(pg_store_url, v, barrier)) for v in (1, 2)]
+    procs = [ctx.Process(target=_worker, args=(pg_store_url, v, barrier, r)) for v, r in zip((1, 2), radii)]
     for p in procs:
         p.start()
     for p in procs:

@@ -178,9 +178,9 @@ def test_reads_and_writes_survive_a_server_restart(pg_store, make_dia_sources):
     store = pg_store
     """No pre-ping: pooled connections killed by the server (as by a restart) are
     discarded and the operation retried on a fresh connection."""
+    store.sql("SELECT 1 AS one")  # user SQL closes its own connection: not pooled
     store.write("dia_source", make_dia_sources(100))
     assert len(store.cone("dia_source", 150.0, 0.0, 10800)) > 0 and store.count("dia_source") == 100
-    store.sql("SELECT 1 AS one")
 
     def kill_all():
         engine = sa.create_engine(store.url, isolation_level="AUTOCOMMIT")
