@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import asdict, dataclass
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,9 @@ from scipy.spatial import cKDTree
 from archive.errors import ValidationError
 
 log = logging.getLogger(__name__)
+
+#: median of a Rayleigh distribution in units of its per-axis sigma: sqrt(2 ln 2)
+RAYLEIGH_MEDIAN = float(np.sqrt(2.0 * np.log(2.0)))
 
 
 @dataclass
@@ -206,16 +210,22 @@ def fit_tan_sip(x, y, ra, dec, weights, centre, degree: int | None, start: tuple
     return wcs
 
 
-def usable_for_astrometry(sources: pd.DataFrame, min_snr: float) -> np.ndarray:
+def usable_for_astrometry(sources: pd.DataFrame, min_snr: float,
+                          mask_planes: Mapping[str, int] | None = None) -> np.ndarray:
     """Boolean mask of sources fit for astrometry: finite ``x, y``, ``snr`` above ``min_snr``
-    (when present), no SAT/CR/BAD/NO_DATA pixel and a good centroid (when ``flags`` is present)."""
+    (when present), no SAT/CR/BAD/NO_DATA pixel and a good centroid (when ``flags`` is present).
+
+    The mask bits of ``flags`` are decoded with ``mask_planes`` (the exposure's layout), else the
+    layout the table was measured with (:func:`archive.process.measure.flag_layout`)."""
     from archive.process import flags as F_
+    from archive.process.measure import flag_layout
 
     ok = np.isfinite(sources["x"].to_numpy(np.float64)) & np.isfinite(sources["y"].to_numpy(np.float64))
     if "snr" in sources:
         ok &= sources["snr"].to_numpy(np.float64) > min_snr
     if "flags" in sources:
-        bad = F_.plane_bits(None, "SAT", "CR", "BAD", "NO_DATA") | int(F_.FLAG_CENTROID | F_.FLAG_STAMP_EDGE)
+        planes = flag_layout(sources, mask_planes)
+        bad = F_.plane_bits(planes, "SAT", "CR", "BAD", "NO_DATA") | int(F_.FLAG_CENTROID | F_.FLAG_STAMP_EDGE)
         ok &= (sources["flags"].to_numpy() & bad) == 0
     return ok
 
@@ -229,10 +239,13 @@ def _sip_degree(max_degree: int | None, n: int, per_term: int) -> int | None:
 
 
 def fit_astrometry(sources: pd.DataFrame, refcat: pd.DataFrame, wcs: WCS, shape: tuple[int, int], *,
-                   ref_mag: str | None = None, config: AstrometryConfig | None = None) -> AstrometryResult:
+                   ref_mag: str | None = None, config: AstrometryConfig | None = None,
+                   mask_planes: Mapping[str, int] | None = None) -> AstrometryResult:
     """Fit a TAN-SIP WCS for ``sources`` (columns ``x, y``, ``snr``, ``psf_flux``) against
     ``refcat`` (columns ``ra, dec`` in degrees; ``ref_mag`` names a magnitude column used
-    to pick the brightest), starting from the header ``wcs`` of an image of ``shape``."""
+    to pick the brightest), starting from the header ``wcs`` of an image of ``shape``.
+    ``mask_planes``: the mask layout of the ``flags`` bits (default: the table's own, see
+    :func:`usable_for_astrometry`)."""
     cfg = config or AstrometryConfig()
     if wcs is None or not wcs.has_celestial:
         raise ValidationError("fit_astrometry: a celestial starting WCS is required")
@@ -244,7 +257,7 @@ def fit_astrometry(sources: pd.DataFrame, refcat: pd.DataFrame, wcs: WCS, shape:
             raise ValidationError(f"fit_astrometry: source table lacks column {c!r}")
     ny, nx = shape
     src = sources
-    src = src[usable_for_astrometry(src, cfg.min_snr)]
+    src = src[usable_for_astrometry(src, cfg.min_snr, mask_planes)]
     src_idx = src.index.to_numpy()
     sx = src["x"].to_numpy(np.float64)
     sy = src["y"].to_numpy(np.float64)
@@ -322,7 +335,9 @@ def fit_astrometry(sources: pd.DataFrame, refcat: pd.DataFrame, wcs: WCS, shape:
             px, py = cur.all_world2pix(ref_sky.ra.deg[ri], ref_sky.dec.deg[ri], 0)
             rx_, ry_ = sx[si] - px, sy[si] - py
             rr = np.hypot(rx_, ry_)
-            sig = 1.4826 * np.median(rr[used]) / 1.1774 if used.any() else np.inf  # Rayleigh median -> sigma
+            # per-axis sigma from the radial residuals: their median is sigma sqrt(2 ln 2) for a
+            # circular Gaussian (Rayleigh); no MAD factor on top of that (it made the clip ~4.4 sigma)
+            sig = np.median(rr[used]) / RAYLEIGH_MEDIAN if used.any() else np.inf
             new = rr < max(cfg.clip_sigma * sig, 1e-3)
             if np.array_equal(new, used) or new.sum() < cfg.min_matches:
                 break

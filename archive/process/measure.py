@@ -66,6 +66,20 @@ class MeasureConfig:
         return asdict(self)
 
 
+#: key of ``DataFrame.attrs`` holding the mask layout (plane name -> bit) of a table's ``flags``
+MASK_PLANES_ATTR = "mask_planes"
+
+
+def flag_layout(sources: pd.DataFrame, mask_planes: Mapping[str, int] | None = None) -> Mapping[str, int]:
+    """The mask layout to decode the mask bits of ``sources["flags"]`` with: ``mask_planes`` when
+    given (the exposure's own), else the layout :func:`measure_sources` recorded in the table's
+    ``attrs``, else the default layout (a table from elsewhere, e.g. read back from the store)."""
+    if mask_planes is not None:
+        return mask_planes
+    got = getattr(sources, "attrs", {}).get(MASK_PLANES_ATTR)
+    return got if got is not None else F_.DEFAULT_MASK_PLANES
+
+
 def ap_column(r: float) -> str:
     """Column name of an aperture flux of radius ``r`` px (``ap_flux_r3`` for 3)."""
     return f"ap_flux_r{r:g}".replace(".", "p")
@@ -275,6 +289,7 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
     cols = _empty_columns(radii)
     if n == 0:
         df = pd.DataFrame(cols)
+        df.attrs[MASK_PLANES_ATTR] = dict(mask_planes if mask_planes is not None else F_.DEFAULT_MASK_PLANES)
         return (df, np.zeros(shape)) if return_model else df
     # the padded planes must hold every stamp wherever a centroid may wander (start + max_shift)
     xc0 = np.floor(x + 0.5).astype(np.int64)
@@ -413,6 +428,7 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
         flags |= mask_or_within(mask, x, y, cfg.flag_radius)
     out["flags"] = flags
     df = pd.DataFrame(out)
+    df.attrs[MASK_PLANES_ATTR] = dict(mask_planes if mask_planes is not None else F_.DEFAULT_MASK_PLANES)
     for c in ("x", "y", "x_err", "y_err", "snr", "ixx", "iyy", "ixy", "sky"):
         df[c] = df[c].astype(np.float32)
     if return_model:

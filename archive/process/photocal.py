@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -25,7 +26,7 @@ import pandas as pd
 from archive.errors import ValidationError
 from archive.image.calib import PhotoCalib
 from archive.process import flags as F_
-from archive.process.measure import ap_column
+from archive.process.measure import ap_column, flag_layout
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +84,27 @@ class PhotoCalResult:
     stars: pd.DataFrame
 
 
-def _good_stars(sources: pd.DataFrame, cfg: PhotoCalConfig) -> np.ndarray:
-    bad = F_.plane_bits(None, *cfg.bad_flags_planes) | int(
+def _good_stars(sources: pd.DataFrame, cfg: PhotoCalConfig, mask_planes: Mapping[str, int] | None = None) -> np.ndarray:
+    """Stars fit for calibration: none of ``bad_flags_planes`` (decoded with the table's mask layout,
+    :func:`archive.process.measure.flag_layout`) or of the measurement failure flags, S/N above
+    ``min_snr``, a positive finite PSF flux."""
+    bad = F_.plane_bits(flag_layout(sources, mask_planes), *cfg.bad_flags_planes) | int(
         F_.FLAG_PSF_FLUX | F_.FLAG_CENTROID | F_.FLAG_STAMP_EDGE | F_.FLAG_APERTURE_EDGE | F_.FLAG_BLENDED)
     return (((sources["flags"].to_numpy() & bad) == 0) & (sources["snr"].to_numpy() > cfg.min_snr)
             & np.isfinite(sources["psf_flux"].to_numpy()) & (sources["psf_flux"].to_numpy() > 0))
 
 
-def aperture_correction(sources: pd.DataFrame, config: PhotoCalConfig | None = None) -> tuple[float, float, int]:
-    """``(ap_corr, error, n)``: median of aperture/PSF flux over good stars."""
+def aperture_correction(sources: pd.DataFrame, config: PhotoCalConfig | None = None, *,
+                        mask_planes: Mapping[str, int] | None = None) -> tuple[float, float, int]:
+    """``(ap_corr, error, n)``: median of aperture/PSF flux over good stars.
+
+    mask_planes: the mask layout of the ``flags`` bits (default: the table's own,
+    :func:`archive.process.measure.flag_layout`)."""
     cfg = config or PhotoCalConfig()
     col = ap_column(cfg.apcorr_radius)
     if col not in sources:
         raise ValidationError(f"aperture_correction: the source table has no {col} column")
-    good = _good_stars(sources, cfg) & np.isfinite(sources[col].to_numpy())
+    good = _good_stars(sources, cfg, mask_planes) & np.isfinite(sources[col].to_numpy())
     if good.sum() < cfg.min_stars:
         raise ValidationError(f"aperture_correction: only {int(good.sum())} good stars (need {cfg.min_stars})")
     r = sources[col].to_numpy()[good] / sources["psf_flux"].to_numpy()[good]
@@ -106,19 +114,23 @@ def aperture_correction(sources: pd.DataFrame, config: PhotoCalConfig | None = N
 
 
 def calibrate_photometry(sources: pd.DataFrame, refcat: pd.DataFrame, matches: pd.DataFrame, band: str, *,
-                         config: PhotoCalConfig | None = None) -> PhotoCalResult:
+                         config: PhotoCalConfig | None = None,
+                         mask_planes: Mapping[str, int] | None = None) -> PhotoCalResult:
     """Zero point of ``sources`` (fluxes in counts) against ``refcat`` magnitudes in ``band``.
 
     ``matches``: source/reference index pairs (columns ``src``, ``ref``; e.g.
-    :attr:`archive.process.astrometry.AstrometryResult.matches`).
+    :attr:`archive.process.astrometry.AstrometryResult.matches`). ``mask_planes``: the mask
+    layout of the ``flags`` bits (default: the table's own,
+    :func:`archive.process.measure.flag_layout`).
     """
     cfg = config or PhotoCalConfig()
     if band not in refcat:
         raise ValidationError(f"calibrate_photometry: reference catalog has no magnitude column {band!r}")
-    ap, ap_err, _ = aperture_correction(sources, cfg)
+    planes = flag_layout(sources, mask_planes)
+    ap, ap_err, _ = aperture_correction(sources, cfg, mask_planes=planes)
     src = sources.loc[matches["src"].to_numpy()].reset_index(drop=True)
     ref = refcat.iloc[matches["ref"].to_numpy()].reset_index(drop=True)
-    good = _good_stars(src, cfg) & np.isfinite(ref[band].to_numpy(np.float64))
+    good = _good_stars(src, cfg, planes) & np.isfinite(ref[band].to_numpy(np.float64))
     colour = cfg.colours.get(band)
     col = np.zeros(len(src))
     if colour is not None and all(c in ref for c in colour):
