@@ -13,29 +13,63 @@ Algorithm
    exact separations are computed from 3-D unit vectors for those candidates
    only.  Cost is O(sources x local density), independent of the number of
    objects when they arrive sorted; correct at RA 0/360 and at the poles.
-2. **Scores.** Without positional errors (or ``use_errors=False``) the cost
+2. **Gate.**  A pair may match when its separation is within the source's
+   match radius (``radius_arcsec``: 1" by default; a survey's own default where
+   the ingest gives one, e.g. 1.5" for ZTF, see :mod:`archive.catalog.alerts`).
+   Beyond the radius, a source with measured positional errors may still match
+   up to a ceiling (``max_radius_arcsec``, 2") when the offset's chi^2 under
+   the combined covariance of source and object is at most ``max_chi2`` (25,
+   2 degrees of freedom): imprecise positions reach farther, precise ones keep
+   the radius.  The radius is a floor because real positions scatter more
+   than their quoted errors (LSST's HiTS DIASources pair up to 0.96" apart
+   with median errors of 0.07"); a gate shrinking below it split 7 of LSST's
+   551 HiTS objects.
+3. **Scores.**  Without positional errors (or ``use_errors=False``) the cost
    of a pair is its separation in arcsec.  With errors the cost is the
    negative log Gaussian likelihood of the tangent-plane offset under the
    combined covariance of source and object,
    ``0.5*chi2 + 0.5*ln det(S) + ln(2 pi)`` (S in arcsec^2); a row lacking
-   errors then uses ``default_err_arcsec``.  ``ra_err`` is the uncertainty of
-   the RA *coordinate* in degrees (as LSST's raErr), i.e. ``ra_err*cos(dec)``
-   on the sky; ``ra_dec_cov`` (deg^2) is used where present.
-3. **Assignment.** An object takes at most one source per visit.  Within a
+   errors then uses ``default_err_arcsec``.  ``ra_err`` is the uncertainty
+   *on the sky* (of ra*cos(dec), in degrees of arc: what the schema,
+   :mod:`archive.process.characterize` and LSST's raErr give) and
+   ``ra_dec_cov`` (deg^2) the on-sky covariance; neither is multiplied by
+   cos(dec) again.  An object carrying ``pos_sum_w`` (every stored one) has the
+   isotropic error 1/sqrt(pos_sum_w).
+4. **Assignment.** An object takes at most one source per visit.  Within a
    visit the assignment is globally optimal: the largest number of pairs is
    matched and, among those, the total cost is minimal (a min-weight full
    bipartite matching with "unmatched" dummies; see :func:`optimal_matching`).
    Components where one source and one object only see each other (the
    common case) are matched directly, vectorized; only the ambiguous edges
    go to the sparse solver (scipy LAPJVsp).
-4. **Several visits in one batch** are associated as successive rounds in time
+5. **Duplicates of a visit** (``same_visit="attach"``, the DIASource rule).
+   Surveys sometimes measure one object twice on one difference image (ZTF
+   alert packets hold pairs of candidates 0.2" apart from one image).  Such a
+   second source must not found a twin object that then splits the light
+   curve.  A source left unmatched that lies within the gate of an object
+   that took a source of the same visit is **attached** to it (the cheapest
+   such object) and flagged a duplicate (``AssociationResult.duplicate``; the
+   store sets :data:`DUPLICATE_FLAG` in ``dia_source.flags``).  Likewise among
+   the unmatched sources of a visit that would found new objects: taken in a
+   fixed order (most precise position, then highest ``snr``, then smallest
+   ``dia_source_id`` -- never the arrival order), a source within the gate of
+   an object founded before it in the visit is attached to that one.  A
+   duplicate keeps its row and its ``dia_object_id`` (it is in the object's
+   light curve) but does not enter the object's summaries or position: the
+   object has one detection per visit in its statistics.  Direct-image
+   matching (:mod:`archive.catalog.matched`, where two sources of one epoch
+   are two stars) uses ``same_visit="found"``: they found two objects.
+6. **Several visits in one batch** are associated as successive rounds in time
    order (by the smallest ``mjd`` of the visit when given, else by visit
-   number).  A source left unmatched founds a new object positioned at that
-   source; later rounds can match it.  Between rounds, every object that took
-   a source moves to the weighted mean of its unit vectors and gets the
-   isotropic error 1/sqrt(sum w), exactly as :mod:`archive.catalog.summaries`
-   stores it (objects given with ``pos_sum_w`` keep their weight), so a batch
-   of several visits associates like the same visits one at a time.
+   number; ties by visit number).  A source left unmatched founds a new object
+   positioned at that source; later rounds can match it.  Between rounds,
+   every object that took a source moves to the weighted mean of its unit
+   vectors and gets the isotropic error 1/sqrt(sum w), exactly as
+   :mod:`archive.catalog.summaries` stores it, so a batch of several visits
+   associates like the same visits one at a time.  The store relies on this
+   to make the objects independent of the order visits arrive in
+   (:mod:`archive.catalog.dia_ingest`: a late visit re-associates the affected
+   objects' later sources in time order).
 """
 
 from __future__ import annotations
@@ -184,23 +218,33 @@ def tangent_offsets(src_ra: np.ndarray, src_dec: np.ndarray,
 
 
 # --------------------------------------------------------------------------- errors
-def _cov_arrays(df: pd.DataFrame, dec: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Tangent-plane covariance (xx, yy, xy) per row in arcsec^2; NaN where unknown."""
+# --------------------------------------------------------------------------- errors
+def _num_col(df: pd.DataFrame, name: str) -> np.ndarray:
+    if name not in df.columns:
+        return np.full(len(df), np.nan)
+    return pd.to_numeric(df[name], errors="coerce").to_numpy(np.float64, na_value=np.nan)
+
+
+def _cov_arrays(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tangent-plane covariance (xx east, yy north, xy) per row in arcsec^2; NaN where unknown.
+
+    ``ra_err`` is the error *on the sky* (of ra*cos(dec), degrees of arc) and
+    ``ra_dec_cov`` the on-sky covariance (deg^2): neither is multiplied by
+    cos(dec) here (issue 15, item 3).
+    """
     n = len(df)
     if "ra_err" not in df.columns or "dec_err" not in df.columns:
         return np.full(n, np.nan), np.full(n, np.nan), np.zeros(n)
-    cosd = np.cos(np.radians(dec))
-    ra_err = pd.to_numeric(df["ra_err"], errors="coerce").to_numpy(np.float64, na_value=np.nan)
-    dec_err = pd.to_numeric(df["dec_err"], errors="coerce").to_numpy(np.float64, na_value=np.nan)
-    sx = ra_err * cosd * 3600.0
-    sy = dec_err * 3600.0
-    if "ra_dec_cov" in df.columns:
-        cov = pd.to_numeric(df["ra_dec_cov"], errors="coerce").to_numpy(np.float64,
-                                                                         na_value=np.nan)
-        cxy = np.where(np.isfinite(cov), cov * cosd * 3600.0 ** 2, 0.0)
-    else:
-        cxy = np.zeros(n)
+    sx = _num_col(df, "ra_err") * 3600.0
+    sy = _num_col(df, "dec_err") * 3600.0
+    cov = _num_col(df, "ra_dec_cov")
+    cxy = np.where(np.isfinite(cov), cov * 3600.0 ** 2, 0.0)
     return sx * sx, sy * sy, cxy
+
+
+def _has_errors(cov: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    xx, yy, _ = cov
+    return np.isfinite(xx) & np.isfinite(yy) & (xx > 0) & (yy > 0)
 
 
 def _fill_cov(xx: np.ndarray, yy: np.ndarray, xy: np.ndarray,
@@ -210,20 +254,46 @@ def _fill_cov(xx: np.ndarray, yy: np.ndarray, xy: np.ndarray,
             np.where(bad | ~np.isfinite(xy), 0.0, xy))
 
 
-def _pair_costs(scoring: str, sep: np.ndarray, dx: np.ndarray, dy: np.ndarray,
-                scov: tuple[np.ndarray, np.ndarray, np.ndarray],
-                tcov: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
-    """Cost per pair: separation (arcsec), or -ln Gaussian likelihood of the offset."""
-    if scoring == "distance":
-        return sep.copy()
-    xx, yy, xy = scov[0] + tcov[0], scov[1] + tcov[1], scov[2] + tcov[2]
+def _object_state(objects: pd.DataFrame, default_var: float
+                  ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """Covariance (arcsec^2) and position weight (arcsec^-2) of every object row.
+
+    Objects stored by the archive carry ``pos_sum_w`` (deg^-2): their error is
+    the isotropic 1/sqrt(pos_sum_w), taken from that float64 sum (the stored
+    float32 ``ra_err``/``dec_err`` are the same value rounded), so stored
+    objects and objects moved in memory between the visits of one batch score
+    identically.  Other objects use ``ra_err``/``dec_err``/``ra_dec_cov``, or
+    ``default_var`` per axis, and the weight 2/(xx + yy).
+    """
+    xx, yy, xy = _fill_cov(*_cov_arrays(objects), default_var)
+    w = _num_col(objects, "pos_sum_w") / 3600.0 ** 2
+    ok = np.isfinite(w) & (w > 0)
+    iso = np.where(ok, 1.0 / np.where(ok, w, 1.0), np.nan)
+    xx, yy, xy = np.where(ok, iso, xx), np.where(ok, iso, yy), np.where(ok, 0.0, xy)
+    return (xx, yy, xy), np.where(ok, w, 2.0 / (xx + yy))
+
+
+def _chi2_logdet(dx: np.ndarray, dy: np.ndarray, xx: np.ndarray, yy: np.ndarray,
+                 xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """chi^2 of offsets (arcsec) under covariances (arcsec^2), and ln det of the covariance."""
     det = xx * yy - xy * xy
     bad = ~(det > 0)
     if bad.any():  # inconsistent covariances: drop the correlation
         xy = np.where(bad, 0.0, xy)
         det = xx * yy - xy * xy
     chi2 = (yy * dx * dx - 2.0 * xy * dx * dy + xx * dy * dy) / det
-    return 0.5 * chi2 + 0.5 * np.log(det) + _LOG_2PI
+    return chi2, np.log(det)
+
+
+def _pair_costs(scoring: str, sep: np.ndarray, dx: np.ndarray, dy: np.ndarray,
+                scov: tuple[np.ndarray, np.ndarray, np.ndarray],
+                tcov: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Cost per pair -- separation (arcsec), or -ln Gaussian likelihood of the offset -- and
+    the pair's chi^2 under the combined covariance."""
+    chi2, logdet = _chi2_logdet(dx, dy, scov[0] + tcov[0], scov[1] + tcov[1], scov[2] + tcov[2])
+    if scoring == "distance":
+        return sep.copy(), chi2
+    return 0.5 * chi2 + 0.5 * logdet + _LOG_2PI, chi2
 
 
 def _offsets_vec(us: np.ndarray, ut: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -300,7 +370,24 @@ def optimal_matching(src: np.ndarray, obj: np.ndarray, cost: np.ndarray) -> np.n
     return chosen
 
 
+
+
 # --------------------------------------------------------------------------- associate
+#: Default match radius (arcsec): the gate's floor -- pairs at most this far apart always
+#: pass -- for sources without a survey default.
+DEFAULT_RADIUS_ARCSEC = 1.0
+#: Default ceiling (arcsec): beyond the radius, a pair passes only within this distance
+#: and a chi^2 within :data:`DEFAULT_MAX_CHI2`; never beyond it.
+DEFAULT_MAX_RADIUS_ARCSEC = 2.0
+#: Default chi^2 gate (2 degrees of freedom; P(chi^2 > 25) = 3.7e-6 for a true pair).
+DEFAULT_MAX_CHI2 = 25.0
+#: Bit set in ``dia_source.flags`` of a source attached as a duplicate of its object's visit
+#: (another source of the same visit is that object's detection for the visit).  The low
+#: bits of ``flags`` are mask planes, measurement flags start at bit 32, calibration flags
+#: at 48; association flags at 56.
+DUPLICATE_FLAG = np.int64(1) << np.int64(56)
+
+
 @dataclass
 class AssociationResult:
     """Outcome of :func:`associate`, aligned with the rows of ``sources``.
@@ -309,12 +396,16 @@ class AssociationResult:
     ----------
     dia_object_id : int64, the object each source belongs to (existing or new).
     is_new : bool, True where the source founded a new object.
-    distance_arcsec : float64, separation from the matched object (NaN if new).
+    distance_arcsec : float64, separation from the matched object (NaN if new);
+        for a duplicate, from the object's position (or its founder's).
     object_index : int64, positional row in ``objects`` of the matched object,
         -1 for new objects (founded by this source or by an earlier source of
         the batch).
     cost : float64, score of the chosen pair (NaN if new).
     scoring : ``"distance"`` or ``"likelihood"``.
+    duplicate : bool, True where the source was attached to an object that
+        already took another source of the same visit (it does not enter the
+        object's summaries; see the module docstring).
     """
 
     dia_object_id: np.ndarray
@@ -323,6 +414,11 @@ class AssociationResult:
     object_index: np.ndarray
     cost: np.ndarray
     scoring: str
+    duplicate: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.duplicate is None:
+            self.duplicate = np.zeros(self.is_new.size, dtype=bool)
 
     @property
     def n_new(self) -> int:
@@ -332,12 +428,16 @@ class AssociationResult:
     def n_matched(self) -> int:
         return int(self.is_new.size - self.is_new.sum())
 
+    @property
+    def n_duplicates(self) -> int:
+        return int(self.duplicate.sum())
+
     def to_frame(self, index: pd.Index | None = None) -> pd.DataFrame:
         """The result as a DataFrame (one row per source)."""
         return pd.DataFrame({
             "dia_object_id": self.dia_object_id, "is_new": self.is_new,
             "distance_arcsec": self.distance_arcsec, "object_index": self.object_index,
-            "cost": self.cost}, index=index)
+            "cost": self.cost, "duplicate": self.duplicate}, index=index)
 
 
 def _column(df: pd.DataFrame, name: str, what: str, dtype=np.float64) -> np.ndarray:
@@ -350,7 +450,11 @@ def _column(df: pd.DataFrame, name: str, what: str, dtype=np.float64) -> np.ndar
 
 
 def _rounds(sources: pd.DataFrame) -> np.ndarray:
-    """Round number per source (0-based, time order of its visit)."""
+    """Round number per source (0-based, time order of its visit).
+
+    Visits are ordered by the smallest ``mjd`` of their rows, ties by visit
+    number: the order a time-ordered ingest would see them in.
+    """
     n = len(sources)
     key_col = "visit" if "visit" in sources.columns else (
         "exposure_id" if "exposure_id" in sources.columns else None)
@@ -361,7 +465,7 @@ def _rounds(sources: pd.DataFrame) -> np.ndarray:
         raise ValidationError(f"sources: column {key_col!r} has missing values")
     uniq, inv = np.unique(key, return_inverse=True)
     if "mjd" in sources.columns:
-        mjd = pd.to_numeric(sources["mjd"], errors="coerce").to_numpy(np.float64, na_value=np.nan)
+        mjd = _num_col(sources, "mjd")
         tmin = np.full(uniq.size, np.inf)
         np.minimum.at(tmin, inv, np.where(np.isfinite(mjd), mjd, np.inf))
         order = np.lexsort((np.arange(uniq.size), tmin))
@@ -372,22 +476,160 @@ def _rounds(sources: pd.DataFrame) -> np.ndarray:
     return rank[inv.ravel()]
 
 
-def _rounds_loop(src_ra, src_dec, src_u, src_hp, s_cov, w_src, rounds, n_rounds,
-                 objects, obj_ra, obj_dec, obj_hp, o_cov, radius_arcsec, default_var,
-                 scoring, target, dist, cost, founder) -> None:
+def _priority(sources: pd.DataFrame, w_src: np.ndarray, src_ra: np.ndarray,
+              src_dec: np.ndarray) -> np.ndarray:
+    """Rank of each source as the founder of a new object among same-visit neighbours
+    (0 = first): the most precise position first, then the highest ``snr``, then the
+    smallest ``dia_source_id``, then position -- never the row order, so the choice does
+    not depend on how the rows arrived."""
+    snr = _num_col(sources, "snr")
+    ids = (sources["dia_source_id"].to_numpy(np.float64, na_value=np.nan)
+           if "dia_source_id" in sources.columns else np.zeros(len(sources)))
+    order = np.lexsort((src_ra, src_dec, ids, -np.nan_to_num(snr, nan=-np.inf), -w_src))
+    rank = np.empty(order.size, dtype=np.int64)
+    rank[order] = np.arange(order.size)
+    return rank
+
+
+@dataclass
+class _Ctx:
+    """Per-batch arrays shared by the rounds (internal)."""
+
+    src_ra: np.ndarray
+    src_dec: np.ndarray
+    src_u: np.ndarray
+    s_cov: tuple[np.ndarray, np.ndarray, np.ndarray]
+    s_err: np.ndarray          # source has measured errors
+    radius: np.ndarray         # per-source floor of the gate (arcsec)
+    ceil: np.ndarray           # per-source ceiling (arcsec), >= radius
+    max_chi2: float | None
+    scoring: str
+    attach: bool
+    prio: np.ndarray
+    no: int
+    target: np.ndarray         # object row, or no + founding source row; -1 unassigned
+    dist: np.ndarray
+    cost: np.ndarray
+    founder: np.ndarray
+    dup: np.ndarray
+
+    def gate(self, es: np.ndarray, sep: np.ndarray, chi2: np.ndarray) -> np.ndarray:
+        """Which candidate pairs may match: within the source's radius; or, for a
+        source with measured errors (scored by likelihood), within the ceiling and
+        chi^2 <= max_chi2 under the combined covariance of both sides."""
+        ok = sep <= self.radius[es]
+        if self.max_chi2 is not None and self.scoring == "likelihood":
+            ok |= (sep <= self.ceil[es]) & self.s_err[es] & (chi2 <= self.max_chi2)
+        return ok
+
+
+def _score(ctx: _Ctx, es: np.ndarray, us_t: np.ndarray, sep: np.ndarray,
+           tcov: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Gate mask and cost of pairs (sources ``es``, targets at unit vectors ``us_t``)."""
+    dx, dy = _offsets_vec(ctx.src_u[es], us_t)
+    c, chi2 = _pair_costs(ctx.scoring, sep, dx, dy, tuple(x[es] for x in ctx.s_cov), tcov)
+    return ctx.gate(es, sep, chi2), c
+
+
+def _resolve_round(ctx: _Ctx, members: np.ndarray, es: np.ndarray, gt: np.ndarray,
+                   sep: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Assign one visit's sources given its gated candidate edges (source ``es`` ->
+    global target ``gt``: an object row, or ``no +`` the row of an earlier founder).
+
+    1. an optimal matching (most pairs, then least cost) -- each target takes at
+       most one source of the visit;
+    2. with ``attach``: a source left over that has candidates (all of them were
+       taken, or the matching would have used one) is attached to its cheapest
+       one as a duplicate of that visit;
+    3. the rest found new objects, except (``attach``) a source within the gate of
+       another founder of the same visit ranking before it (:func:`_priority`),
+       which becomes a duplicate of that founder's new object.
+
+    Returns ``(matched sources, their targets, new founders)``.
+    """
+    pick = optimal_matching(es, gt, c)
+    ms, mt = es[pick], gt[pick]
+    ctx.target[ms] = mt
+    ctx.dist[ms] = sep[pick]
+    ctx.cost[ms] = c[pick]
+    left = members[ctx.target[members] < 0]
+    if ctx.attach and left.size:
+        e = np.flatnonzero(np.isin(es, left))
+        if e.size:
+            e = e[np.lexsort((gt[e], c[e], es[e]))]
+            e = e[np.r_[True, es[e][1:] != es[e][:-1]]]  # cheapest edge per source
+            ctx.target[es[e]] = gt[e]
+            ctx.dist[es[e]] = sep[e]
+            ctx.cost[es[e]] = c[e]
+            ctx.dup[es[e]] = True
+            left = left[ctx.target[left] < 0]
+        if left.size > 1:
+            _cluster_founders(ctx, left)
+            left = left[ctx.target[left] < 0]
+    ctx.founder[left] = True
+    return ms, mt, left
+
+
+def _cluster_founders(ctx: _Ctx, rows: np.ndarray) -> None:
+    """Among would-be founders of one visit, keep one per group within the gate.
+
+    Taken in :func:`_priority` order, a source founds an object unless it lies
+    within the gate of an object founded before it in this visit (its position
+    and errors are its founder's), in which case it is attached to the cheapest
+    such founder as a duplicate.  Decided in a few vectorized sweeps: a source is
+    decided once every higher-ranked neighbour is.
+    """
+    rmax = float(ctx.ceil[rows].max())
+    a, b, sep = candidate_pairs(ctx.src_ra[rows], ctx.src_dec[rows], ctx.src_ra[rows],
+                                ctx.src_dec[rows], rmax)
+    a, b = rows[a], rows[b]
+    keep = ctx.prio[b] < ctx.prio[a]  # edge: a may be a duplicate of the better-ranked b
+    a, b, sep = a[keep], b[keep], sep[keep]
+    if a.size == 0:
+        return
+    ok, c = _score(ctx, a, ctx.src_u[b], sep, tuple(x[b] for x in ctx.s_cov))
+    a, b, sep, c = a[ok], b[ok], sep[ok], c[ok]
+    if a.size == 0:
+        return
+    loc = pd.Index(rows)
+    la, lb = loc.get_indexer(a), loc.get_indexer(b)
+    state = np.zeros(rows.size, dtype=np.int8)  # 0 undecided, 1 founder, 2 duplicate
+    has_edge = np.bincount(la, minlength=rows.size) > 0
+    state[~has_edge] = 1
+    while (state == 0).any():
+        sb = state[lb]
+        n_found = np.bincount(la, weights=(sb == 1), minlength=rows.size)
+        n_open = np.bincount(la, weights=(sb == 0), minlength=rows.size)
+        und = state == 0
+        state[und & (n_found > 0)] = 2
+        state[und & (n_found == 0) & (n_open == 0)] = 1
+    e = np.flatnonzero((state[la] == 2) & (state[lb] == 1))
+    e = e[np.lexsort((b[e], c[e], a[e]))]
+    e = e[np.r_[True, a[e][1:] != a[e][:-1]]]
+    ctx.target[a[e]] = ctx.no + b[e]
+    ctx.dist[a[e]] = sep[e]
+    ctx.cost[a[e]] = c[e]
+    ctx.dup[a[e]] = True
+
+
+def _rounds_loop(ctx: _Ctx, src_hp, w_src, rounds, n_rounds, obj_ra, obj_dec, obj_hp,
+                 o_cov, o_w) -> None:
     """Associate visit by visit, updating object positions between visits.
 
     Targets are the given objects (0..no-1) and every source as a potential
     founder of a new object (no + i).  After each visit, a target that took a
-    source moves to the weighted mean of its unit vectors and gets the
-    isotropic error 1/sqrt(sum w), exactly as the summaries would give; so a
-    batch of several visits associates like the same visits one at a time.
-    Candidates come from a pool with twice the radius; if a target drifts by
-    more than one radius the pool is rebuilt from the current positions.
+    source (duplicates excepted) moves to the weighted mean of its unit vectors
+    and gets the isotropic error 1/sqrt(sum w), exactly as the summaries would
+    give; so a batch of several visits associates like the same visits one at a
+    time.  Candidates come from a pool with twice the largest ceiling; if a
+    target drifts by more than one ceiling the pool is rebuilt from the current
+    positions.
     """
-    ns, no = src_ra.size, obj_ra.size
-    pool_r = 2.0 * radius_arcsec
-    margin = 2.0 * np.sin(0.5 * radius_arcsec * _ARCSEC_RAD)
+    src_ra, src_dec, src_u, no = ctx.src_ra, ctx.src_dec, ctx.src_u, ctx.no
+    ns = src_ra.size
+    rmax = float(ctx.ceil.max())
+    pool_r = 2.0 * rmax
+    margin = 2.0 * np.sin(0.5 * rmax * _ARCSEC_RAD)
 
     def build_pool(first_round: int, t_ra, t_dec, t_hp):
         rem = np.flatnonzero(rounds >= first_round)
@@ -398,6 +640,9 @@ def _rounds_loop(src_ra, src_dec, src_u, src_hp, s_cov, w_src, rounds, n_rounds,
 
     s1, t1 = build_pool(0, obj_ra, obj_dec, obj_hp)
     s2, t2 = build_pool(0, src_ra, src_dec, src_hp)
+    # a source is a target only from a later visit than its own
+    later = rounds[t2] < rounds[s2]
+    s2, t2 = s2[later], t2[later]
     ps = np.concatenate([s1, s2])
     pt = np.concatenate([t1, no + t2])
     # compact state over the targets that can ever be reached
@@ -407,21 +652,12 @@ def _rounds_loop(src_ra, src_dec, src_u, src_hp, s_cov, w_src, rounds, n_rounds,
     tu = np.empty((nt, 3))
     tu[is_obj] = unit_vectors(obj_ra[tid[is_obj]], obj_dec[tid[is_obj]])
     tu[~is_obj] = src_u[tid[~is_obj] - no]
-    oc = _fill_cov(*(x[tid[is_obj]] for x in o_cov), default_var) if is_obj.any() else None
     txx, tyy, txy = np.empty(nt), np.empty(nt), np.zeros(nt)
-    if oc is not None:
-        txx[is_obj], tyy[is_obj], txy[is_obj] = oc
     sw = np.zeros(nt)
     if is_obj.any():
         rows = tid[is_obj]
-        w0 = None
-        if "pos_sum_w" in objects.columns:
-            w0 = pd.to_numeric(objects["pos_sum_w"].iloc[rows], errors="coerce").to_numpy(
-                np.float64, na_value=np.nan) / 3600.0 ** 2
-        if w0 is None:
-            w0 = np.full(rows.size, np.nan)
-        fallback = 2.0 / (txx[is_obj] + tyy[is_obj])
-        sw[is_obj] = np.where(np.isfinite(w0) & (w0 > 0), w0, fallback)
+        txx[is_obj], tyy[is_obj], txy[is_obj] = (x[rows] for x in o_cov)
+        sw[is_obj] = o_w[rows]
     swv = tu * sw[:, None]
     base = tu.copy()
     local_of = np.full(no + ns, -1, dtype=np.int64)
@@ -432,32 +668,23 @@ def _rounds_loop(src_ra, src_dec, src_u, src_hp, s_cov, w_src, rounds, n_rounds,
     bounds = np.searchsorted(rounds[ps], np.arange(n_rounds + 1))
     src_by_round = np.argsort(rounds, kind="stable")
     br = np.searchsorted(rounds[src_by_round], np.arange(n_rounds + 1))
-    chord_r2 = (2.0 * np.sin(0.5 * radius_arcsec * _ARCSEC_RAD)) ** 2
+    chord_r2 = (2.0 * np.sin(0.5 * ctx.ceil * _ARCSEC_RAD)) ** 2  # per source
     for r in range(n_rounds):
         e = np.arange(bounds[r], bounds[r + 1])
         es, et = ps[e], pt_local[e]
         gt = tid[et]
-        usable = (gt < no) | founder[np.maximum(gt - no, 0)]
+        usable = (gt < no) | ctx.founder[np.maximum(gt - no, 0)]
         es, et = es[usable], et[usable]
         d = src_u[es] - tu[et]
         c2 = np.einsum("ij,ij->i", d, d)
-        near = c2 <= chord_r2
+        near = c2 <= chord_r2[es]
         es, et, c2 = es[near], et[near], c2[near]
         sep = _chord_to_arcsec(np.sqrt(c2))
-        if scoring == "likelihood":
-            dx, dy = _offsets_vec(src_u[es], tu[et])
-            c = _pair_costs(scoring, sep, dx, dy, tuple(x[es] for x in s_cov),
-                            (txx[et], tyy[et], txy[et]))
-        else:
-            c = sep
-        pick = optimal_matching(es, et, c)
-        ms, mt = es[pick], et[pick]
-        target[ms] = tid[mt]
-        dist[ms] = sep[pick]
-        cost[ms] = c[pick]
+        ok, c = _score(ctx, es, tu[et], sep, (txx[et], tyy[et], txy[et]))
+        es, et, sep, c = es[ok], et[ok], sep[ok], c[ok]
         members = src_by_round[br[r]:br[r + 1]]
-        new = members[target[members] < 0]
-        founder[new] = True
+        ms, mt_g, new = _resolve_round(ctx, members, es, tid[et], sep, c)
+        mt = local_of[mt_g]
         # update the state of the targets that took a source, and of new objects
         sw[mt] += w_src[ms]
         swv[mt] += src_u[ms] * w_src[ms][:, None]
@@ -488,37 +715,66 @@ def _rounds_loop(src_ra, src_dec, src_u, src_hp, s_cov, w_src, rounds, n_rounds,
                 base = tu.copy()
 
 
-def associate(sources: pd.DataFrame, objects: pd.DataFrame, radius_arcsec: float = 1.0,
+def associate(sources: pd.DataFrame, objects: pd.DataFrame,
+              radius_arcsec: float | np.ndarray = DEFAULT_RADIUS_ARCSEC,
               use_errors: bool = True, *, default_err_arcsec: float = 0.1,
+              max_radius_arcsec: float = DEFAULT_MAX_RADIUS_ARCSEC,
+              max_chi2: float | None = DEFAULT_MAX_CHI2,
+              same_visit: str = "attach",
               id_factory: Callable[[int], np.ndarray] = new_ids) -> AssociationResult:
     """Associate a batch of DIASources with known DIAObjects (pure, no I/O).
 
     Parameters
     ----------
     sources : DataFrame with ``ra``, ``dec`` (deg); optional ``ra_err``,
-        ``dec_err`` (deg, RA-coordinate and Dec uncertainties), ``ra_dec_cov``
-        (deg^2), ``visit`` (or ``exposure_id``) and ``mjd``.  Sources of one
+        ``dec_err`` (deg, on the sky), ``ra_dec_cov`` (deg^2), ``visit`` (or
+        ``exposure_id``), ``mjd``, ``snr``, ``dia_source_id``.  Sources of one
         visit compete for objects; different visits are separate rounds in
         time order (without ``visit``/``exposure_id`` the batch is one visit).
         An optional ``healpix29`` column is used instead of recomputing it.
     objects : DataFrame with ``dia_object_id``, ``ra``, ``dec`` (deg); optional
-        ``ra_err``, ``dec_err``, ``ra_dec_cov``, ``healpix29`` (fastest when
+        ``pos_sum_w`` (deg^-2; the stored running weight, preferred), else
+        ``ra_err``, ``dec_err``, ``ra_dec_cov``; ``healpix29`` (fastest when
         sorted by it, as the store keeps them).  May be empty.
-    radius_arcsec : match radius (arcsec); pairs farther apart never match.
-    use_errors : score pairs by Gaussian likelihood when error columns exist;
-        otherwise (or if False) by separation.
+    radius_arcsec : match radius (arcsec), one value or one per source: the
+        gate's floor, pairs at most this far apart may always match.
+    use_errors : score pairs by Gaussian likelihood (and apply the chi^2 gate)
+        when error columns exist; otherwise (or if False) by separation.
     default_err_arcsec : per-axis positional error (arcsec) assumed for rows
         without errors when scoring by likelihood.
+    max_radius_arcsec : the gate's ceiling (arcsec): beyond the radius, a
+        source with measured errors may match a target up to this far away
+        when the offset's chi^2 under the combined covariance of both sides is
+        <= ``max_chi2`` (so imprecise positions reach farther, precise ones
+        keep the radius).  Pairs beyond it never match.
+    max_chi2 : that chi^2 limit (2 degrees of freedom); None: the radius alone.
+    same_visit : ``"attach"`` (DIASources): a source within the gate of an
+        object that already took a source of its visit -- or of a better-ranked
+        source of the visit that founds one -- is attached to it as a
+        duplicate (``result.duplicate``) instead of founding a twin;
+        ``"found"`` (direct-image matching, where two sources of one epoch are
+        two stars): it founds a new object.
     id_factory : ``n -> int64 ids`` for new objects (default :func:`new_ids`).
 
     Returns
     -------
     AssociationResult aligned with ``sources`` rows.
     """
+    if same_visit not in ("attach", "found"):
+        raise ValidationError(f"same_visit must be 'attach' or 'found', got {same_visit!r}")
     ns = len(sources)
     src_ra = _column(sources, "ra", "sources")
     src_dec = _column(sources, "dec", "sources")
     _check_positions(src_ra, src_dec, "sources")
+    radius = np.broadcast_to(np.asarray(radius_arcsec, dtype=np.float64), (ns,)).copy()
+    if ns and not (np.isfinite(radius).all() and (radius > 0).all()):
+        raise ValidationError(f"radius_arcsec must be > 0, got {radius_arcsec}")
+    if not np.ndim(radius_arcsec) and not float(radius_arcsec) > 0:
+        raise ValidationError(f"radius_arcsec must be > 0, got {radius_arcsec}")
+    if not (np.isfinite(max_radius_arcsec) and max_radius_arcsec > 0):
+        raise ValidationError(f"max_radius_arcsec must be > 0, got {max_radius_arcsec}")
+    if max_chi2 is not None and not max_chi2 > 0:
+        raise ValidationError(f"max_chi2 must be > 0 or None, got {max_chi2}")
     no = len(objects)
     if no:
         obj_ra = _column(objects, "ra", "objects")
@@ -536,44 +792,41 @@ def associate(sources: pd.DataFrame, objects: pd.DataFrame, radius_arcsec: float
     default_var = float(default_err_arcsec) ** 2
     if not default_var > 0:
         raise ValidationError(f"default_err_arcsec must be > 0, got {default_err_arcsec}")
-    s_cov = _cov_arrays(sources, src_dec)
-    o_cov = _cov_arrays(objects, obj_dec) if no else (np.empty(0), np.empty(0), np.empty(0))
-    has_err = bool(np.isfinite(s_cov[0]).any() or np.isfinite(o_cov[0]).any())
-    scoring = "likelihood" if (use_errors and has_err) else "distance"
-    s_cov = _fill_cov(*s_cov, default_var)
+    s_cov_raw = _cov_arrays(sources)
+    s_err = _has_errors(s_cov_raw)
+    o_has = no and (("pos_sum_w" in objects.columns and bool(
+        (_num_col(objects, "pos_sum_w") > 0).any())) or bool(_has_errors(_cov_arrays(objects)).any()))
+    scoring = "likelihood" if (use_errors and (s_err.any() or o_has)) else "distance"
+    s_cov = _fill_cov(*s_cov_raw, default_var)
+    o_cov, o_w = _object_state(objects, default_var) if no else (
+        (np.empty(0), np.empty(0), np.empty(0)), np.empty(0))
     # position weight of a source (arcsec^-2), as archive.catalog.summaries uses it
     w_src = 2.0 / (s_cov[0] + s_cov[1])
+    # how far each source can reach: its radius, or the ceiling where the chi^2 gate applies
+    chi2_gate = max_chi2 is not None and scoring == "likelihood"
+    ceil = np.where(chi2_gate & s_err, np.maximum(radius, float(max_radius_arcsec)), radius)
 
     rounds = _rounds(sources)
     n_rounds = int(rounds.max()) + 1 if ns else 0
-    src_u = unit_vectors(src_ra, src_dec)
+    ctx = _Ctx(src_ra=src_ra, src_dec=src_dec, src_u=unit_vectors(src_ra, src_dec), s_cov=s_cov,
+               s_err=s_err, radius=radius, ceil=ceil, max_chi2=max_chi2,
+               scoring=scoring, attach=same_visit == "attach",
+               prio=_priority(sources, w_src, src_ra, src_dec), no=no,
+               target=np.full(ns, -1, dtype=np.int64), dist=np.full(ns, np.nan),
+               cost=np.full(ns, np.nan), founder=np.zeros(ns, dtype=bool),
+               dup=np.zeros(ns, dtype=bool))
 
-    target = np.full(ns, -1, dtype=np.int64)  # object row, or no + founding source row
-    dist = np.full(ns, np.nan)
-    cost = np.full(ns, np.nan)
-    founder = np.zeros(ns, dtype=bool)
-
-    if n_rounds <= 1:
+    if n_rounds == 1:
         # one visit: a single optimal assignment against the given objects
-        s_o, o_o, sep = candidate_pairs(src_ra, src_dec, obj_ra, obj_dec, radius_arcsec,
+        s_o, o_o, sep = candidate_pairs(src_ra, src_dec, obj_ra, obj_dec, float(ceil.max()),
                                         obj_healpix29=obj_hp, src_healpix29=src_hp)
-        if scoring == "likelihood":
-            ou = unit_vectors(obj_ra[o_o], obj_dec[o_o])
-            dx, dy = _offsets_vec(src_u[s_o], ou)
-            oc = _fill_cov(o_cov[0][o_o], o_cov[1][o_o], o_cov[2][o_o], default_var)
-            c = _pair_costs(scoring, sep, dx, dy, tuple(x[s_o] for x in s_cov), oc)
-        else:
-            c = sep
-        pick = optimal_matching(s_o, o_o, c)
-        target[s_o[pick]] = o_o[pick]
-        dist[s_o[pick]] = sep[pick]
-        cost[s_o[pick]] = c[pick]
-        founder = target < 0
-    else:
-        _rounds_loop(src_ra, src_dec, src_u, src_hp, s_cov, w_src, rounds, n_rounds,
-                     objects, obj_ra, obj_dec, obj_hp, o_cov, radius_arcsec, default_var,
-                     scoring, target, dist, cost, founder)
+        ok, c = _score(ctx, s_o, unit_vectors(obj_ra[o_o], obj_dec[o_o]), sep,
+                       tuple(x[o_o] for x in o_cov))
+        _resolve_round(ctx, np.arange(ns), s_o[ok], o_o[ok], sep[ok], c[ok])
+    elif n_rounds > 1:
+        _rounds_loop(ctx, src_hp, w_src, rounds, n_rounds, obj_ra, obj_dec, obj_hp, o_cov, o_w)
 
+    target, founder = ctx.target, ctx.founder
     ids_new = np.asarray(id_factory(int(founder.sum())), dtype=np.int64)
     founder_rows = np.flatnonzero(founder)
     # ids in founding (round) order
@@ -587,7 +840,9 @@ def associate(sources: pd.DataFrame, objects: pd.DataFrame, radius_arcsec: float
     out_id[to_new] = new_id_of_src[target[to_new] - no]
     out_id[founder] = new_id_of_src[founder]
     obj_index = np.where(existing, target, -1)
-    log.debug("associate: %d sources, %d objects, %d rounds: %d matched, %d new (%s)",
-              ns, no, n_rounds, ns - int(founder.sum()), int(founder.sum()), scoring)
-    return AssociationResult(dia_object_id=out_id, is_new=founder, distance_arcsec=dist,
-                             object_index=obj_index, cost=cost, scoring=scoring)
+    log.debug("associate: %d sources, %d objects, %d rounds: %d matched, %d new, %d duplicates (%s)",
+              ns, no, n_rounds, ns - int(founder.sum()), int(founder.sum()), int(ctx.dup.sum()),
+              scoring)
+    return AssociationResult(dia_object_id=out_id, is_new=founder.copy(), distance_arcsec=ctx.dist,
+                             object_index=obj_index, cost=ctx.cost, scoring=scoring,
+                             duplicate=ctx.dup)

@@ -70,7 +70,9 @@ def match_sources(sources: pd.DataFrame, matched: pd.DataFrame, radius_arcsec: f
         _need(objs, ["dia_object_id", "ra", "dec"], "matched sources")
     else:
         objs = pd.DataFrame({"dia_object_id": np.empty(0, np.int64), "ra": [], "dec": []})
-    return associate(sources, objs, radius_arcsec, use_errors, id_factory=id_factory)
+    # two sources of one epoch are two stars (no duplicates to attach); a plain radius gate
+    return associate(sources, objs, radius_arcsec, use_errors, same_visit="found", max_chi2=None,
+                     id_factory=id_factory)
 
 
 def _mags(flux: np.ndarray, err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -345,7 +347,7 @@ def summarize(sources: pd.DataFrame) -> pd.DataFrame:
     out["ra"] = np.degrees(np.arctan2(vy, vx)) % 360.0
     out["dec"] = np.degrees(np.arctan2(vz, np.hypot(vx, vy)))
     out["dec_err"] = np.sqrt(1.0 / sw)
-    out["ra_err"] = out["dec_err"] / np.cos(np.radians(out["dec"]))
+    out["ra_err"] = out["dec_err"]  # on the sky (of ra*cos(dec)), isotropic
     out["healpix29"] = radec_to_healpix29(out["ra"], out["dec"]) if n else np.empty(0, np.int64)
     ep = pd.DataFrame({"k": inv, "e": sources["exposure_id"].to_numpy(np.int64)})
     out["n_epochs"] = ep.groupby("k")["e"].nunique().reindex(range(n)).to_numpy()

@@ -6,8 +6,10 @@ the batch, not to the history:
 
 * position: ``pos_sum_w`` = sum w, ``pos_sum_w{x,y,z}`` = sum w * unit vector,
   ``pos_sum_wt`` = sum w * mjd, with w = 1/sigma^2 (deg^-2) and
-  sigma^2 = ((ra_err * cos dec)^2 + dec_err^2) / 2 (ra_err is the RA-coordinate
-  error in deg).  A source without errors gets ``DEFAULT_POS_ERR_ARCSEC``, so a
+  sigma^2 = (ra_err^2 + dec_err^2) / 2, where ``ra_err`` is the error *on the
+  sky* (of ra*cos(dec), in degrees of arc, as the schema says and as
+  :mod:`archive.process.characterize` and LSST's raErr give it) -- never
+  multiplied by cos(dec) again.  A source without errors gets ``DEFAULT_POS_ERR_ARCSEC``, so a
   batch without any errors is averaged with equal weights.
 * per band, PSF flux of the DIASources (``{band}_psf_flux_*``) and forced PSF
   flux of the dia_forced_source rows (``{band}_forced_flux_*``): ``sum_w`` =
@@ -17,7 +19,7 @@ the batch, not to the history:
 Derived by :func:`finalize`:
 
 * ra, dec: direction of the weighted mean unit vector; ``dec_err`` =
-  1/sqrt(pos_sum_w) (deg), ``ra_err`` = dec_err / cos(dec) (RA coordinate);
+  1/sqrt(pos_sum_w) (deg), ``ra_err`` = dec_err (on the sky, isotropic);
   ``ra_dec_cov`` = 0 (isotropic per-source errors); ``radec_mjd`` =
   pos_sum_wt / pos_sum_w; ``healpix29`` of (ra, dec).
 * flux mean = sum_wf/sum_w, mean_err = 1/sqrt(sum_w), chi2 = sum_wff -
@@ -40,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from archive.catalog.association import DUPLICATE_FLAG
 from archive.catalog.schema import load_schema
 from archive.errors import ValidationError
 from archive.sky.healpix import radec_to_healpix29
@@ -125,13 +128,26 @@ def _band_codes(df: pd.DataFrame, what: str) -> np.ndarray:
 
 def position_weights(sources: pd.DataFrame) -> np.ndarray:
     """Per-source position weight w = 1/sigma^2 in deg^-2 (see module docstring)."""
-    dec = _num(sources, "dec", "sources")
-    ra_err = _num(sources, "ra_err", "sources", required=False)
+    ra_err = _num(sources, "ra_err", "sources", required=False)  # on the sky (deg of arc)
     dec_err = _num(sources, "dec_err", "sources", required=False)
-    var = ((ra_err * np.cos(np.radians(dec))) ** 2 + dec_err ** 2) / 2.0
+    var = (ra_err ** 2 + dec_err ** 2) / 2.0
     default = (DEFAULT_POS_ERR_ARCSEC / 3600.0) ** 2
     var = np.where(np.isfinite(var) & (var > 0), var, default)
     return 1.0 / var
+
+
+def primary(sources: pd.DataFrame) -> np.ndarray:
+    """Rows that enter the summaries: all but duplicates of a visit (``flags`` with
+    :data:`archive.catalog.association.DUPLICATE_FLAG` set; see that module)."""
+    if "flags" not in sources.columns or len(sources) == 0:
+        return np.ones(len(sources), dtype=bool)
+    flags = pd.to_numeric(sources["flags"], errors="coerce").fillna(0).to_numpy(np.int64)
+    return (flags & DUPLICATE_FLAG) == 0
+
+
+def _primary_only(sources: pd.DataFrame) -> pd.DataFrame:
+    keep = primary(sources)
+    return sources if keep.all() else sources.loc[keep]
 
 
 def _unit(ra: np.ndarray, dec: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -250,7 +266,8 @@ def apply_sources(objects: pd.DataFrame, sources: pd.DataFrame, sign: int = +1, 
         May be empty.  When adding, ids not present get new rows.
     sources : dia_source rows with ``dia_object_id``, ``ra``, ``dec`` (deg),
         ``mjd`` (TAI), ``band``, ``psf_flux``, ``psf_flux_err`` (nJy) and
-        optional ``ra_err``, ``dec_err`` (deg).
+        optional ``ra_err``, ``dec_err`` (deg, on the sky) and ``flags``; rows
+        flagged as duplicates of a visit are skipped (:func:`primary`).
     sign : +1 to add, -1 to remove a contribution added before.
     validity_start : when given, every touched object gets this MJD as its
         ``validity_start`` and a null ``validity_end`` (a new version).
@@ -262,6 +279,7 @@ def apply_sources(objects: pd.DataFrame, sources: pd.DataFrame, sign: int = +1, 
     if sign not in (1, -1):
         raise ValidationError(f"sign must be +1 or -1, got {sign}")
     _check_objects(objects)
+    sources = _primary_only(sources)
     ids = _ids(sources, "sources")
     out = _to_cols(objects)
     pos = _rows_for(out, ids, sign, "sources", create=True)
@@ -406,12 +424,11 @@ def _derive(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ra = np.degrees(np.arctan2(my, mx)) % 360.0
         dec = np.degrees(np.arctan2(mz, np.hypot(mx, my)))
         err = np.sqrt(1.0 / sw)
-        ra_err = err / np.cos(np.radians(dec))
         radec_mjd = out["pos_sum_wt"] / sw
     out["ra"] = np.where(has, ra, np.nan)
     out["dec"] = np.where(has, dec, np.nan)
     out["dec_err"] = np.where(has, err, np.nan)
-    out["ra_err"] = np.where(has, ra_err, np.nan)
+    out["ra_err"] = np.where(has, err, np.nan)  # on the sky, as dec_err
     out["ra_dec_cov"] = np.where(has, 0.0, np.nan)
     out["radec_mjd"] = np.where(has, radec_mjd, np.nan)
     hp29 = np.zeros(sw.size, dtype=np.int64)
@@ -466,8 +483,10 @@ def recompute(all_sources: pd.DataFrame, all_forced: pd.DataFrame | None = None,
     """Full recompute of ``dia_object`` rows from all their DIASources (and forced rows).
 
     Independent of the incremental path (pandas group-by statistics), used to
-    check it and to rebuild an object from its history.
+    check it and to rebuild an object from its history.  Duplicates of a visit
+    (:func:`primary`) are left out, as the incremental path leaves them out.
     """
+    all_sources = _primary_only(all_sources)
     ids = _ids(all_sources, "sources")
     uid, inv = np.unique(ids, return_inverse=True)
     n = uid.size
@@ -538,7 +557,7 @@ def recompute(all_sources: pd.DataFrame, all_forced: pd.DataFrame | None = None,
     out["ra"] = ra_o
     out["dec"] = dec_o
     out["dec_err"] = np.sqrt(1.0 / sw)
-    out["ra_err"] = np.sqrt(1.0 / sw) / np.cos(np.radians(dec_o))
+    out["ra_err"] = np.sqrt(1.0 / sw)  # on the sky
     out["ra_dec_cov"] = np.zeros(n)
     out["radec_mjd"] = out["pos_sum_wt"] / sw
     out["healpix29"] = radec_to_healpix29(ra_o, dec_o) if n else np.empty(0, np.int64)

@@ -31,7 +31,7 @@ def _simulate(seed=0, n_obj=40, n_visits=25):
                              band=band,
                              ra=(ora[j] + rng.normal(0, err) * ARCSEC / cosd) % 360,
                              dec=np.clip(odec[j] + rng.normal(0, err) * ARCSEC, -90, 90),
-                             ra_err=np.nan if rng.random() < 0.1 else err * ARCSEC / cosd,
+                             ra_err=np.nan if rng.random() < 0.1 else err * ARCSEC,  # on the sky
                              dec_err=err * ARCSEC,
                              psf_flux=rng.normal(1000 * (1 + j % 5), 300),
                              psf_flux_err=np.nan if rng.random() < 0.05 else 20 + 50 * rng.random()))
