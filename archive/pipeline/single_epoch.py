@@ -165,12 +165,12 @@ def _measured(calexp, info) -> tuple[float, float, float]:
         seeing = float(calexp.psf.fwhm((nx - 1) / 2.0, (ny - 1) / 2.0)) * scale
     if calexp.photo_calib is not None and info.exp_time > 0:
         zp = float(calexp.photo_calib.zero_point) + 2.5 * np.log10(info.exp_time)
-        # 5-sigma point source: noise-equivalent area 4 pi sigma_psf^2 with the median variance
+        # 5-sigma point source: the PSF model's own noise-equivalent area with the median variance
         if calexp.psf is not None:
-            fwhm_px = seeing / scale
-            area = 4.0 * np.pi * (fwhm_px / 2.3548) ** 2
-            noise = np.sqrt(np.nanmedian(calexp.variance) * area)
-            lim = float(calexp.photo_calib.zero_point - 2.5 * np.log10(5.0 * noise))
+            from archive.process.quality import limiting_magnitude
+
+            lim = limiting_magnitude(float(calexp.photo_calib.zero_point), float(np.nanmedian(calexp.variance)),
+                                     calexp.psf, x=(nx - 1) / 2.0, y=(ny - 1) / 2.0)
     return seeing, zp, lim
 
 

@@ -230,6 +230,54 @@ def check_psf(psf, x: float | None = None, y: float | None = None, *, config: Qu
     return rep
 
 
+def psf_noise_area(psf, x: float | None = None, y: float | None = None, size: int | None = None) -> float:
+    """Noise-equivalent area (px^2) of a PSF: ``1 / sum(p^2)`` of its image ``p`` normalised to
+    unit sum.
+
+    A point source of flux F on a background of per-pixel variance V is measured by an optimal
+    (PSF-weighted) fit with variance ``V / sum(p^2)`` (sky-limited); for a Gaussian of width
+    sigma the area is ``4 pi sigma^2``, for a Moffat of the same FWHM it is larger (1.5x for
+    beta = 2.5), so a Gaussian formula makes the limit too deep. ``psf``: an
+    :class:`archive.image.psf.PSF` (``image(x, y, size)``) or a stamp PSF
+    (:mod:`archive.process.psfmodel`, ``stamps``); ``(x, y)``: where (px; default the PSF's
+    reference position or the centre of its ``bbox``); ``size``: stamp size (odd, px; default
+    ~8 FWHM, at least 31).
+    """
+    fw = float(psf.fwhm(x, y)) if x is not None and y is not None else float(psf.fwhm())
+    if x is None or y is None:
+        x = y = 0.0
+        bbox = getattr(psf, "bbox", None)
+        if bbox is not None and tuple(bbox) != (0.0, 0.0, 0.0, 0.0):
+            x, y = (bbox[0] + bbox[2]) / 2.0, (bbox[1] + bbox[3]) / 2.0
+    if size is None:
+        size = max(31, 2 * int(math.ceil(4.0 * fw)) + 1)
+    xc, yc = float(math.floor(x + 0.5)), float(math.floor(y + 0.5))
+    if hasattr(psf, "image"):
+        p = np.asarray(psf.image(xc, yc, size), dtype=np.float64)
+    else:
+        p = np.asarray(psf.stamps(np.array([xc]), np.array([yc]), size)[0], dtype=np.float64)
+    tot = p.sum()
+    if not np.isfinite(tot) or tot <= 0:
+        raise ValueError("psf_noise_area: the PSF image has no positive flux")
+    p = p / tot
+    return float(1.0 / np.sum(p * p))
+
+
+def limiting_magnitude(zero_point: float, background_variance: float, psf, *, nsigma: float = 5.0,
+                       ap_corr: float = 1.0, x: float | None = None, y: float | None = None) -> float:
+    """``nsigma`` point-source limiting AB magnitude (sky-limited).
+
+    zero_point: AB magnitude of one count of (aperture-corrected) PSF flux; background_variance:
+    per-pixel variance of the sky (counts^2, e.g. the median of the variance plane);
+    psf: the exposure's PSF, whose own noise-equivalent area (:func:`psf_noise_area`, not a
+    Gaussian 4 pi sigma^2) sets the flux error ``sqrt(V A)``; ap_corr: the factor that turns
+    PSF fluxes into the fluxes the zero point calibrates.
+    """
+    area = psf_noise_area(psf, x, y)
+    noise = math.sqrt(float(background_variance) * area) * float(ap_corr)
+    return float(zero_point - 2.5 * math.log10(nsigma * noise))
+
+
 def check_exposure(exposure, *, psf=None, config: QualityConfig | None = None) -> QualityReport:
     """All checks on an Exposure: pixels, masks, variance and the PSF (``psf`` or the exposure's)."""
     cfg = config or QualityConfig()
