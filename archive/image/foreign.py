@@ -4,8 +4,16 @@
   (``*_ooi_*`` image, ``*_oow_*`` inverse-variance weight, ``*_ood_*`` data
   quality), optionally with a PSFEx model (``*-psfex.fits``).
 - :func:`read_plain_image`: any single image HDU with a celestial WCS.
+- :func:`read_calibrated_mef`: calibrated exposures of other pipelines as
+  multi-extension FITS with ``IMAGE``, ``MASK`` and ``VARIANCE`` HDUs (found by
+  EXTNAME, any order) and the mask bit names in ``MP_*`` cards (the LSST
+  convention); :func:`is_calibrated_mef` tells such a file from a raw frame.
 
-Times are converted to MJD TAI at mid-exposure (DECam's MJD-OBS is UTC at the start).
+Time, visit and zero-point cards are read by :mod:`archive.image.obsheader`:
+MJD (TAI) at mid-exposure from ``MJD-AVG``/``DATE-AVG``, or ``MJD-OBS``/``DATE-OBS``
+(start) + ``EXPTIME``/2, in the scale of ``TIMESYS`` (UTC when absent; DECam's
+MJD-OBS is UTC at the start); the zero point from ``FLUXMAG0``/``PHOTZP``/
+``MAGZERO``/``MAGZP``.
 """
 
 from __future__ import annotations
@@ -16,15 +24,14 @@ import pathlib
 import warnings
 
 import numpy as np
-import astropy.units as u
 from astropy.io import fits
-from astropy.time import Time
 
 from archive.errors import NotFoundError, ValidationError
 from archive.image import mask as maskmod
 from archive.image.calib import PhotoCalib
 from archive.image.exposure import Exposure, ExposureInfo
 from archive.image.fitsutil import wcs_from_header
+from archive.image.obsheader import exposure_identity, header_zero_point, mid_exposure_mjd_tai
 from archive.image.psf import PixelPSF
 
 #: CP data-quality bit values (older CP versions) -> our planes.
@@ -65,17 +72,6 @@ def _image_hdu(path: pathlib.Path, hdu: int | str | None):
     return data, header
 
 
-def _mid_mjd_tai(header: fits.Header) -> float:
-    if "MJD-OBS" not in header:
-        return math.nan
-    scale = str(header.get("TIMESYS", "UTC")).strip().lower()
-    if scale not in ("utc", "tai", "tt", "tdb"):
-        scale = "utc"
-    t = Time(float(header["MJD-OBS"]), format="mjd", scale=scale)
-    exp = float(header.get("EXPTIME", 0.0) or 0.0)
-    return float((t.tai + (exp / 2.0) * u.s).mjd)
-
-
 def _mean_card(header: fits.Header, *keys: str, default: float = math.nan) -> float:
     vals = [float(header[k]) for k in keys if k in header]
     return float(np.mean(vals)) if vals else default
@@ -91,26 +87,132 @@ def read_plain_image(path: str | os.PathLike, hdu: int | str | None = None,
     """
     path = pathlib.Path(path)
     data, header = _image_hdu(path, hdu)
-    info = _info_from_header(header)
+    info = _info_from_header(header, path)
     return Exposure(data.astype(np.float32), wcs=wcs_from_header(header), info=info,
                     photo_calib=PhotoCalib.from_zero_point(zero_point) if zero_point is not None else None)
 
 
-def _info_from_header(header: fits.Header) -> ExposureInfo:
+def _info_from_header(header: fits.Header, where=None) -> ExposureInfo:
+    """Metadata of a foreign image: band (first word of BAND/FILTER), visit/detector and
+    MJD (TAI) at mid-exposure by :mod:`archive.image.obsheader` (the card the visit came
+    from in ``extras["visit_from"]``, ``""`` when none: visit 0), EXPTIME, AIRMASS, GAIN
+    (mean of GAINA/GAINB), RDNOISE, SATURATE."""
     band = str(header.get("BAND", header.get("FILTER", ""))).strip().split(" ")[0]
-    visit = header.get("EXPNUM", header.get("VISIT", 0))
-    det = header.get("CCDNUM", header.get("DETECTOR", 0))
+    mjd = mid_exposure_mjd_tai(header, where)
+    ident = exposure_identity(header, mjd, where)
+    extras = {k.lower(): header[k] for k in ("DETPOS", "INSTRUME", "PLVER", "OBJECT") if k in header
+              and isinstance(header[k], (str, int, float))}
+    extras["visit_from"] = ident.visit_from
     return ExposureInfo(
-        visit=int(visit) if str(visit).strip().lstrip("-").isdigit() else 0,
-        detector=int(det) if str(det).strip().lstrip("-").isdigit() else 0,
-        band=band, mjd=_mid_mjd_tai(header), exp_time=float(header.get("EXPTIME", math.nan) or math.nan),
+        visit=ident.visit if ident.visit is not None else 0, detector=ident.detector,
+        band=band, mjd=mjd, exp_time=float(header.get("EXPTIME", math.nan) or math.nan),
         airmass=float(header.get("AIRMASS", math.nan) or math.nan),
         gain=_mean_card(header, "GAINA", "GAINB", default=float(header.get("GAIN", 1.0) or 1.0)),
         read_noise=_mean_card(header, "RDNOISEA", "RDNOISEB", default=float(header.get("RDNOISE", 0.0) or 0.0)),
         saturation=float(header.get("SATURATE", math.inf) or math.inf),
-        extras={k.lower(): header[k] for k in ("DETPOS", "INSTRUME", "PLVER", "OBJECT") if k in header
-                and isinstance(header[k], (str, int, float))},
+        extras=extras,
     )
+
+
+#: EXTNAMEs of the planes of a calibrated multi-extension exposure.
+MEF_PLANES = ("IMAGE", "MASK", "VARIANCE")
+
+
+def is_calibrated_mef(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a FITS file with ``IMAGE``, ``MASK`` and ``VARIANCE`` HDUs
+    (a calibrated exposure, ours or another pipeline's), False for anything else
+    (e.g. a raw single-HDU frame); reads the headers only."""
+    try:
+        with fits.open(path, memmap=True, lazy_load_hdus=False) as hdul:
+            names = {str(h.header.get("EXTNAME", "")).strip().upper() for h in hdul}
+    except (OSError, ValueError):
+        return False
+    return set(MEF_PLANES) <= names
+
+
+def read_calibrated_mef(path: str | os.PathLike) -> Exposure:
+    """A calibrated exposure written by another pipeline as IMAGE/MASK/VARIANCE extensions.
+
+    - ``IMAGE``, ``MASK``, ``VARIANCE`` HDUs found by EXTNAME (case-insensitive, any
+      order, same shape); the WCS from the IMAGE header; primary cards the IMAGE header
+      lacks are inherited (FITS INHERIT convention).  A ``PSF`` HDU is not read (the PSF
+      is measured again).
+    - Mask bit names from the ``MP_<NAME> = bit`` cards of the MASK header, kept in the
+      file's own layout (``exposure.mask_planes``); a MASK with bits set but no ``MP_*``
+      card is refused (its bits cannot be decoded).  Non-finite image or variance
+      pixels, and variance <= 0, get the ``NO_DATA`` plane (added when missing).
+    - Metadata as :func:`_info_from_header` reads it; the sky may still be in the image.
+    - ``photo_calib``: our own ``NJYPCNT`` card, else the header zero point
+      (:func:`archive.image.obsheader.header_zero_point`; its note in
+      ``info.extras["zero_point"]``); None without one.
+
+    Raises :class:`~archive.errors.ValidationError` naming the file and the HDU or card.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise NotFoundError(f"image file {path} does not exist")
+    try:
+        hdul = fits.open(path, memmap=False)
+    except OSError as exc:
+        raise ValidationError(f"{path}: not a readable FITS file ({exc})") from exc
+    with hdul:
+        by_name = {}
+        for h in hdul:
+            name = str(h.header.get("EXTNAME", "")).strip().upper()
+            if name in MEF_PLANES and name not in by_name:
+                by_name[name] = h
+        missing = [n for n in MEF_PLANES if n not in by_name]
+        if missing:
+            raise ValidationError(f"{path}: no {', '.join(missing)} HDU (a calibrated exposure needs "
+                                  f"EXTNAME = {', '.join(MEF_PLANES)})")
+        arrays = {}
+        for name, h in by_name.items():
+            if h.data is None or h.data.ndim != 2:
+                raise ValidationError(f"{path}: HDU {name} is not a 2-D image")
+            arrays[name] = np.array(h.data)
+        header = by_name["IMAGE"].header.copy()
+        mask_header = by_name["MASK"].header.copy()
+        primary = hdul[0].header
+        for card in primary.cards:
+            if card.keyword and card.keyword not in header and card.keyword not in (
+                    "SIMPLE", "EXTEND", "COMMENT", "HISTORY", "NEXTEND", "BITPIX", "NAXIS"):
+                header.append(card)
+    shape = arrays["IMAGE"].shape
+    for name in ("MASK", "VARIANCE"):
+        if arrays[name].shape != shape:
+            raise ValidationError(f"{path}: HDU {name} has shape {arrays[name].shape}, IMAGE has {shape}")
+    if arrays["MASK"].dtype.kind not in "iu":
+        raise ValidationError(f"{path}: HDU MASK holds {arrays['MASK'].dtype}, expected integers")
+    mask = arrays["MASK"].astype(np.int64)
+    try:
+        planes = maskmod.planes_from_header(mask_header)
+    except ValidationError as exc:
+        raise ValidationError(f"{path}: HDU MASK: {exc}") from None
+    if not planes:
+        if mask.any():
+            raise ValidationError(f"{path}: HDU MASK has bits set but no MP_<NAME> = bit cards naming them")
+        planes = maskmod.default_mask_planes()
+    if (mask < 0).any() or (mask >= 1 << (maskmod.MAX_BIT + 1)).any():
+        raise ValidationError(f"{path}: HDU MASK has values outside bits 0..{maskmod.MAX_BIT}")
+    mask = mask.astype(np.int32)
+    image = arrays["IMAGE"].astype(np.float32)
+    variance = arrays["VARIANCE"].astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        nodata = ~np.isfinite(image) | ~np.isfinite(variance) | ~(variance > 0)
+    if nodata.any():
+        mask[nodata] |= np.int32(1 << maskmod.add_plane(planes, "NO_DATA"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wcs = wcs_from_header(header)
+    if wcs is not None:
+        wcs.pixel_shape = (shape[1], shape[0])
+    info = _info_from_header(header, path)
+    calib = PhotoCalib.from_header(header)
+    if calib is None:
+        zp = header_zero_point(header, path)
+        calib = zp.photo_calib
+        info.extras["zero_point"] = zp.note
+    return Exposure(image, mask, variance, wcs=wcs, info=info, mask_planes=planes, photo_calib=calib)
 
 
 def _dq_to_mask(dq: np.ndarray, fmt: str, planes: dict[str, int]) -> np.ndarray:
@@ -185,4 +287,4 @@ def read_decam_cp(image_path: str | os.PathLike, weight_path: str | os.PathLike 
         wcs.pixel_shape = (data.shape[1], data.shape[0])
     return Exposure(data.astype(np.float32), mask, variance, wcs=wcs, psf=psf,
                     photo_calib=PhotoCalib.from_zero_point(zero_point) if zero_point is not None else None,
-                    info=_info_from_header(header), mask_planes=planes)
+                    info=_info_from_header(header, image_path), mask_planes=planes)

@@ -8,16 +8,21 @@ numeric type.  Header cards:
 - ``DATASEC`` / ``BIASSEC``: FITS sections ``[x1:x2,y1:y2]`` (1-based,
   inclusive) of the imaging pixels and the serial overscan.
 - ``IMAGETYP``: ``OBJECT``, ``BIAS``, ``DARK`` or ``FLAT``.
-- ``VISIT``, ``DETECTOR``, ``BAND`` (also ``FILTER``), ``MJD-OBS`` (TAI, start of
-  exposure), ``MJD-AVG`` (TAI, mid-exposure), ``EXPTIME`` (s), ``DARKTIME`` (s),
+- ``VISIT``, ``DETECTOR``, ``BAND`` (also ``FILTER``), ``EXPTIME`` (s), ``DARKTIME`` (s),
   ``AIRMASS``, ``GAIN`` (e-/adu), ``RDNOISE`` (e-), ``SATURATE`` (adu).
+- Time: ``MJD-AVG`` (mid-exposure) or ``MJD-OBS`` / ``DATE-OBS`` (start of
+  exposure) in the scale of ``TIMESYS`` (UTC when absent, as the FITS standard
+  says; the simulator writes TAI); :attr:`RawFrame.info` gives MJD (TAI) at
+  mid-exposure through :mod:`archive.image.obsheader`, which also derives the
+  visit from ``EXPNUM`` or the time when there is no ``VISIT`` card.
+- Optionally a zero point (``MAGZERO``, ``PHOTZP``, ``FLUXMAG0``, ``MAGZP``) for
+  the raw adu: :attr:`RawFrame.photo_calib`.
 - A celestial WCS for **the full readout array** (frames of type OBJECT);
   :attr:`RawFrame.wcs` returns it shifted to the trimmed data section.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import pathlib
 import re
@@ -29,8 +34,10 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from archive.errors import NotFoundError, ValidationError
+from archive.image.calib import PhotoCalib
 from archive.image.exposure import ExposureInfo
 from archive.image.fitsutil import get_float, shift_wcs, wcs_from_header
+from archive.image.obsheader import exposure_identity, header_zero_point, mid_exposure_mjd_tai
 
 _SECTION = re.compile(r"^\s*\[\s*(\d+)\s*:\s*(\d+)\s*,\s*(\d+)\s*:\s*(\d+)\s*\]\s*$")
 
@@ -99,13 +106,27 @@ class RawFrame:
 
     @property
     def info(self) -> ExposureInfo:
-        """Metadata as an :class:`ExposureInfo` (MJD at mid-exposure, TAI)."""
-        info = ExposureInfo.from_header(self.header)
-        if math.isnan(info.mjd) and "MJD-OBS" in self.header:
-            info.mjd = float(self.header["MJD-OBS"]) + 0.5 * self.exp_time / 86400.0
-        if not info.band and "FILTER" in self.header:
-            info.band = str(self.header["FILTER"]).strip()
+        """Metadata as an :class:`ExposureInfo`: ``mjd`` is MJD (TAI) at mid-exposure, from
+        the time cards in their ``TIMESYS`` (:func:`~archive.image.obsheader.mid_exposure_mjd_tai`);
+        ``visit``/``detector`` from :func:`~archive.image.obsheader.exposure_identity` (visit 0
+        when the header has neither an id card nor a time) with the card the visit came from in
+        ``extras["visit_from"]`` (``""`` when none)."""
+        header = self.header
+        info = ExposureInfo.from_header(header)
+        info.mjd = mid_exposure_mjd_tai(header, self.path)
+        ident = exposure_identity(header, info.mjd, self.path)
+        info.visit = ident.visit if ident.visit is not None else 0
+        info.detector = ident.detector
+        info.extras = dict(info.extras, visit_from=ident.visit_from)
+        if not info.band and "FILTER" in header:
+            info.band = str(header["FILTER"]).strip()
         return info
+
+    @property
+    def photo_calib(self) -> PhotoCalib | None:
+        """The calibration of one raw adu stated by the header's zero-point card, or None
+        (:func:`~archive.image.obsheader.header_zero_point`)."""
+        return header_zero_point(self.header, self.path).photo_calib
 
     @property
     def wcs(self) -> WCS | None:

@@ -82,3 +82,87 @@ def test_read_plain_image(decam):
     exp = read_plain_image(decam, zero_point=30.0)
     assert exp.wcs is not None and exp.photo_calib.zero_point == pytest.approx(30.0)
     assert math.isnan(float(exp.variance[0, 0])) and exp.info.exp_time > 0
+
+
+#: LSST afw mask layout (differs from the archive's default)
+LSST_PLANES = {"BAD": 0, "SAT": 1, "INTRP": 2, "CR": 3, "EDGE": 4, "DETECTED": 5, "SUSPECT": 7, "NO_DATA": 8}
+
+
+def _write_mef(path, primary_cards: dict, order=("VARIANCE", "IMAGE", "MASK"), mp_cards=True, shape=(40, 50)):
+    """An IMAGE/MASK/VARIANCE file written with astropy alone, HDUs in ``order``."""
+    from astropy.wcs import WCS
+
+    rng = np.random.default_rng(3)
+    image = rng.normal(100.0, 5.0, shape).astype(np.float32)
+    image[3, 4] = np.nan
+    variance = np.full(shape, 25.0, np.float32)
+    variance[5, 6] = 0.0
+    mask = np.zeros(shape, np.int32)
+    mask[:, 7] = 1 << LSST_PLANES["BAD"]
+    mask[10, 10] = 1 << LSST_PLANES["SAT"] | 1 << LSST_PLANES["CR"]
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [150.0, 2.0]
+    w.wcs.crpix = [25.0, 20.0]
+    w.wcs.cdelt = [-1e-4, 1e-4]
+    planes = {"IMAGE": image, "MASK": mask, "VARIANCE": variance}
+    hdus = [fits.PrimaryHDU()]
+    for k, v in primary_cards.items():
+        hdus[0].header[k] = v
+    for name in order:
+        h = fits.ImageHDU(planes[name], header=w.to_header(), name=name.lower() if name == "VARIANCE" else name)
+        if name == "MASK" and mp_cards:
+            for plane, bit in LSST_PLANES.items():
+                h.header[f"HIERARCH MP_{plane}"] = bit
+        hdus.append(h)
+    fits.HDUList(hdus).writeto(path, overwrite=True)
+    return image, mask, variance, w
+
+
+def test_read_calibrated_mef(tmp_path):
+    """Another pipeline's calibrated exposure: planes by EXTNAME in any order, its own mask
+    layout kept, time in TAI from DATE-OBS + TIMESYS, zero point from FLUXMAG0, visit from
+    the time when there is no VISIT card."""
+    from astropy.time import Time
+
+    from archive.image.foreign import is_calibrated_mef, read_calibrated_mef
+
+    path = tmp_path / "calexp.fits"
+    cards = {"FILTER": "i", "EXPTIME": 60.0, "DATE-OBS": "2024-04-04T03:36:00", "TIMESYS": "UTC",
+             "FLUXMAG0": 10 ** (0.4 * 27.5), "DETECTOR": 12, "GAIN": 1.7, "SATURATE": 60000.0}
+    image, mask, variance, w = _write_mef(path, cards)
+    assert is_calibrated_mef(path) and not is_calibrated_mef(tmp_path / "missing.fits")
+    exp = read_calibrated_mef(path)
+    np.testing.assert_array_equal(exp.image, image)
+    np.testing.assert_array_equal(exp.variance, variance)
+    assert exp.mask_planes["SAT"] == 1 and exp.mask_planes["CR"] == 3 and exp.mask_planes["NO_DATA"] == 8
+    assert exp.mask_of("BAD")[:, 7].all() and exp.mask_of("CR")[10, 10] and exp.mask_of("SAT")[10, 10]
+    # non-finite image and zero variance: NO_DATA (in the file's own layout)
+    assert exp.mask_of("NO_DATA")[3, 4] and exp.mask_of("NO_DATA")[5, 6] and exp.mask_of("NO_DATA").sum() == 2
+    mjd = Time("2024-04-04T03:36:00", scale="utc").mjd + (37.0 + 30.0) / 86400.0
+    i = exp.info
+    assert i.mjd == pytest.approx(mjd, abs=1e-9) and i.band == "i" and i.exp_time == 60.0
+    assert i.visit == round(mjd * 86400) and i.detector == 12 and i.extras["visit_from"] == "MJD"
+    assert i.gain == 1.7 and i.saturation == 60000.0
+    assert exp.photo_calib.zero_point == pytest.approx(27.5, abs=1e-12)
+    np.testing.assert_allclose(exp.wcs.all_pix2world([[3.0, 4.0]], 0), w.all_pix2world([[3.0, 4.0]], 0))
+
+
+def test_read_calibrated_mef_refuses_what_it_cannot_read(tmp_path):
+    from archive.errors import ValidationError
+    from archive.image.foreign import is_calibrated_mef, read_calibrated_mef
+
+    p = tmp_path / "a.fits"
+    _write_mef(p, {"FILTER": "r"}, order=("IMAGE", "MASK"))
+    assert not is_calibrated_mef(p)
+    with pytest.raises(ValidationError, match=r"a\.fits: no VARIANCE HDU"):
+        read_calibrated_mef(p)
+    _write_mef(p, {"FILTER": "r"}, mp_cards=False)
+    with pytest.raises(ValidationError, match=r"a\.fits: HDU MASK has bits set but no MP_"):
+        read_calibrated_mef(p)
+    _write_mef(p, {"FILTER": "r", "MAGZERO": 28.0, "PHOTZP": 28.2})
+    with pytest.raises(ValidationError, match=r"a\.fits: zero-point cards disagree.*PHOTZP.*MAGZERO"):
+        read_calibrated_mef(p)
+    _write_mef(p, {"FILTER": "r", "MJD-OBS": 60400.0})
+    with pytest.raises(ValidationError, match=r"a\.fits: .*no EXPTIME"):
+        read_calibrated_mef(p)
