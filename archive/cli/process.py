@@ -25,16 +25,20 @@ def _expand(patterns) -> list[pathlib.Path]:
 
 
 def _summary(rep) -> str:
-    return (f"processed {len(rep.processed)} exposure(s), rejected {len(rep.rejected)}, "
+    uncal = f" ({len(rep.uncalibrated)} without photometric calibration)" if rep.uncalibrated else ""
+    return (f"processed {len(rep.processed)} exposure(s){uncal}, rejected {len(rep.rejected)}, "
             f"skipped {len(rep.skipped)} already archived, failed {len(rep.failed)}; "
             f"{rep.n_sources} sources in {rep.seconds:.1f} s")
 
 
 def cmd_process(args) -> int:
+    calib = _expand([args.calib]) if args.calib else []
     with Archive.open(args.repo) as arc:
-        rep = arc.process_raws(_expand(args.raw), _expand([args.calib]), refcat=args.refcat,
+        rep = arc.process_raws(_expand(args.raw), calib, refcat=args.refcat,
                                products=args.products, workers=args.workers)
     print(_summary(rep), file=sys.stderr)
+    for eid, why in sorted(rep.uncalibrated.items()):
+        print(f"  uncalibrated {eid}: {why}", file=sys.stderr)
     for eid, why in sorted(rep.rejected.items()):
         print(f"  rejected {eid}: {why}", file=sys.stderr)
     for eid, why in sorted(rep.failed.items()):
@@ -72,10 +76,15 @@ def cmd_demo(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("process", help="raw frames -> calexps (FITS) + source rows, resumable, parallel")
+    p = sub.add_parser("process", help="raw frames or calibrated IMAGE/MASK/VARIANCE exposures -> calexps "
+                                       "(FITS) + source rows, resumable, parallel")
     _repo_option(p)
-    p.add_argument("raw", nargs="+", metavar="RAW", help="raw science FITS files or directories")
-    p.add_argument("--calib", required=True, metavar="DIR", help="directory of bias/dark/flat frames")
+    p.add_argument("raw", nargs="+", metavar="RAW",
+                   help="raw science frames, or other pipelines' calibrated exposures (multi-extension FITS "
+                        "with IMAGE, MASK, VARIANCE HDUs: no ISR), files or directories")
+    p.add_argument("--calib", metavar="DIR",
+                   help="directory of bias/dark/flat frames for the raw frames (not needed for calibrated "
+                        "exposures)")
     p.add_argument("--refcat", metavar="FILE", help="reference catalog (Parquet/CSV/FITS: ra, dec, band mags)")
     p.add_argument("--products", metavar="DIR",
                    help="where calexps are written (default: ARCHIVE/products for a directory archive)")

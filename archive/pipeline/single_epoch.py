@@ -1,14 +1,37 @@
 """Raw frames -> calexps + source rows in the archive, resumable and parallel.
 
-``process_raws`` builds the master calibrations (per detector, and per band
-for flats) from the calibration frames, then runs
-:func:`archive.process.single_frame.run` on every raw science frame in worker
-processes.  The workers write the calexp FITS files; this process (the only
-writer) records each exposure: its ``source`` rows, matched across epochs into
-``matched_source`` objects (LAST's matched sources), then in one atomic batch
-the ``exposure`` row (processed or rejected, with its reason), the
-``image_product`` row of the calexp and the ``provenance`` row.  Exposures the
-archive already holds are skipped, so an interrupted run resumes where it stopped.
+``process_raws`` takes two kinds of input file:
+
+- raw camera frames (:mod:`archive.image.raw`): the master calibrations (per
+  detector, and per band for flats) are built from the calibration frames and
+  each frame goes through ISR;
+- calibrated exposures of other pipelines, multi-extension FITS with
+  ``IMAGE``/``MASK``/``VARIANCE`` HDUs
+  (:func:`archive.image.foreign.read_calibrated_mef`): no ISR.
+
+Then :func:`archive.process.single_frame.process_exposure` runs on every
+exposure in worker processes.  The workers write the calexp FITS files; this
+process (the only writer) records each exposure in **one store transaction**:
+its ``source`` rows, matched across epochs into ``matched_source`` objects
+(LAST's matched sources), the ``exposure`` row (processed or rejected, with its
+reason), the ``image_product`` row of the calexp and the ``provenance`` row.
+They land together or not at all; an exposure whose transaction fails is
+reported as failed, its calexp file removed, and the run goes on.  Exposures
+the archive already holds (from the same file name) are skipped, so an
+interrupted run resumes where it stopped.
+
+Exposure ids are ``visit * 1000 + detector``, with the visit and detector of
+:func:`archive.image.obsheader.exposure_identity`: the ``VISIT`` card, else
+``EXPNUM``/``EXPID``/``OBSID``, else derived from the mid-exposure time (TAI
+seconds since MJD 0); a frame with neither an id card nor a time card is
+refused.  Before anything is processed or written, a run refuses (naming the
+files) two input files with the same exposure id, and an input whose id the
+archive already holds from a different file.
+
+An exposure processed without any photometric calibration (no reference
+catalog, no header zero point) is recorded as processed with its fluxes null,
+its sources flagged ``NOT_CALIBRATED``, and on the exposure row a null zero
+point, the ``NO_PHOTOCAL`` quality bit and the reason.
 
 When a run processes several exposures, two steps look at them together before
 anything is recorded: exposures whose zero point or seeing is far off the others
@@ -36,7 +59,8 @@ import pandas as pd
 from archive.catalog.ids import new_ids
 from archive.catalog.store import CatalogStore
 from archive.errors import ArchiveError, NotFoundError
-from archive.image.exposure import Exposure
+from archive.image.exposure import Exposure, ExposureInfo
+from archive.image.foreign import is_calibrated_mef, read_calibrated_mef
 from archive.image.raw import RawFrame, read_raw
 from archive.pipeline.products import image_product_row, product_path, write_product
 from archive.pipeline.provenance import provenance_row
@@ -49,7 +73,7 @@ log = logging.getLogger(__name__)
 QUALITY_BITS = {name: i for i, name in enumerate([
     "WRONG_SHAPE", "EMPTY", "CONSTANT", "MANY_NODATA", "HIGH_BACKGROUND", "HISTOGRAM_ANOMALY",
     "MANY_SATURATED", "STUCK_VALUES", "BAD_PSF", "DOUBLE_PSF", "CHECK_ERROR", "STEP_FAILED",
-    "LOW_TRANSPARENCY", "POOR_SEEING"])}
+    "LOW_TRANSPARENCY", "POOR_SEEING", "NO_PHOTOCAL"])}
 
 
 def quality_bits(flags: list[str], rejected: bool) -> int:
@@ -87,11 +111,80 @@ class RunReport:
     #: exposure id -> (rms before, after) in mas of its stars against the other epochs' mean,
     #: for the exposures whose WCS the joint relative astrometry refined
     refined: dict[int, tuple[float, float]] = field(default_factory=dict)
+    #: processed exposures without photometric calibration (fluxes null): id -> reason
+    uncalibrated: dict[int, str] = field(default_factory=dict)
 
 
 def exposure_id_of(visit: int, detector: int) -> int:
     """The archive's exposure id convention: visit * 1000 + detector."""
     return int(visit) * 1000 + int(detector)
+
+
+@dataclass
+class FrameHead:
+    """What the driver knows of one input file before processing it.
+
+    calibrated: an IMAGE/MASK/VARIANCE exposure of another pipeline (no ISR); info: its
+    metadata (visit/detector from :func:`archive.image.obsheader.exposure_identity`, the card
+    the visit came from in ``info.extras["visit_from"]``); wcs, shape: of the image (trimmed
+    data section for a raw frame)."""
+
+    path: pathlib.Path
+    calibrated: bool
+    info: ExposureInfo
+    wcs: object
+    shape: tuple[int, int]
+
+    @property
+    def exposure_id(self) -> int:
+        return exposure_id_of(self.info.visit, self.info.detector)
+
+    @property
+    def visit_from(self) -> str:
+        return str(self.info.extras.get("visit_from", "VISIT"))
+
+
+def read_head(path: pathlib.Path) -> FrameHead:
+    """The :class:`FrameHead` of a raw science frame or a calibrated exposure.
+
+    Raises :class:`~archive.errors.ArchiveError` naming the file for a frame that is not a
+    science frame, or whose header gives no visit (no ``VISIT``/``EXPNUM``/``EXPID``/
+    ``OBSID`` card and no time card to derive one from)."""
+    if is_calibrated_mef(path):
+        exp = read_calibrated_mef(path)
+        head = FrameHead(path, True, exp.info, exp.wcs, exp.shape)
+    else:
+        f = read_raw(path)
+        if f.imagetyp != "OBJECT":
+            raise ArchiveError(f"{path}: IMAGETYP is {f.imagetyp}, expected a science (OBJECT) frame")
+        head = FrameHead(path, False, f.info, f.wcs, f.image.shape)
+    if not head.visit_from:
+        raise ArchiveError(f"{path}: no VISIT card (nor EXPNUM, EXPID, OBSID) and no time card (MJD-OBS, "
+                           "DATE-OBS, MJD-AVG) to derive the visit from; add VISIT = <integer>, unique per "
+                           "exposure")
+    return head
+
+
+def check_exposure_ids(heads: list[FrameHead]) -> None:
+    """Refuse a run in which two input files give the same exposure id.
+
+    The error names every clashing file, the id, and where its visit came from."""
+    by_id: dict[int, list[FrameHead]] = defaultdict(list)
+    for h in heads:
+        by_id[h.exposure_id].append(h)
+    clashes = [(eid, hs) for eid, hs in sorted(by_id.items()) if len(hs) > 1]
+    if not clashes:
+        return
+    parts = []
+    for eid, hs in clashes[:5]:
+        h = hs[0]
+        src = "derived from the mid-exposure time" if h.visit_from == "MJD" else f"from {h.visit_from}"
+        parts.append(f"{', '.join(str(x.path) for x in hs)} all give exposure id {eid} "
+                     f"(visit {h.info.visit} {src}, detector {h.info.detector})")
+    more = f" (and {len(clashes) - 5} more ids)" if len(clashes) > 5 else ""
+    raise ArchiveError("duplicate exposure ids: " + "; ".join(parts) + more
+                       + "; give each exposure a distinct VISIT (or EXPNUM) card and each detector its "
+                       "DETECTOR card; nothing was processed or written")
 
 
 # -- master calibrations ------------------------------------------------------
@@ -126,24 +219,30 @@ def build_masters(calib_paths: list[pathlib.Path]) -> dict:
 
 
 # -- one exposure (runs in a worker) ------------------------------------------
-def _process_one(raw_path: str, masters: dict, refcat: pd.DataFrame | None, products_root: str,
-                 config) -> dict:
+def _process_one(raw_path: str, calibrated: bool, masters: dict, refcat: pd.DataFrame | None,
+                 products_root: str, config) -> dict:
     from astropy.stats import sigma_clipped_stats
 
     from archive.pipeline.runtime import keep_freed_memory
-    from archive.process import isr, single_frame
+    from archive.process import single_frame
 
     keep_freed_memory()  # freed full-frame planes are reused, not unmapped (see runtime.py)
-    raw = read_raw(raw_path)
-    info = raw.info
+    if calibrated:  # another pipeline's calibrated exposure: no ISR
+        exp = read_calibrated_mef(raw_path)
+        info = exp.info
+    else:
+        raw = read_raw(raw_path)
+        info = raw.info
+        det = int(info.detector)
+        exp = single_frame.isr_exposure(raw, masters.get(("bias", det)), masters.get(("dark", det)),
+                                        masters.get(("flat", det, info.band)), config.isr)
     det = int(info.detector)
-    exp = isr.run(raw, masters.get(("bias", det)), masters.get(("dark", det)),
-                  masters.get(("flat", det, info.band)), config.isr)
     good = np.isfinite(exp.image) & (exp.mask == 0)
     sky = float(sigma_clipped_stats(exp.image[good], sigma=3.0, maxiters=5)[1]) if good.any() else np.nan
     res = single_frame.process_exposure(exp, refcat, config)
     out = {"raw_path": raw_path, "info": info, "rejected": res.rejected, "reason": res.reason,
-           "quality_flags": quality_bits(list(res.quality.flags), res.rejected), "sky_level": sky}
+           "quality_flags": quality_bits(list(res.quality.flags), res.rejected), "sky_level": sky,
+           "calibration": res.calibration, "calibration_note": res.calibration_note}
     if not res.rejected and res.calexp is not None:
         rel = product_path("calexp", info.visit, det, info.band)
         _, digest, size = write_product(products_root, rel, res.calexp)
@@ -189,6 +288,12 @@ def _exposure_row(out: dict, exposure_id: int) -> dict:
         ra %= 360.0
     seeing, zp, lim = out["measured"] if "measured" in out else _measured(calexp, info)
     sky = out.get("sky_level", np.nan) if calexp is not None or "measured" in out else np.nan
+    flags, reason = (int(out["quality_flags"]), out["reason"]) if out["rejected"] else (0, "")
+    if not out["rejected"] and out.get("calibration") == "none":
+        # processed, but nothing in nJy: say so (zero point and depth null, flag, reason)
+        zp = lim = None
+        flags = 1 << QUALITY_BITS["NO_PHOTOCAL"]
+        reason = out.get("calibration_note") or "not photometrically calibrated"
     return {
         "exposure_id": exposure_id, "visit": int(info.visit), "detector": int(info.detector),
         "band": info.band, "mjd_mid": float(info.mjd), "exp_time": float(info.exp_time),
@@ -197,33 +302,53 @@ def _exposure_row(out: dict, exposure_id: int) -> dict:
         "rot_angle": float(np.degrees(np.arctan2(wcs.wcs.get_pc()[0, 1], wcs.wcs.get_pc()[1, 1]))),
         "seeing": seeing, "sky_level": sky, "zero_point": zp, "lim_mag": lim,
         "status": "rejected" if out["rejected"] else "processed",
-        "quality_flags": int(out["quality_flags"]) if out["rejected"] else 0,
-        "quality_reason": out["reason"] or None, "raw_path": out["raw_path"],
+        "quality_flags": flags, "quality_reason": reason or None, "raw_path": out["raw_path"],
     }
 
 
-def _known_exposures(store: CatalogStore, ids: list[int]) -> set[int]:
+def _known_exposures(store: CatalogStore, ids: list[int]) -> dict[int, str]:
+    """exposure id -> stored ``raw_path`` ("" when null) of the ids the archive holds."""
     if not ids:
-        return set()
-    got = store.get("exposure", ids, columns=["exposure_id"])
-    return set(got["exposure_id"].astype("int64").tolist())
+        return {}
+    got = store.get("exposure", ids, columns=["exposure_id", "raw_path"])
+    return {int(e): ("" if pd.isna(p) else str(p)) for e, p in zip(got["exposure_id"], got["raw_path"])}
+
+
+class _InTransaction:
+    """``store`` seen through an open transaction: its ``transaction()`` joins ``tx``
+    instead of opening a second one, and leaves commit or rollback to the owner of ``tx``.
+
+    This lets :func:`archive.catalog.matched_ingest.ingest_sources` (which opens its own
+    transaction) write an exposure's sources in the same transaction as its exposure,
+    product and provenance rows."""
+
+    def __init__(self, store: CatalogStore, tx) -> None:
+        self._store, self._tx = store, tx
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def transaction(self, *args, **kwargs):
+        return contextlib.nullcontext(self._tx)
 
 
 def _record(store: CatalogStore, out: dict, exposure_id: int, config_dict: dict, masters_used: list,
             match_radius_arcsec: float) -> int:
-    """Write one exposure's results; returns the number of sources.
+    """Write one exposure's results in one store transaction; returns the number of sources.
 
-    Sources go first, matched into ``matched_source`` objects (one transaction);
-    the ``exposure`` row (with its calexp's ``image_product`` and the
-    ``provenance``) is written last, in one batch, and marks the exposure done.
-    A run stopped between the two re-processes the exposure, and the re-ingest
-    of its sources replaces the earlier ones (never counts them twice).
+    The ``source`` rows (matched into ``matched_source`` objects), the ``exposure`` row,
+    the calexp's ``image_product`` row and the ``provenance`` row commit together or not
+    at all: every table is validated first, and a failure anywhere (a clashing key, a
+    concurrent writer) rolls all of it back.  Sources of this exposure id already stored
+    without an exposure row (left by an older, non-atomic version) are replaced.
     """
     from archive.catalog.matched_ingest import ingest_sources
+    from archive.catalog.validate import conform
 
+    where = out["raw_path"]
     prov = provenance_row("single_frame", config_dict, [out["raw_path"], *masters_used])
     batch = {"provenance": pd.DataFrame([prov]), "exposure": pd.DataFrame([_exposure_row(out, exposure_id)])}
-    n = 0
+    src = None
     if not out["rejected"]:
         calexp = out["calexp"]
         product = image_product_row(int(new_ids(1)[0]), "calexp", out["rel"], out["sha256"], out["size"],
@@ -232,20 +357,24 @@ def _record(store: CatalogStore, out: dict, exposure_id: int, config_dict: dict,
         src = out["sources"]
         src = src[[c for c in src.columns if c in store.table("source")]].copy()
         src = src[np.isfinite(src["ra"].to_numpy(float)) & np.isfinite(src["dec"].to_numpy(float))]
-        n = len(src)
         info = out["info"]
-        src["source_id"] = new_ids(n)
+        src["source_id"] = new_ids(len(src))
         src["exposure_id"] = exposure_id
         src["visit"] = int(info.visit)
         src["detector"] = int(info.detector)
         src["band"] = info.band
         src["mjd"] = float(info.mjd)
         src["ra"] = src["ra"] % 360.0
-        if n:
-            ingest_sources(store, src.drop(columns=["healpix29", "matched_source_id"], errors="ignore"),
-                           radius_arcsec=match_radius_arcsec, replace=True, where=out["raw_path"])
-    store.write_many(batch, where=out["raw_path"])
-    return n
+        src = src.drop(columns=["healpix29", "matched_source_id"], errors="ignore")
+        conform(store.table("source"), src, where)  # refused here, before the transaction opens
+    arrows = {name: conform(store.table(name), rows, where) for name, rows in batch.items()}
+    with store.transaction() as tx:
+        if src is not None and len(src):
+            ingest_sources(_InTransaction(store, tx), src, radius_arcsec=match_radius_arcsec, replace=True,
+                           where=where)
+        for name, arrow in arrows.items():
+            tx.append(name, arrow)
+    return 0 if src is None else len(src)
 
 
 def _fields(outs: list[dict], link_deg: float) -> list[list[int]]:
@@ -332,10 +461,15 @@ def refine_field_astrometry(outs: list[dict], refcat: pd.DataFrame | None, produ
 
 def process_raws(store: CatalogStore, raw_paths: list, calib_paths: list, refcat: pd.DataFrame | None,
                  products_root: os.PathLike, config: ProcessConfig | None = None) -> RunReport:
-    """Process raw frames into calexps (FITS under ``products_root``) and archive rows.
+    """Process raw frames or calibrated exposures into calexps (FITS under ``products_root``)
+    and archive rows (see the module doc).
 
-    Raw frames whose exposure the archive already holds are skipped (resumable).
-    Errors of one exposure are recorded as ``failed`` and do not stop the run.
+    Before anything is processed or written, every input's header is read: a file that
+    is not a science frame, gives no visit, shares its exposure id with another input, or
+    gives an id the archive holds from a different file is refused
+    (:class:`~archive.errors.ArchiveError` naming the files).  Inputs whose exposure the
+    archive already holds (same file name) are skipped (resumable).  Errors of one
+    exposure, in processing or recording, are recorded as ``failed`` and do not stop the run.
     """
     from archive.process.single_frame import SingleFrameConfig
     from archive.pipeline.provenance import _plain
@@ -344,18 +478,24 @@ def process_raws(store: CatalogStore, raw_paths: list, calib_paths: list, refcat
     sf_config = cfg.single_frame or SingleFrameConfig()
     t0 = time.perf_counter()
     report = RunReport()
-    raws = [pathlib.Path(p) for p in raw_paths]
-    for p in raws:
+    raws: list[pathlib.Path] = []
+    seen: set[pathlib.Path] = set()
+    for p in (pathlib.Path(p) for p in raw_paths):
         if not p.is_file():
             raise NotFoundError(f"{p}: no such raw file")
-    headers = {}
-    for p in raws:
-        f = read_raw(p)
-        if f.imagetyp != "OBJECT":
-            raise ArchiveError(f"{p}: IMAGETYP is {f.imagetyp}, expected a science (OBJECT) frame")
-        info = f.info
-        headers[str(p)] = (exposure_id_of(info.visit, info.detector), f.wcs, f.image.shape)
+        if p.resolve() not in seen:  # the same file named twice is one input
+            seen.add(p.resolve())
+            raws.append(p)
+    heads = {str(p): read_head(p) for p in raws}
+    check_exposure_ids(list(heads.values()))
+    headers = {k: (h.exposure_id, h.wcs, h.shape) for k, h in heads.items()}
     known = _known_exposures(store, [e for e, _, _ in headers.values()])
+    for p in raws:
+        eid = headers[str(p)][0]
+        stored = known.get(eid)
+        if stored and pathlib.Path(stored).name != p.name:
+            raise ArchiveError(f"{p} gives exposure id {eid}, which the archive already holds from {stored}; "
+                               "give the exposure a distinct VISIT (or EXPNUM) card; nothing was processed")
     todo = [p for p in raws if headers[str(p)][0] not in known]
     report.skipped = sorted(headers[str(p)][0] for p in raws if headers[str(p)][0] in known)
     if not todo:
@@ -363,6 +503,8 @@ def process_raws(store: CatalogStore, raw_paths: list, calib_paths: list, refcat
         return report
     masters = build_masters([pathlib.Path(c) for c in calib_paths])
     masters_used = [str(c) for c in calib_paths]
+    if not calib_paths and any(not heads[str(p)].calibrated for p in todo):
+        log.warning("raw frames processed without calibration frames (no bias, dark or flat)")
     config_dict = _plain(sf_config)
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     bar = None
@@ -387,11 +529,22 @@ def process_raws(store: CatalogStore, raw_paths: list, calib_paths: list, refcat
 
     def record(out: dict) -> None:
         eid = out["exposure_id"]
-        if not out["rejected"] and out.get("calexp") is None:
-            out["calexp"] = Exposure.read(pathlib.Path(products_root) / out["rel"])
-        report.n_sources += _record(store, out, eid, config_dict, masters_used, cfg.match_radius_arcsec)
+        try:
+            if not out["rejected"] and out.get("calexp") is None:
+                out["calexp"] = Exposure.read(pathlib.Path(products_root) / out["rel"])
+            report.n_sources += _record(store, out, eid, config_dict, masters_used, cfg.match_radius_arcsec)
+        except ArchiveError as exc:  # nothing of this exposure was written: no file left either
+            report.failed[eid] = f"not recorded: {exc}"
+            log.error("%s: not recorded: %s", out["raw_path"], exc)
+            if out.get("rel") is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    (pathlib.Path(products_root) / out["rel"]).unlink()
+            return
+        finally:
+            out["calexp"] = None
         (report.rejected.__setitem__(eid, out["reason"]) if out["rejected"] else report.processed.append(eid))
-        out["calexp"] = None
+        if not out["rejected"] and out.get("calibration") == "none":
+            report.uncalibrated[eid] = out.get("calibration_note", "")
 
     def handle(path: str, out: dict | None, error: str | None) -> None:
         eid, wcs, shape = headers[path]
@@ -417,14 +570,16 @@ def process_raws(store: CatalogStore, raw_paths: list, calib_paths: list, refcat
     if cfg.workers <= 1:
         for p in todo:
             try:
-                out = _process_one(str(p), masters, refcat, str(products_root), sf_config)
+                out = _process_one(str(p), heads[str(p)].calibrated, masters, refcat, str(products_root),
+                                   sf_config)
             except ArchiveError as exc:
                 handle(str(p), None, str(exc))
                 continue
             handle(str(p), out, None)
     else:
         with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
-            futures = {pool.submit(_process_one, str(p), masters, refcat, str(products_root), sf_config): str(p)
+            futures = {pool.submit(_process_one, str(p), heads[str(p)].calibrated, masters, refcat,
+                                   str(products_root), sf_config): str(p)
                        for p in todo}
             for fut in as_completed(futures):
                 path = futures[fut]

@@ -19,11 +19,14 @@ FLAG_MOMENTS = np.int64(1) << 35          #: adaptive moments failed; PSF moment
 FLAG_BLENDED = np.int64(1) << 36          #: another source's model overlaps this one
 FLAG_APERTURE_EDGE = np.int64(1) << 37    #: the largest aperture runs off the image or over masked pixels
 FLAG_SECOND_PASS = np.int64(1) << 38      #: found on the residual image (detect-measure-subtract pass > 1)
+#: no photometric calibration (no reference-catalog fit and no header zero point): the flux
+#: columns (nJy) are null, never counts.  Calibration flags start at bit 48.
+FLAG_NOT_CALIBRATED = np.int64(1) << 48
 
 MEASUREMENT_FLAGS: dict[str, np.int64] = {
     "STAMP_EDGE": FLAG_STAMP_EDGE, "CENTROID": FLAG_CENTROID, "PSF_FLUX": FLAG_PSF_FLUX,
     "MOMENTS": FLAG_MOMENTS, "BLENDED": FLAG_BLENDED, "APERTURE_EDGE": FLAG_APERTURE_EDGE,
-    "SECOND_PASS": FLAG_SECOND_PASS,
+    "SECOND_PASS": FLAG_SECOND_PASS, "NOT_CALIBRATED": FLAG_NOT_CALIBRATED,
 }
 
 

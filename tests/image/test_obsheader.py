@@ -14,7 +14,8 @@ from archive.image.obsheader import exposure_identity, header_zero_point, mid_ex
 def _h(**cards) -> fits.Header:
     h = fits.Header()
     for k, v in cards.items():
-        h[k.replace("_", "-")] = v
+        key = k.replace("_", "-")
+        h[key if len(key) <= 8 else f"HIERARCH {key}"] = v
     return h
 
 
