@@ -536,7 +536,8 @@ def process_raws(store: CatalogStore, raw_paths: list, calib_paths: list, refcat
         except ArchiveError as exc:  # nothing of this exposure was written: no file left either
             report.failed[eid] = f"not recorded: {exc}"
             log.error("%s: not recorded: %s", out["raw_path"], exc)
-            if out.get("rel") is not None:
+            # the calexp goes too, unless another writer registered this exposure (and its file)
+            if out.get("rel") is not None and eid not in _known_exposures(store, [eid]):
                 with contextlib.suppress(FileNotFoundError):
                     (pathlib.Path(products_root) / out["rel"]).unlink()
             return

@@ -214,3 +214,24 @@ def test_header_zero_point_conventions_give_njy(tmp_path, cards, per_second):
     res = process_exposure(exp, None)
     assert not res.rejected and res.calibration == "header"
     assert np.median(_flux_ratio(res.sources, e)) == pytest.approx(1.0, abs=0.015)
+
+
+def test_an_exposure_that_cannot_be_recorded_leaves_nothing_and_the_run_goes_on(tmp_path):
+    """Another writer holds the archive while a run records: each exposure is reported failed
+    with the reason, its calexp file removed, nothing of it stored; the next run does them."""
+    epochs = [_write(tmp_path / "in", k, 28.3, {"MJD-OBS": 60400.1 + k}) for k in range(2)]
+    store = open_store(str(tmp_path / "arc"), create=True)
+    products = tmp_path / "products"
+    try:
+        with store.transaction():  # the other writer
+            rep = process_raws(store, [e.path for e in epochs], [], None, products)
+        assert not rep.processed and len(rep.failed) == 2
+        assert all("not recorded" in why and "locked" in why for why in rep.failed.values())
+        assert not [p for p in products.rglob("*") if p.is_file()]
+        for table in ("exposure", "source", "matched_source", "image_product", "provenance"):
+            assert store.count(table) == 0, table
+        rep = process_raws(store, [e.path for e in epochs], [], None, products)
+        assert len(rep.processed) == 2 and not rep.failed
+        assert store.count("image_product") == 2 and len([p for p in products.rglob("*.fits")]) == 2
+    finally:
+        store.close()
