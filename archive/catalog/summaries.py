@@ -365,10 +365,12 @@ def recompute_extrema(objects: pd.DataFrame, sources: pd.DataFrame,
     """Recompute first/last MJD and per-band min/max of the objects ``ids``.
 
     ``sources`` (and ``forced``, for the forced-flux extremes) must hold *all*
-    remaining rows of those objects; rows of other objects are ignored.
+    remaining rows of those objects; rows of other objects, and duplicates of a
+    visit (:func:`primary`), are ignored.
     ``ids`` defaults to every object in ``objects``.  Returns a new frame.
     """
     _check_objects(objects)
+    sources = _primary_only(sources)
     out = _to_cols(objects)
     oid = out["dia_object_id"]
     ids = oid if ids is None else np.asarray(ids, dtype=np.int64)
