@@ -17,6 +17,7 @@ import os
 from collections.abc import Sequence
 
 import pandas as pd
+import pyarrow as pa
 
 from archive.catalog.schema import Schema
 from archive.catalog.store import CatalogStore, open_store
@@ -73,6 +74,13 @@ class Archive:
     def init(cls, target: str | os.PathLike, **kwargs) -> Archive:
         """Create a new, empty archive (directory) or bring a database to the schema head."""
         return cls.open(target, create=True, **kwargs)
+
+    def recover(self) -> int:
+        """Parquet archive: restore a corrupt or missing manifest.json from the newest intact
+        committed manifest kept in ``_manifests/``; returns its generation."""
+        if self.backend != "parquet":
+            raise ArchiveError("recover applies to a Parquet archive (PostgreSQL recovers itself)")
+        return self.store.recover_manifest()
 
     @property
     def schema(self) -> Schema:
@@ -210,22 +218,25 @@ class Archive:
         """
         return self.store.write(table, data, where=where)
 
+    def read_files(self, table: str, paths: Sequence[str | os.PathLike]) -> pa.Table:
+        """Read catalog files (Parquet, CSV, FITS) for ``table``, each validated against the
+        schema on its own (errors name the file, column and rows), as one Arrow table."""
+        from archive.catalog.tablefile import read_table_file
+        from archive.catalog.validate import conform
+
+        if not paths:
+            raise ArchiveError("no files given")
+        t = self.store.table(table)
+        arrows = [conform(t, read_table_file(p), where=os.fspath(p)) for p in paths]
+        return pa.concat_tables(arrows) if len(arrows) > 1 else arrows[0]
+
     def ingest_files(self, table: str, paths: Sequence[str | os.PathLike]) -> int:
         """Read catalog files (Parquet, CSV, FITS) and write them as ONE atomic batch.
 
         Every file is read and validated before anything is written; an error
         names the file, column and rows, and leaves the archive untouched.
         """
-        from archive.catalog.tablefile import read_table_file
-        from archive.catalog.validate import conform
-
-        t = self.store.table(table)
-        arrows = [conform(t, read_table_file(p), where=os.fspath(p)) for p in paths]
-        if not arrows:
-            raise ArchiveError("no files given")
-        import pyarrow as pa
-
-        return self.store.write(table, pa.concat_tables(arrows), where=", ".join(map(os.fspath, paths)))
+        return self.store.write(table, self.read_files(table, paths), where=", ".join(map(os.fspath, paths)))
 
     # -- matched sources (direct-image sources across epochs) --------------------
     def ingest_sources(self, data, radius_arcsec: float = 1.0, replace: bool = False):

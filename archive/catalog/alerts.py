@@ -49,6 +49,7 @@ import logging
 import math
 import os
 import tarfile
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -324,8 +325,10 @@ def _iter_file_records(path: str) -> Iterator[tuple[str, list[dict]]]:
                     if data[:4] != _AVRO_MAGIC:
                         raise ValidationError(f"{path}: member {m.name} is not an Avro alert file")
                     yield f"{p}:{m.name}", _avro_records(data, f"{p}:{m.name}")
-        except tarfile.TarError as exc:
-            raise ValidationError(f"{path}: not a readable tar archive ({exc})") from None
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+            # a truncated gzip stream ends in EOFError; tarfile's "r:*" lists every method it tried
+            why = "; ".join(line.strip("- ") for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+            raise ValidationError(f"{path}: not a readable tar archive ({why})") from None
     else:
         raise ValidationError(f"{path}: not an alert file (expected Avro, Parquet or tar.gz of "
                               f"Avro; first bytes {head!r})")

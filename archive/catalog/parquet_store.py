@@ -405,6 +405,10 @@ def _write_file(path: pathlib.Path, rows: pa.Table) -> int:
     return os.stat(path).st_size
 
 
+#: Committed manifests kept in ROOT/_manifests/ for :meth:`ParquetStore.recover_manifest`.
+MANIFEST_BACKUPS = 3
+
+
 def _sql_string(text: str) -> str:
     """``text`` as a DuckDB string literal."""
     return "'" + str(text).replace("'", "''") + "'"
@@ -469,7 +473,7 @@ class ParquetStore(CatalogStore):
                     "tables": {t.name: {"files": {}} for t in self.schema}}
         for t in self.schema:
             self._write_hats_metadata(t, manifest["tables"][t.name]["files"])
-        _atomic_write(self.root / "manifest.json", json.dumps(manifest, indent=1).encode())
+        self._write_manifest(manifest)
         info = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "schema_version": self.schema.version, "partition_order": order}
         _atomic_write(self.root / "archive-store.json", json.dumps(info, indent=1).encode())
@@ -481,6 +485,8 @@ class ParquetStore(CatalogStore):
         Parsed once per committed version: a commit replaces manifest.json with
         ``os.replace``, so (inode, mtime, size) identifies the version and the
         parsed copy is reused until it changes.  Callers must not modify it.
+        A manifest that does not parse (or lacks a table) raises an error
+        that says how to recover (:meth:`recover_manifest`).
         """
         path = self.root / "manifest.json"
         try:
@@ -488,11 +494,75 @@ class ParquetStore(CatalogStore):
             key = (st.st_ino, st.st_mtime_ns, st.st_size)
             if self._manifest_cache is not None and self._manifest_cache[0] == key:
                 return self._manifest_cache[1]
-            manifest = json.loads(path.read_text())
+            manifest = self._parse_manifest(path.read_bytes())
         except FileNotFoundError:
-            raise NotFoundError(f"{self.root}: manifest.json is missing; not a usable store") from None
+            raise NotFoundError(f"{self.root}: manifest.json is missing; "
+                                f"{self._recovery_hint()}") from None
+        except ValueError as exc:
+            raise ArchiveError(f"{path} is corrupt ({exc}); {self._recovery_hint()}") from None
         self._manifest_cache = (key, manifest)
         return manifest
+
+    def _parse_manifest(self, data: bytes) -> dict:
+        """The manifest in ``data``; ValueError when it is not one of this store's."""
+        try:
+            manifest = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"not JSON: {str(exc).splitlines()[0][:80]}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise ValueError("not an archive manifest")
+        tables = manifest.get("tables")
+        missing = [t.name for t in self.schema if not isinstance(tables, dict) or t.name not in tables
+                   or not isinstance(tables[t.name].get("files"), dict)]
+        if missing or not isinstance(manifest.get("generation"), int):
+            raise ValueError(f"no valid entry for {', '.join(missing) or 'generation'}")
+        return manifest
+
+    def _recovery_hint(self) -> str:
+        if any(self._backup_dir().glob("manifest-*.json")):
+            return (f"run `archive recover --repo {self.root}` to restore the newest intact committed "
+                    f"state from {self._backup_dir()}")
+        return "restore it from a backup of the archive"
+
+    def _backup_dir(self) -> pathlib.Path:
+        return self.root / "_manifests"
+
+    def _write_manifest(self, manifest: dict) -> None:
+        """Commit ``manifest``: a numbered copy in ``_manifests/`` first (the last
+        ``MANIFEST_BACKUPS`` are kept, for :meth:`recover_manifest`), then manifest.json."""
+        data = json.dumps(manifest, indent=1).encode()
+        backups = self._backup_dir()
+        backups.mkdir(exist_ok=True)
+        _atomic_write(backups / f"manifest-{manifest['generation']:012d}.json", data)
+        _atomic_write(self.root / "manifest.json", data)
+        for old in sorted(backups.glob("manifest-*.json"))[:-MANIFEST_BACKUPS]:
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+
+    def recover_manifest(self) -> int:
+        """Restore manifest.json from the newest backup whose every file is present with
+        its row count; returns that generation.  Takes the writer lock."""
+        lock = _lock_store(self.root)
+        try:
+            for path in sorted(self._backup_dir().glob("manifest-*.json"), reverse=True):
+                try:
+                    manifest = self._parse_manifest(path.read_bytes())
+                    for name in manifest["tables"]:
+                        for rel, meta in manifest["tables"][name]["files"].items():
+                            f = pathlib.Path(self._dataset_dir(name)) / rel
+                            if pq.ParquetFile(f).metadata.num_rows != meta["rows"]:
+                                raise ValueError(f"{f}: row count differs")
+                except (ValueError, OSError, pa.ArrowException) as exc:
+                    log.warning("manifest backup %s unusable: %s", path.name, exc)
+                    continue
+                _atomic_write(self.root / "manifest.json", path.read_bytes())
+                _fsync_dir(self.root)
+                self._manifest_cache = None
+                return int(manifest["generation"])
+        finally:
+            _unlock_store(lock)
+        raise ArchiveError(f"{self.root}: no intact manifest backup in {self._backup_dir()}; "
+                           "restore the archive from a backup")
 
     def _files(self, manifest: dict, table: str, partitions: Iterable[int] | None = None) -> list[pathlib.Path]:
         return [path for path, _ in self._entries(manifest, table, partitions)]
@@ -911,6 +981,35 @@ class ParquetStore(CatalogStore):
         return removed
 
 
+def _lock_store(root: pathlib.Path):
+    """Take the store's writer lock (fcntl on ROOT/.lock, holding our PID); the open file."""
+    fh = open(root / ".lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            fh.close()
+            raise
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise StoreLockedError(f"archive {root} is locked by {holder}; "
+                               "another writer is active, try again when it finishes") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"PID {os.getpid()} (since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())})")
+    fh.flush()
+    return fh
+
+
+def _unlock_store(fh) -> None:
+    with contextlib.suppress(OSError):
+        fh.seek(0)
+        fh.truncate()
+    fcntl.flock(fh, fcntl.LOCK_UN)
+    fh.close()
+
+
 class ParquetTransaction(Transaction):
     """Holds the store's write lock from creation until commit or rollback."""
 
@@ -934,32 +1033,11 @@ class ParquetTransaction(Transaction):
         self._done = False
 
     def _acquire_lock(self):
-        path = self.store.root / ".lock"
-        fh = open(path, "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                fh.close()
-                raise
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown"
-            fh.close()
-            raise StoreLockedError(f"archive {self.store.root} is locked by {holder}; "
-                                   "another writer is active, try again when it finishes") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"PID {os.getpid()} (since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())})")
-        fh.flush()
-        return fh
+        return _lock_store(self.store.root)
 
     def _release(self) -> None:
         if self._lock_fh is not None:
-            with contextlib.suppress(OSError):
-                self._lock_fh.seek(0)
-                self._lock_fh.truncate()
-            fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
-            self._lock_fh.close()
+            _unlock_store(self._lock_fh)
             self._lock_fh = None
 
     def _journal(self) -> None:
@@ -1267,7 +1345,7 @@ class ParquetTransaction(Transaction):
                     self._journal()  # so that a crash after the commit still unlinks them
                 for name in touched:
                     self.store._write_hats_metadata(self.store.table(name), manifest["tables"][name]["files"])
-                _atomic_write(self.store.root / "manifest.json", json.dumps(manifest, indent=1).encode())
+                self.store._write_manifest(manifest)
                 _fsync_dir(self.store.root)  # the commit point is durable
                 self._remove(self._expire)
             self._remove_journal()

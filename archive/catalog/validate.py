@@ -20,6 +20,11 @@ from archive.sky.healpix import radec_to_healpix29
 
 _MAX_ROWS_SHOWN = 5
 
+#: Largest magnitude accepted in a floating-point column.  Well above any physical
+#: value in the schema (a -30 mag source is ~4e24 nJy), and low enough that the
+#: squares and sums the summaries take of it stay finite.
+MAX_ABS_FLOAT = 1e30
+
 
 def _rows(mask: np.ndarray) -> str:
     idx = np.flatnonzero(mask)
@@ -78,6 +83,26 @@ def _cast_column(col: pa.ChunkedArray, column, where: str) -> pa.ChunkedArray:
                               f"{column.type}: {exc}") from None
 
 
+def _finite_or_null(source: pa.ChunkedArray, col: pa.ChunkedArray, column, where: str) -> pa.ChunkedArray:
+    """Refuse infinite values and values beyond ``MAX_ABS_FLOAT`` (also those that a
+    float32 column could not hold); NaN becomes null (a missing value)."""
+    given = source.to_numpy(zero_copy_only=False)
+    if given.dtype.kind not in "fiu":
+        given = col.to_numpy(zero_copy_only=False)
+    given = np.asarray(given, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        bad = np.isinf(given) | (np.abs(given) > MAX_ABS_FLOAT)
+    if bad.any():
+        raise ValidationError(f"{where}: column {column.name!r} has infinite or overflowing values at "
+                              f"{_rows(bad)} (first value {float(given[bad][0])!r}; |value| must be at most "
+                              f"{MAX_ABS_FLOAT:g})")
+    nan = np.isnan(given)
+    if nan.any():
+        values = col.to_numpy(zero_copy_only=False)
+        col = pa.chunked_array([pa.array(values, mask=nan, type=column.arrow_type)])
+    return col
+
+
 def conform(table: Table, data, where: str | None = None,
             fill_healpix: bool = True) -> pa.Table:
     """Validate ``data`` against ``table`` and return it as an Arrow table in schema order.
@@ -116,6 +141,8 @@ def conform(table: Table, data, where: str | None = None,
     for c in table.columns:
         if c.name in names:
             col = _cast_column(arrow.column(c.name), c, where)
+            if c.numpy_kind == "f" and not (table.positional and c.name in ("ra", "dec")):
+                col = _finite_or_null(arrow.column(c.name), col, c, where)
             if not c.nullable and col.null_count:
                 bad = np.asarray(col.is_null().to_numpy(zero_copy_only=False))
                 if table.positional and c.name in ("ra", "dec"):

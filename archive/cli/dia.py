@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import sys
 
-import pyarrow as pa
-
 from archive.api import Archive
 from archive.cli.output import add_format_options, emit
 from archive.cli.store import _repo_option
@@ -18,15 +16,9 @@ def _report(rep) -> None:
           + (f", {rep.n_replaced_sources} replaced" if rep.n_replaced_sources else ""), file=sys.stderr)
 
 
-def _read_files(paths):
-    from archive.catalog.tablefile import read_table_file
-
-    return pa.concat_tables([read_table_file(p) for p in paths], promote_options="default")
-
-
 def cmd_ingest_dia(args) -> int:
     with Archive.open(args.repo) as arc:
-        rows = _read_files(args.files)
+        rows = arc.read_files("dia_source", args.files)
         rep = arc.ingest_dia_sources(rows, radius_arcsec=args.radius, replace=args.replace,
                                      where=", ".join(map(os.fspath, args.files)))
     _report(rep)
@@ -35,7 +27,7 @@ def cmd_ingest_dia(args) -> int:
 
 def cmd_ingest_forced(args) -> int:
     with Archive.open(args.repo) as arc:
-        n = arc.ingest_forced(_read_files(args.files))
+        n = arc.ingest_forced(arc.read_files("dia_forced_source", args.files))
     print(f"wrote {n} forced source(s)", file=sys.stderr)
     return 0
 

@@ -11,22 +11,11 @@ from __future__ import annotations
 import os
 import sys
 
-import pyarrow as pa
 
 from archive.api import Archive
 from archive.cli.output import add_format_options, emit
 from archive.cli.store import _repo_option
 from archive.errors import ValidationError
-
-
-def _read_files(store, paths) -> pa.Table:
-    """Source rows of all files, each validated on its own (errors name the file),
-    so Parquet, CSV and FITS files with different column types combine."""
-    from archive.catalog.tablefile import read_table_file
-    from archive.catalog.validate import conform
-
-    t = store.table("source")
-    return pa.concat_tables([conform(t, read_table_file(p), os.fspath(p)) for p in paths])
 
 
 def _region(args):
@@ -41,7 +30,7 @@ def cmd_ingest(args) -> int:
     from archive.catalog.matched_ingest import ingest_sources
 
     with Archive.open(args.repo) as arc:
-        rows = _read_files(arc.store, args.files)
+        rows = arc.read_files("source", args.files)
         rep = ingest_sources(arc.store, rows, radius_arcsec=args.radius, replace=args.replace,
                              where=", ".join(map(os.fspath, args.files)))
     print(f"matched {rep.n_sources} source(s) on {len(rep.exposure_ids)} exposure(s): "

@@ -91,6 +91,13 @@ def cmd_compact(args) -> int:
     return 0
 
 
+def cmd_recover(args) -> int:
+    with Archive.open(args.repo) as arc:
+        gen = arc.recover()
+    print(f"manifest restored at generation {gen}", file=sys.stderr)
+    return 0
+
+
 def cmd_schema(args) -> int:
     from archive.catalog.schema import load_schema, markdown_docs
 
@@ -156,6 +163,11 @@ def register(sub) -> None:
     _repo_option(p)
     p.add_argument("tables", nargs="*", metavar="TABLE")
     p.set_defaults(func=cmd_compact)
+
+    p = sub.add_parser("recover", help="Parquet archive: restore a corrupt manifest.json from its "
+                                       "newest intact committed copy")
+    _repo_option(p)
+    p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("schema", help="print the schema (Markdown) or one table's columns")
     p.add_argument("table", nargs="?", metavar="TABLE")
