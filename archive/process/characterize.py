@@ -5,7 +5,8 @@ background, finds cosmic rays (``CR`` plane, interpolated, ``INTRP``), detects a
 measures sources with the exposure's PSF (a Gaussian of ``fallback_fwhm`` when it
 has none), marks ``DETECTED`` footprints, and returns the source rows with the
 ``source`` table's columns: positions (and ``ra, dec, healpix29`` when the exposure
-has a WCS), fluxes in nJy when it has a PhotoCalib (counts otherwise), flags.
+has a WCS), fluxes in nJy when it has a PhotoCalib (counts otherwise), ``extendedness``
+(0..1, >= 0.5 extended: :mod:`archive.process.extendedness`), flags.
 """
 
 from __future__ import annotations

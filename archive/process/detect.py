@@ -10,7 +10,11 @@ detection map costs two separable convolutions. Pixels above ``threshold`` sigma
 footprints (8-connected, :func:`scipy.ndimage.label`); every local maximum of the
 S/N map in a footprint is a candidate peak, and a fainter peak survives the deblend
 only if it rises ``deblend_nsigma`` sigma (and ``deblend_contrast`` of its own S/N)
-above the lowest point on the straight line to the nearest brighter peak.
+above the lowest point on the straight line to the nearest brighter peak (a noise
+test), and if the multi-threshold deblender (:mod:`archive.process.deblend`) finds
+that its branch and its sibling's each hold ``deblend_min_contrast`` of the
+footprint's flux (SExtractor's criterion: clumps and noise bumps of a galaxy stay
+part of it).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from archive.errors import ValidationError
+from archive.process.deblend import multi_threshold_separate
 from archive.process.psfmodel import FWHM_PER_SIGMA
 from archive.process.stamps import TILE_MNK
 
@@ -41,6 +46,9 @@ class DetectionConfig:
     deblend_contrast: ... and by this fraction of its own peak S/N.
     min_separation: peaks closer than this (px) to a brighter one are merged into it.
     n_saddle_samples: samples along the peak-to-peak segment used to find the saddle.
+    deblend_levels: thresholds per secondary peak of the multi-threshold deblender (exponentially spaced).
+    deblend_min_contrast: a secondary peak's branch (and its sibling's) must hold this fraction of
+        the footprint's flux (0 turns the multi-threshold test off).
     """
 
     threshold: float = 5.0
@@ -50,6 +58,8 @@ class DetectionConfig:
     deblend_contrast: float = 0.1
     min_separation: float = 1.5
     n_saddle_samples: int = 12
+    deblend_levels: int = 16
+    deblend_min_contrast: float = 0.001
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -183,23 +193,52 @@ def _refine(snr: np.ndarray, py: np.ndarray, px: np.ndarray) -> tuple[np.ndarray
     return x0 + dx, y0 + dy
 
 
-def find_peaks(snr: np.ndarray, config: DetectionConfig | None = None) -> pd.DataFrame:
+@dataclass
+class Footprints:
+    """The above-threshold pixels of a :func:`find_peaks` call: ``flat`` (sorted flat indices
+    ``y * nx + x``) and ``label`` (their footprint, > 0) in an image of ``shape``."""
+
+    flat: np.ndarray
+    label: np.ndarray
+    shape: tuple[int, int]
+
+    def label_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Footprint label of the pixels nearest to ``(x, y)`` (0 where below threshold or off the image)."""
+        ny, nx = self.shape
+        xi = np.floor(np.asarray(x, dtype=np.float64) + 0.5).astype(np.int64)
+        yi = np.floor(np.asarray(y, dtype=np.float64) + 0.5).astype(np.int64)
+        on = (xi >= 0) & (xi < nx) & (yi >= 0) & (yi < ny)
+        f = np.where(on, yi * nx + xi, -1)
+        out = np.zeros(f.shape, dtype=np.int64)
+        if self.flat.size == 0:
+            return out
+        k = np.clip(np.searchsorted(self.flat, f), 0, self.flat.size - 1)
+        hit = on & (self.flat[k] == f)
+        out[hit] = self.label[k[hit]]
+        return out
+
+
+def find_peaks(snr: np.ndarray, config: DetectionConfig | None = None, *, norm: np.ndarray | None = None,
+               return_footprints: bool = False):
     """Footprints and deblended peaks of an S/N map.
 
-    Returns a DataFrame with one row per accepted peak: ``x``, ``y`` (sub-pixel,
-    0-based), ``x_peak``, ``y_peak`` (integer), ``peak_snr``, ``footprint`` (label),
-    ``footprint_npix``, ``n_peaks`` (accepted peaks in the footprint), sorted by
-    decreasing ``peak_snr``.
+    norm: the normalisation map of :func:`snr_map` (flux = snr / norm): the multi-threshold
+    deblender then splits by flux (else by S/N). Returns a DataFrame with one row per
+    accepted peak: ``x``, ``y`` (sub-pixel, 0-based), ``x_peak``, ``y_peak`` (integer),
+    ``peak_snr``, ``footprint`` (label), ``footprint_npix``, ``n_peaks`` (accepted peaks in
+    the footprint), sorted by decreasing ``peak_snr``; with ``return_footprints`` also the
+    :class:`Footprints` (the pixels of every footprint, whatever its size).
     """
     cfg = config or DetectionConfig()
     det = snr > cfg.threshold
     labels, nlab = ndimage.label(det, structure=np.ones((3, 3), dtype=bool))
-    cols = ["x", "y", "x_peak", "y_peak", "peak_snr", "footprint", "footprint_npix", "n_peaks"]
     if nlab == 0:
-        return _empty_peaks()
+        empty = Footprints(np.zeros(0, np.int64), np.zeros(0, np.int64), snr.shape)
+        return (_empty_peaks(), empty) if return_footprints else _empty_peaks()
     # the above-threshold pixels once (flat indices); footprint sizes from their labels only
     flat = np.flatnonzero(det)
     lab_flat = labels.ravel()[flat]
+    del labels
     npix = np.bincount(lab_flat, minlength=nlab + 1)
     big = npix >= cfg.min_pixels
     big[0] = False
@@ -218,7 +257,7 @@ def find_peaks(snr: np.ndarray, config: DetectionConfig | None = None) -> pd.Dat
     have[lab] = True
     missing = np.nonzero(big & ~have)[0]
     if missing.size:
-        pos = ndimage.maximum_position(snr, labels, missing)
+        pos = ndimage.maximum_position(snr, _relabel(flat, lab_flat, snr.shape), missing)
         my = np.array([p[0] for p in pos], dtype=np.int64)
         mxx = np.array([p[1] for p in pos], dtype=np.int64)
         py = np.concatenate([py, my])
@@ -238,9 +277,12 @@ def find_peaks(snr: np.ndarray, config: DetectionConfig | None = None) -> pd.Dat
             accept[cand] = False
         else:
             accept &= _deblend_test(snr, px, py, lab, val, cand, cfg)
+            if cfg.deblend_min_contrast > 0:
+                accept &= _multi_threshold(snr, norm, flat, lab_flat, px, py, lab, accept, cfg) | first
     py, px, lab, val = py[accept], px[accept], lab[accept], val[accept]
+    fps = Footprints(flat, lab_flat, snr.shape)
     if py.size == 0:
-        return _empty_peaks()
+        return (_empty_peaks(), fps) if return_footprints else _empty_peaks()
     xs, ys = _refine(snr, py, px)
     npk = np.bincount(lab, minlength=nlab + 1)[lab]
     out = pd.DataFrame({
@@ -249,7 +291,42 @@ def find_peaks(snr: np.ndarray, config: DetectionConfig | None = None) -> pd.Dat
         "footprint_npix": npix[lab].astype(np.int64), "n_peaks": npk.astype(np.int64),
     })
     log.debug("find_peaks: %d footprints above %.1f sigma, %d peaks", int(big.sum()), cfg.threshold, len(out))
-    return out
+    return (out, fps) if return_footprints else out
+
+
+def _relabel(flat: np.ndarray, lab_flat: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The label image of footprint pixels ``flat`` (labels ``lab_flat``; 0 elsewhere)."""
+    labels = np.zeros(shape, dtype=np.int32)
+    labels.ravel()[flat] = lab_flat
+    return labels
+
+
+def _multi_threshold(snr, norm, flat, lab_flat, px, py, lab, accept, cfg: DetectionConfig) -> np.ndarray:
+    """The multi-threshold test (:func:`archive.process.deblend.multi_threshold_separate`) of the
+    accepted peaks of footprints that still hold several; deblends the flux map ``snr / norm``
+    when ``norm`` is given (else the S/N map). Returns a bool per peak (True where not tested)."""
+    ok = np.ones(px.size, dtype=bool)
+    a = np.flatnonzero(accept)
+    if a.size < 2:
+        return ok
+    nlab = int(lab_flat.max()) + 1
+    multi = np.bincount(lab[a], minlength=nlab) >= 2
+    if not multi.any():
+        return ok
+    a = a[multi[lab[a]]]
+    pix = multi[lab_flat]
+    f = flat[pix]
+    ny, nx = snr.shape
+    vals = snr.ravel()[f].astype(np.float64)
+    pf = py[a].astype(np.int64) * nx + px[a]
+    pv = snr.ravel()[pf].astype(np.float64)
+    if norm is not None:
+        nr = norm.ravel()
+        vals /= nr[f]
+        pv /= nr[pf]
+    ok[a] = multi_threshold_separate(f, lab_flat[pix], vals, snr.shape, pf, lab[a], pv,
+                                     n_levels=cfg.deblend_levels, min_contrast=cfg.deblend_min_contrast)
+    return ok
 
 
 def _local_maxima(snr: np.ndarray, flat: np.ndarray) -> np.ndarray:

@@ -1,13 +1,24 @@
 """Iterative detect-measure-subtract (bright to faint) on a background-subtracted image.
 
-Pass 1 detects on the image, measures every source (simultaneous PSF fit) and
-subtracts the models; later passes detect on the residual, whose variance is
+Pass 1 detects on the image (matched filter, peak saddle test and the multi-threshold
+deblender of :mod:`archive.process.deblend`), measures every source (simultaneous PSF
+fit) and subtracts the models; later passes detect on the residual, whose variance is
 inflated by ``model_error`` times the model (PSF-mismatch residuals of bright stars
 are then not significant), add the new peaks and re-measure everything together.
+
+Galaxies. A PSF model leaves a galaxy's light outside its core in the residual: lobes
+on either side of the centre, point-symmetric like the galaxy. Every source gets an
+``extendedness`` (:mod:`archive.process.extendedness`); a residual peak inside the
+pass-1 footprint of an extended source is its own structure unless it stands out
+against the residual at its mirror point through that source's centre (a star or a
+supernova on a galaxy breaks the symmetry, the galaxy's lobes do not): the peak must
+exceed the mirror's S/N by the detection threshold and by ``mirror_contrast`` of its
+own S/N.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from dataclasses import asdict, dataclass, field
@@ -19,7 +30,8 @@ from scipy.spatial import cKDTree
 
 from archive.errors import ValidationError
 from archive.process import flags as F_
-from archive.process.detect import DetectionConfig, find_peaks, snr_map
+from archive.process.detect import DetectionConfig, Footprints, find_peaks, snr_map
+from archive.process.extendedness import ExtendednessConfig, measure_extendedness
 from archive.process.measure import MeasureConfig, add_models, measure_sources, model_half, prepare_frame
 from archive.process.stamps import chunks, gather, stamp_grid
 
@@ -39,8 +51,11 @@ class SourceConfig:
     residual_zone_planes: the planes that define those zones (saturated, bad columns).
     core_radius_fwhm, core_contrast: residual peaks within this many FWHM of a source more than
         ``core_contrast`` times brighter are ignored (PSF-model error in the bright core).
-    extended_factor: a source whose moment trace exceeds the PSF's by this factor is extended;
-        residual peaks within 4 of its sigmas are its own structure, not new sources.
+    extendedness: config of the extendedness measure (column ``extendedness``).
+    extended_threshold: sources with ``extendedness`` at or above this are extended (residual peaks
+        in their footprints are tested against their mirror point).
+    mirror_contrast: a residual peak in an extended source's footprint is a new source only when its
+        S/N exceeds the S/N at its mirror point by the detection threshold and by this fraction of its own.
     no_detect_planes: mask planes whose pixels get zero weight in detection.
     """
 
@@ -52,7 +67,9 @@ class SourceConfig:
     no_detect_planes: tuple[str, ...] = ("BAD", "SAT", "CR", "NO_DATA", "STREAK")
     saturated_zone_fwhm: float = 3.0
     residual_zone_planes: tuple[str, ...] = ("SAT", "BAD")
-    extended_factor: float = 2.5
+    extendedness: ExtendednessConfig = field(default_factory=ExtendednessConfig)
+    extended_threshold: float = 0.5
+    mirror_contrast: float = 0.5
     core_radius_fwhm: float = 1.0
     core_contrast: float = 50.0
 
@@ -67,23 +84,67 @@ def _flatten(lists) -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(np.arange(len(lists)), lens), items
 
 
-def _near_extended(df: pd.DataFrame, pk: pd.DataFrame, fwhm: float, factor: float) -> np.ndarray:
-    """Residual peaks lying within 4 sigma of an extended (larger than the PSF) source."""
+def _extended_structure(df: pd.DataFrame, fps: Footprints, pk: pd.DataFrame, snr2: np.ndarray,
+                        cfg: SourceConfig) -> np.ndarray:
+    """Residual peaks ``pk`` that are structure of an extended source (see module doc): inside the
+    pass-1 footprint (``fps``) of a source with ``extendedness >= extended_threshold`` and not
+    standing out against the residual S/N map ``snr2`` at the mirror point through the nearest
+    such source of that footprint."""
     out = np.zeros(len(pk), dtype=bool)
-    if len(df) == 0 or len(pk) == 0:
+    if len(df) == 0 or len(pk) == 0 or "extendedness" not in df:
         return out
-    s2 = (fwhm / 2.3548200450309493) ** 2 + 1.0 / 12.0
-    tr = 0.5 * (df["ixx"].to_numpy(np.float64) + df["iyy"].to_numpy(np.float64))
-    ext = np.isfinite(tr) & (tr > factor * s2) & ((df["flags"].to_numpy() & int(F_.FLAG_MOMENTS)) == 0)
+    ext = np.nan_to_num(df["extendedness"].to_numpy(np.float64)) >= cfg.extended_threshold
     if not ext.any():
         return out
     ex = df["x"].to_numpy(np.float64)[ext]
     ey = df["y"].to_numpy(np.float64)[ext]
-    rad = 4.0 * np.sqrt(tr[ext])
-    tree = cKDTree(np.column_stack([pk["x"].to_numpy(), pk["y"].to_numpy()]))
-    _, hit = _flatten(tree.query_ball_point(np.column_stack([ex, ey]), rad))
-    out[hit] = True
+    elab = fps.label_at(ex, ey)
+    px = pk["x"].to_numpy(np.float64)
+    py = pk["y"].to_numpy(np.float64)
+    plab = fps.label_at(px, py)
+    has = np.zeros(int(max(elab.max(initial=0), plab.max(initial=0))) + 1, dtype=bool)
+    has[elab[elab > 0]] = True
+    cand = np.flatnonzero((plab > 0) & has[plab])
+    if cand.size == 0:
+        return out
+    # the nearest extended source in the same footprint (among the k nearest of all)
+    k = min(ex.size, 16)
+    _, nb = cKDTree(np.column_stack([ex, ey])).query(np.column_stack([px[cand], py[cand]]), k=k)
+    nb = nb.reshape(cand.size, k)
+    same = elab[nb] == plab[cand][:, None]
+    found = same.any(axis=1)
+    e = nb[np.arange(cand.size), np.argmax(same, axis=1)]
+    cand, e = cand[found], e[found]
+    ny, nx = snr2.shape
+    mx = np.floor(2.0 * ex[e] - px[cand] + 0.5).astype(np.int64)
+    my = np.floor(2.0 * ey[e] - py[cand] + 0.5).astype(np.int64)
+    on = (mx >= 0) & (mx < nx) & (my >= 0) & (my < ny)
+    sm = np.where(on, snr2[np.clip(my, 0, ny - 1), np.clip(mx, 0, nx - 1)], 0.0)
+    sp = pk["peak_snr"].to_numpy(np.float64)[cand]
+    stands_out = sp - np.maximum(sm, 0.0) >= np.maximum(cfg.detection.threshold, cfg.mirror_contrast * sp)
+    out[cand] = ~stands_out
     return out
+
+
+def _with_extendedness(df: pd.DataFrame, frame, plane: np.ndarray, psf, cfg: SourceConfig) -> pd.DataFrame:
+    """``df`` with its ``extendedness`` column measured on the neighbour-subtracted image (the flat
+    model ``plane`` of all sources in the layout of the measurement ``frame``)."""
+    fr = frame.frame
+    x = df["x"].to_numpy(np.float64)
+    y = df["y"].to_numpy(np.float64)
+    ext = np.full(len(df), np.nan, dtype=np.float32)
+    half = max(3, int(np.ceil(cfg.extendedness.half_fwhm * float(psf.fwhm())))) + max(1, cfg.extendedness.annulus) + 1
+    xc = np.floor(x + 0.5).astype(np.int64)
+    yc = np.floor(y + 0.5).astype(np.int64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    ny, nx = fr.shape
+    p = fr.pad - half
+    ok &= (xc >= -p) & (xc < nx + p) & (yc >= -p) & (yc < ny + p)
+    if ok.any():
+        ext[ok] = measure_extendedness(fr, frame.img, frame.W, frame.V, plane, psf, x[ok], y[ok],
+                                       df["psf_flux"].to_numpy(np.float64)[ok], cfg.extendedness)
+    df["extendedness"] = ext
+    return df
 
 
 def _in_zone(mask, mask_planes, cfg: SourceConfig, fwhm: float, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -150,7 +211,7 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
     fwhm = float(psf.fwhm())
     snr, norm = snr_map(img, w, fwhm, overwrite_weight=True)
     del w
-    peaks = find_peaks(snr, cfg.detection)
+    peaks, fps = find_peaks(snr, cfg.detection, norm=norm, return_footprints=True)
     xs = peaks["x"].to_numpy()
     ys = peaks["y"].to_numpy()
     yp, xp = peaks["y_peak"].to_numpy(), peaks["x_peak"].to_numpy()
@@ -167,10 +228,12 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
                                 config=cfg.measure, return_model=True, frame=frame)
     # the model image is a view of a padded plane in the frame's layout: later passes update it there
     plane = model.base if model.base is not None and model.base.size == frame.frame.size else None
+    if plane is None:
+        plane = frame.frame.plane(model, np.float32)
+        model = frame.frame.crop(plane)
+    df = _with_extendedness(df, frame, plane, psf, cfg)
+    residual_detection = dataclasses.replace(cfg.detection, deblend_min_contrast=0.0)
     for p in range(1, max(1, cfg.n_passes)):
-        if plane is None:
-            plane = frame.frame.plane(model, np.float32)
-            model = frame.frame.crop(plane)
         # residual detection: the variance grows by (model_error * model)^2 where sources were subtracted
         resid = np.subtract(img, model, out=np.empty_like(img))
         w2 = np.multiply(model, np.float32(cfg.model_error))
@@ -181,9 +244,13 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
         w2[~usable] = 0.0
         snr2, norm2 = snr_map(resid, w2, fwhm, overwrite_image=True, overwrite_weight=True)
         del resid, w2
-        pk = find_peaks(snr2, cfg.detection)
+        # no flux-contrast deblending on the residual: a star beside a galaxy's residual lobes holds
+        # little of their flux; residual peaks are judged by the tests below instead
+        pk = find_peaks(snr2, residual_detection)
         ypk, xpk = pk["y_peak"].to_numpy(), pk["x_peak"].to_numpy()
         fpk = snr2[ypk, xpk].astype(np.float64) / norm2[ypk, xpk]
+        # residual structure of galaxies (tested against the mirror point on this S/N map)
+        gal = _extended_structure(df, fps, pk, snr2, cfg)
         del snr2, norm2
         if len(pk) == 0:
             break
@@ -195,13 +262,12 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
         else:
             new = np.ones(len(pk), dtype=bool)
         # zones where residual peaks are not trusted: around saturated / bad pixels (their
-        # wings and interpolations are not modelled) and around extended sources (galaxies
-        # leave residuals a PSF cannot remove)
+        # wings and interpolations are not modelled)
         new &= ~_in_zone(mask, mask_planes, cfg, fwhm, xpk, ypk)
         # a faint residual peak inside the core of a much brighter star is PSF-model error
         if len(known) and cfg.core_contrast > 0:
             new &= ~_core_shadowed(df, cand, fpk, cfg.core_radius_fwhm * fwhm, cfg.core_contrast)
-        new &= ~_near_extended(df, pk, fwhm, cfg.extended_factor)
+        new &= ~gal
         if not new.any():
             break
         pk = pk[new]
@@ -226,6 +292,8 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
                                          return_model=True, frame=frame, fixed_model=plane)
         plane += sub_model.base
         del sub_model
+        # the extendedness of the re-measured sources (the others' stamps hold the same models)
+        sub = _with_extendedness(sub, frame, plane, psf, cfg)
         # a fixed source next to a changed one keeps its old blendedness flag; refitted ones get new flags
         keep_df = df[~touch]
         df = pd.concat([keep_df, sub], ignore_index=True)
