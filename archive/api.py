@@ -147,12 +147,15 @@ class Archive:
         return df.sort_values("validity_start").reset_index(drop=True)
 
     # -- DIA ingest and light curves ------------------------------------------
-    def ingest_dia_sources(self, data, radius_arcsec: float = 1.0, replace: bool = False,
+    def ingest_dia_sources(self, data, radius_arcsec: float | None = None, replace: bool = False,
                            ingest_mjd: float | None = None, where: str | None = None):
         """Associate a batch of DIASources (one or more visits) and store sources and object versions.
 
         Returns an :class:`archive.catalog.dia_ingest.IngestReport`.  Exposures
-        already ingested are refused unless ``replace=True``.
+        already ingested are refused unless ``replace=True``.  ``radius_arcsec``:
+        match radius for every row; default 1", and a survey's own for its rows
+        (ZTF 1.5"; see docs/association.md).  Visits may arrive in any order: a
+        late one re-associates the objects it affects in time order.
         """
         from archive.catalog.dia_ingest import AssociationConfig, ingest_dia_sources
 
@@ -165,7 +168,7 @@ class Archive:
 
         return ingest_forced_sources(self.store, data, ingest_mjd=ingest_mjd)
 
-    def ingest_alerts(self, paths: Sequence[str | os.PathLike], radius_arcsec: float = 1.0,
+    def ingest_alerts(self, paths: Sequence[str | os.PathLike], radius_arcsec: float | None = None,
                       ingest_mjd: float | None = None):
         """Read ZTF / LSST alert packets (Avro, Parquet, tar.gz) and associate their detections.
 
@@ -179,6 +182,21 @@ class Archive:
         return ingest_dia_sources(self.store, rows, AssociationConfig(radius_arcsec=radius_arcsec),
                                   ingest_mjd=ingest_mjd, skip_known_external=True,
                                   where=", ".join(map(os.fspath, paths)))
+
+    def reassociate(self, region=None, radius_arcsec: float | None = None,
+                    ingest_mjd: float | None = None):
+        """Rebuild the DIAObjects of ``region`` (an :mod:`archive.sky.regions` region; None:
+        everything) from their DIASources, visit by visit in time order.
+
+        Every object with a DIASource in the region is rebuilt whole; objects keep
+        their ids where a rebuilt object took most of an old one's sources, and
+        get new versions (history kept).  Returns an
+        :class:`archive.catalog.dia_ingest.IngestReport`.
+        """
+        from archive.catalog.dia_ingest import AssociationConfig, reassociate
+
+        return reassociate(self.store, region, AssociationConfig(radius_arcsec=radius_arcsec),
+                           ingest_mjd=ingest_mjd)
 
     def light_curve(self, dia_object_id: int, bands: Sequence[str] | None = None) -> pd.DataFrame:
         """Detections and forced photometry of one DIAObject in one table, by time.

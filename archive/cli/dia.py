@@ -13,7 +13,9 @@ from archive.cli.store import _repo_option
 def _report(rep) -> None:
     print(f"associated {rep.n_sources} DIASource(s): {rep.n_new_objects} new DIAObject(s), "
           f"{rep.n_updated_objects} updated"
-          + (f", {rep.n_replaced_sources} replaced" if rep.n_replaced_sources else ""), file=sys.stderr)
+          + (f", {rep.n_replaced_sources} replaced" if rep.n_replaced_sources else "")
+          + (f", {rep.n_reassociated} stored re-associated (late data)" if rep.n_reassociated else "")
+          + (f", {rep.n_duplicates} duplicate(s) of a visit" if rep.n_duplicates else ""), file=sys.stderr)
 
 
 def cmd_ingest_dia(args) -> int:
@@ -36,6 +38,44 @@ def cmd_ingest_alerts(args) -> int:
     with Archive.open(args.repo) as arc:
         rep = arc.ingest_alerts(args.files, radius_arcsec=args.radius)
     _report(rep)
+    return 0
+
+
+def parse_region(text: str | None):
+    """A region from the command line (degrees; cone radius in arcsec), or None (everything):
+    ``cone:RA,DEC,RADIUS_ARCSEC``, ``box:RA_MIN,RA_MAX,DEC_MIN,DEC_MAX`` or
+    ``polygon:RA1,DEC1,RA2,DEC2,RA3,DEC3[,...]``."""
+    from archive.errors import ValidationError
+    from archive.sky.regions import Box, Cone, Polygon
+
+    if text is None:
+        return None
+    kind, _, rest = text.partition(":")
+    kind = kind.strip().lower()
+    try:
+        vals = [float(v) for v in rest.split(",")] if rest.strip() else []
+    except ValueError:
+        raise ValidationError(f"region {text!r}: the values after '{kind}:' must be numbers "
+                              "separated by commas") from None
+    if kind == "cone" and len(vals) == 3:
+        if not vals[2] > 0:
+            raise ValidationError(f"region {text!r}: the cone radius (arcsec) must be positive")
+        return Cone(vals[0], vals[1], vals[2] / 3600.0)
+    if kind == "box" and len(vals) == 4:
+        return Box(*vals)
+    if kind == "polygon" and len(vals) >= 6 and len(vals) % 2 == 0:
+        return Polygon(vals[0::2], vals[1::2])
+    raise ValidationError(f"region {text!r}: expected cone:RA,DEC,RADIUS_ARCSEC, "
+                          "box:RA_MIN,RA_MAX,DEC_MIN,DEC_MAX or polygon:RA1,DEC1,RA2,DEC2,RA3,DEC3,...")
+
+
+def cmd_reassociate(args) -> int:
+    region = parse_region(args.region)
+    with Archive.open(args.repo) as arc:
+        rep = arc.reassociate(region, radius_arcsec=args.radius)
+    print(f"re-associated {rep.n_reassociated} DIASource(s): {rep.n_updated_objects} DIAObject(s) "
+          f"rebuilt, {rep.n_new_objects} new, {rep.n_closed_objects} closed, "
+          f"{rep.n_duplicates} duplicate(s) of a visit", file=sys.stderr)
     return 0
 
 
@@ -89,7 +129,8 @@ def register(sub) -> None:
     p = ingest.add_parser("dia-sources", help="associate DIASource files with DIAObjects (incremental)")
     _repo_option(p)
     p.add_argument("files", metavar="FILE", nargs="+")
-    p.add_argument("--radius", type=float, default=1.0, help="match radius in arcsec (default 1)")
+    p.add_argument("--radius", type=float, default=None,
+                   help="match radius in arcsec (default 1; ZTF rows 1.5)")
     p.add_argument("--replace", action="store_true",
                    help="re-ingest exposures already stored, undoing their old contribution")
     p.set_defaults(func=cmd_ingest_dia)
@@ -102,8 +143,19 @@ def register(sub) -> None:
     p = ingest.add_parser("alerts", help="ingest ZTF / LSST alert packets (Avro, Parquet, tar.gz) and associate")
     _repo_option(p)
     p.add_argument("files", metavar="FILE", nargs="+")
-    p.add_argument("--radius", type=float, default=1.0, help="match radius in arcsec (default 1)")
+    p.add_argument("--radius", type=float, default=None,
+                   help="match radius in arcsec (default 1; ZTF rows 1.5)")
     p.set_defaults(func=cmd_ingest_alerts)
+
+    p = sub.add_parser("reassociate", help="rebuild the DIAObjects of a region from its DIASources, "
+                                           "in time order")
+    _repo_option(p)
+    p.add_argument("region", metavar="REGION", nargs="?", default=None,
+                   help="cone:RA,DEC,RADIUS_ARCSEC | box:RA_MIN,RA_MAX,DEC_MIN,DEC_MAX | "
+                        "polygon:RA1,DEC1,RA2,DEC2,RA3,DEC3,... (degrees); default: everything")
+    p.add_argument("--radius", type=float, default=None,
+                   help="match radius in arcsec (default 1; ZTF rows 1.5)")
+    p.set_defaults(func=cmd_reassociate)
 
     p = sub.add_parser("lightcurve", help="detections and forced photometry of one DIAObject")
     _repo_option(p)
