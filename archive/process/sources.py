@@ -69,7 +69,7 @@ class SourceConfig:
     residual_zone_planes: tuple[str, ...] = ("SAT", "BAD")
     extendedness: ExtendednessConfig = field(default_factory=ExtendednessConfig)
     extended_threshold: float = 0.5
-    mirror_contrast: float = 0.5
+    mirror_contrast: float = 0.3
     core_radius_fwhm: float = 1.0
     core_contrast: float = 50.0
 

@@ -70,9 +70,14 @@ def test_output_columns(measured):
     _, df = measured
     for c in ("x", "y", "x_err", "y_err", "psf_flux", "psf_flux_err", "ap_flux_r3", "ap_flux_r3_err",
               "ap_flux_r6", "ap_flux_r6_err", "ap_flux_r12", "ap_flux_r12_err", "snr", "ixx", "iyy", "ixy",
-              "sky", "flags"):
+              "sky", "flags", "extendedness"):
         assert c in df.columns
     assert df["flags"].dtype == np.int64
+    assert df["extendedness"].dtype == np.float32
+    # a field of stars: point-like (the score's 3-sigma significance leaves ~0.1% above 0.5)
+    ok = np.isfinite(df.extendedness)
+    assert ok.mean() > 0.97
+    assert (df.extendedness[ok & (df.snr > 20)] < 0.5).mean() >= 0.98
     assert (df.sky > 150).all()  # the sky level was reported
     assert df.psf_flux.is_monotonic_decreasing
 
@@ -96,6 +101,40 @@ def test_close_pair_is_deblended_and_fitted_jointly():
     got = df.psf_flux.to_numpy()[i]
     assert np.all(np.abs(got - fl) < 4 * df.psf_flux_err.to_numpy()[i])
     assert (df["flags"].to_numpy() & F_.FLAG_BLENDED).all()
+
+
+@pytest.mark.parametrize("min_contrast", [0.001, 0.0])
+def test_star_pairs_stay_split(min_contrast):
+    """A grid of star pairs 1.5-3 FWHM apart with flux ratios 1-0.05: every star is found, with
+    the multi-threshold deblender on (default) as with it off; none is classified extended."""
+    from archive.process.detect import DetectionConfig
+    from archive.process.sources import SourceConfig
+    from archive.process.stamps import scatter_add, stamp_grid
+
+    rng = np.random.default_rng(2)
+    psf = GaussianPsf(3.0)
+    seps = np.array([1.5, 2.0, 2.5, 3.0]) * 3.0
+    ratios = np.array([1.0, 0.5, 0.2, 0.1, 0.05])
+    S, R = np.meshgrid(seps, ratios)
+    S, R = S.ravel(), R.ravel()
+    n = S.size
+    cx = 40.0 + 60.0 * (np.arange(n) % 5) + rng.uniform(-0.5, 0.5, n)
+    cy = 40.0 + 60.0 * (np.arange(n) // 5) + rng.uniform(-0.5, 0.5, n)
+    ang = rng.uniform(0, np.pi, n)
+    xs = np.concatenate([cx, cx + S * np.cos(ang)])
+    ys = np.concatenate([cy, cy + S * np.sin(ang)])
+    fl = np.concatenate([np.full(n, 3.0e4), 3.0e4 * R])
+    shape = (int(ys.max()) + 40, int(xs.max()) + 40)
+    iy, ix = stamp_grid(np.rint(xs).astype(int), np.rint(ys).astype(int), 31)
+    img = scatter_add(shape, iy, ix, psf.stamps(xs, ys, 31) * fl[:, None, None])
+    var = 25.0 + img
+    img = img + rng.normal(0, np.sqrt(var))
+    cfg = SourceConfig(detection=DetectionConfig(deblend_min_contrast=min_contrast))
+    df, _ = detect_and_measure(img, var, psf, background_variance=np.full(shape, 25.0), config=cfg)
+    d, _ = cKDTree(np.c_[df.x, df.y]).query(np.c_[xs, ys])
+    assert (d < 1.0).all(), np.c_[xs, ys, fl][d >= 1.0]
+    assert len(df) == 2 * n
+    assert (df.extendedness < 0.5).mean() >= 0.95
 
 
 def test_faint_neighbour_found_on_residual_pass():
