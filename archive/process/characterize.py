@@ -158,7 +158,7 @@ def run(exposure: Exposure, config: CharacterizeConfig | None = None) -> Charact
     sources, model = detect_and_measure(img, var, psf, mask=exp.mask, mask_planes=planes,
                                         background_variance=bvar,
                                         background=bkg.background if bkg is not None else None,
-                                        config=cfg.sources)
+                                        config=cfg.sources, background_error=bkg.error if bkg is not None else None)
     # DETECTED: pixels where the source models exceed the 1-sigma noise
     with np.errstate(invalid="ignore"):
         det = model > np.sqrt(np.where(np.isfinite(var), var, np.inf))

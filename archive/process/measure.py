@@ -50,6 +50,9 @@ class MeasureConfig:
     moments_iter: iterations of the adaptive moments.
     bad_planes: mask planes whose pixels get zero weight in fits and apertures.
     chunk: sources processed per vectorized batch (bounds memory).
+    neighbour_model_error: fractional error of the neighbours' models subtracted inside an aperture
+        (PSF-model wings beyond the model's extent, their flux errors): ``e * |sum a N|`` (N the
+        neighbours' model light) is added in quadrature to the aperture flux errors.
     """
 
     aperture_radii: tuple[float, ...] = (3.0, 6.0, 12.0)
@@ -61,6 +64,7 @@ class MeasureConfig:
     moments_iter: int = 8
     bad_planes: tuple[str, ...] = ("BAD", "SAT", "CR", "NO_DATA")
     chunk: int = 2048
+    neighbour_model_error: float = 0.02
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -245,7 +249,7 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
                     background: np.ndarray | None = None, mask_planes: Mapping[str, int] | None = None,
                     flux_guess: np.ndarray | None = None, config: MeasureConfig | None = None,
                     return_model: bool = False, frame: MeasureFrame | None = None,
-                    fixed_model: np.ndarray | None = None):
+                    fixed_model: np.ndarray | None = None, background_error: np.ndarray | float | None = None):
     """Measure point sources at starting positions ``(x, y)`` (px, 0-based).
 
     image: background-subtracted image (counts); variance: its variance (counts^2,
@@ -256,7 +260,12 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
     fluxes; frame: the planes already prepared by :func:`prepare_frame` from these
     arguments (saves the full-image passes when one image is measured repeatedly);
     fixed_model: with ``frame``, a flat padded plane in its layout of other sources' models,
-    held fixed and subtracted from the image (a re-measurement of some sources among others).
+    held fixed and subtracted from the image (a re-measurement of some sources among others);
+    background_error: 1-sigma error (image units, a per-pixel map or one number) of the
+    subtracted background itself (:attr:`archive.process.background.Background.error`): constant
+    over a stamp, it adds ``(sum a)^2 e^2`` to an aperture flux's variance and
+    ``(sum w P)^2 e^2 / (sum w P^2)^2`` to a PSF flux's (correlated noise the variance plane
+    does not carry).
     Returns a DataFrame with ``x, y, x_err, y_err, psf_flux, psf_flux_err,
     ap_flux_r*, ap_flux_r*_err, snr, ixx, iyy, ixy, sky, flags`` (fluxes in the
     image's units) and, with ``return_model``, also the model image (float32) of all sources:
@@ -339,6 +348,14 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
             flags[far] |= F_.FLAG_CENTROID
     # final pass: flux-only fit, centroid covariance, apertures, moments, flags
     model = _model_flat(frame, psf, x, y, flux, hm, chunk)
+    xi = np.clip(np.floor(x + 0.5).astype(np.int64), 0, shape[1] - 1)
+    yi = np.clip(np.floor(y + 0.5).astype(np.int64), 0, shape[0] - 1)
+    if background_error is None:
+        bg_err2 = np.zeros(n)
+    else:
+        be = np.asarray(background_error, dtype=np.float64)
+        bg_err2 = (be[yi, xi] if be.ndim == 2 else np.full(n, float(be))) ** 2
+        bg_err2 = np.where(np.isfinite(bg_err2), bg_err2, 0.0)
     out = {k: np.full(n, np.nan) for k in cols}
     sq = 2 * hq + 1
     fwhm_sig2 = (fw / 2.3548200450309493) ** 2
@@ -363,6 +380,8 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
         swd = np.einsum("mpq,mpq->m", WP, D).astype(np.float64)
         psf_flux = np.where(ok, swd / np.where(ok, sw, 1.0), np.nan)
         var = np.einsum("mpq,mpq->m", WP * WP, Vs).astype(np.float64) / np.where(ok, sw, 1.0) ** 2
+        # the background's own error, common to the whole stamp
+        var += (WP.sum(axis=(1, 2), dtype=np.float64) / np.where(ok, sw, 1.0)) ** 2 * bg_err2[sl]
         psf_err = np.where(ok, np.sqrt(var), np.nan)
         fl = np.zeros(m, dtype=np.int64)
         fl[~ok] |= F_.FLAG_PSF_FLUX
@@ -387,6 +406,8 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
         Pa, Ra, Ua, Va = _central(Pq, ha), _central(Rq, ha), _central(Uq, ha), _central(Vq, ha)
         own = f32 * Pa
         Da = np.where(Ua, Ra + own, own)
+        # the neighbours' models subtracted under the aperture stamps (their errors add to the apertures')
+        Na = _central(img_at(idq), ha) - Ra - own
         sa = 2 * ha + 1
         off = np.arange(sa) - ha
         ddx = off[None, None, :] - (xs - xc)[:, None, None]
@@ -399,7 +420,10 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
             a = aperture_stamps(xs - xc, ys - yc, r, hr)
             name = ap_column(r)
             out[name][sl] = np.einsum("mpq,mpq->m", a, Da[:, c, c])
-            out[name + "_err"][sl] = np.sqrt(np.einsum("mpq,mpq->m", a * a, Va[:, c, c]))
+            nb_err = cfg.neighbour_model_error * np.einsum("mpq,mpq->m", a, Na[:, c, c]).astype(np.float64)
+            out[name + "_err"][sl] = np.sqrt(np.einsum("mpq,mpq->m", a * a, Va[:, c, c])
+                                             + a.sum(axis=(1, 2), dtype=np.float64) ** 2 * bg_err2[sl]
+                                             + nb_err ** 2)
             if r == max(radii):
                 bad_in = ((a > 0) & ~Ua[:, c, c]).any(axis=(1, 2))
                 fl[bad_in] |= F_.FLAG_APERTURE_EDGE
@@ -421,8 +445,6 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
         flags[sl] |= fl
     with np.errstate(divide="ignore", invalid="ignore"):
         out["snr"] = out["psf_flux"] / out["psf_flux_err"]
-    xi = np.clip(np.floor(x + 0.5).astype(np.int64), 0, shape[1] - 1)
-    yi = np.clip(np.floor(y + 0.5).astype(np.int64), 0, shape[0] - 1)
     out["sky"] = background[yi, xi].astype(np.float64) if background is not None else np.zeros(n)
     if mask is not None:
         flags |= mask_or_within(mask, x, y, cfg.flag_radius)

@@ -181,15 +181,18 @@ def _core_shadowed(df: pd.DataFrame, cand: np.ndarray, fpk: np.ndarray, radius: 
 def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np.ndarray | None = None,
                        mask_planes: Mapping[str, int] | None = None,
                        background_variance: np.ndarray | None = None, background: np.ndarray | None = None,
-                       config: SourceConfig | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+                       config: SourceConfig | None = None,
+                       background_error: np.ndarray | float | None = None) -> tuple[pd.DataFrame, np.ndarray]:
     """Detect and measure point sources on a background-subtracted image.
 
     image: background-subtracted pixels (counts); variance: per-pixel variance
     (counts^2); psf: a stamp PSF; mask: integer mask image (bits per
     ``mask_planes``, default :data:`archive.process.flags.DEFAULT_MASK_PLANES`);
     background_variance: smooth background variance (fit weights; default the
-    variance); background: the subtracted background (for the ``sky`` column).
-    Returns ``(sources, model)``: the measured DataFrame (see
+    variance); background: the subtracted background (for the ``sky`` column);
+    background_error: its own 1-sigma error (added to the flux errors, see
+    :func:`archive.process.measure.measure_sources`). Returns ``(sources, model)``:
+    the measured DataFrame (see
     :func:`archive.process.measure.measure_sources`, plus ``peak_snr``) sorted by
     decreasing flux, and the model image of all sources.
     """
@@ -225,7 +228,8 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
                           bad_planes=cfg.measure.bad_planes)
     df, model = measure_sources(image, variance, mask, psf, xs, ys, background_variance=background_variance,
                                 background=background, mask_planes=mask_planes, flux_guess=guess,
-                                config=cfg.measure, return_model=True, frame=frame)
+                                config=cfg.measure, return_model=True, frame=frame,
+                                background_error=background_error)
     # the model image is a view of a padded plane in the frame's layout: later passes update it there
     plane = model.base if model.base is not None and model.base.size == frame.frame.size else None
     if plane is None:
@@ -289,7 +293,8 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
         sub, sub_model = measure_sources(image, variance, mask, psf, xs, ys,
                                          background_variance=background_variance, background=background,
                                          mask_planes=mask_planes, flux_guess=guess, config=cfg.measure,
-                                         return_model=True, frame=frame, fixed_model=plane)
+                                         return_model=True, frame=frame, fixed_model=plane,
+                                         background_error=background_error)
         plane += sub_model.base
         del sub_model
         # the extendedness of the re-measured sources (the others' stamps hold the same models)
