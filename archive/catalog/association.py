@@ -257,9 +257,10 @@ def _fill_cov(xx: np.ndarray, yy: np.ndarray, xy: np.ndarray,
             np.where(bad | ~np.isfinite(xy), 0.0, xy))
 
 
-def _object_state(objects: pd.DataFrame, default_var: float
+def _object_state(objects: pd.DataFrame, rows: np.ndarray, default_var: float
                   ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
-    """Covariance (arcsec^2) and position weight (arcsec^-2) of every object row.
+    """Covariance (arcsec^2) and position weight (arcsec^-2) of the object rows ``rows``
+    (positional; only the candidates are computed, not every object of the footprint).
 
     Objects stored by the archive carry ``pos_sum_w`` (deg^-2): their error is
     the isotropic 1/sqrt(pos_sum_w), taken from that float64 sum (the stored
@@ -268,8 +269,19 @@ def _object_state(objects: pd.DataFrame, default_var: float
     identically.  Other objects use ``ra_err``/``dec_err``/``ra_dec_cov``, or
     ``default_var`` per axis, and the weight 2/(xx + yy).
     """
-    xx, yy, xy = _fill_cov(*_cov_arrays(objects), default_var)
-    w = _num_col(objects, "pos_sum_w") / 3600.0 ** 2
+    def col(name: str) -> np.ndarray:
+        if name not in objects.columns:
+            return np.full(rows.size, np.nan)
+        return pd.to_numeric(objects[name], errors="coerce").to_numpy(
+            np.float64, na_value=np.nan)[rows]
+
+    if "ra_err" in objects.columns and "dec_err" in objects.columns:
+        sx, sy, cov = col("ra_err") * 3600.0, col("dec_err") * 3600.0, col("ra_dec_cov")
+        raw = (sx * sx, sy * sy, np.where(np.isfinite(cov), cov * 3600.0 ** 2, 0.0))
+    else:
+        raw = (np.full(rows.size, np.nan), np.full(rows.size, np.nan), np.zeros(rows.size))
+    xx, yy, xy = _fill_cov(*raw, default_var)
+    w = col("pos_sum_w") / 3600.0 ** 2
     ok = np.isfinite(w) & (w > 0)
     iso = np.where(ok, 1.0 / np.where(ok, w, 1.0), np.nan)
     xx, yy, xy = np.where(ok, iso, xx), np.where(ok, iso, yy), np.where(ok, 0.0, xy)
@@ -482,16 +494,17 @@ def _rounds(sources: pd.DataFrame) -> np.ndarray:
     return rank[inv.ravel()]
 
 
-def _priority(sources: pd.DataFrame, w_src: np.ndarray, src_ra: np.ndarray,
+def _priority(sources: pd.DataFrame, rows: np.ndarray, w_src: np.ndarray, src_ra: np.ndarray,
               src_dec: np.ndarray) -> np.ndarray:
-    """Rank of each source as the founder of a new object among same-visit neighbours
+    """Rank of the sources ``rows`` as founders of new objects among same-visit neighbours
     (0 = first): the most precise position first, then the highest ``snr``, then the
     smallest ``dia_source_id``, then position -- never the row order, so the choice does
     not depend on how the rows arrived."""
-    snr = _num_col(sources, "snr")
-    ids = (sources["dia_source_id"].to_numpy(np.float64, na_value=np.nan)
-           if "dia_source_id" in sources.columns else np.zeros(len(sources)))
-    order = np.lexsort((src_ra, src_dec, ids, -np.nan_to_num(snr, nan=-np.inf), -w_src))
+    snr = _num_col(sources, "snr")[rows] if "snr" in sources.columns else np.zeros(rows.size)
+    ids = (sources["dia_source_id"].to_numpy(np.float64, na_value=np.nan)[rows]
+           if "dia_source_id" in sources.columns else np.zeros(rows.size))
+    order = np.lexsort((src_ra[rows], src_dec[rows], ids, -np.nan_to_num(snr, nan=-np.inf),
+                        -w_src[rows]))
     rank = np.empty(order.size, dtype=np.int64)
     rank[order] = np.arange(order.size)
     return rank
@@ -511,7 +524,8 @@ class _Ctx:
     max_chi2: float | None
     scoring: str
     attach: bool
-    prio: np.ndarray
+    sources: pd.DataFrame      # for the founders' ranking (:func:`_priority`)
+    w_src: np.ndarray
     no: int
     target: np.ndarray         # object row, or no + founding source row; -1 unassigned
     dist: np.ndarray
@@ -560,7 +574,9 @@ def _resolve_round(ctx: _Ctx, members: np.ndarray, es: np.ndarray, gt: np.ndarra
     ctx.cost[ms] = c[pick]
     left = members[ctx.target[members] < 0]
     if ctx.attach and left.size:
-        e = np.flatnonzero(np.isin(es, left))
+        is_left = np.zeros(ctx.target.size, dtype=bool)
+        is_left[left] = True
+        e = np.flatnonzero(is_left[es])
         if e.size:
             e = e[np.lexsort((gt[e], c[e], es[e]))]
             e = e[np.r_[True, es[e][1:] != es[e][:-1]]]  # cheapest edge per source
@@ -589,7 +605,9 @@ def _cluster_founders(ctx: _Ctx, rows: np.ndarray) -> None:
     a, b, sep = candidate_pairs(ctx.src_ra[rows], ctx.src_dec[rows], ctx.src_ra[rows],
                                 ctx.src_dec[rows], rmax)
     a, b = rows[a], rows[b]
-    keep = ctx.prio[b] < ctx.prio[a]  # edge: a may be a duplicate of the better-ranked b
+    rank = np.full(ctx.src_ra.size, -1, dtype=np.int64)
+    rank[rows] = _priority(ctx.sources, rows, ctx.w_src, ctx.src_ra, ctx.src_dec)
+    keep = rank[b] < rank[a]  # edge: a may be a duplicate of the better-ranked b
     a, b, sep = a[keep], b[keep], sep[keep]
     if a.size == 0:
         return
@@ -619,7 +637,7 @@ def _cluster_founders(ctx: _Ctx, rows: np.ndarray) -> None:
 
 
 def _rounds_loop(ctx: _Ctx, src_hp, w_src, rounds, n_rounds, obj_ra, obj_dec, obj_hp,
-                 o_cov, o_w) -> None:
+                 objects, default_var) -> None:
     """Associate visit by visit, updating object positions between visits.
 
     Targets are the given objects (0..no-1) and every source as a potential
@@ -662,8 +680,8 @@ def _rounds_loop(ctx: _Ctx, src_hp, w_src, rounds, n_rounds, obj_ra, obj_dec, ob
     sw = np.zeros(nt)
     if is_obj.any():
         rows = tid[is_obj]
-        txx[is_obj], tyy[is_obj], txy[is_obj] = (x[rows] for x in o_cov)
-        sw[is_obj] = o_w[rows]
+        (txx[is_obj], tyy[is_obj], txy[is_obj]), sw[is_obj] = _object_state(objects, rows,
+                                                                             default_var)
     swv = tu * sw[:, None]
     base = tu.copy()
     local_of = np.full(no + ns, -1, dtype=np.int64)
@@ -800,12 +818,10 @@ def associate(sources: pd.DataFrame, objects: pd.DataFrame,
         raise ValidationError(f"default_err_arcsec must be > 0, got {default_err_arcsec}")
     s_cov_raw = _cov_arrays(sources)
     s_err = _has_errors(s_cov_raw)
-    o_has = no and (("pos_sum_w" in objects.columns and bool(
-        (_num_col(objects, "pos_sum_w") > 0).any())) or bool(_has_errors(_cov_arrays(objects)).any()))
+    o_has = no and any(c in objects.columns and bool(objects[c].notna().any())
+                       for c in ("pos_sum_w", "ra_err"))
     scoring = "likelihood" if (use_errors and (s_err.any() or o_has)) else "distance"
     s_cov = _fill_cov(*s_cov_raw, default_var)
-    o_cov, o_w = _object_state(objects, default_var) if no else (
-        (np.empty(0), np.empty(0), np.empty(0)), np.empty(0))
     # position weight of a source (arcsec^-2), as archive.catalog.summaries uses it
     w_src = 2.0 / (s_cov[0] + s_cov[1])
     # how far each source can reach: its radius, or the ceiling where the chi^2 gate applies
@@ -817,7 +833,7 @@ def associate(sources: pd.DataFrame, objects: pd.DataFrame,
     ctx = _Ctx(src_ra=src_ra, src_dec=src_dec, src_u=unit_vectors(src_ra, src_dec), s_cov=s_cov,
                s_err=s_err, radius=radius, ceil=ceil, max_chi2=max_chi2,
                scoring=scoring, attach=same_visit == "attach",
-               prio=_priority(sources, w_src, src_ra, src_dec), no=no,
+               sources=sources, w_src=w_src, no=no,
                target=np.full(ns, -1, dtype=np.int64), dist=np.full(ns, np.nan),
                cost=np.full(ns, np.nan), founder=np.zeros(ns, dtype=bool),
                dup=np.zeros(ns, dtype=bool))
@@ -826,11 +842,12 @@ def associate(sources: pd.DataFrame, objects: pd.DataFrame,
         # one visit: a single optimal assignment against the given objects
         s_o, o_o, sep = candidate_pairs(src_ra, src_dec, obj_ra, obj_dec, float(ceil.max()),
                                         obj_healpix29=obj_hp, src_healpix29=src_hp)
-        ok, c = _score(ctx, s_o, unit_vectors(obj_ra[o_o], obj_dec[o_o]), sep,
-                       tuple(x[o_o] for x in o_cov))
+        o_cov, _ = _object_state(objects, o_o, default_var)
+        ok, c = _score(ctx, s_o, unit_vectors(obj_ra[o_o], obj_dec[o_o]), sep, o_cov)
         _resolve_round(ctx, np.arange(ns), s_o[ok], o_o[ok], sep[ok], c[ok])
     elif n_rounds > 1:
-        _rounds_loop(ctx, src_hp, w_src, rounds, n_rounds, obj_ra, obj_dec, obj_hp, o_cov, o_w)
+        _rounds_loop(ctx, src_hp, w_src, rounds, n_rounds, obj_ra, obj_dec, obj_hp, objects,
+                     default_var)
 
     target, founder = ctx.target, ctx.founder
     ids_new = np.asarray(id_factory(int(founder.sum())), dtype=np.int64)

@@ -101,3 +101,39 @@ def test_east_west_offsets_not_over_penalised(dec0):
                             "dec_err": [0.01 * ARCSEC], "visit": [1]})
     res = associate(sources, objects, radius_arcsec=1.0, id_factory=lambda n: np.arange(n) + 100)
     assert res.dia_object_id.tolist() == [1]
+
+
+def test_migration_0003_makes_stored_ra_err_on_sky(pg_url):
+    """Objects written before (ra_err = dec_err / cos(dec), an RA-coordinate error) get the
+    on-sky ra_err (= dec_err, their errors are isotropic) when the database is upgraded."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    from archive.catalog.migrate import upgrade
+
+    server, _ = pg_url.rsplit("/", 1)
+    name = f"archive_mig_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(server + "/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as con:
+        con.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = f"{server}/{name}"
+    engine = sa.create_engine(url)
+    try:
+        upgrade(url, "0002")
+        err = 0.05 * ARCSEC
+        with engine.begin() as con:
+            for oid, dec in ((1, 60.0), (2, 89.9)):
+                con.execute(sa.text(
+                    "INSERT INTO dia_object (dia_object_id, validity_start, ra, dec, ra_err, dec_err, "
+                    "healpix29, n_dia_sources) VALUES (:i, 61000, 10, :d, :re, :de, 0, 1)"),
+                    {"i": oid, "d": dec, "re": err / np.cos(np.radians(dec)), "de": err})
+        upgrade(url, "0003")
+        with engine.connect() as con:
+            rows = con.execute(sa.text("SELECT ra_err, dec_err FROM dia_object")).all()
+        assert [r[0] for r in rows] == pytest.approx([err, err], rel=1e-6)
+    finally:
+        engine.dispose()
+        with admin.connect() as con:
+            con.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
