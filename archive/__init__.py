@@ -7,7 +7,7 @@ HEALPix-partitioned Parquet, or a ``postgresql+psycopg://`` URL) and returns an
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from archive.version import __version__  # noqa: F401
 
 
 def open(target, **kwargs):  # noqa: A001 - the public name is archive.open

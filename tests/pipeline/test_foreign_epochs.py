@@ -18,11 +18,11 @@ from scipy.spatial import cKDTree
 from archive.api import Archive
 from archive.catalog.store import open_store
 from archive.cli.main import main
-from archive.errors import ArchiveError, ValidationError
+from archive.errors import ArchiveError, StoreLockedError
 from archive.image.foreign import read_calibrated_mef
-from archive.pipeline.single_epoch import QUALITY_BITS, _process_one, _record, process_raws, read_head
+from archive.pipeline.single_epoch import QUALITY_BITS, process_raws
 from archive.process.flags import FLAG_NOT_CALIBRATED
-from archive.process.single_frame import SingleFrameConfig, process_exposure
+from archive.process.single_frame import process_exposure
 from foreign_mef import njy_per_count_of_zp, truth_catalog, write_epoch
 
 EXPTIME = 30.0
@@ -123,49 +123,11 @@ def test_an_id_held_from_another_file_is_refused(tmp_path, capsys):
     with Archive.init(tmp_path / "arc") as arc:
         assert arc.process_raws([a.path], [], refcat=None).processed == [5000]
         before = arc.sql("SELECT source_id, psf_flux FROM source ORDER BY source_id")
-        with pytest.raises(ArchiveError, match="already holds from .*epoch0.fits"):
+        with pytest.raises(ArchiveError, match="already registered from .*epoch0.fits"):
             arc.process_raws([b.path], [], refcat=None)
         pd.testing.assert_frame_equal(arc.sql("SELECT source_id, psf_flux FROM source ORDER BY source_id"), before)
         # the same file again is a resume: skipped
         assert arc.process_raws([a.path], [], refcat=None).skipped == [5000]
-
-
-@pytest.mark.parametrize("backend", ["parquet", pytest.param("postgres", marks=pytest.mark.postgres)])
-def test_an_exposure_lands_whole_or_not_at_all(backend, tmp_path, request):
-    """Recording an exposure whose id is already stored (a concurrent writer, or a clash that
-    got past the run's checks) must change nothing.  Before: its sources replaced the stored
-    exposure's sources, and only then did the exposure row fail."""
-    visit = 731001
-    a = _write(tmp_path / "a", 0, 28.3, {"VISIT": visit, "MJD-OBS": 60400.10})
-    b = _write(tmp_path / "b", 1, 28.1, {"VISIT": visit, "MJD-OBS": 60401.10})
-    if backend == "parquet":
-        store = open_store(str(tmp_path / "arc"), create=True)
-    else:
-        store = open_store(request.getfixturevalue("pg_store_url"))
-    eid = visit * 1000
-    try:
-        rep = process_raws(store, [a.path], [], None, tmp_path / "products")
-        assert rep.processed == [eid]
-
-        def snapshot():
-            src = store.sql(f"SELECT source_id, psf_flux, matched_source_id FROM source WHERE exposure_id = {eid} "
-                            "ORDER BY source_id")
-            counts = {t: int(store.sql(f"SELECT count(*) AS n FROM {t}")["n"].iloc[0])
-                      for t in ("source", "matched_source", "exposure", "image_product", "provenance")}
-            return src, counts
-
-        src0, counts0 = snapshot()
-        assert len(src0) > 100
-        out = _process_one(str(b.path), True, {}, None, str(tmp_path / "products_b"), SingleFrameConfig())
-        head = read_head(b.path)
-        out.update(exposure_id=eid, raw_wcs=head.wcs, shape=head.shape)
-        with pytest.raises(ValidationError, match="already stored"):
-            _record(store, out, eid, {"single_frame": {}}, [], 1.0)
-        src1, counts1 = snapshot()
-        pd.testing.assert_frame_equal(src1, src0)
-        assert counts1 == counts0
-    finally:
-        store.close()
 
 
 def test_no_zero_point_stores_no_flux_and_says_so(tmp_path, capsys):
@@ -216,22 +178,21 @@ def test_header_zero_point_conventions_give_njy(tmp_path, cards, per_second):
     assert np.median(_flux_ratio(res.sources, e)) == pytest.approx(1.0, abs=0.015)
 
 
-def test_an_exposure_that_cannot_be_recorded_leaves_nothing_and_the_run_goes_on(tmp_path):
-    """Another writer holds the archive while a run records: each exposure is reported failed
-    with the reason, its calexp file removed, nothing of it stored; the next run does them."""
+def test_a_locked_archive_refuses_the_run_and_the_next_run_does_it(tmp_path):
+    """Another writer holds the archive: the run is refused before anything is processed or
+    written (registering the inputs needs the lock), and the next run does everything."""
     epochs = [_write(tmp_path / "in", k, 28.3, {"MJD-OBS": 60400.1 + k}) for k in range(2)]
     store = open_store(str(tmp_path / "arc"), create=True)
     products = tmp_path / "products"
     try:
         with store.transaction():  # the other writer
-            rep = process_raws(store, [e.path for e in epochs], [], None, products)
-        assert not rep.processed and len(rep.failed) == 2
-        assert all("not recorded" in why and "locked" in why for why in rep.failed.values())
+            with pytest.raises(StoreLockedError, match="locked"):
+                process_raws(store, [e.path for e in epochs], [], None, products)
         assert not [p for p in products.rglob("*") if p.is_file()]
-        for table in ("exposure", "source", "matched_source", "image_product", "provenance"):
+        for table in ("input_file", "exposure", "source", "matched_source", "image_product", "provenance"):
             assert store.count(table) == 0, table
         rep = process_raws(store, [e.path for e in epochs], [], None, products)
         assert len(rep.processed) == 2 and not rep.failed
-        assert store.count("image_product") == 2 and len([p for p in products.rglob("*.fits")]) == 2
+        assert store.count("image_product") == 4 and len(list(products.rglob("*.fits"))) == 2
     finally:
         store.close()

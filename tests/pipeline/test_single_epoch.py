@@ -58,22 +58,28 @@ def test_process_then_resume(survey, processed):
     np.testing.assert_allclose(exp["mjd_mid"], truth["mjd"], atol=1e-6)
     np.testing.assert_allclose(exp["zero_point"], truth["zero_point"] + 2.5 * np.log10(truth["exp_time"]), atol=0.05)
     assert (exp["seeing"] > 0.3).all() and (exp["lim_mag"] > 20).all()
-    # calexps registered with their checksum and provenance
+    # calexps and their source catalogs registered with their checksum and provenance
     prods = arc.sql("SELECT * FROM image_product")
-    assert len(prods) == len(rep.processed) and set(prods["kind"]) == {"calexp"}
+    assert len(prods) == 2 * len(rep.processed) and sorted(prods["kind"]) == sorted(
+        ["calexp", "src"] * len(rep.processed))
     for _, p in prods.iterrows():
         path = arc.products_root() / p["path"]
         assert sha256_file(path) == p["sha256"]
-        with fits.open(path) as hdul:
-            assert len(hdul) >= 3
+        if p["kind"] == "calexp":
+            with fits.open(path) as hdul:
+                assert len(hdul) >= 3
     prov = arc.sql("SELECT * FROM provenance")
-    # one provenance row per exposure (rejections included), each calexp points at its own
-    assert len(prov) == len(raws) and set(prods["provenance_id"]) <= set(prov["provenance_id"])
-    assert all(json.loads(c) for c in prov["config"]) and prov["config_hash"].nunique() == 1
-    # the epochs were refined against each other (relative astrometry) and that is in the provenance
+    # one calexp provenance row per exposure (rejections included), one for the field's joint astrometry
+    calexp_prov = prov[prov["step"] == "calexp"]
+    assert len(calexp_prov) == len(raws) and calexp_prov["config_hash"].nunique() == 1
+    assert all(json.loads(c) for c in prov["config"]) and set(prods["provenance_id"]) <= set(prov["provenance_id"])
+    # the epochs were refined against each other (relative astrometry): the products come from that step
     assert sorted(rep.refined) == sorted(rep.processed) and len(rep.processed) >= 3
     assert all(after <= before for before, after in rep.refined.values())
-    assert all("relative_astrometry" in json.loads(c) for c in prov["config"])
+    astro = prov[prov["step"] == "astrometry"]
+    assert len(astro) == 1 and "relative_astrometry" in json.loads(astro["config"].iloc[0])
+    assert set(prods["provenance_id"]) == set(astro["provenance_id"])
+    prods = prods[prods["kind"] == "calexp"]
     # each calexp's (refined) WCS is the one that placed its sources on the sky
     from archive.image.exposure import Exposure
 
@@ -170,8 +176,8 @@ def test_cloudy_and_defocused_epochs_are_rejected_against_the_others(tmp_path):
         assert exp.loc[3000, "zero_point"] < exp.loc[1000, "zero_point"] - 0.75
         # nothing of a rejected exposure is kept: no sources, no calexp row or file
         assert arc.sql("SELECT count(*) AS n FROM source WHERE exposure_id IN (3000, 5000)")["n"].iloc[0] == 0
-        prods = arc.sql("SELECT exposure_id, path FROM image_product")
+        prods = arc.sql("SELECT exposure_id, path FROM image_product WHERE kind = 'calexp'")
         assert sorted(prods["exposure_id"]) == [1000, 2000, 4000]
-        assert sorted(p.name for p in arc.products_root().rglob("*.fits")) == sorted(
+        assert sorted(p.name for p in (arc.products_root() / "calexp").rglob("*.fits")) == sorted(
             pathlib.Path(p).name for p in prods["path"])
         assert sorted(rep.refined) == [1000, 2000, 4000]
