@@ -297,6 +297,9 @@ def reassociate(store: CatalogStore, region=None, config: AssociationConfig | No
         now = now_mjd_tai() if ingest_mjd is None else float(ingest_mjd)
         if inside.empty:
             return IngestReport(0, 0, 0, [], now)
+        # lock the region's footprint before reading its objects whole, then what they reach
+        _lock(tx, PixelSet.around(inside["ra"].to_numpy(float), inside["dec"].to_numpy(float),
+                                  config.order()))
         ids = np.unique(inside["dia_object_id"].dropna().to_numpy(np.int64))
         rows = tx.select_in("dia_source", "dia_object_id", ids) if ids.size else None
         loose = inside["dia_object_id"].isna().to_numpy()
