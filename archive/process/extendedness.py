@@ -91,9 +91,11 @@ def size_excess(frame: PaddedFrame, img: np.ndarray, W: np.ndarray, V: np.ndarra
     Sa = 2 * ha + 1
     off = np.arange(Sa) - ha
     rr = np.hypot(off[:, None], off[None, :])
-    ring = ((rr > half + 0.5) & (rr <= ha + 0.5)).ravel()
-    c1 = slice(ha - half, ha + half + 1)  # the fit stamp inside the annulus stamp
-    c2 = slice(ha - half - 2, ha + half + 3)  # ... 2 px wider, for the mirror
+    # the ring's pixels of one parity (a checkerboard): half the reads, a robust median still
+    par = (off[:, None] + off[None, :]) % 2 == 0
+    ring = ((rr > half + 0.5) & (rr <= ha + 0.5) & par).ravel()
+    ring_off = frame.offsets(Sa).ravel()[ring]  # flat offsets of the ring pixels
+    c1 = slice(2, S + 2)  # the fit stamp inside the stamp 2 px wider (read for the mirror)
     for sl in chunks(n, chunk):
         xs, ys = x[sl], y[sl]
         m = xs.size
@@ -102,23 +104,25 @@ def size_excess(frame: PaddedFrame, img: np.ndarray, W: np.ndarray, V: np.ndarra
         Pb = psf.stamps(xs, ys, S + 2, xc, yc).astype(np.float32)
         P = Pb[:, 1:-1, 1:-1]
         Q = 0.5 * (Pb[:, :-2, 1:-1] + Pb[:, 2:, 1:-1] + Pb[:, 1:-1, :-2] + Pb[:, 1:-1, 2:] - 4.0 * P)
-        ia = frame.index(xc, yc, Sa)
-        Ra = img[ia] - model[ia]
-        Wa = W[ia]
-        R, w, Vs = Ra[:, c1, c1], Wa[:, c1, c1], V[ia][:, c1, c1]
+        ib = frame.index(xc, yc, S + 4)
+        Rb = img[ib] - model[ib]
+        idx = ib[:, c1, c1]
+        R, w, Vs = Rb[:, c1, c1], W[idx], V[idx]
         # local pedestal: median residual of the usable ring pixels (light of a galaxy the source
         # sits on, left by the background mesh), its error that of a median of that many pixels
-        rv = np.where(Wa.reshape(m, -1)[:, ring] > 0, Ra.reshape(m, -1)[:, ring], np.nan)
-        nv = np.isfinite(rv).sum(axis=1)
+        ir = ib[:, S // 2 + 2, S // 2 + 2][:, None] + ring_off[None, :]
+        wr = W[ir] > 0
+        rv = np.where(wr, img[ir] - model[ir], np.nan)
+        nv = wr.sum(axis=1)
         rv.sort(axis=1)
         r_ = np.arange(m)
         lo_i = np.maximum((nv - 1) // 2, 0)
         hi_i = np.maximum(nv // 2, 0)
         ped = np.where(nv > 0, 0.5 * (rv[r_, lo_i] + rv[r_, hi_i]), 0.0)
-        vring = np.where(Wa.reshape(m, -1)[:, ring] > 0, V[ia].reshape(m, -1)[:, ring], 0.0).sum(axis=1)
+        vring = np.where(wr, V[ir], 0.0).sum(axis=1, dtype=np.float64)
         ped_var = np.where(nv > 0, 0.5 * np.pi * vring / np.maximum(nv, 1) ** 2, 0.0)
         own = np.nan_to_num(flux[sl]).astype(np.float32)[:, None, None] * P
-        Rm = _mirror(Ra[:, c2, c2], xs - xc, ys - yc)
+        Rm = _mirror(Rb, xs - xc, ys - yc)
         # neighbours' light that their models left behind is not point-symmetric about the
         # source: where the residual exceeds its mirror by more than ``clip`` sigma, the excess
         # is removed (a source's own extension is symmetric)
@@ -154,23 +158,28 @@ def size_excess(frame: PaddedFrame, img: np.ndarray, W: np.ndarray, V: np.ndarra
 def _mirror(Rb: np.ndarray, fx: np.ndarray, fy: np.ndarray) -> np.ndarray:
     """Stamps ``(m, S, S)`` of ``R(2 c - p)``: the residual mirrored through the source centre ``c``
     (``(fx, fy)`` px from the stamp's centre pixel, |f| <= 0.5), bilinearly interpolated from
-    stamps ``Rb`` of the same centre 2 px wider on every side (``(m, S + 4, S + 4)``)."""
+    stamps ``Rb`` of the same centre 2 px wider on every side (``(m, S + 4, S + 4)``).
+
+    ``R(2 f - o) = Rf(o - 2 f)`` with ``Rf`` the stamp turned by 180 degrees: a shift by less than
+    one pixel per axis, i.e. a weighted sum of the nine whole-pixel shifts (slices, no gathers).
+    """
     m, Sb, _ = Rb.shape
     S = Sb - 4
-    Rf = Rb[:, ::-1, ::-1]  # R(-u) at offset u from the centre pixel
-    # R(2 f - o) = Rf(o - 2 f): sample Rf at the output offsets shifted by -2 f (within +-1 px)
-    sx = -2.0 * np.asarray(fx, dtype=np.float64)
-    sy = -2.0 * np.asarray(fy, dtype=np.float64)
-    x0 = np.floor(sx).astype(np.int64)
-    y0 = np.floor(sy).astype(np.int64)
-    tx = (sx - x0).astype(np.float32)[:, None, None]
-    ty = (sy - y0).astype(np.float32)[:, None, None]
-    g = np.arange(S, dtype=np.int64) + 2
-    iy = (g[None, :] + y0[:, None])[:, :, None]
-    ix = (g[None, :] + x0[:, None])[:, None, :]
-    r = np.arange(m)[:, None, None]
-    return ((1 - ty) * ((1 - tx) * Rf[r, iy, ix] + tx * Rf[r, iy, ix + 1])
-            + ty * ((1 - tx) * Rf[r, iy + 1, ix] + tx * Rf[r, iy + 1, ix + 1]))
+    Rf = Rb[:, ::-1, ::-1]
+
+    def weights(s):
+        # linear-interpolation weights of whole-pixel shifts -1, 0, +1 for a shift s in [-1, 1]
+        s = np.clip(np.asarray(s, dtype=np.float64), -1.0, 1.0)
+        return np.stack([np.maximum(-s, 0.0), 1.0 - np.abs(s), np.maximum(s, 0.0)]).astype(np.float32)
+
+    wx = weights(-2.0 * np.asarray(fx))
+    wy = weights(-2.0 * np.asarray(fy))
+    out = np.zeros((m, S, S), dtype=np.float32)
+    for i in range(3):
+        for j in range(3):
+            wij = (wy[i] * wx[j])[:, None, None]
+            out += wij * Rf[:, 1 + i:1 + i + S, 1 + j:1 + j + S]
+    return out
 
 
 def extendedness_score(s2: np.ndarray, err: np.ndarray, fwhm: float,
