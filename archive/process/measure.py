@@ -53,6 +53,14 @@ class MeasureConfig:
     neighbour_model_error: fractional error of the neighbours' models subtracted inside an aperture
         (PSF-model wings beyond the model's extent, their flux errors): ``e * |sum a N|`` (N the
         neighbours' model light) is added in quadrature to the aperture flux errors.
+    total_radius_fwhm, total_min_snr, total_max_blend: sources above ``total_min_snr`` get
+        ``ap_total_ratio`` (and ``_err``): the flux in a circular aperture of radius
+        ``max(2 max(aperture_radii), total_radius_fwhm FWHM)`` px (:func:`total_radius`) over the
+        flux in the largest aperture -- the curve of growth's end, to which photometric
+        calibration refers its aperture correction (dimensionless, so no unit to convert); NaN
+        for the others, for sources with an unusable pixel in it and for sources whose
+        neighbours' models put more than ``total_max_blend`` of their flux inside it.
+    total_max_sources: at most this many (the brightest) get ``ap_total_ratio`` per chunk.
     """
 
     aperture_radii: tuple[float, ...] = (3.0, 6.0, 12.0)
@@ -65,6 +73,10 @@ class MeasureConfig:
     bad_planes: tuple[str, ...] = ("BAD", "SAT", "CR", "NO_DATA")
     chunk: int = 2048
     neighbour_model_error: float = 0.02
+    total_radius_fwhm: float = 6.0
+    total_min_snr: float = 100.0
+    total_max_blend: float = 0.02
+    total_max_sources: int = 250
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,6 +94,10 @@ def flag_layout(sources: pd.DataFrame, mask_planes: Mapping[str, int] | None = N
         return mask_planes
     got = getattr(sources, "attrs", {}).get(MASK_PLANES_ATTR)
     return got if got is not None else F_.DEFAULT_MASK_PLANES
+
+
+#: column of the ratio of the flux in the ``total_radius`` aperture to the largest aperture's
+TOTAL_RATIO = "ap_total_ratio"
 
 
 def ap_column(r: float) -> str:
@@ -198,6 +214,48 @@ def _solve3(A, D, Ws):
     return sol, N, WA, good
 
 
+def total_radius(fwhm: float, config: "MeasureConfig") -> float:
+    """Radius (px) of the ``ap_flux_total`` aperture for a PSF of FWHM ``fwhm`` px."""
+    radii = tuple(float(r) for r in config.aperture_radii)
+    return float(max(2.0 * max(radii) if radii else 0.0, config.total_radius_fwhm * float(fwhm)))
+
+
+def _total_apertures(mf: "MeasureFrame", model: np.ndarray, fixed_model: np.ndarray | None, psf, xs: np.ndarray,
+                     ys: np.ndarray, flux: np.ndarray, hm: int, radius: float, bg_err2: np.ndarray,
+                     max_blend: float) -> tuple[np.ndarray, np.ndarray]:
+    """Flux (and error) in apertures of ``radius`` px at ``(xs, ys)`` on the neighbour-subtracted image.
+
+    Stamps are read from the image-sized views of the frame's planes (no padding needed);
+    ``model``: the flat padded plane of all models (each of half-size ``hm``), the source's own
+    included; ``flux``: the sources' fitted fluxes. NaN where an unusable pixel lies inside or
+    the neighbours' models hold more than ``max_blend`` of the flux there.
+    """
+    fr = mf.frame
+    ht = int(np.ceil(radius + 1.0))
+    size = 2 * ht + 1
+    xc = np.floor(xs + 0.5).astype(np.int64)
+    yc = np.floor(ys + 0.5).astype(np.int64)
+    iy, ix = stamp_grid(xc, yc, size)
+    img, _ = gather(fr.crop(mf.img), iy, ix, 0.0)
+    if fixed_model is not None:
+        img = img - gather(fr.crop(fixed_model), iy, ix, 0.0)[0]
+    mod, _ = gather(fr.crop(model), iy, ix, 0.0)
+    use, _ = gather(fr.crop(mf.U), iy, ix, False)
+    var, _ = gather(fr.crop(mf.V), iy, ix, 0.0)
+    # the neighbours' models: all models less the source's own as the plane holds it (half-size hm)
+    nb = mod
+    h = min(hm, ht)
+    nb[:, ht - h:ht + h + 1, ht - h:ht + h + 1] -= (psf.stamps(xs, ys, 2 * h + 1, xc, yc)
+                                                     * flux.astype(np.float32)[:, None, None])
+    a = aperture_stamps(xs - xc, ys - yc, radius, ht)
+    tot = np.einsum("mpq,mpq->m", a, img - nb).astype(np.float64)
+    err = np.sqrt(np.einsum("mpq,mpq->m", a * a, var).astype(np.float64) + a.sum(axis=(1, 2), dtype=np.float64) ** 2
+                  * bg_err2)
+    blend = np.einsum("mpq,mpq->m", a, nb).astype(np.float64)
+    bad = ((a > 0) & ~use).any(axis=(1, 2)) | (blend > max_blend * np.abs(flux))
+    return np.where(bad, np.nan, tot), np.where(bad, np.nan, err)
+
+
 def model_half(psf, config: "MeasureConfig") -> int:
     """Half-size (px) of the model stamps :func:`measure_sources` subtracts (its final model)."""
     fw = float(psf.fwhm())
@@ -267,8 +325,8 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
     ``(sum w P)^2 e^2 / (sum w P^2)^2`` to a PSF flux's (correlated noise the variance plane
     does not carry).
     Returns a DataFrame with ``x, y, x_err, y_err, psf_flux, psf_flux_err,
-    ap_flux_r*, ap_flux_r*_err, snr, ixx, iyy, ixy, sky, flags`` (fluxes in the
-    image's units) and, with ``return_model``, also the model image (float32) of all sources:
+    ap_flux_r*, ap_flux_r*_err, ap_total_ratio, ap_total_ratio_err, snr, ixx, iyy, ixy, sky,
+    flags`` (fluxes in the image's units) and, with ``return_model``, also the model image (float32) of all sources:
     a ``shape`` view of a flat padded plane in ``frame``'s layout (the frame's model plane,
     handed over; ``model.base`` is that plane).
     """
@@ -357,6 +415,7 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
         bg_err2 = (be[yi, xi] if be.ndim == 2 else np.full(n, float(be))) ** 2
         bg_err2 = np.where(np.isfinite(bg_err2), bg_err2, 0.0)
     out = {k: np.full(n, np.nan) for k in cols}
+    r_total = total_radius(fw, cfg)
     sq = 2 * hq + 1
     fwhm_sig2 = (fw / 2.3548200450309493) ** 2
     for sl in chunks(n, chunk):
@@ -427,6 +486,22 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
             if r == max(radii):
                 bad_in = ((a > 0) & ~Ua[:, c, c]).any(axis=(1, 2))
                 fl[bad_in] |= F_.FLAG_APERTURE_EDGE
+        # the largest aperture (the curve of growth's end) for the bright sources only
+        big = np.flatnonzero(np.isfinite(psf_flux) & (psf_flux > cfg.total_min_snr * psf_err))
+        if big.size > cfg.total_max_sources:
+            big = np.sort(big[np.argsort(-psf_flux[big])[:cfg.total_max_sources]])
+        if big.size:
+            t, te = _total_apertures(frame, model, fixed_model, psf, xs[big], ys[big], psf_flux[big], hm, r_total,
+                                     bg_err2[sl][big], cfg.total_max_blend)
+            if radii:
+                # dimensionless: the light beyond the largest aperture, as a ratio to it
+                cm = ap_column(max(radii))
+                am = out[cm][sl][big]
+                em = out[cm + "_err"][sl][big]
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    out[TOTAL_RATIO][sl.start + big] = t / am
+                    # the ratio's noise is the annulus' (the inner part is common to both)
+                    out[TOTAL_RATIO + "_err"][sl.start + big] = np.sqrt(np.maximum(te ** 2 - em ** 2, 0.0)) / np.abs(am)
         # adaptive moments on a smaller central stamp
         c0 = ha - hmom
         c1 = ha + hmom + 1
@@ -463,7 +538,7 @@ def _empty_columns(radii) -> dict:
     cols = ["x", "y", "x_err", "y_err", "psf_flux", "psf_flux_err"]
     for r in radii:
         cols += [ap_column(r), ap_column(r) + "_err"]
-    cols += ["snr", "ixx", "iyy", "ixy", "sky", "flags"]
+    cols += [TOTAL_RATIO, TOTAL_RATIO + "_err", "snr", "ixx", "iyy", "ixy", "sky", "flags"]
     return {c: np.array([], dtype=np.int64 if c == "flags" else np.float64) for c in cols}
 
 

@@ -75,7 +75,9 @@ def test_limiting_magnitude_against_truth(estimated):
 
 def test_pipeline_exposure_row_lim_mag(estimated):
     """``lim_mag`` of the exposure row (pipeline.single_epoch) is the PSF model's limit."""
-    from archive.pipeline.single_epoch import _measured
+    from archive.pipeline import single_epoch
+
+    _measured = getattr(single_epoch, "measured", None) or getattr(single_epoch, "_measured")
 
     f, res = estimated
     info = ExposureInfo(exp_time=30.0, band="r")

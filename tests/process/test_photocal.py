@@ -54,3 +54,32 @@ def test_too_few_stars_is_a_clear_error():
         calibrate_photometry(src, ref, m, "r")
     with pytest.raises(ValidationError, match="no magnitude column 'z'"):
         calibrate_photometry(src, ref, m, "z")
+
+
+def test_curve_of_growth_to_total_flux_and_its_error():
+    """PSF and 12 px fluxes hold 1/1.02 of the total light (a Moffat's wings); the stars' ratio of
+    the largest aperture to the 12 px one is 1.02 plus a background term ``b / F`` (300 counts of
+    background error under every annulus): the curve of growth is the fit's intercept (a plain
+    median would say ~1.03 here) and the zero point is that of total counts."""
+    from archive.process.measure import TOTAL_RATIO
+
+    src, ref, m = _field(300, zp=28.0, seed=8)
+    rng = np.random.default_rng(8)
+    total = src["psf_flux"].to_numpy().copy()
+    f12 = total / 1.02
+    src["psf_flux"] = f12
+    src["psf_flux_err"] = src["psf_flux_err"] / 1.02
+    src["ap_flux_r12"] = f12
+    err = 0.002 + 200.0 / f12
+    src[TOTAL_RATIO] = 1.02 + 300.0 / f12 + rng.normal(0, 1, len(src)) * err
+    src[TOTAL_RATIO + "_err"] = err
+    res = calibrate_photometry(src, ref, m, "r", config=PhotoCalConfig(fit_colour_term=False))
+    assert res.cog == pytest.approx(1.02, abs=0.002)
+    assert np.median(src[TOTAL_RATIO]) > 1.025
+    assert res.ap_corr == pytest.approx(1.02, abs=0.002)
+    assert res.zero_point == pytest.approx(28.0, abs=0.004)
+    # the aperture correction's error is in the zero point's
+    assert res.zero_point_err >= 2.5 / np.log(10) * res.ap_corr_err / res.ap_corr > 0
+    # with the curve of growth off, the zero point refers to 12 px fluxes: 2.5 log10(1.02) lower
+    off = calibrate_photometry(src, ref, m, "r", config=PhotoCalConfig(fit_colour_term=False, total_flux=False))
+    assert off.zero_point - res.zero_point == pytest.approx(-2.5 * np.log10(1.02), abs=0.002)
