@@ -11,10 +11,13 @@ a resolved one (large for galaxies well beyond the linear regime). Before the fi
 stamp loses the light of neighbours that their (PSF) models left behind: a local
 pedestal, the median of a ring just outside the stamp (a star on a galaxy's wing would
 otherwise look broad), and residual light that is not point-symmetric about the source
-(more than ``symmetric_clip`` sigma above its mirror image through the source's centre). It is linear in the pixels, so its error follows from the variance plane
-exactly (sandwich covariance of ``(a, b)`` with the full variance, then the ratio's
-first-order error); it uses the PSF model itself (Moffat wings included), as
-SExtractor's SPREAD_MODEL does with a broadened PSF.
+(more than ``symmetric_clip`` sigma above its mirror image through the source's
+centre). The fit is linear in the pixels, so its error follows from the variance plane
+(sandwich covariance of ``(a, b)`` with the full variance plus the pedestal's error,
+then the ratio's first-order error); it uses the PSF model itself (Moffat wings
+included), as SExtractor's SPREAD_MODEL does with a broadened PSF. In the linear
+regime ``s2`` is the extra Gaussian variance (within 10% at 0.13 sigma_psf^2, 20% at
+0.27 sigma_psf^2 for a Gaussian PSF); beyond it grows more slowly than the true size.
 
 ``extendedness`` (0..1, stored in the ``source`` table) turns the size excess, in
 units of the PSF's Gaussian-equivalent variance ``sigma_psf^2 = (FWHM / 2.3548)^2``,
@@ -23,10 +26,11 @@ units of the PSF's Gaussian-equivalent variance ``sigma_psf^2 = (FWHM / 2.3548)^
     extendedness = Phi((e - max(min_excess, n_sigma * de)) / de)
 
 ``Phi`` the standard normal CDF. A source is **extended when extendedness >= 0.5**:
-its size excess is both significant (``n_sigma``) and above ``min_excess`` (a floor
-for PSF-model errors that dominate at high S/N). Point sources sit near 0 (a
-fraction ``1 - Phi(n_sigma)`` of faint stars scatter above 0.5 at any S/N), resolved
-galaxies near 1, marginal cases in between. NaN where the fit fails (an unusable pixel
+its size excess is both significant (``n_sigma``, default 3) and above ``min_excess``
+(default 0.1 sigma_psf^2: a floor for PSF-model errors that dominate at high S/N).
+Point sources sit near 0 (a fraction ``1 - Phi(n_sigma)`` of isolated stars scatters
+above 0.5 at any S/N; unresolved pairs and stars on a bright galaxy's light more),
+resolved galaxies near 1, marginal cases in between. NaN where the fit fails (an unusable pixel
 in the central 3 x 3, e.g. a saturated core; non-positive amplitude).
 
 Conventions: pixel coordinates 0-based; fluxes in the image's units.
