@@ -315,6 +315,60 @@ class Archive:
         return process_raws(self.store, list(raw_paths), list(calib_paths), refcat,
                             self.products_root(products), cfg)
 
+    # -- the pipeline: registered inputs, steps, runs ---------------------------------
+    def ingest_images(self, paths: Sequence[str | os.PathLike]):
+        """Register input FITS files: raw science and calibration frames, or other pipelines'
+        calibrated IMAGE/MASK/VARIANCE exposures.  All or nothing: a batch with a bad file
+        registers none (the error names each); files already registered (same contents) are
+        skipped.  Returns an :class:`archive.pipeline.inputs.RegisterReport`."""
+        from archive.pipeline.inputs import register_inputs
+
+        return register_inputs(self.store, list(paths))
+
+    def ingest_refcat(self, source, products=None) -> str:
+        """Register a reference catalog (file or DataFrame: ra, dec in deg, band magnitudes)
+        for astrometric and photometric calibration by later runs; returns its stored path."""
+        from archive.pipeline.inputs import register_refcat
+
+        return register_refcat(self.store, source, self.products_root(products))[0]
+
+    def runner(self, config: dict | None = None, products=None, jobs: int = 1, executor: str = "local",
+               scheduler: str | None = None, progress: bool | None = None):
+        """A :class:`archive.pipeline.runner.Runner` over every step (``config``: step name ->
+        settings), on ``jobs`` local processes or a Dask cluster (``executor="dask"``,
+        ``scheduler``: its address)."""
+        from archive.pipeline.chain import build_steps
+        from archive.pipeline.inputs import current_refcat
+        from archive.pipeline.products import ProductStore
+        from archive.pipeline.runner import DaskExecutor, LocalExecutor, Runner
+        from archive.pipeline.steps import RunContext
+
+        steps = build_steps(config)
+        if executor == "local":
+            ex = LocalExecutor(jobs)
+        elif executor == "dask":
+            ex = DaskExecutor(scheduler)
+        else:
+            raise ArchiveError(f"executor {executor!r}: use local or dask")
+        refcat, sha = current_refcat(self.store)
+        ctx = RunContext(self.store, ProductStore(self.products_root(products), self.store), refcat, sha)
+        return Runner(ctx, steps, ex, progress=progress)
+
+    def run(self, until: str | None = None, visits=None, bands=None, config: dict | None = None,
+            products=None, jobs: int = 1, executor: str = "local", scheduler: str | None = None,
+            retry_failed: bool = False, progress: bool | None = None):
+        """Run every pending unit of every step (up to ``until``) in dependency order;
+        returns {step: :class:`archive.pipeline.runner.StepReport`}."""
+        runner = self.runner(config, products, jobs, executor, scheduler, progress)
+        try:
+            return runner.run(until=until, visits=visits, bands=bands, retry_failed=retry_failed)
+        finally:
+            runner.executor.close()
+
+    def status(self, config: dict | None = None, products=None) -> pd.DataFrame:
+        """Per step: units registered, done, pending, stale and failed (with the reasons)."""
+        return self.runner(config, products).status()
+
     def count(self, table: str) -> int:
         return self.store.count(table)
 

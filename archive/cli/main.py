@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "archive.cli.dia",
     "archive.cli.matched",
     "archive.cli.process",
+    "archive.cli.run",
     "archive.cli.sim",
 ]
 

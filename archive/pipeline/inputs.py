@@ -213,3 +213,41 @@ def science_inputs(store) -> pd.DataFrame:
     """Registered science frames and calibrated exposures (``input_file`` rows), by exposure id."""
     rows = store.sql("SELECT * FROM input_file WHERE imagetyp = 'OBJECT'")
     return rows.sort_values("exposure_id").reset_index(drop=True)
+
+
+# -- reference catalog ------------------------------------------------------------------
+def register_refcat(store, source, products_root: os.PathLike) -> tuple[str, str]:
+    """Copy a reference catalog (a file, or a DataFrame with ``ra``, ``dec`` and band
+    magnitudes) into ``PRODUCTS/refcat/`` as Parquet and register it; it is the catalog
+    every later run uses, until another is registered.  Returns (path, sha256); the same
+    contents registered again change nothing."""
+    from archive.catalog.tablefile import read_table_file
+    from archive.catalog.validate import conform
+
+    table = source if isinstance(source, pd.DataFrame) else read_table_file(source).to_pandas()
+    missing = [c for c in ("ra", "dec") if c not in table.columns]
+    if missing:
+        raise ArchiveError(f"{source if not isinstance(source, pd.DataFrame) else 'reference catalog'}: "
+                           f"no {' or '.join(missing)} column")
+    folder = pathlib.Path(products_root) / "refcat"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".refcat.{os.getpid()}.tmp"
+    table.to_parquet(tmp, index=False)
+    sha = sha256_file(tmp)
+    path = folder / f"refcat-{sha[:16]}.parquet"
+    os.replace(tmp, path)
+    known = store.sql(f"SELECT file_id FROM input_file WHERE kind = 'refcat' AND sha256 = '{sha}'")
+    if known.empty:
+        row = {"file_id": int(new_ids(1)[0]), "path": str(path.resolve()), "sha256": sha,
+               "size_bytes": path.stat().st_size, "kind": "refcat", "imagetyp": "REFCAT",
+               "registered": datetime.now(timezone.utc)}
+        store.write("input_file", conform(store.table("input_file"), pd.DataFrame([row]), str(path)))
+    return str(path), sha
+
+
+def current_refcat(store) -> tuple[str | None, str | None]:
+    """(path, sha256) of the newest registered reference catalog, or (None, None)."""
+    rows = store.sql("SELECT path, sha256 FROM input_file WHERE kind = 'refcat' ORDER BY registered DESC, file_id DESC")
+    if rows.empty:
+        return None, None
+    return str(rows["path"].iloc[0]), str(rows["sha256"].iloc[0])

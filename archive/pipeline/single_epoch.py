@@ -53,7 +53,7 @@ from archive.catalog.ids import new_ids
 from archive.errors import ArchiveError, NotFoundError
 from archive.image.exposure import Exposure
 from archive.pipeline.inputs import (build_masters, calibration_frames, describe_file, master_inputs,
-                                     register_inputs, science_inputs)
+                                     register_inputs, register_refcat, science_inputs, current_refcat)
 from archive.pipeline.products import ProductRef, WrittenProduct, exposure_id_of
 from archive.pipeline.steps import Recorded, RunContext, Step, Unit
 from archive.process.astrometry_relative import RelativeAstrometryConfig
@@ -271,6 +271,11 @@ class EpochQualityStepConfig:
     epoch_quality: EpochQualityConfig = field(default_factory=EpochQualityConfig)
 
 
+def _rounded(value, digits: int = 6):
+    """A float for a unit's inputs: rounded (None for null or NaN)."""
+    return None if value is None or not np.isfinite(value) else round(float(value), digits)
+
+
 _EPOCH_BITS = (1 << QUALITY_BITS["LOW_TRANSPARENCY"]) | (1 << QUALITY_BITS["POOR_SEEING"])
 
 
@@ -292,7 +297,8 @@ class EpochQualityStep(Step):
     def units(self, ctx: RunContext) -> list[Unit]:
         rows = self._judged(ctx)
         return [Unit(self.name, f"exposure:{int(r.exposure_id)}",
-                     inputs={"seeing": r.seeing, "zero_point": r.zero_point},
+                     # rounded: the last bits may differ between worker environments (BLAS threads)
+                     inputs={"seeing": _rounded(r.seeing), "zero_point": _rounded(r.zero_point)},
                      payload={"exposure_id": int(r.exposure_id)}, visits=(int(r.visit),), bands=(r.band,),
                      order=(float(r.mjd_mid),))
                 for r in rows.itertuples()]
@@ -580,7 +586,7 @@ def process_raws(store, raw_paths: list, calib_paths: list, refcat, products_roo
     (:class:`~archive.errors.ArchiveError` naming the files).  Exposures already done are
     skipped (resumable); errors of one exposure are recorded as failed and do not stop the run.
     """
-    from archive.pipeline.products import ProductStore, sha256_file
+    from archive.pipeline.products import ProductStore
     from archive.pipeline.runner import LocalExecutor, Runner
 
     cfg = config or ProcessConfig()
@@ -596,16 +602,11 @@ def process_raws(store, raw_paths: list, calib_paths: list, refcat, products_roo
             raise ArchiveError(f"{p}: IMAGETYP is {row['imagetyp']}, expected a science (OBJECT) frame")
         science[row["exposure_id"]] = row
     register_inputs(store, [*raws, *calib_paths])
-    refcat_path = None
     if refcat is not None:
-        if isinstance(refcat, pd.DataFrame):
-            refcat_path = pathlib.Path(products_root) / "refcat" / "refcat.parquet"
-            refcat_path.parent.mkdir(parents=True, exist_ok=True)
-            refcat.to_parquet(refcat_path, index=False)
-        else:
-            refcat_path = pathlib.Path(refcat)
-    ctx = RunContext(store, ProductStore(products_root, store), str(refcat_path) if refcat_path else None,
-                     sha256_file(refcat_path) if refcat_path else None)
+        refcat_path, sha = register_refcat(store, refcat, products_root)
+    else:  # the reference catalog registered last, if any
+        refcat_path, sha = current_refcat(store)
+    ctx = RunContext(store, ProductStore(products_root, store), refcat_path, sha)
     runner = Runner(ctx, single_epoch_steps(cfg), LocalExecutor(cfg.workers), progress=cfg.progress)
     visits = sorted({int(r["visit"]) for r in science.values()})
     before = runner.states(runner.steps[0], [u for u in runner.steps[0].units(ctx)

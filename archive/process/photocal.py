@@ -66,7 +66,7 @@ class PhotoCalConfig:
     min_cog_stars: int = 10
     min_snr: float = 20.0
     fit_colour_term: bool = True
-    colours: dict = field(default_factory=lambda: dict(DEFAULT_COLOURS))
+    colours: dict[str, tuple[str, str]] = field(default_factory=lambda: dict(DEFAULT_COLOURS))
     min_colour_range: float = 0.3
     min_colour_stars: int = 25
     clip_sigma: float = 3.0

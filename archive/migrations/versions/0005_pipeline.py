@@ -36,13 +36,16 @@ def upgrade() -> None:
                   comment='SHA-256 of the file contents (hex); a file with the same contents is not registered twice.'),
         sa.Column('size_bytes', sa.BigInteger(), autoincrement=False, nullable=False, comment='[byte] File size.'),
         sa.Column('kind', sa.Text(), autoincrement=False, nullable=False,
-                  comment='raw (a camera frame: science or calibration) or calibrated (an IMAGE/MASK/VARIANCE '
-                          'exposure of another pipeline).'),
-        sa.Column('imagetyp', sa.Text(), autoincrement=False, nullable=False, comment='OBJECT, BIAS, DARK or FLAT.'),
+                  comment='raw (a camera frame: science or calibration), calibrated (an IMAGE/MASK/VARIANCE '
+                          'exposure of another pipeline) or refcat (a reference catalog, copied into the products '
+                          'directory).'),
+        sa.Column('imagetyp', sa.Text(), autoincrement=False, nullable=False,
+                  comment='OBJECT, BIAS, DARK, FLAT or REFCAT.'),
         sa.Column('exposure_id', sa.BigInteger(), autoincrement=False, nullable=True,
                   comment='Exposure of a science frame (visit * 1000 + detector); null for calibration frames.'),
         sa.Column('visit', sa.BigInteger(), autoincrement=False, nullable=True, comment='Visit of a science frame.'),
-        sa.Column('detector', sa.Integer(), autoincrement=False, nullable=False, comment='Detector number.'),
+        sa.Column('detector', sa.Integer(), autoincrement=False, nullable=True,
+                  comment='Detector number (null for a reference catalog).'),
         sa.Column('band', sa.Text(), autoincrement=False, nullable=True,
                   comment='Filter band (science frames and flats).'),
         sa.Column('mjd', sa.Float(precision=53), autoincrement=False, nullable=True,
