@@ -20,7 +20,8 @@ import pandas as pd
 import pyarrow as pa
 
 from archive.catalog.schema import Schema
-from archive.catalog.store import CatalogStore, open_store
+from archive.catalog.backends import open_store
+from archive.catalog.store import CatalogStore
 from archive.errors import ArchiveError
 
 #: Environment variable naming the default archive (path or URL).

@@ -35,7 +35,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from archive.catalog.association import associate, optimal_matching, unit_vectors  # noqa: E402
+from archive.catalog.association import associate, optimal_matching  # noqa: E402
+from archive.sky.healpix import radec_to_vec  # noqa: E402
 from archive.sky.healpix import radec_to_healpix29  # noqa: E402
 
 RADIUS = 1.0  # arcsec
@@ -90,8 +91,8 @@ def run_astropy(src, obj):
 def run_ckdtree(src, obj):
     from scipy.spatial import cKDTree
 
-    uo = unit_vectors(obj.ra.to_numpy(), obj.dec.to_numpy())
-    us = unit_vectors(src.ra.to_numpy(), src.dec.to_numpy())
+    uo = radec_to_vec(obj.ra.to_numpy(), obj.dec.to_numpy())
+    us = radec_to_vec(src.ra.to_numpy(), src.dec.to_numpy())
     tree = cKDTree(uo)
     r = 2.0 * np.sin(np.radians(RADIUS / 3600.0) / 2.0)
     lists = tree.query_ball_point(us, r, workers=-1)

@@ -71,7 +71,7 @@ from common import fresh_database, git_rev, machine_line, make_dia_sources, pg_c
 
 from archive.catalog import dia_ingest, parquet_store, postgres_store  # noqa: E402
 from archive.catalog.dia_ingest import AssociationConfig, ingest_dia_sources  # noqa: E402
-from archive.catalog.store import open_store  # noqa: E402
+from archive.catalog.backends import open_store  # noqa: E402
 from archive.catalog.summaries import new_objects  # noqa: E402
 from archive.catalog.validate import conform  # noqa: E402
 from archive.sky.healpix import radec_to_healpix29  # noqa: E402

@@ -104,7 +104,7 @@ def batches(rows: int, batch: int, layout: str, seed: int):
 
 
 def load_postgres(url: str, args) -> dict:
-    from archive.catalog.store import open_store
+    from archive.catalog.backends import open_store
 
     info = {}
     store = open_store(url, create=True)
@@ -149,7 +149,7 @@ def load_q3c(url: str) -> dict:
 
 
 def load_parquet(root: pathlib.Path, args):
-    from archive.catalog.store import open_store
+    from archive.catalog.backends import open_store
 
     store = open_store(str(root), create=True, order=args.parquet_order)
     t0 = time.perf_counter()
@@ -300,7 +300,7 @@ def main(argv=None) -> int:
 
     import sqlalchemy as sa
 
-    from archive.catalog.store import open_store
+    from archive.catalog.backends import open_store
     from archive.sky.regions import Cone
 
     results = {}

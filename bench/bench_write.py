@@ -96,7 +96,7 @@ def bench_postgres(df, repeat: int) -> dict:
 
     from archive.catalog import postgres_store
     from archive.catalog.postgres_store import _PGCOPY_HEADER, _PGCOPY_TRAILER, arrow_to_copy_binary, arrow_to_csv
-    from archive.catalog.store import open_store
+    from archive.catalog.backends import open_store
     from archive.catalog.validate import conform
 
     n = len(df)
@@ -178,7 +178,7 @@ def bench_postgres(df, repeat: int) -> dict:
 def bench_parquet(df, df2) -> dict:
     import pyarrow.parquet as pq
 
-    from archive.catalog.store import open_store
+    from archive.catalog.backends import open_store
     from archive.catalog.validate import conform
 
     out: dict = {}

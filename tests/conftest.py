@@ -46,7 +46,7 @@ def pg_url():
 @pytest.fixture(scope="session")
 def pg_store_url(pg_url):
     """The session database, migrated to head once."""
-    from archive.catalog.store import open_store
+    from archive.catalog.backends import open_store
 
     store = open_store(pg_url, create=True)
     store.close()

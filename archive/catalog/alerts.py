@@ -28,7 +28,7 @@ Conversions:
   0-based ``x``/``y``.  ``exposure_id`` = ``visit`` = ZTF ``pid`` (one
   readout-quadrant image), ``detector`` = ``rcid``.
 * Rubin: fluxes already nJy, positions and errors in degrees; ``exposure_id``
-  = visit * 1000 + detector (the archive's convention).
+  = visit * 1000 + detector (the archive's convention, :func:`archive.catalog.ids.exposure_id_of`).
 * ``external_id`` = ZTF ``candid`` / Rubin ``diaSourceId`` (as text);
   ``external_object_id`` = ZTF ``objectId`` / Rubin ``diaObjectId`` (null
   for Rubin's 0, a source attributed to a solar-system object).
@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from archive.catalog.ids import new_ids
+from archive.catalog.ids import exposure_id_of, new_ids
 from archive.catalog.schema import load_schema
 from archive.errors import ValidationError
 from archive.sky.healpix import radec_to_healpix29
@@ -204,7 +204,7 @@ def _frame_rubin(rows: list[dict]) -> pd.DataFrame:
     det = df["detector"].to_numpy(np.int64)
     out["visit"] = visit
     out["detector"] = det.astype(np.int32)
-    out["exposure_id"] = visit * 1000 + det
+    out["exposure_id"] = exposure_id_of(visit, det)
     out["band"] = df["band"].astype("string").to_numpy(object)
     if "isDipole" in df.columns:
         out["is_dipole"] = df["isDipole"].astype("boolean").to_numpy(object)
@@ -334,19 +334,6 @@ def _iter_file_records(path: str) -> Iterator[tuple[str, list[dict]]]:
                               f"Avro; first bytes {head!r})")
 
 
-# --------------------------------------------------------------------------- public API
-def alerts_to_sources(records: Iterable[dict], *, assign_ids: bool = True) -> pd.DataFrame:
-    """Convert decoded alert records (ZTF or LSST, may be mixed) to ``dia_source`` rows.
-
-    Deduplicates repeated detections, skips upper limits, and returns every
-    ``dia_source`` schema column (see the module docstring), sorted by ``mjd``.
-    """
-    ztf: list[dict] = []
-    lsst: list[dict] = []
-    _collect(records, ztf, lsst, "alert records")
-    return _to_frame(ztf, lsst, assign_ids)
-
-
 def _collect(records: Iterable[dict], ztf: list[dict], lsst: list[dict], name: str) -> None:
     for rec in records:
         try:
@@ -407,6 +394,7 @@ def _finish(df: pd.DataFrame, assign_ids: bool) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+# --------------------------------------------------------------------------- public API
 def read_alert_files(paths: Iterable[str | os.PathLike], *,
                      assign_ids: bool = True) -> pd.DataFrame:
     """Read alert files (any mix of the supported forms) into ``dia_source`` rows.

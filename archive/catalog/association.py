@@ -89,7 +89,7 @@ from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from archive.catalog.ids import new_ids
 from archive.errors import ValidationError
-from archive.sky.healpix import radec_to_healpix29
+from archive.sky.healpix import radec_to_healpix29, radec_to_vec, vec_to_radec
 
 log = logging.getLogger(__name__)
 
@@ -98,18 +98,6 @@ _LOG_2PI = float(np.log(2.0 * np.pi))
 
 
 # --------------------------------------------------------------------------- geometry
-def unit_vectors(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
-    """3-D unit vectors (n, 3) of positions given in degrees."""
-    ra = np.radians(np.asarray(ra, dtype=np.float64))
-    dec = np.radians(np.asarray(dec, dtype=np.float64))
-    cd = np.cos(dec)
-    out = np.empty((ra.size, 3), dtype=np.float64)
-    out[:, 0] = cd * np.cos(ra)
-    out[:, 1] = cd * np.sin(ra)
-    out[:, 2] = np.sin(dec)
-    return out
-
-
 def _grid_order(radius_arcsec: float) -> int:
     """Largest HEALPix order whose pixels are at least 3 radii wide (<= 29).
 
@@ -197,8 +185,8 @@ def candidate_pairs(src_ra: np.ndarray, src_dec: np.ndarray,
     r_deg = radius_arcsec / 3600.0
     near = np.abs(obj_dec[o_idx] - src_dec[s_idx]) <= r_deg * (1.0 + 1e-9) + 1e-12
     s_idx, o_idx = s_idx[near], o_idx[near]
-    us = unit_vectors(src_ra, src_dec)[s_idx]
-    d = us - unit_vectors(obj_ra[o_idx], obj_dec[o_idx])
+    us = radec_to_vec(src_ra, src_dec)[s_idx]
+    d = us - radec_to_vec(obj_ra[o_idx], obj_dec[o_idx])
     chord2 = np.einsum("ij,ij->i", d, d)
     chord_r = 2.0 * np.sin(0.5 * radius_arcsec * _ARCSEC_RAD)
     ok = chord2 <= chord_r * chord_r
@@ -211,7 +199,7 @@ def candidate_pairs(src_ra: np.ndarray, src_dec: np.ndarray,
 def tangent_offsets(src_ra: np.ndarray, src_dec: np.ndarray,
                     obj_ra: np.ndarray, obj_dec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Offsets (east, north) in arcsec of sources from objects, in the object's tangent plane."""
-    d = unit_vectors(src_ra, src_dec) - unit_vectors(obj_ra, obj_dec)
+    d = radec_to_vec(src_ra, src_dec) - radec_to_vec(obj_ra, obj_dec)
     a = np.radians(np.asarray(obj_ra, np.float64))
     b = np.radians(np.asarray(obj_dec, np.float64))
     sa, ca, sb, cb = np.sin(a), np.cos(a), np.sin(b), np.cos(b)
@@ -450,13 +438,6 @@ class AssociationResult:
     def n_duplicates(self) -> int:
         return int(self.duplicate.sum())
 
-    def to_frame(self, index: pd.Index | None = None) -> pd.DataFrame:
-        """The result as a DataFrame (one row per source)."""
-        return pd.DataFrame({
-            "dia_object_id": self.dia_object_id, "is_new": self.is_new,
-            "distance_arcsec": self.distance_arcsec, "object_index": self.object_index,
-            "cost": self.cost, "duplicate": self.duplicate}, index=index)
-
 
 def _column(df: pd.DataFrame, name: str, what: str, dtype=np.float64) -> np.ndarray:
     if name not in df.columns:
@@ -674,7 +655,7 @@ def _rounds_loop(ctx: _Ctx, src_hp, w_src, rounds, n_rounds, obj_ra, obj_dec, ob
     nt = tid.size
     is_obj = tid < no
     tu = np.empty((nt, 3))
-    tu[is_obj] = unit_vectors(obj_ra[tid[is_obj]], obj_dec[tid[is_obj]])
+    tu[is_obj] = radec_to_vec(obj_ra[tid[is_obj]], obj_dec[tid[is_obj]])
     tu[~is_obj] = src_u[tid[~is_obj] - no]
     txx, tyy, txy = np.empty(nt), np.empty(nt), np.zeros(nt)
     sw = np.zeros(nt)
@@ -727,8 +708,7 @@ def _rounds_loop(ctx: _Ctx, src_hp, w_src, rounds, n_rounds, obj_ra, obj_dec, ob
                 # rebuild the pool for the remaining visits from current positions
                 log.debug("association: a target drifted beyond the pool margin; "
                           "candidate pool rebuilt after round %d", r)
-                t_ra = np.degrees(np.arctan2(tu[:, 1], tu[:, 0])) % 360.0
-                t_dec = np.degrees(np.arctan2(tu[:, 2], np.hypot(tu[:, 0], tu[:, 1])))
+                t_ra, t_dec = vec_to_radec(tu)
                 s3, t3 = build_pool(r + 1, t_ra, t_dec, None)
                 keep = rounds[ps] <= r
                 ps = np.concatenate([ps[keep], s3])
@@ -830,7 +810,7 @@ def associate(sources: pd.DataFrame, objects: pd.DataFrame,
 
     rounds = _rounds(sources)
     n_rounds = int(rounds.max()) + 1 if ns else 0
-    ctx = _Ctx(src_ra=src_ra, src_dec=src_dec, src_u=unit_vectors(src_ra, src_dec), s_cov=s_cov,
+    ctx = _Ctx(src_ra=src_ra, src_dec=src_dec, src_u=radec_to_vec(src_ra, src_dec), s_cov=s_cov,
                s_err=s_err, radius=radius, ceil=ceil, max_chi2=max_chi2,
                scoring=scoring, attach=same_visit == "attach",
                sources=sources, w_src=w_src, no=no,
@@ -843,7 +823,7 @@ def associate(sources: pd.DataFrame, objects: pd.DataFrame,
         s_o, o_o, sep = candidate_pairs(src_ra, src_dec, obj_ra, obj_dec, float(ceil.max()),
                                         obj_healpix29=obj_hp, src_healpix29=src_hp)
         o_cov, _ = _object_state(objects, o_o, default_var)
-        ok, c = _score(ctx, s_o, unit_vectors(obj_ra[o_o], obj_dec[o_o]), sep, o_cov)
+        ok, c = _score(ctx, s_o, radec_to_vec(obj_ra[o_o], obj_dec[o_o]), sep, o_cov)
         _resolve_round(ctx, np.arange(ns), s_o[ok], o_o[ok], sep[ok], c[ok])
     elif n_rounds > 1:
         _rounds_loop(ctx, src_hp, w_src, rounds, n_rounds, obj_ra, obj_dec, obj_hp, objects,

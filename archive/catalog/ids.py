@@ -114,3 +114,22 @@ def id_time_ms(ids: np.ndarray) -> np.ndarray:
     """Unix time in milliseconds encoded in ids made by :func:`new_ids` (logical clock)."""
     ids = np.asarray(ids, dtype=np.int64)
     return (ids >> SEQ_BITS) + EPOCH_MS
+
+
+#: Exposure ids are ``visit * EXPOSURE_ID_DETECTORS + detector`` (detectors 0..999).
+EXPOSURE_ID_DETECTORS = 1000
+
+
+def exposure_id_of(visit, detector):
+    """The archive's exposure id convention: ``visit * 1000 + detector``.
+
+    Python ints in, a Python int out; arrays in, an int64 array out."""
+    if np.ndim(visit) == 0 and np.ndim(detector) == 0:
+        return int(visit) * EXPOSURE_ID_DETECTORS + int(detector)
+    return (np.asarray(visit, dtype=np.int64) * EXPOSURE_ID_DETECTORS
+            + np.asarray(detector, dtype=np.int64))
+
+
+def visit_detector_of(exposure_id: int) -> tuple[int, int]:
+    """(visit, detector) of an exposure id (the inverse of :func:`exposure_id_of`)."""
+    return divmod(int(exposure_id), EXPOSURE_ID_DETECTORS)

@@ -40,7 +40,7 @@ from archive.catalog.ids import new_ids
 from archive.catalog.schema import load_schema
 from archive.catalog.summaries import position_weights
 from archive.errors import ValidationError
-from archive.sky.healpix import radec_to_healpix29
+from archive.sky.healpix import radec_to_healpix29, radec_to_vec, vec_to_radec
 
 log = logging.getLogger(__name__)
 
@@ -339,13 +339,10 @@ def summarize(sources: pd.DataFrame) -> pd.DataFrame:
     ra = sources["ra"].to_numpy(np.float64)
     dec = sources["dec"].to_numpy(np.float64)
     w = position_weights(sources)
-    r, d = np.radians(ra), np.radians(dec)
-    vx = np.bincount(inv, weights=w * np.cos(d) * np.cos(r), minlength=n)
-    vy = np.bincount(inv, weights=w * np.cos(d) * np.sin(r), minlength=n)
-    vz = np.bincount(inv, weights=w * np.sin(d), minlength=n)
+    wv = w[:, None] * radec_to_vec(ra, dec)
+    v = np.stack([np.bincount(inv, weights=wv[:, k], minlength=n) for k in range(3)], axis=-1)
     sw = np.bincount(inv, weights=w, minlength=n)
-    out["ra"] = np.degrees(np.arctan2(vy, vx)) % 360.0
-    out["dec"] = np.degrees(np.arctan2(vz, np.hypot(vx, vy)))
+    out["ra"], out["dec"] = vec_to_radec(v)
     out["dec_err"] = np.sqrt(1.0 / sw)
     out["ra_err"] = out["dec_err"]  # on the sky (of ra*cos(dec)), isotropic
     out["healpix29"] = radec_to_healpix29(out["ra"], out["dec"]) if n else np.empty(0, np.int64)

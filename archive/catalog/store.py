@@ -201,24 +201,6 @@ class CatalogStore(abc.ABC):
         return list(dict.fromkeys(list(columns) + list(need)))
 
 
-def open_store(target: str, create: bool = False, **kwargs) -> CatalogStore:
-    """Open a store: a ``postgresql://`` / ``postgresql+psycopg://`` URL or a directory path.
-
-    ``create=True`` initialises an empty store (a new directory, or the schema
-    in an empty database).
-    """
-    target = str(target)
-    if target.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
-        from archive.catalog.postgres_store import PostgresStore
-
-        return PostgresStore(target, create=create, **kwargs)
-    if "://" in target:
-        raise ArchiveError(f"unsupported store URL {target!r}: use a directory path or postgresql+psycopg://...")
-    from archive.catalog.parquet_store import ParquetStore
-
-    return ParquetStore(target, create=create, **kwargs)
-
-
 #: Arrow types whose pandas conversion loses nulls (int -> float64, bool -> object)
 #: and the nullable pandas dtypes used instead when a column holds nulls.
 _NULLABLE = {pa.int64(): pd.Int64Dtype(), pa.int32(): pd.Int32Dtype(), pa.int16(): pd.Int16Dtype(),

@@ -45,7 +45,7 @@ import pandas as pd
 from archive.catalog.association import DUPLICATE_FLAG
 from archive.catalog.schema import load_schema
 from archive.errors import ValidationError
-from archive.sky.healpix import radec_to_healpix29
+from archive.sky.healpix import radec_to_healpix29, radec_to_vec, vec_to_radec
 
 #: Positional error (arcsec, per axis) assumed for a DIASource without errors.
 DEFAULT_POS_ERR_ARCSEC = 0.1
@@ -148,11 +148,6 @@ def primary(sources: pd.DataFrame) -> np.ndarray:
 def _primary_only(sources: pd.DataFrame) -> pd.DataFrame:
     keep = primary(sources)
     return sources if keep.all() else sources.loc[keep]
-
-
-def _unit(ra: np.ndarray, dec: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    r, d = np.radians(ra), np.radians(dec)
-    return np.cos(d) * np.cos(r), np.cos(d) * np.sin(r), np.sin(d)
 
 
 @dataclass
@@ -290,7 +285,7 @@ def apply_sources(objects: pd.DataFrame, sources: pd.DataFrame, sign: int = +1, 
     if not (np.isfinite(ra).all() and np.isfinite(dec).all() and np.isfinite(mjd).all()):
         raise ValidationError("sources: ra, dec and mjd must be finite in every row")
     w = position_weights(sources)
-    x, y, z = _unit(ra, dec)
+    x, y, z = radec_to_vec(ra, dec).T
     for col, v in zip(_POS_SUMS, (w, w * x, w * y, w * z, w * mjd)):
         out[col] += sign * np.bincount(pos, weights=v, minlength=n)
     cnt = out["n_dia_sources"]
@@ -423,8 +418,7 @@ def _derive(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         mx = out["pos_sum_wx"] / sw
         my = out["pos_sum_wy"] / sw
         mz = out["pos_sum_wz"] / sw
-        ra = np.degrees(np.arctan2(my, mx)) % 360.0
-        dec = np.degrees(np.arctan2(mz, np.hypot(mx, my)))
+        ra, dec = vec_to_radec(np.stack([mx, my, mz], axis=-1))
         err = np.sqrt(1.0 / sw)
         radec_mjd = out["pos_sum_wt"] / sw
     out["ra"] = np.where(has, ra, np.nan)
@@ -499,7 +493,7 @@ def recompute(all_sources: pd.DataFrame, all_forced: pd.DataFrame | None = None,
     dec = _num(all_sources, "dec", "sources")
     mjd = _num(all_sources, "mjd", "sources")
     w = position_weights(all_sources)
-    x, y, z = _unit(ra, dec)
+    x, y, z = radec_to_vec(ra, dec).T
     g = pd.DataFrame({"k": inv, "w": w, "wx": w * x, "wy": w * y, "wz": w * z,
                       "wt": w * mjd, "mjd": mjd}).groupby("k")
     s = g.sum()
@@ -554,8 +548,7 @@ def recompute(all_sources: pd.DataFrame, all_forced: pd.DataFrame | None = None,
     # positions: mean unit vector
     sw = out["pos_sum_w"]
     mxyz = np.stack([out[c] / sw for c in _POS_SUMS[1:4]], axis=1)
-    ra_o = np.degrees(np.arctan2(mxyz[:, 1], mxyz[:, 0])) % 360.0
-    dec_o = np.degrees(np.arctan2(mxyz[:, 2], np.hypot(mxyz[:, 0], mxyz[:, 1])))
+    ra_o, dec_o = vec_to_radec(mxyz)
     out["ra"] = ra_o
     out["dec"] = dec_o
     out["dec_err"] = np.sqrt(1.0 / sw)

@@ -31,6 +31,7 @@ import uuid
 import numpy as np
 import pandas as pd
 
+from archive.catalog.ids import exposure_id_of, visit_detector_of  # noqa: F401  (re-exported)
 from archive.errors import ArchiveError, NotFoundError
 from archive.image.exposure import Exposure
 from archive.sky.healpix import radec_to_healpix29, radec_to_vec, vec_to_radec
@@ -48,16 +49,6 @@ def sha256_file(path: os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def exposure_id_of(visit: int, detector: int) -> int:
-    """The archive's exposure id convention: visit * 1000 + detector."""
-    return int(visit) * 1000 + int(detector)
-
-
-def visit_detector_of(exposure_id: int) -> tuple[int, int]:
-    """(visit, detector) of an exposure id (the inverse of :func:`exposure_id_of`)."""
-    return int(exposure_id) // 1000, int(exposure_id) % 1000
 
 
 @dataclasses.dataclass(frozen=True)

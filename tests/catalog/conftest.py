@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 
 from archive.catalog.schema import load_schema
-from archive.catalog.store import open_store
+from archive.catalog.backends import open_store
 
 
 def _truncate(url: str) -> None:

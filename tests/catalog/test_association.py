@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 
 from archive.catalog.association import (DUPLICATE_FLAG, associate, candidate_pairs,
-                                         optimal_matching, tangent_offsets, unit_vectors)
+                                         optimal_matching, tangent_offsets)
 from archive.errors import ValidationError
+from archive.sky.healpix import radec_to_vec
 
 ARCSEC = 1.0 / 3600.0
 
@@ -25,7 +26,7 @@ def _counter_ids():
 
 
 def _brute_pairs(sra, sdec, ora, odec, r_arcsec):
-    us, uo = unit_vectors(sra, sdec), unit_vectors(ora, odec)
+    us, uo = radec_to_vec(sra, sdec), radec_to_vec(ora, odec)
     dot = np.clip(us @ uo.T, -1, 1)
     sep = np.degrees(np.arccos(dot)) * 3600
     # arccos is imprecise for tiny angles; use the chord for the decision

@@ -235,10 +235,10 @@ def test_epoch_matrix_and_export(store, truth, tmp_path):
 
 def _cap_field(n, ra0, dec0, radius_deg, n_ep, seed):
     """Stars in a cap (works at the poles), >= 6" apart; epochs with 0.1" jitter."""
-    from archive.catalog.association import unit_vectors
+    from archive.sky.healpix import radec_to_vec
 
     rng = np.random.default_rng(seed)
-    c = unit_vectors(np.array([ra0]), np.array([dec0]))[0]
+    c = radec_to_vec(ra0, dec0)
     a = np.cross(c, [0.0, 0.0, 1.0] if abs(c[2]) < 0.9 else [1.0, 0.0, 0.0])
     a /= np.linalg.norm(a)
     b = np.cross(c, a)
@@ -281,7 +281,7 @@ def test_matching_at_the_pole(store):
 
 
 def test_parquet_second_writer_refused(tmp_path, truth):
-    from archive.catalog.store import open_store
+    from archive.catalog.backends import open_store
     from archive.errors import StoreLockedError
 
     st = open_store(str(tmp_path / "arc"), create=True)
@@ -305,7 +305,7 @@ def test_concurrent_ingest_postgres(pg_store_url, truth):
     import sqlalchemy as sa
 
     from archive.catalog.schema import load_schema
-    from archive.catalog.store import open_store
+    from archive.catalog.backends import open_store
 
     eng = sa.create_engine(pg_store_url)
     with eng.begin() as con:

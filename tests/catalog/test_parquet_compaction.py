@@ -24,7 +24,7 @@ import pytest
 
 from archive.catalog import parquet_store
 from archive.catalog.parquet_store import compaction_tier, plan_merges
-from archive.catalog.store import open_store
+from archive.catalog.backends import open_store
 from archive.catalog.validate import conform
 from archive.errors import ArchiveError, ValidationError
 from archive.sky.healpix import angular_separation_deg
@@ -354,7 +354,7 @@ _KILLER = textwrap.dedent("""
     import os, signal, sys
     import numpy as np, pandas as pd
     from archive.catalog import parquet_store
-    from archive.catalog.store import open_store
+    from archive.catalog.backends import open_store
     where = sys.argv[2]
     parquet_store.COMPACT_BASE_ROWS = 8
     parquet_store.WRITE_THREADS = 1

@@ -10,7 +10,7 @@ import pytest
 
 from archive.catalog import parquet_store
 from archive.catalog.parquet_store import _FileInfo, _HealpixIndex, _rows_in_ranges
-from archive.catalog.store import open_store
+from archive.catalog.backends import open_store
 from archive.sky.regions import Box, Cone
 
 

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from archive.catalog import parquet_store
-from archive.catalog.store import frame_from_arrow, open_store
+from archive.catalog.backends import open_store
+from archive.catalog.store import frame_from_arrow
 from archive.errors import ArchiveError, ValidationError
 from archive.sky.healpix import angular_separation_deg
 from archive.sky.regions import Box, Cone

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from archive.catalog.parquet_store import ParquetStore
-from archive.catalog.store import open_store
+from archive.catalog.backends import open_store
 from archive.errors import ArchiveError, NotFoundError, StoreLockedError
 
 
@@ -94,7 +94,7 @@ def test_second_writer_is_refused(pstore, make_dia_sources):
 
 _WRITER = textwrap.dedent("""
     import sys, numpy as np, pandas as pd
-    from archive.catalog.store import open_store
+    from archive.catalog.backends import open_store
     store = open_store(sys.argv[1])
     start = int(sys.argv[2]); n = int(sys.argv[3])
     rng = np.random.default_rng(start)

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from archive.catalog import parquet_store
-from archive.catalog.store import open_store
+from archive.catalog.backends import open_store
 from archive.errors import ArchiveError
 from archive.sky.regions import Cone
 

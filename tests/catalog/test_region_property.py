@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from archive.catalog.store import open_store
+from archive.catalog.backends import open_store
 from archive.sky.healpix import angular_separation_deg
 from archive.sky.regions import Box, Polygon
 

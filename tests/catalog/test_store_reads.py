@@ -20,7 +20,7 @@ from test_dia_ingest import _field, _summaries_match_recompute, _visit
 def pg_store(pg_store_url):
     """An empty Postgres store (the tests below are about its own read and write paths)."""
     from archive.catalog.schema import load_schema
-    from archive.catalog.store import open_store
+    from archive.catalog.backends import open_store
 
     engine = sa.create_engine(pg_store_url)
     with engine.begin() as con:

@@ -226,7 +226,7 @@ def test_timeout_cancels_a_runaway_query(loaded, capsys):
 def test_user_locks_never_block_association(pg_store_url):
     """A query that got a session lock past every guard still cannot keep it:
     the connection is closed after each user query."""
-    from archive.catalog.store import open_store
+    from archive.catalog.backends import open_store
 
     store = open_store(pg_store_url)
     try:

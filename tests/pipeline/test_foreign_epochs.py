@@ -16,7 +16,7 @@ from astropy.time import Time
 from scipy.spatial import cKDTree
 
 from archive.api import Archive
-from archive.catalog.store import open_store
+from archive.catalog.backends import open_store
 from archive.cli.main import main
 from archive.errors import ArchiveError, StoreLockedError
 from archive.image.foreign import read_calibrated_mef

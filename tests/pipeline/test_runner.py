@@ -17,7 +17,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from archive.api import Archive
-from archive.catalog.store import open_store
+from archive.catalog.backends import open_store
 from archive.errors import ArchiveError, ValidationError
 from archive.image.exposure import Exposure, ExposureInfo
 from archive.pipeline.chain import build_steps, load_run_config
