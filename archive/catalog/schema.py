@@ -12,46 +12,71 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 
-import pyarrow as pa
-import sqlalchemy as sa
-import yaml
+#: The schema's type names.  The Arrow and SQL types they stand for are built on
+#: first use (:func:`arrow_types`, :func:`sql_types`), so that reading the schema
+#: (``archive schema``, one-line errors) needs neither pyarrow nor SQLAlchemy.
+TYPES = ("int16", "int32", "int64", "float32", "float64", "string", "bool", "timestamp")
 
-#: Arrow and SQL types for each schema type name.
-_ARROW_TYPES: dict[str, pa.DataType] = {
-    "int16": pa.int16(),
-    "int32": pa.int32(),
-    "int64": pa.int64(),
-    "float32": pa.float32(),
-    "float64": pa.float64(),
-    "string": pa.string(),
-    "bool": pa.bool_(),
-    "timestamp": pa.timestamp("us", tz="UTC"),
-}
-_SQL_TYPES = {
-    "int16": sa.SmallInteger,
-    "int32": sa.Integer,
-    "int64": sa.BigInteger,
-    "float32": sa.REAL,
-    "float64": sa.Float(precision=53),
-    "string": sa.Text,
-    "bool": sa.Boolean,
-    "timestamp": sa.DateTime(timezone=True),
-}
+#: Keys a column may carry in tables.yaml.
+COLUMN_KEYS = ("type", "unit", "ucd", "nullable", "description")
+
+#: A UCD: words of letters, digits, '.', '-' and '_' separated by ';' (the IVOA
+#: UCD1+ syntax; the words themselves are checked against the controlled
+#: vocabulary by the tests, with astropy).
+_UCD = re.compile(r"[A-Za-z][\w.\-]*(;[A-Za-z][\w.\-]*)*")
+
+
+@functools.lru_cache(maxsize=1)
+def arrow_types() -> dict:
+    """Schema type name -> Arrow type."""
+    import pyarrow as pa
+
+    return {"int16": pa.int16(), "int32": pa.int32(), "int64": pa.int64(), "float32": pa.float32(),
+            "float64": pa.float64(), "string": pa.string(), "bool": pa.bool_(),
+            "timestamp": pa.timestamp("us", tz="UTC")}
+
+
+@functools.lru_cache(maxsize=1)
+def sql_types() -> dict:
+    """Schema type name -> SQLAlchemy type."""
+    import sqlalchemy as sa
+
+    return {"int16": sa.SmallInteger, "int32": sa.Integer, "int64": sa.BigInteger, "float32": sa.REAL,
+            "float64": sa.Float(precision=53), "string": sa.Text, "bool": sa.Boolean,
+            "timestamp": sa.DateTime(timezone=True)}
+
+
+def astropy_unit(unit: str | None):
+    """The astropy unit of a schema unit string (FITS syntax: ``deg2``, ``nJy-1``,
+    ``d deg-2``), or None."""
+    if not unit:
+        return None
+    import astropy.units as u
+
+    return u.Unit(unit, format="fits")
 
 
 @dataclass(frozen=True)
 class Column:
-    """One column: name, schema type name, unit, nullability, description."""
+    """One column: name, schema type name, unit, UCD, nullability, description."""
 
     name: str
     type: str
     unit: str | None = None
     nullable: bool = True
     description: str = ""
+    #: IVOA Unified Content Descriptor (e.g. ``pos.eq.ra;meta.main``), for VOTable
+    #: and other self-describing formats; None where no standard word fits.
+    ucd: str | None = None
 
     @property
-    def arrow_type(self) -> pa.DataType:
-        return _ARROW_TYPES[self.type]
+    def arrow_type(self):
+        return arrow_types()[self.type]
+
+    @property
+    def meta(self) -> dict:
+        """``{"unit", "ucd", "description"}`` of this column (None where absent)."""
+        return {"unit": self.unit, "ucd": self.ucd, "description": self.description or None}
 
     @property
     def numpy_kind(self) -> str:
@@ -151,7 +176,9 @@ class Table:
         return name in self._by_name
 
     @property
-    def arrow_schema(self) -> pa.Schema:
+    def arrow_schema(self):
+        import pyarrow as pa
+
         return pa.schema(
             [pa.field(c.name, c.arrow_type, nullable=c.nullable) for c in self.columns],
             metadata={"archive.table": self.name},
@@ -181,23 +208,53 @@ class Schema:
     def __iter__(self):
         return iter(self.tables.values())
 
+    def column_meta(self, names, table: str | None = None) -> dict[str, dict]:
+        """Unit, UCD and description of result columns, by name.
+
+        A column of ``table`` takes that table's; any other name takes what every
+        schema column of that name agrees on (``ra`` has one unit and UCD in
+        every table, but not one description), so SQL results are described
+        too.  Names the schema does not know are left out."""
+        own = self.tables.get(table) if table else None
+        out: dict[str, dict] = {}
+        for name in names:
+            if own is not None and name in own:
+                out[name] = own.column(name).meta
+                continue
+            metas = [t.column(name).meta for t in self if name in t]
+            if metas:
+                out[name] = {k: (metas[0][k] if all(m[k] == metas[0][k] for m in metas) else None)
+                             for k in metas[0]}
+        return out
+
+
+def _column(table: str, name: str, spec: dict) -> Column:
+    unknown = sorted(set(spec) - set(COLUMN_KEYS))
+    if unknown:
+        raise ValueError(f"schema column {table}.{name}: unknown key(s) {unknown}; "
+                         f"a column takes {', '.join(COLUMN_KEYS)}")
+    col = Column(name=name, **spec)
+    if col.type not in TYPES:
+        raise ValueError(f"schema column {table}.{name} has unknown type {col.type!r}")
+    if col.ucd is not None and not _UCD.fullmatch(str(col.ucd)):
+        raise ValueError(f"schema column {table}.{name}: {col.ucd!r} is not a UCD "
+                         "(words such as pos.eq.ra;meta.main separated by ';')")
+    return col
+
 
 def _parse(doc: dict) -> Schema:
     bands = tuple(doc["bands"])
     tables: dict[str, Table] = {}
     for tname, t in doc["tables"].items():
-        cols = [Column(name=n, **spec) for n, spec in t["columns"].items()]
+        cols = [_column(tname, n, spec) for n, spec in t["columns"].items()]
         for template, spec in (t.get("per_band") or {}).items():
             desc = spec.get("description", "")
             for band in bands:
-                cols.append(Column(name=template.format(band=band),
-                                   **{**spec, "description": f"{desc} Band {band}."}))
+                cols.append(_column(tname, template.format(band=band),
+                                    {**spec, "description": f"{desc} Band {band}."}))
         names = [c.name for c in cols]
         if len(set(names)) != len(names):
             raise ValueError(f"schema table {tname!r} repeats a column name")
-        for c in cols:
-            if c.type not in _ARROW_TYPES:
-                raise ValueError(f"schema column {tname}.{c.name} has unknown type {c.type!r}")
         table = Table(
             name=tname,
             description=t.get("description", ""),
@@ -221,18 +278,23 @@ def _parse(doc: dict) -> Schema:
 @functools.lru_cache(maxsize=1)
 def load_schema() -> Schema:
     """Load and cache the archive schema from the packaged YAML file."""
+    import yaml
+
     text = resources.files("archive.schema").joinpath("tables.yaml").read_text()
-    return _parse(yaml.safe_load(text))
+    return _parse(yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
 
 
 def sqlalchemy_metadata(schema: Schema | None = None) -> sa.MetaData:
     """SQLAlchemy Core tables for every schema table, with keys and B-tree indexes
     (covering columns as ``INCLUDE``, partial predicates as ``WHERE`` on PostgreSQL)."""
+    import sqlalchemy as sa
+
     schema = schema or load_schema()
+    types = sql_types()
     md = sa.MetaData()
     for t in schema:
         cols = [
-            sa.Column(c.name, _SQL_TYPES[c.type], nullable=c.nullable,
+            sa.Column(c.name, types[c.type], nullable=c.nullable,
                       primary_key=c.name in t.primary_key, autoincrement=False,
                       comment=(f"[{c.unit}] " if c.unit else "") + c.description)
             for c in t.columns
@@ -252,7 +314,7 @@ def markdown_docs(schema: Schema | None = None) -> str:
     """The schema as a Markdown document (one section per table)."""
     schema = schema or load_schema()
     out = ["# Archive schema", "",
-           "Generated from `archive/schema/tables.yaml` by `archive schema docs`.",
+           "Generated from `archive/schema/tables.yaml` by `archive schema` (`archive schema > docs/schema.md`).",
            "Angles in degrees, fluxes in nJy, times MJD (TAI), pixels 0-based.", ""]
     for t in schema:
         out += [f"## `{t.name}`", "", t.description, "",
@@ -260,9 +322,8 @@ def markdown_docs(schema: Schema | None = None) -> str:
                 + ("; HEALPix-partitioned." if t.positional else "."), ""]
         if t.indexes:
             out += ["Indexes (PostgreSQL): " + "; ".join(f"`{ix.describe()}`" for ix in t.indexes) + ".", ""]
-        out += [
-                "| column | type | unit | null | description |", "|---|---|---|---|---|"]
-        out += [f"| `{c.name}` | {c.type} | {c.unit or ''} | {'yes' if c.nullable else 'no'} "
+        out += ["| column | type | unit | UCD | null | description |", "|---|---|---|---|---|---|"]
+        out += [f"| `{c.name}` | {c.type} | {c.unit or ''} | {c.ucd or ''} | {'yes' if c.nullable else 'no'} "
                 f"| {c.description} |" for c in t.columns]
         out.append("")
     return "\n".join(out)

@@ -67,3 +67,74 @@ def test_committed_docs_are_current():
 
     doc = pathlib.Path(__file__).resolve().parents[2] / "docs" / "schema.md"
     assert doc.read_text() == markdown_docs() + "\n", "regenerate: archive schema > docs/schema.md"
+
+
+def test_ucds_are_standard_words():
+    """Every ``ucd`` of tables.yaml is valid UCD1+ (astropy checks the controlled vocabulary)."""
+    from astropy.io.votable.ucd import parse_ucd
+
+    n = 0
+    for t in load_schema():
+        for c in t.columns:
+            if c.ucd:
+                parse_ucd(c.ucd, check_controlled_vocabulary=True, has_colon=False)
+                n += 1
+    assert n > 150
+    s = load_schema()
+    assert s["dia_source"].column("ra").ucd == "pos.eq.ra;meta.main"
+    assert s["dia_source"].column("mjd").ucd == "time.epoch"
+    assert s["source"].column("psf_flux").ucd == "phot.flux"
+    assert s["dia_object"].column("dia_object_id").ucd == "meta.id;meta.main"
+
+
+def test_units_parse_with_astropy():
+    from archive.catalog.schema import astropy_unit
+
+    for t in load_schema():
+        for c in t.columns:
+            if c.unit:
+                assert astropy_unit(c.unit).to_string("vounit")
+    assert str(astropy_unit("nJy-1")) == "1 / nJy"
+
+
+def test_column_keys_and_ucd_syntax_checked():
+    doc = {"version": 1, "bands": ["g"], "tables": {"t": {
+        "primary_key": ["id"], "columns": {"id": {"type": "int64", "ucd": "meta.id;meta.main"}}}}}
+    assert _parse(doc)["t"].column("id").ucd == "meta.id;meta.main"
+    doc["tables"]["t"]["columns"]["id"]["ucd"] = "meta id"
+    with pytest.raises(ValueError, match="not a UCD"):
+        _parse(doc)
+    doc["tables"]["t"]["columns"]["id"] = {"type": "int64", "ucdd": "meta.id"}
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['ucdd'\]"):
+        _parse(doc)
+
+
+def test_ucd_is_not_part_of_the_database_schema():
+    """UCDs describe outputs; the SQL comments (and so Alembic's view) carry unit + description only."""
+    md = sqlalchemy_metadata()
+    for t in load_schema():
+        for c in t.columns:
+            comment = md.tables[t.name].c[c.name].comment
+            assert (c.ucd or "\x00") not in comment
+
+
+def test_column_meta_for_results():
+    s = load_schema()
+    meta = s.column_meta(["ra", "psf_flux", "count", "mjd"], "dia_source")
+    assert meta["ra"] == {"unit": "deg", "ucd": "pos.eq.ra;meta.main", "description": "Right ascension (ICRS)."}
+    assert "count" not in meta
+    # without a table: what every table agrees on (ra's description differs between tables)
+    free = s.column_meta(["ra", "healpix29"])
+    assert free["ra"]["unit"] == "deg" and free["ra"]["ucd"] == "pos.eq.ra;meta.main"
+    assert free["ra"]["description"] is None
+    assert free["healpix29"]["ucd"] == "pos.healpix"
+
+
+def test_reading_the_schema_needs_neither_pyarrow_nor_sqlalchemy():
+    import subprocess
+    import sys
+
+    code = ("import sys; from archive.catalog.schema import load_schema; load_schema()['source']; "
+            "print(sorted(m for m in ('pyarrow', 'sqlalchemy', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
