@@ -71,7 +71,7 @@ def prepare(work: pathlib.Path, size: int) -> None:
     fits.PrimaryHDU((1.0 / np.sqrt(exp.variance)).astype(np.float32)).writeto(work / "weight.fits", overwrite=True)
     truth = pd.read_parquet(sim / "truth" / "sources.parquet")
     epoch = pd.read_parquet(sim / "truth" / "epochs.parquet").iloc[0]
-    p = truth_psf(epoch).render_stamps(truth.x.to_numpy(), truth.y.to_numpy(), 31)
+    p = truth_psf(epoch).stamps(truth.x.to_numpy(), truth.y.to_numpy(), 31, renormalize=True)
     p2 = (p ** 2).sum(axis=(1, 2))
     p3 = (p ** 3).sum(axis=(1, 2))
     g = float(epoch.gain)
@@ -93,7 +93,6 @@ def run_archive(work):
     from archive.process.background import estimate_background
     from archive.process.cosmic import find_cosmic_rays
     from archive.process.psf_estimate import estimate_psf
-    from archive.process.psfmodel import stamp_psf
     from archive.process.sources import detect_and_measure
 
     from archive.pipeline.runtime import keep_freed_memory
@@ -108,11 +107,10 @@ def run_archive(work):
     t_psf = time.perf_counter()
     psf = estimate_psf(sub, var, mask=mask, background_variance=bkg.variance)
     t_psf = time.perf_counter() - t_psf
-    sp = stamp_psf(psf.psf, img.shape)
     cr, sub = find_cosmic_rays(sub, var, psf.fwhm, mask=mask)
     mask = mask | np.where(cr, np.int32(1 << 2), np.int32(0))
     t_dm = time.perf_counter()
-    df, _ = detect_and_measure(sub, var, sp, mask=mask, background_variance=bkg.variance, background=bkg.background)
+    df, _ = detect_and_measure(sub, var, psf.psf, mask=mask, background_variance=bkg.variance, background=bkg.background)
     t_dm = time.perf_counter() - t_dm
     wall = time.perf_counter() - t0
     return {"x": df.x.to_numpy().tolist(), "y": df.y.to_numpy().tolist(), "snr": df.snr.to_numpy().tolist(),

@@ -1,44 +1,85 @@
-"""Point-spread-function models.
+"""Point-spread-function models behind one interface.
 
-Stamp convention (all classes)
-------------------------------
-Pixel centres sit at integer coordinates (pixel ``[iy, ix]`` of a numpy array
-covers ``ix - 0.5 <= x < ix + 0.5``).  ``psf.image(x, y, size)`` returns a
-``size x size`` float64 array (``size`` odd) whose **centre pixel**
-``[size // 2, size // 2]`` corresponds to the image pixel that contains
-``(x, y)``, namely ``(ix, iy) = (floor(x + 0.5), floor(y + 0.5))``.  Inside the
-stamp the PSF centroid sits at stamp coordinates
-``(size // 2 + dx, size // 2 + dy)`` with ``dx = x - ix`` and ``dy = y - iy`` in
-``[-0.5, 0.5)``.  Values are the PSF **integrated over each pixel** (the
-pixel-convolved or "effective" PSF), normalised so the stamp sums to exactly 1
-(the part of the profile outside the stamp is dropped and the rest rescaled).
-The stamp's lower-left pixel lies at image pixel :meth:`PSF.stamp_origin`.
+Every PSF model is a :class:`PSF` and answers the same questions, so measurement,
+PSF matching, coadd PSFs and forced photometry work with any of them:
 
-To add a star of flux F at (x, y) to an image: ``x0, y0 = psf.stamp_origin(x, y, s)``
-then ``image[y0:y0+s, x0:x0+s] += F * psf.image(x, y, s)`` (see
-:func:`add_point_sources` for a vectorised, edge-safe version).
+==========================================================  ===========================================
+``psf.stamps(x, y, size, xc=None, yc=None)``                 ``(n, size, size)`` PSF images of n sources
+``psf.stamps_with_gradient(x, y, size, xc=None, yc=None)``   the same and their derivatives by x and y
+``psf.kernel(x=None, y=None, size=None, oversample=1)``      the PSF at one position, centred, sum 1
+``psf.fwhm(x=None, y=None)``                                 FWHM (px) at positions
+``psf.ellipticity(x=None, y=None)``                          ``1 - b/a`` at positions
+``psf.summary(bbox=None, n=5)``                              min / median / max of both over the field
+``psf.to_hdu()`` / ``PSF.from_hdu(hdu)``                     FITS round trip (bit-exact parameters)
+==========================================================  ===========================================
 
-Positions given to a PSF are pixel coordinates of the image it belongs to.  A
-PSF taken from a sub-image (``Exposure.subimage``) carries the offset of that
-sub-image (:meth:`PSF.shifted`), so it keeps describing the same physical pixels.
+Coordinates
+-----------
+Pixel coordinates have origin 0 and pixel centres at integers: pixel ``[iy, ix]``
+of a numpy array covers ``ix - 0.5 <= x < ix + 0.5``.  Positions given to a PSF
+are pixel coordinates of the image it belongs to.  A PSF taken from a sub-image
+(``Exposure.subimage``) carries the sub-image's offset (:meth:`PSF.shifted`), so it
+keeps describing the same physical pixels.  Called without a position, the
+position-dependent methods use :meth:`PSF.reference_position` (the centre of a
+spatially varying model's bounding box).
 
-FWHM: :meth:`PSF.fwhm` is the FWHM of the model's own profile - the
-continuous profile for Gaussian and Moffat, the pixel-integrated (effective)
-profile for :class:`PixelPSF`, which samples nothing else.  To compare models
-of different kinds use :meth:`PSF.effective_fwhm`, measured the same way on
-every class from an oversampled stamp (for a Gaussian it is
-``2.3548 sqrt(sigma^2 + 1/12)``).
+Stamps
+------
+``stamps(x, y, size)`` evaluates the PSF of sources of **unit total flux** at the
+sub-pixel positions ``(x, y)`` (arrays of n) on ``size x size`` stamps (``size``
+odd) centred on the integer pixels ``(xc, yc)``, by default the pixels holding
+the sources, ``(floor(x + 0.5), floor(y + 0.5))``: stamp pixel ``[j, i]`` is image
+pixel ``(xc - size // 2 + i, yc - size // 2 + j)`` and holds the fraction of the
+source's flux that this pixel collects (the PSF integrated over the pixel, the
+"effective" PSF).  A stamp therefore sums to the flux fraction inside it, a
+little below 1; ``renormalize=True`` divides each by its own sum instead (the cut
+wings moved into the stamp).  To add a source of flux F at (x, y) to an image:
+``x0, y0 = psf.stamp_origin(x, y, s)`` and
+``image[y0:y0+s, x0:x0+s] += F * psf.stamps(x, y, s)[0]`` (:func:`add_point_sources`
+does it vectorised and edge-safe).  Stamps are computed for all positions at once
+(no Python loop per source).
 
-Every class round-trips through FITS: :meth:`PSF.to_hdu` writes a one-row
-binary table (EXTNAME ``PSF``, card ``PSFTYPE`` naming the class) and
-:func:`PSF.from_hdu` reads any registered class back with bit-identical
-parameters.
+Kernels
+-------
+``kernel(x, y, size, oversample=k)`` is the PSF *at* position ``(x, y)`` with its
+centre on the kernel's central element (what PSF matching and coadd PSFs need).
+With ``k = 1`` it is a ``size x size`` image summing to 1.  With ``k > 1`` it
+samples the same pixel-integrated PSF every ``1 / k`` px: ``2 M + 1`` samples per
+axis, ``M = (size k) // 2``, sample ``m`` at offset ``(m - M) / k`` px from the
+centre, normalised so that every k-th sample starting at the centre is exactly
+the native kernel (``os[M % k::k, M % k::k] == kernel(x, y, size)``); its integral
+``os.sum() / k**2`` is then 1 up to sampling and truncation.
+
+Shape
+-----
+:meth:`PSF.fwhm` is the FWHM of the model's own profile - the continuous profile
+for Gaussian and Moffat, the pixel-integrated (effective) profile for
+:class:`PixelPSF`, which samples nothing else - and :meth:`PSF.ellipticity` its
+``1 - b/a`` likewise (the isophotes' axis ratio for the analytic models; the
+adaptive second moments of the pixel-integrated model for :class:`PixelPSF`).
+To compare models of different kinds use :meth:`PSF.effective_fwhm`, measured the
+same way on every class from a kernel (for a Gaussian it is
+``FWHM_PER_SIGMA sqrt(sigma^2 + 1/12)``).
+
+FITS
+----
+:meth:`PSF.to_hdu` writes a one-row binary table (EXTNAME ``PSF``, card
+``PSFTYPE`` naming the class); :meth:`PSF.from_hdu` reads any registered class
+back with bit-identical parameters.  ``Exposure.writeto`` / ``Exposure.read``
+store the exposure's PSF this way.
+
+Writing a new model: subclass :class:`PSF`, set ``kind``, implement
+``_evaluate`` (the pixel-integrated PSF at offsets), ``_fwhm_at``,
+``_ellipticity_at``, ``_params`` and ``_from_params``; override ``stamps`` (and
+``stamps_with_gradient``) only for speed.
 """
 
 from __future__ import annotations
 
+import abc
 import copy
 import math
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -47,7 +88,11 @@ from astropy.table import Table
 from scipy import ndimage, special
 
 from archive.errors import ValidationError
+from archive.image.blas import matmul_rows
+from archive.image.moments import adaptive_moments, moments_shape
 
+#: FWHM of a Gaussian in units of its standard deviation, ``2 sqrt(2 ln 2) = 2.35482...``;
+#: the one place this constant is written (import it from here).
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 
@@ -118,15 +163,75 @@ def fwhm_from_image(img: np.ndarray, pixel_scale: float = 1.0) -> float:
     return 2.0 * math.sqrt(area / math.pi)
 
 
+# --------------------------------------------------------------------------- helpers
+def _check_size(size) -> int:
+    s = int(size)
+    if s != size or s < 1 or s % 2 == 0:
+        raise ValidationError(f"PSF stamp size must be a positive odd integer, got {size!r}")
+    return s
+
+
+def _positions(x, y, xc=None, yc=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source positions as 1-D float64 arrays (px) and their stamps' integer centres (int64)."""
+    x = np.atleast_1d(np.asarray(x, dtype=np.float64))
+    y = np.atleast_1d(np.asarray(y, dtype=np.float64))
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValidationError(f"PSF stamps: x and y must be 1-D arrays of equal length, got shapes {x.shape}, "
+                              f"{y.shape}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValidationError("PSF stamps: source positions must be finite pixel coordinates")
+    xc = np.floor(x + 0.5).astype(np.int64) if xc is None else np.atleast_1d(np.asarray(xc, dtype=np.int64))
+    yc = np.floor(y + 0.5).astype(np.int64) if yc is None else np.atleast_1d(np.asarray(yc, dtype=np.int64))
+    if xc.shape != x.shape or yc.shape != y.shape:
+        raise ValidationError("PSF stamps: xc and yc must have one entry per source")
+    return x, y, xc, yc
+
+
+def _renormalized(stamps: np.ndarray, who: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Each stamp divided by its own sum; an error naming the position when one has no flux."""
+    total = stamps.sum(axis=(1, 2), keepdims=True)
+    if np.any(~(total > 0)):
+        bad = int(np.flatnonzero(~(total.ravel() > 0))[0])
+        raise ValidationError(f"{who}: the PSF stamp at ({x[bad]}, {y[bad]}) has no positive flux")
+    return stamps / total
+
+
+@dataclass(frozen=True)
+class PsfSummary:
+    """FWHM (px) and ellipticity (``1 - b/a``) of a PSF over a grid of positions.
+
+    ``bbox``: ``(x0, y0, x1, y1)`` pixel box the grid spans (image pixels, origin 0);
+    ``n_positions``: positions evaluated (1 for a model that is the same everywhere).
+    """
+
+    fwhm_min: float
+    fwhm_median: float
+    fwhm_max: float
+    ellipticity_min: float
+    ellipticity_median: float
+    ellipticity_max: float
+    bbox: tuple[float, float, float, float]
+    n_positions: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 # --------------------------------------------------------------------------- base class
-class PSF:
-    """Base class: see the module docstring for the stamp convention."""
+class PSF(abc.ABC):
+    """The PSF interface every model implements (see the module docstring).
+
+    Subclasses set :attr:`kind` (registered for :meth:`from_hdu`) and implement
+    ``_evaluate``, ``_fwhm_at``, ``_ellipticity_at``, ``_params`` and ``_from_params``.
+    """
 
     #: Name written in the PSFTYPE card; registered automatically.
     kind: ClassVar[str] = ""
     _registry: ClassVar[dict[str, type["PSF"]]] = {}
+    #: attributes holding caches (dropped when pickled or copied)
+    _caches: ClassVar[tuple[str, ...]] = ()
 
-    #: offset added to positions before evaluating the model (see :meth:`shifted`)
+    #: offset (px) added to positions before evaluating the model (see :meth:`shifted`)
     x_offset: float = 0.0
     y_offset: float = 0.0
 
@@ -135,94 +240,182 @@ class PSF:
         if cls.kind:
             PSF._registry[cls.kind] = cls
 
-    # ---- to implement
-    def _pixel_response(self, xm, ym, u, v) -> np.ndarray:
-        """Pixel-integrated PSF at offsets (u, v) (pixels) from its centre at model position (xm, ym).
+    # ---- what a model implements
+    @abc.abstractmethod
+    def _evaluate(self, xm: np.ndarray, ym: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Pixel-integrated PSF of unit total flux, ``(n, my, mx)`` float64.
 
-        Arrays broadcast together; the result need not be normalised.
+        ``xm, ym`` (n,): model-frame positions (image px + offset); ``u`` (n, mx) and
+        ``v`` (n, my): offsets (px) along x and y from the PSF's centre of the pixel
+        centres to evaluate (a separable grid per position).
         """
-        raise NotImplementedError
 
-    def _fwhm_at(self, xm, ym):
-        """FWHM (pixels) at model-frame positions (vectorised)."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _fwhm_at(self, xm: np.ndarray, ym: np.ndarray) -> np.ndarray:
+        """FWHM (px) at model-frame positions (arrays of one shape, or 0-d)."""
+
+    @abc.abstractmethod
+    def _ellipticity_at(self, xm: np.ndarray, ym: np.ndarray) -> np.ndarray:
+        """``1 - b/a`` at model-frame positions (arrays of one shape, or 0-d)."""
 
     def _reference_position(self) -> tuple[float, float]:
-        """Model-frame position used when ``fwhm()`` is called without a position."""
+        """Model-frame position used when no position is given."""
         return (0.0, 0.0)
 
+    def _model_bbox(self) -> tuple[float, float, float, float] | None:
+        """Model-frame ``(x0, y0, x1, y1)`` over which the model varies; None when it is the same everywhere."""
+        return None
+
+    @abc.abstractmethod
     def _params(self) -> dict:
-        raise NotImplementedError
+        """The model's parameters (scalars, strings or arrays) as written to FITS."""
 
     @classmethod
+    @abc.abstractmethod
     def _from_params(cls, params: dict) -> "PSF":
-        raise NotImplementedError
+        """Rebuild the model from :meth:`_params` as read back from FITS."""
 
-    # ---- public API
-    def image(self, x: float, y: float, size: int | None = None) -> np.ndarray:
-        """Normalised ``size x size`` stamp (float64, sum 1) of the PSF at pixel (x, y).
+    # ---- stamps
+    def stamps(self, x, y, size: int, xc=None, yc=None, *, renormalize: bool = False) -> np.ndarray:
+        """PSF stamps ``(n, size, size)`` of sources of unit total flux at pixel positions (x, y).
 
-        ``size`` must be odd; default :meth:`default_size`.  See the module
-        docstring for where the stamp sits.
+        ``x, y``: arrays of n (px, origin 0); ``size``: odd stamp side (px); ``xc, yc``:
+        integer stamp centres (px; default ``floor(x + 0.5)``, ``floor(y + 0.5)``).  Each
+        pixel holds the fraction of the source's flux it collects (see the module
+        docstring); ``renormalize``: divide each stamp by its sum.  float64 (float32 for
+        :class:`PixelPSF`).
         """
-        if size is None:
-            size = self.default_size(x, y)
-        return self.render_stamps(np.array([float(x)]), np.array([float(y)]), size)[0]
-
-    def render_stamps(self, xs, ys, size: int) -> np.ndarray:
-        """Stamps ``(N, size, size)`` for N positions, same convention as :meth:`image`."""
         size = _check_size(size)
-        xs = np.atleast_1d(np.asarray(xs, dtype=float))
-        ys = np.atleast_1d(np.asarray(ys, dtype=float))
-        if xs.shape != ys.shape or xs.ndim != 1:
-            raise ValidationError("render_stamps: xs and ys must be 1-D arrays of equal length")
-        if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys))):
-            raise ValidationError("render_stamps: positions must be finite")
-        dx = xs - np.floor(xs + 0.5)
-        dy = ys - np.floor(ys + 0.5)
-        g = np.arange(size, dtype=float) - size // 2
-        u = g[None, None, :] - dx[:, None, None]
-        v = g[None, :, None] - dy[:, None, None]
-        xm = (xs + self.x_offset)[:, None, None]
-        ym = (ys + self.y_offset)[:, None, None]
-        vals = np.asarray(self._pixel_response(xm, ym, u, v), dtype=float)
-        vals = np.broadcast_to(vals, (xs.size, size, size)).copy()
-        total = vals.sum(axis=(1, 2), keepdims=True)
-        if np.any(~(total > 0)):
-            raise ValidationError(f"{type(self).__name__}: PSF stamp has no positive flux")
-        return vals / total
+        x, y, xc, yc = _positions(x, y, xc, yc)
+        if x.size == 0:
+            return np.zeros((0, size, size))
+        g = np.arange(size, dtype=np.float64) - size // 2
+        u = (xc[:, None] + g) - x[:, None]
+        v = (yc[:, None] + g) - y[:, None]
+        st = self._evaluate(x + self.x_offset, y + self.y_offset, u, v)
+        return _renormalized(st, type(self).__name__, x, y) if renormalize else st
+
+    def stamps_with_gradient(self, x, y, size: int, xc=None, yc=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(P, dP/dx, dP/dy)``: :meth:`stamps` and their derivatives with respect to the
+        source position (px^-1), here by central differences of 0.05 px."""
+        x, y, xc, yc = _positions(x, y, xc, yc)
+        e = 0.05
+        P = self.stamps(x, y, size, xc, yc)
+        Px = (self.stamps(x + e, y, size, xc, yc) - self.stamps(x - e, y, size, xc, yc)) / (2 * e)
+        Py = (self.stamps(x, y + e, size, xc, yc) - self.stamps(x, y - e, size, xc, yc)) / (2 * e)
+        return P, Px, Py
+
+    def image(self, x: float, y: float, size: int | None = None) -> np.ndarray:
+        """One source's renormalised stamp: ``stamps([x], [y], size, renormalize=True)[0]``
+        (default size :meth:`default_size`).  The source sits at its sub-pixel offset from
+        the centre pixel; for the PSF centred on the central pixel use :meth:`kernel`."""
+        size = self.default_size(x, y) if size is None else size
+        return self.stamps(np.array([float(x)]), np.array([float(y)]), size, renormalize=True)[0]
 
     @staticmethod
     def stamp_origin(x: float, y: float, size: int) -> tuple[int, int]:
-        """Image pixel ``(x0, y0)`` of a stamp's lower-left pixel for a source at (x, y)."""
+        """Image pixel ``(x0, y0)`` of a stamp's lower-left pixel for a source at (x, y) (px)."""
         half = int(size) // 2
         return int(math.floor(x + 0.5)) - half, int(math.floor(y + 0.5)) - half
 
-    def fwhm(self, x: float | None = None, y: float | None = None) -> float:
-        """Full width at half maximum in pixels at (x, y); model reference position when omitted."""
-        if x is None or y is None:
+    # ---- kernels
+    def kernel(self, x: float | None = None, y: float | None = None, size: int | None = None,
+               oversample: int = 1) -> np.ndarray:
+        """The PSF at pixel position (x, y), centred on the kernel's central element (float64).
+
+        ``size``: odd side in native pixels (default :meth:`default_size`); ``oversample``:
+        samples per pixel ``k``.  ``k = 1``: ``size x size``, sum 1.  ``k > 1``:
+        ``(2 M + 1)^2`` samples every ``1 / k`` px, ``M = (size k) // 2``, every k-th one
+        from the centre equal to the native kernel (see the module docstring).
+        """
+        if (x is None) != (y is None):
+            raise ValidationError("PSF.kernel: give both x and y, or neither")
+        if x is None:
+            x, y = self.reference_position()
+        x, y = float(x), float(y)
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise ValidationError(f"PSF.kernel: position ({x}, {y}) must be finite")
+        size = _check_size(self.default_size(x, y) if size is None else size)
+        k = int(oversample)
+        if k != oversample or k < 1:
+            raise ValidationError(f"PSF.kernel: oversample must be an integer >= 1, got {oversample!r}")
+        M = (size * k) // 2
+        t = (np.arange(2 * M + 1, dtype=np.float64) - M) / k
+        e = self._evaluate(np.array([x + self.x_offset]), np.array([y + self.y_offset]), t[None, :], t[None, :])[0]
+        norm = e.sum() if k == 1 else np.ascontiguousarray(e[M % k::k, M % k::k]).sum()
+        if not norm > 0:
+            raise ValidationError(f"{type(self).__name__}: the PSF kernel at ({x}, {y}) has no positive flux")
+        return e / norm
+
+    # ---- shape
+    def _at(self, fn, x, y):
+        if x is None and y is None:
             xm, ym = self._reference_position()
-        else:
-            xm, ym = float(x) + self.x_offset, float(y) + self.y_offset
-        return float(np.asarray(self._fwhm_at(np.asarray(xm), np.asarray(ym))))
+            return float(np.asarray(fn(np.asarray(float(xm)), np.asarray(float(ym)))))
+        if x is None or y is None:
+            raise ValidationError(f"{type(self).__name__}: give both x and y, or neither")
+        xm = np.asarray(x, dtype=float) + self.x_offset
+        ym = np.asarray(y, dtype=float) + self.y_offset
+        shape = np.broadcast(xm, ym).shape
+        xm, ym = np.broadcast_arrays(xm, ym)
+        out = np.broadcast_to(np.asarray(fn(xm, ym), dtype=float), shape)
+        return float(out) if out.ndim == 0 else out.copy()
+
+    def fwhm(self, x=None, y=None):
+        """FWHM (px) of the model's profile at pixel positions (x, y) (see the module docstring).
+
+        A float for one position (or none: :meth:`reference_position`), an array of the
+        broadcast shape of ``x`` and ``y`` otherwise.
+        """
+        return self._at(self._fwhm_at, x, y)
+
+    def ellipticity(self, x=None, y=None):
+        """``1 - b/a`` (0 round) of the model's profile at pixel positions (x, y); float or array as :meth:`fwhm`."""
+        return self._at(self._ellipticity_at, x, y)
 
     def effective_fwhm(self, x: float | None = None, y: float | None = None) -> float:
-        """FWHM (pixels) of the pixel-integrated PSF, measured on a stamp (comparable across classes)."""
+        """FWHM (px) of the pixel-integrated PSF, measured on its kernel (comparable across classes)."""
         if x is None or y is None:
-            xm, ym = self._reference_position()
-            x, y = xm - self.x_offset, ym - self.y_offset
+            x, y = self.reference_position()
         size = max(self.default_size(x, y), 2 * int(math.ceil(3.0 * self.fwhm(x, y))) + 1)
-        return fwhm_from_image(self.image(float(np.floor(x + 0.5)), float(np.floor(y + 0.5)), size))
+        return fwhm_from_image(self.kernel(x, y, size))
 
-    def fwhm_at(self, xs, ys) -> np.ndarray:
-        """Vectorised :meth:`fwhm` (pixels) at arrays of positions."""
-        xm = np.asarray(xs, dtype=float) + self.x_offset
-        ym = np.asarray(ys, dtype=float) + self.y_offset
-        return np.broadcast_to(np.asarray(self._fwhm_at(xm, ym), dtype=float), np.broadcast(xm, ym).shape).copy()
+    def summary(self, bbox: tuple[float, float, float, float] | None = None, n: int = 5) -> PsfSummary:
+        """FWHM and ellipticity on an ``n x n`` grid spanning ``bbox = (x0, y0, x1, y1)``
+        (image px, edges included); default: the model's own box (in this image's pixels),
+        or the reference position alone for a model that is the same everywhere."""
+        if bbox is None:
+            mb = self._model_bbox()
+            if mb is None:
+                x, y = self.reference_position()
+                bbox = (x, y, x, y)
+            else:
+                bbox = (mb[0] - self.x_offset, mb[1] - self.y_offset, mb[2] - self.x_offset, mb[3] - self.y_offset)
+        if len(bbox) != 4 or not all(math.isfinite(float(b)) for b in bbox):
+            raise ValidationError(f"PSF.summary: bbox must be (x0, y0, x1, y1) in pixels, got {bbox!r}")
+        bbox = tuple(float(b) for b in bbox)
+        if bbox[0] == bbox[2] and bbox[1] == bbox[3]:
+            xs, ys = np.array([bbox[0]]), np.array([bbox[1]])
+        else:
+            if int(n) < 1:
+                raise ValidationError(f"PSF.summary: n must be >= 1, got {n!r}")
+            gx, gy = np.meshgrid(np.linspace(bbox[0], bbox[2], int(n)), np.linspace(bbox[1], bbox[3], int(n)))
+            xs, ys = gx.ravel(), gy.ravel()
+        fw = np.atleast_1d(self.fwhm(xs, ys))
+        el = np.atleast_1d(self.ellipticity(xs, ys))
+        return PsfSummary(float(fw.min()), float(np.median(fw)), float(fw.max()), float(el.min()),
+                          float(np.median(el)), float(el.max()), bbox, int(xs.size))
 
-    def default_size(self, x: float | None = None, y: float | None = None) -> int:
-        """Odd stamp size holding the profile out to ~4 FWHM (at least 15)."""
-        f = self.fwhm(x, y)
+    def reference_position(self) -> tuple[float, float]:
+        """Image pixel (x, y) used when no position is given: the centre of a spatially varying
+        model's box, else (0, 0)."""
+        xm, ym = self._reference_position()
+        return float(xm) - self.x_offset, float(ym) - self.y_offset
+
+    def default_size(self, x=None, y=None) -> int:
+        """Odd stamp size (px) holding the profile out to ~4 FWHM (at least 15); the largest
+        over the positions when given arrays."""
+        f = float(np.max(self.fwhm(x, y)))
         return max(15, 2 * int(math.ceil(4.0 * f)) + 1)
 
     def shifted(self, dx: float, dy: float) -> "PSF":
@@ -231,6 +424,12 @@ class PSF:
         new.x_offset = self.x_offset + float(dx)
         new.y_offset = self.y_offset + float(dy)
         return new
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for name in self._caches:
+            state.pop(name, None)
+        return state
 
     # ---- FITS
     def to_hdu(self, extname: str = "PSF") -> fits.BinTableHDU:
@@ -288,43 +487,90 @@ class PSF:
     __hash__ = None  # type: ignore[assignment]
 
 
-def _check_size(size) -> int:
-    s = int(size)
-    if s != size or s < 1 or s % 2 == 0:
-        raise ValidationError(f"PSF stamp size must be a positive odd integer, got {size!r}")
-    return s
-
-
 # --------------------------------------------------------------------------- Gaussian
 class GaussianPSF(PSF):
-    """Circular Gaussian of standard deviation ``sigma`` pixels (FWHM = 2.3548 sigma)."""
+    """Gaussian PSF, round or elliptical, the same everywhere.
+
+    Its size is given by keyword, as ``fwhm`` or as ``sigma`` (both px;
+    ``fwhm = FWHM_PER_SIGMA * sigma``).  For an elliptical profile both are the
+    geometric means of the major- and minor-axis values (the round profile of the same
+    half-maximum area, as for :class:`MoffatPSF`): ``sigma_major = sigma / sqrt(1 - e)``,
+    ``sigma_minor = sigma sqrt(1 - e)``.
+
+    ellipticity: ``e = 1 - b/a`` (0 round); theta: angle of the major axis from +x
+    towards +y (deg); oversample: sub-samples per pixel axis integrating an elliptical
+    profile over the pixels (a round one is integrated exactly, with erf).
+    """
 
     kind = "gaussian"
 
-    def __init__(self, sigma: float):
-        s = float(sigma)
-        if not (math.isfinite(s) and s > 0):
-            raise ValidationError(f"GaussianPSF sigma must be finite and > 0, got {sigma!r}")
-        self.sigma = s
+    def __init__(self, *, fwhm: float | None = None, sigma: float | None = None, ellipticity: float = 0.0,
+                 theta: float = 0.0, oversample: int = 3):
+        if (fwhm is None) == (sigma is None):
+            raise ValidationError("GaussianPSF: give its size as exactly one of fwhm= or sigma= (px)")
+        if fwhm is not None:
+            f = float(fwhm)
+            if not (math.isfinite(f) and f > 0):
+                raise ValidationError(f"GaussianPSF fwhm must be finite and > 0 px, got {fwhm!r}")
+            self.fwhm0 = f
+            self.sigma = f / FWHM_PER_SIGMA
+        else:
+            s = float(sigma)
+            if not (math.isfinite(s) and s > 0):
+                raise ValidationError(f"GaussianPSF sigma must be finite and > 0 px, got {sigma!r}")
+            self.sigma = s
+            self.fwhm0 = FWHM_PER_SIGMA * s
+        e = float(ellipticity)
+        if not (math.isfinite(e) and 0.0 <= e < 1.0):
+            raise ValidationError(f"GaussianPSF ellipticity must be in [0, 1), got {ellipticity!r}")
+        if not math.isfinite(float(theta)):
+            raise ValidationError(f"GaussianPSF theta must be finite, got {theta!r}")
+        self.ellipticity0 = e
+        self.theta = float(theta)
+        self.oversample = int(oversample)
+        if self.oversample != oversample or self.oversample < 1:
+            raise ValidationError(f"GaussianPSF oversample must be an integer >= 1, got {oversample!r}")
 
-    def _pixel_response(self, xm, ym, u, v):
-        k = 1.0 / (math.sqrt(2.0) * self.sigma)
-        fx = 0.5 * (special.erf((u + 0.5) * k) - special.erf((u - 0.5) * k))
-        fy = 0.5 * (special.erf((v + 0.5) * k) - special.erf((v - 0.5) * k))
-        return fx * fy
+    def _evaluate(self, xm, ym, u, v):
+        if self.ellipticity0 == 0.0:
+            s = self.sigma * np.sqrt(2.0)
+            gx = 0.5 * (special.erf((u + 0.5) / s) - special.erf((u - 0.5) / s))
+            gy = 0.5 * (special.erf((v + 0.5) / s) - special.erf((v - 0.5) / s))
+            return gy[:, :, None] * gx[:, None, :]
+        q = 1.0 - self.ellipticity0
+        a = self.sigma / math.sqrt(q)
+        b = self.sigma * math.sqrt(q)
+        t = math.radians(self.theta)
+        c, sn = math.cos(t), math.sin(t)
+        k = self.oversample
+        sub = (np.arange(k) + 0.5) / k - 0.5
+        dx = u[:, None, :, None, None] + sub[None, None, None, None, :]
+        dy = v[:, :, None, None, None] + sub[None, None, None, :, None]
+        uu = c * dx + sn * dy
+        vv = -sn * dx + c * dy
+        g = np.exp(-0.5 * (uu * uu / (a * a) + vv * vv / (b * b))) / (2 * np.pi * a * b)
+        return g.mean(axis=(3, 4))
 
     def _fwhm_at(self, xm, ym):
-        return np.full(np.broadcast(xm, ym).shape, FWHM_PER_SIGMA * self.sigma)
+        return np.full(np.broadcast(xm, ym).shape, self.fwhm0)
+
+    def _ellipticity_at(self, xm, ym):
+        return np.full(np.broadcast(xm, ym).shape, self.ellipticity0)
 
     def _params(self):
-        return {"sigma": self.sigma}
+        return {"fwhm": self.fwhm0, "sigma": self.sigma, "ellipticity": self.ellipticity0, "theta": self.theta,
+                "oversample": self.oversample}
 
     @classmethod
     def _from_params(cls, p):
-        return cls(p["sigma"])
+        psf = cls(sigma=float(p["sigma"]), ellipticity=float(p.get("ellipticity", 0.0)),
+                  theta=float(p.get("theta", 0.0)), oversample=int(p.get("oversample", 3)))
+        if "fwhm" in p:  # as written: it may have been the given size, sigma derived from it
+            psf.fwhm0 = float(p["fwhm"])
+        return psf
 
     def __repr__(self):
-        return f"GaussianPSF(sigma={self.sigma!r})"
+        return (f"GaussianPSF(fwhm={self.fwhm0!r}, ellipticity={self.ellipticity0!r}, theta={self.theta!r})")
 
 
 # --------------------------------------------------------------------------- Moffat
@@ -371,7 +617,7 @@ class MoffatPSF(PSF):
             raise ValidationError(f"MoffatPSF ellipticity must be in [0, 1), got {ellipticity!r}")
         if not math.isfinite(float(theta)):
             raise ValidationError(f"MoffatPSF theta must be finite, got {theta!r}")
-        self.ellipticity = e
+        self.ellipticity0 = e
         self.theta = float(theta)
         b = float(beta)
         if not (math.isfinite(f) and f > 0):
@@ -398,11 +644,23 @@ class MoffatPSF(PSF):
         design = poly_design(xm, ym, deg, self.bbox)[..., 1:]
         return self.fwhm0 * (1.0 + design @ self.variation)
 
+    def _ellipticity_at(self, xm, ym):
+        return np.full(np.broadcast(xm, ym).shape, self.ellipticity0)
+
     def _reference_position(self):
         x0, y0, x1, y1 = self.bbox
         return ((x0 + x1) / 2.0, (y0 + y1) / 2.0)
 
+    def _model_bbox(self):
+        return self.bbox if self.variation.size else None
+
+    def _evaluate(self, xm, ym, u, v):
+        out = self._pixel_response(xm[:, None, None], ym[:, None, None], u[:, None, :], v[:, :, None])
+        return np.broadcast_to(out, (u.shape[0], v.shape[1], u.shape[1])).copy()
+
     def _pixel_response(self, xm, ym, u, v):
+        """Pixel-integrated profile (unit total flux) at offsets (u, v) (px) from its centre at
+        model position (xm, ym); arrays broadcast together."""
         fwhm = self._fwhm_at(xm, ym)
         if np.any(~(fwhm > 0)):
             raise ValidationError("MoffatPSF: spatial variation makes the FWHM non-positive here")
@@ -412,7 +670,7 @@ class MoffatPSF(PSF):
         n = self.oversample
         sub = (np.arange(n) + 0.5) / n - 0.5
         out = None
-        if self.ellipticity == 0.0:
+        if self.ellipticity0 == 0.0:
             for sy in sub:
                 vv = (v + sy) ** 2
                 for sx in sub:
@@ -420,7 +678,7 @@ class MoffatPSF(PSF):
                     out = term if out is None else out + term
             return out * (norm / (n * n))
         # area-preserving ellipse: r^2 = q x'^2 + y'^2 / q along the major (x') and minor (y') axes
-        q = 1.0 - self.ellipticity
+        q = 1.0 - self.ellipticity0
         c, sn = math.cos(math.radians(self.theta)), math.sin(math.radians(self.theta))
         for sy in sub:
             vy = v + sy
@@ -439,7 +697,7 @@ class MoffatPSF(PSF):
             "variation": self.variation.copy(),
             "bbox": np.array(self.bbox, dtype=float),
             "oversample": self.oversample,
-            "ellipticity": self.ellipticity,
+            "ellipticity": self.ellipticity0,
             "theta": self.theta,
         }
 
@@ -453,7 +711,7 @@ class MoffatPSF(PSF):
 
     def __repr__(self):
         return (f"MoffatPSF(fwhm={self.fwhm0!r}, beta={self.beta!r}, variation={self.variation.tolist()!r}, "
-                f"ellipticity={self.ellipticity!r}, theta={self.theta!r})")
+                f"ellipticity={self.ellipticity0!r}, theta={self.theta!r})")
 
 
 # --------------------------------------------------------------------------- pixelized
@@ -467,9 +725,16 @@ class PixelPSF(PSF):
     ``basis`` images (``K x S x S``, S odd) sample the **pixel-integrated** PSF
     (what one native pixel would collect) at a spacing of ``1 / oversample``
     native pixels (``oversample`` may be fractional, as PSFEx's PSF_SAMP),
-    centred on element ``[(S-1)/2, (S-1)/2]``.  A native stamp
-    samples ``M`` at the native pixel-centre offsets with cubic-spline
-    interpolation and is normalised to sum 1.
+    centred on element ``[(S-1)/2, (S-1)/2]``.  Between samples the model is
+    interpolated with a cubic B-spline (of the zero-padded basis); its total flux
+    at (x, y) is ``sum(M(x, y)) / oversample^2``, which stamps divide by.
+
+    :meth:`kernel` evaluates the spline exactly.  :meth:`stamps` (many sources, the
+    measurement path) reads a table of every basis image's native stamps at
+    :attr:`n_phase` + 1 sub-pixel phases per axis, bilinear between phases
+    (interpolation error ~ (1 / n_phase)^2 / 8 of the PSF's curvature, < 1e-4 of a
+    flux) and in float32 (~1e-7 relative), with each source's own polynomial
+    coefficients (no grid of nodes over the detector).
 
     With ``coeffs=None`` the basis has one image per monomial
     (``K = n_poly_terms(degree)``) and ``coeffs`` is the identity - the natural
@@ -477,6 +742,10 @@ class PixelPSF(PSF):
     """
 
     kind = "pixel"
+    _caches = ("_coef_cache", "_tables", "_fwhm_ref")
+
+    #: sub-pixel phases per pixel of the stamp table (see the class docstring)
+    n_phase: ClassVar[int] = 16
 
     def __init__(self, basis, coeffs=None, *, oversample: float = 1, degree: int = 0,
                  bbox: tuple[float, float, float, float] | None = None):
@@ -523,9 +792,8 @@ class PixelPSF(PSF):
         g = (np.arange(nsamp) - nsamp // 2) / oversample
         gx, gy = np.meshgrid(np.linspace(x0, x1, n_grid), np.linspace(y0, y1, n_grid))
         gx, gy = gx.ravel(), gy.ravel()
-        xm = (gx + psf.x_offset)[:, None, None]
-        ym = (gy + psf.y_offset)[:, None, None]
-        samples = np.asarray(psf._pixel_response(xm, ym, g[None, None, :], g[None, :, None]))
+        grid = np.broadcast_to(g, (gx.size, nsamp))
+        samples = psf._evaluate(gx + psf.x_offset, gy + psf.y_offset, grid, grid)
         samples = samples / samples.sum(axis=(1, 2), keepdims=True) * oversample**2
         design = poly_design(gx, gy, degree, bbox)
         sol, *_ = np.linalg.lstsq(design, samples.reshape(len(gx), -1), rcond=None)
@@ -587,12 +855,13 @@ class PixelPSF(PSF):
         return cls(mask, coeffs, oversample=1.0 / samp, degree=deg, bbox=bbox)
 
     def model(self, x: float, y: float) -> np.ndarray:
-        """The oversampled model image ``M(x, y)`` (``S x S``)."""
+        """The oversampled model image ``M(x, y)`` (``S x S``) at pixel (x, y)."""
         w = poly_design(float(x) + self.x_offset, float(y) + self.y_offset, self.degree, self.bbox)
         weights = self.coeffs @ w
         return np.tensordot(weights, self.basis, axes=(0, 0))
 
     def default_size(self, x=None, y=None) -> int:
+        """The basis images' extent in native pixels (odd), wherever the source is."""
         half = int(((self.basis.shape[1] - 1) / 2) / self.oversample)
         return 2 * half + 1
 
@@ -614,76 +883,208 @@ class PixelPSF(PSF):
         a = np.abs(t)
         return np.where(a < 1.0, 2.0 / 3.0 - a**2 + 0.5 * a**3, np.where(a < 2.0, (2.0 - a) ** 3 / 6.0, 0.0))
 
-    def render_stamps(self, xs, ys, size: int) -> np.ndarray:
-        """Vectorised stamps: cubic B-spline interpolation of the (zero-padded) model at the pixel centres.
+    def _basis_totals(self) -> np.ndarray:
+        """Total flux of each basis image (its samples' sum over oversample^2), ``(K,)``."""
+        return self.basis.sum(axis=(1, 2)) / float(self.oversample) ** 2
 
-        The model is linear in the basis, so the spline coefficients of the
-        basis are computed once and combined per star; the separable spline
-        weights turn each stamp into two small matrix products.
+    def _evaluate(self, xm, ym, u, v):
+        """Cubic B-spline interpolation of the (zero-padded) model at the offsets, divided by its total flux.
+
+        The model is linear in the basis, so the spline coefficients of the basis are
+        computed once and combined per position; the separable spline weights turn each
+        stamp into two small products.
         """
-        size = _check_size(size)
-        xs = np.atleast_1d(np.asarray(xs, dtype=float))
-        ys = np.atleast_1d(np.asarray(ys, dtype=float))
-        if xs.shape != ys.shape or xs.ndim != 1:
-            raise ValidationError("render_stamps: xs and ys must be 1-D arrays of equal length")
-        if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys))):
-            raise ValidationError("render_stamps: positions must be finite")
         coef = self._spline_coefficients()
         n_pad = coef.shape[1]
         c = (self.basis.shape[1] - 1) / 2.0 + self._PAD
-        half = size // 2
-        g = np.arange(size, dtype=float) - half
-        # spline coefficients any star can touch (|offset| <= 0.5 pixel, 4-tap kernel)
-        lo = max(int(math.floor(c - (half + 0.5) * self.oversample)) - 2, 0)
-        hi = min(int(math.ceil(c + (half + 0.5) * self.oversample)) + 2, n_pad - 1)
+        n, mx = u.shape
+        my = v.shape[1]
+        out = np.empty((n, my, mx))
+        if n == 0:
+            return out
+        # spline coefficients the offsets can touch (4-tap kernel)
+        reach = float(max(np.abs(u).max(), np.abs(v).max()))
+        lo = max(int(math.floor(c - reach * self.oversample)) - 2, 0)
+        hi = min(int(math.ceil(c + reach * self.oversample)) + 2, n_pad - 1)
         crop = np.ascontiguousarray(coef[:, lo:hi + 1, lo:hi + 1])
         n_c = hi - lo + 1
         taps = np.arange(4)
-        out = np.empty((xs.size, size, size))
+        tot = self._basis_totals()
         step = max(1, 2_000_000 // (n_c * n_c))
-        for start in range(0, xs.size, step):
+        for start in range(0, n, step):
             sl = slice(start, start + step)
-            x, y = xs[sl], ys[sl]
-            n = x.size
-            dx = x - np.floor(x + 0.5)
-            dy = y - np.floor(y + 0.5)
-            design = poly_design(x + self.x_offset, y + self.y_offset, self.degree, self.bbox)  # (n, T)
-            cm = np.tensordot(design @ self.coeffs.T, crop, axes=(1, 0))  # (n, R, R) cropped model coefficients
+            m = xm[sl].size
+            w = poly_design(xm[sl], ym[sl], self.degree, self.bbox) @ self.coeffs.T  # (m, K)
+            cm = np.tensordot(w, crop, axes=(1, 0))  # (m, R, R) cropped model coefficients
             # sample positions (in cropped coefficient indices) and their 4 spline taps
-            px = c - lo + (g[None, :] - dx[:, None]) * self.oversample  # (n, size)
-            py = c - lo + (g[None, :] - dy[:, None]) * self.oversample
-            ix = np.floor(px).astype(np.int64)[:, :, None] - 1 + taps  # (n, size, 4) spline taps
+            px = c - lo + u[sl] * self.oversample  # (m, mx)
+            py = c - lo + v[sl] * self.oversample  # (m, my)
+            ix = np.floor(px).astype(np.int64)[:, :, None] - 1 + taps  # (m, mx, 4)
             iy = np.floor(py).astype(np.int64)[:, :, None] - 1 + taps
             wx = np.where((ix >= 0) & (ix < n_c), self._bspline3(px[:, :, None] - ix), 0.0)
             wy = np.where((iy >= 0) & (iy < n_c), self._bspline3(py[:, :, None] - iy), 0.0)
             ix = np.clip(ix, 0, n_c - 1)
             iy = np.clip(iy, 0, n_c - 1)
-            # along x for every cropped row: (n, R, size); then along y: (n, size, size)
-            gx = np.take_along_axis(cm, np.broadcast_to(ix.reshape(n, 1, size * 4), (n, n_c, size * 4)), axis=2)
-            tmp = np.einsum("nrjb,njb->nrj", gx.reshape(n, n_c, size, 4), wx)
-            gy = np.take_along_axis(tmp, np.broadcast_to(iy.reshape(n, size * 4, 1), (n, size * 4, size)), axis=1)
-            out[sl] = np.einsum("niaj,nia->nij", gy.reshape(n, size, 4, size), wy)
-        total = out.sum(axis=(1, 2), keepdims=True)
-        if np.any(~(total > 0)):
-            bad = int(np.flatnonzero(~(total.ravel() > 0))[0])
-            raise ValidationError(f"PixelPSF: stamp at ({xs[bad]}, {ys[bad]}) has no positive flux")
-        return out / total
+            # along x for every cropped row: (m, R, mx); then along y: (m, my, mx)
+            gx = np.take_along_axis(cm, np.broadcast_to(ix.reshape(m, 1, mx * 4), (m, n_c, mx * 4)), axis=2)
+            tmp = np.einsum("nrjb,njb->nrj", gx.reshape(m, n_c, mx, 4), wx)
+            gy = np.take_along_axis(tmp, np.broadcast_to(iy.reshape(m, my * 4, 1), (m, my * 4, mx)), axis=1)
+            total = w @ tot
+            total = np.where(np.abs(total) > 1e-12, total, 1.0)
+            out[sl] = np.einsum("niaj,nia->nij", gy.reshape(m, my, 4, mx), wy) / total[:, None, None]
+        return out
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.pop("_coef_cache", None)
-        return state
+    # ---- the stamp table (measurement path)
+    def _coefficients(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Per-source basis weights ``(n, K)`` at pixel (x, y), normalised to unit total flux."""
+        a = poly_design(x + self.x_offset, y + self.y_offset, self.degree, self.bbox) @ self.coeffs.T
+        a = np.atleast_2d(a)
+        norm = a @ self._basis_totals()
+        norm = np.where(np.abs(norm) > 1e-12, norm, 1.0)
+        return a / norm[:, None]
 
+    def _table(self, half: int) -> np.ndarray:
+        """``(P, P, K * 4, S, S)`` float32: for phase cell (iy, ix) and basis k the bilinear terms
+        ``t00, t01 - t00, t10 - t00, t11 - t10 - t01 + t00`` of stamps of half-size ``half``."""
+        tables = getattr(self, "_tables", None)
+        if tables is None:
+            tables = self._tables = {}
+        tab = tables.get(half)
+        if tab is not None:
+            return tab
+        coef = self._spline_coefficients()  # (K, Sp, Sp) B-spline coefficients of the padded basis
+        K, Sp, _ = coef.shape
+        os_ = float(self.oversample)
+        c = (self.basis.shape[1] - 1) / 2.0 + self._PAD
+        P = self.n_phase
+        S = 2 * half + 1
+        g = np.arange(S) - half
+        ph = -0.5 + np.arange(P + 1) / P
+        pos = c + (g[None, :] - ph[:, None]) * os_  # (P+1, S) spline coordinates of each native pixel
+        W = self._bspline3(pos[:, :, None] - np.arange(Sp)[None, None, :]).reshape((P + 1) * S, Sp)
+        WT = np.ascontiguousarray(W.T)
+        T = np.stack([matmul_rows(matmul_rows(W, ck), WT) for ck in coef])  # (K, (P+1) S, (P+1) S)
+        T = T.reshape(K, P + 1, S, P + 1, S).transpose(1, 3, 0, 2, 4)  # (P+1, P+1, K, S, S)
+        t00 = T[:-1, :-1]
+        t01 = T[:-1, 1:]
+        t10 = T[1:, :-1]
+        t11 = T[1:, 1:]
+        tab = np.stack([t00, t01 - t00, t10 - t00, t11 - t10 - t01 + t00], axis=3)  # (P, P, K, 4, S, S)
+        tab = np.ascontiguousarray(tab.reshape(P, P, K * 4, S, S), dtype=np.float32)
+        tables[half] = tab
+        return tab
+
+    def stamps(self, x, y, size: int, xc=None, yc=None, *, renormalize: bool = False) -> np.ndarray:
+        """:meth:`PSF.stamps` from the phase table (float32; see the class docstring)."""
+        size = _check_size(size)
+        x, y, xc, yc = _positions(x, y, xc, yc)
+        st = self._table_stamps(x, y, size, xc, yc, False)[0]
+        return _renormalized(st, "PixelPSF", x, y) if renormalize else st
+
+    def stamps_with_gradient(self, x, y, size: int, xc=None, yc=None):
+        """``(P, dP/dx, dP/dy)`` from the phase table: the derivatives of its bilinear blend (exact to ~1e-7)."""
+        size = _check_size(size)
+        x, y, xc, yc = _positions(x, y, xc, yc)
+        return self._table_stamps(x, y, size, xc, yc, True)
+
+    def _table_stamps(self, x, y, size, xc, yc, grad: bool):
+        n = x.size
+        h = size // 2
+        if n == 0:
+            z = np.zeros((0, size, size), dtype=np.float32)
+            return z, z, z
+        c0x = np.floor(x + 0.5).astype(np.int64)
+        c0y = np.floor(y + 0.5).astype(np.int64)
+        kx = xc - c0x
+        ky = yc - c0y
+        kmax = int(max(np.abs(kx).max(), np.abs(ky).max()))
+        th = h + kmax
+        tab = self._table(th)
+        P = self.n_phase
+        tx = (x - c0x + 0.5) * P
+        ty = (y - c0y + 0.5) * P
+        ix0 = np.clip(np.floor(tx).astype(np.int64), 0, P - 1)
+        iy0 = np.clip(np.floor(ty).astype(np.int64), 0, P - 1)
+        fx = (tx - ix0).astype(np.float32)
+        fy = (ty - iy0).astype(np.float32)
+        a = self._coefficients(x, y).astype(np.float32)  # (n, K)
+        K = a.shape[1]
+        one = np.ones_like(fx)
+        # weights of the 4 bilinear terms (value) and of their x / y derivatives (per phase unit)
+        wv = np.stack([one, fx, fy, fx * fy], axis=1)
+        out = np.empty((n, size, size), dtype=np.float32)
+        gx = np.empty((n, size, size), dtype=np.float32) if grad else None
+        gy = np.empty((n, size, size), dtype=np.float32) if grad else None
+        zero = np.zeros_like(fx)
+        if grad:
+            wdx = np.stack([zero, one, zero, fy], axis=1) * np.float32(P)
+            wdy = np.stack([zero, zero, one, fx], axis=1) * np.float32(P)
+        key = (ky + kmax) * (2 * kmax + 1) + (kx + kmax)
+        groups = [np.arange(n)] if kmax == 0 else [np.nonzero(key == k)[0] for k in np.unique(key)]
+        # sources are grouped by phase cell: each cell's table block (K * 4, size^2) is used
+        # as is by one product for all its sources, instead of being gathered per source
+        # (the gather, 16 x size^2 floats per source, was most of the cost)
+        cell = iy0 * P + ix0
+        wts = [wv] + ([wdx, wdy] if grad else [])
+        outs = [out] + ([gx, gy] if grad else [])
+        for sel in groups:
+            oy = int(ky[sel[0]])
+            ox = int(kx[sel[0]])
+            t = tab if kmax == 0 else tab[..., th + oy - h:th + oy + h + 1, th + ox - h:th + ox + h + 1]
+            sel = sel[np.argsort(cell[sel], kind="stable")]
+            cs = cell[sel]
+            starts = np.flatnonzero(np.r_[True, cs[1:] != cs[:-1]])
+            ends = np.r_[starts[1:], sel.size]
+            # per-source weights of the K * 4 table planes, in cell order
+            Ws = [(a[sel][:, :, None] * wt[sel][:, None, :]).reshape(sel.size, K * 4) for wt in wts]
+            Rs = [np.empty((sel.size, size * size), dtype=np.float32) for _ in wts]
+            for lo, hi in zip(starts.tolist(), ends.tolist()):
+                c = int(cs[lo])
+                Tc = t[c // P, c % P].reshape(K * 4, size * size)
+                for Wq, Rq in zip(Ws, Rs):
+                    matmul_rows(Wq[lo:hi], Tc, out=Rq[lo:hi])
+            for o, Rq in zip(outs, Rs):
+                o[sel] = Rq.reshape(sel.size, size, size)
+        return out, gx, gy
+
+    # ---- shape
     def _fwhm_at(self, xm, ym):
         xs = np.atleast_1d(xm).ravel()
         ys = np.atleast_1d(ym).ravel()
-        vals = [fwhm_from_image(self.model(x - self.x_offset, y - self.y_offset), self.oversample)
-                for x, y in zip(xs, ys)]
+        ref = self._reference_position()
+        vals = []
+        for x, y in zip(xs, ys):
+            if (x, y) == ref:
+                # the reference FWHM is asked for often (measurement sizes its stamps by it)
+                f = getattr(self, "_fwhm_ref", None)
+                if f is None:
+                    f = self._fwhm_ref = fwhm_from_image(self.model(x - self.x_offset, y - self.y_offset),
+                                                         self.oversample)
+            else:
+                f = fwhm_from_image(self.model(x - self.x_offset, y - self.y_offset), self.oversample)
+            vals.append(f)
         return np.asarray(vals).reshape(np.shape(xm)) if np.ndim(xm) else vals[0]
+
+    def _ellipticity_at(self, xm, ym):
+        """From the adaptive second moments of the model image (pixel-integrated) at each position."""
+        xs = np.atleast_1d(np.asarray(xm, dtype=float)).ravel()
+        ys = np.atleast_1d(np.asarray(ym, dtype=float)).ravel()
+        w = poly_design(xs, ys, self.degree, self.bbox) @ self.coeffs.T  # (n, K)
+        models = np.tensordot(w, self.basis, axes=(1, 0))  # (n, S, S)
+        S = self.basis.shape[1]
+        g = (np.arange(S) - S // 2) / self.oversample
+        s2 = (np.atleast_1d(self._fwhm_at(xs, ys)) / FWHM_PER_SIGMA) ** 2
+        ixx, iyy, ixy, _ = adaptive_moments(models, np.ones(models.shape, bool), g[None, None, :], g[None, :, None],
+                                            s2, 12, S // (2 * self.oversample))
+        e, _ = moments_shape(ixx, iyy, ixy)
+        return e.reshape(np.shape(xm))
 
     def _reference_position(self):
         x0, y0, x1, y1 = self.bbox
         return ((x0 + x1) / 2.0, (y0 + y1) / 2.0)
+
+    def _model_bbox(self):
+        return self.bbox if self.degree > 0 else None
 
     def _params(self):
         return {
@@ -710,8 +1111,10 @@ def add_point_sources(image: np.ndarray, psf: PSF, xs, ys, fluxes, size: int | N
                       chunk: int = 2048) -> np.ndarray:
     """Add point sources of ``fluxes`` (image units, total flux) at pixel (xs, ys) in place.
 
-    Stamps are rendered in vectorised chunks and accumulated with ``bincount``;
-    the parts falling outside the image are dropped.  Returns ``image``.
+    Each is ``flux`` times its renormalised stamp (:meth:`PSF.stamps`, ``renormalize=True``:
+    the whole flux inside the stamp, default size :meth:`PSF.default_size` over the
+    positions); stamps are rendered in vectorised chunks and accumulated with
+    ``bincount``; the parts falling outside the image are dropped.  Returns ``image``.
     """
     img = np.asarray(image)
     if img.ndim != 2:
@@ -722,10 +1125,7 @@ def add_point_sources(image: np.ndarray, psf: PSF, xs, ys, fluxes, size: int | N
     if xs.size == 0:
         return image
     ny, nx = img.shape
-    if size is None:
-        fw = float(np.max(psf.fwhm_at(xs, ys))) if not isinstance(psf, PixelPSF) else None
-        size = max(15, 2 * int(math.ceil(4.0 * fw)) + 1) if fw is not None else psf.default_size()
-    size = _check_size(size)
+    size = _check_size(psf.default_size(xs, ys) if size is None else size)
     half = size // 2
     keep = (xs > -half - 1) & (xs < nx + half) & (ys > -half - 1) & (ys < ny + half)
     xs, ys, fl = xs[keep], ys[keep], fl[keep]
@@ -733,13 +1133,13 @@ def add_point_sources(image: np.ndarray, psf: PSF, xs, ys, fluxes, size: int | N
     acc = StampAccumulator(img.shape)
     for start in range(0, xs.size, step):
         sl = slice(start, start + step)
-        acc.add(psf.render_stamps(xs[sl], ys[sl], size) * fl[sl, None, None], xs[sl], ys[sl])
+        acc.add(psf.stamps(xs[sl], ys[sl], size, renormalize=True) * fl[sl, None, None], xs[sl], ys[sl])
     acc.finish(img)
     return image
 
 
 class StampAccumulator:
-    """Collects stamps (each centred as :meth:`PSF.image` places it) and adds them to an image in one pass.
+    """Collects stamps (each centred as :meth:`PSF.stamps` places it) and adds them to an image in one pass.
 
     ``add`` only records flat pixel indices and values; ``finish`` sums them with
     a single ``bincount`` (cheaper than one full-image pass per chunk).
@@ -751,6 +1151,7 @@ class StampAccumulator:
         self._val: list[np.ndarray] = []
 
     def add(self, stamps: np.ndarray, xs, ys) -> None:
+        """Record stamps ``(N, S, S)`` (S odd) centred on the pixels holding (xs, ys) (px)."""
         st = np.asarray(stamps, dtype=float)
         if st.ndim != 3 or st.shape[1] != st.shape[2] or st.shape[1] % 2 == 0:
             raise ValidationError(f"stamps must be (N, S, S) with S odd, got {st.shape}")
@@ -773,14 +1174,3 @@ class StampAccumulator:
             img += acc.reshape(img.shape).astype(img.dtype, copy=False)
         self._idx, self._val = [], []
         return image
-
-
-def add_stamps(image: np.ndarray, stamps: np.ndarray, xs, ys) -> np.ndarray:
-    """Add ``stamps`` (N, S, S; S odd) to ``image`` in place, each centred as :meth:`PSF.image` places it.
-
-    Stamp ``n``'s centre pixel lands on image pixel ``(floor(xs[n] + 0.5), floor(ys[n] + 0.5))``;
-    pixels outside the image are dropped.  Returns ``image``.
-    """
-    acc = StampAccumulator(np.shape(image))
-    acc.add(stamps, xs, ys)
-    return acc.finish(image)

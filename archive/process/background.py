@@ -31,7 +31,7 @@ from scipy.interpolate import BSpline, RectBivariateSpline
 from scipy.special import erf
 
 from archive.errors import ValidationError
-from archive.process.stamps import matmul_rows
+from archive.image.blas import matmul_rows
 
 log = logging.getLogger(__name__)
 

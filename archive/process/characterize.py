@@ -20,10 +20,10 @@ import pandas as pd
 from archive.errors import ValidationError
 from archive.image.exposure import Exposure
 from archive.image.mask import add_plane
+from archive.image.psf import GaussianPSF
 from archive.process.background import Background, BackgroundConfig, estimate_background
 from archive.process.cosmic import CosmicRayConfig, find_cosmic_rays
 from archive.process.measure import ap_column
-from archive.process.psfmodel import GaussianPsf, stamp_psf
 from archive.process.sources import SourceConfig, detect_and_measure
 from archive.sky.healpix import radec_to_healpix29
 
@@ -38,8 +38,6 @@ class CharacterizeConfig:
     subtract_background: estimate and subtract a background (False when already subtracted).
     find_cosmic_rays: run the CR finder.
     fallback_fwhm: PSF FWHM (px) assumed when the exposure has no PSF.
-    psf_grid: nodes (or cells) per axis at which a spatially varying PSF is sampled ...
-    psf_nearest: ... each source uses its cell's sample (faster) instead of a bilinear blend of nodes.
     """
 
     background: BackgroundConfig = field(default_factory=BackgroundConfig)
@@ -48,8 +46,6 @@ class CharacterizeConfig:
     subtract_background: bool = True
     find_cosmic_rays: bool = True
     fallback_fwhm: float = 3.0
-    psf_grid: int = 3
-    psf_nearest: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,11 +138,10 @@ def run(exposure: Exposure, config: CharacterizeConfig | None = None) -> Charact
     if cfg.subtract_background:
         bkg = estimate_background(img, mask=nodata | ~np.isfinite(img) | exp.mask_of("SAT"), config=cfg.background)
         img = img - bkg.background
-    if exp.psf is not None:
-        psf = stamp_psf(exp.psf, exp.shape, ngrid=cfg.psf_grid, nearest=cfg.psf_nearest)
-    else:
+    psf = exp.psf
+    if psf is None:
         log.warning("exposure has no PSF: measuring with a Gaussian of FWHM %.2f px", cfg.fallback_fwhm)
-        psf = GaussianPsf(cfg.fallback_fwhm)
+        psf = GaussianPSF(fwhm=cfg.fallback_fwhm)
     fwhm = float(psf.fwhm())
     if cfg.find_cosmic_rays:
         cr, cleaned = find_cosmic_rays(img, var, fwhm, mask=exp.mask, mask_planes=planes, config=cfg.cosmic_rays)

@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from archive.errors import ValidationError
+from archive.image.psf import FWHM_PER_SIGMA
 from archive.process import flags as F_
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def _shift(a: np.ndarray, dy: int, dx: int, fill: float) -> np.ndarray:
 
 def psf_neighbour_ratio(fwhm: float, distance: float) -> float:
     """``PSF(d) / PSF(0)`` of a pixel-integrated Gaussian of FWHM ``fwhm`` px."""
-    s2 = (fwhm / 2.3548200450309493) ** 2 + 1.0 / 12.0
+    s2 = (fwhm / FWHM_PER_SIGMA) ** 2 + 1.0 / 12.0
     return float(np.exp(-0.5 * distance * distance / s2))
 
 

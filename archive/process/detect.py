@@ -28,9 +28,9 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from archive.errors import ValidationError
+from archive.image.blas import TILE_MNK
+from archive.image.psf import FWHM_PER_SIGMA
 from archive.process.deblend import multi_threshold_separate
-from archive.process.psfmodel import FWHM_PER_SIGMA
-from archive.process.stamps import TILE_MNK
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def gaussian_blur(a: np.ndarray, sigma: float, truncate: float = 4.0, out: np.nd
     line buffers, one tap at a time) is ~5x slower on a 4k x 4k image: each pass is a
     product with a banded Toeplitz matrix of the taps, done tile by tile (``_BLOCK``
     output rows or columns, plus the kernel's halo; at most
-    :data:`~archive.process.stamps.TILE_MNK` multiply-adds each) in single-threaded BLAS sgemm.
+    :data:`~archive.image.blas.TILE_MNK` multiply-adds each) in single-threaded BLAS sgemm.
     The halo beyond the image is reflected like ndimage's ``mode="reflect"``; results
     agree with ndimage to float32 rounding (~3e-7 relative). ``out``: a float32 array of
     ``a``'s shape for the result; it may be ``a`` itself (filtered in place). ``work``: a

@@ -20,7 +20,7 @@ regime ``s2`` is the extra Gaussian variance (within 10% at 0.13 sigma_psf^2, 20
 0.27 sigma_psf^2 for a Gaussian PSF); beyond it grows more slowly than the true size.
 
 ``extendedness`` (0..1, stored in the ``source`` table) turns the size excess, in
-units of the PSF's Gaussian-equivalent variance ``sigma_psf^2 = (FWHM / 2.3548)^2``,
+units of the PSF's Gaussian-equivalent variance ``sigma_psf^2 = (FWHM / FWHM_PER_SIGMA)^2``,
 ``e = s2 / sigma_psf^2``, with error ``de``, into a score:
 
     extendedness = Phi((e - max(min_excess, n_sigma * de)) / de)
@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.special import ndtr
 
-from archive.process.psfmodel import FWHM_PER_SIGMA
+from archive.image.psf import FWHM_PER_SIGMA, PSF
 from archive.process.stamps import PaddedFrame, chunks
 
 
@@ -71,7 +71,7 @@ class ExtendednessConfig:
         return asdict(self)
 
 
-def size_excess(frame: PaddedFrame, img: np.ndarray, W: np.ndarray, V: np.ndarray, model: np.ndarray, psf,
+def size_excess(frame: PaddedFrame, img: np.ndarray, W: np.ndarray, V: np.ndarray, model: np.ndarray, psf: PSF,
                 x: np.ndarray, y: np.ndarray, flux: np.ndarray, half: int, clip: float = 3.0, annulus: int = 4,
                 chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
     """Size excess ``s2`` (px^2) of sources over the PSF and its 1-sigma error (see module doc).
@@ -200,7 +200,7 @@ def extendedness_score(s2: np.ndarray, err: np.ndarray, fwhm: float,
 
 
 def measure_extendedness(frame: PaddedFrame, img: np.ndarray, W: np.ndarray, V: np.ndarray, model: np.ndarray,
-                         psf, x: np.ndarray, y: np.ndarray, flux: np.ndarray,
+                         psf: PSF, x: np.ndarray, y: np.ndarray, flux: np.ndarray,
                          config: ExtendednessConfig | None = None) -> np.ndarray:
     """``extendedness`` (float32, 0..1, NaN where unmeasured) of sources at ``(x, y)`` with model
     fluxes ``flux`` (see :func:`size_excess` for the planes; the module doc for the score)."""

@@ -31,6 +31,8 @@ import numpy as np
 import pandas as pd
 
 from archive.errors import ValidationError
+from archive.image.moments import adaptive_moments
+from archive.image.psf import FWHM_PER_SIGMA, PSF
 from archive.process import flags as F_
 from archive.process.stamps import PaddedFrame, aperture_stamps, chunks, gather, stamp_grid
 
@@ -172,7 +174,7 @@ def prepare_frame(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | No
     return MeasureFrame(fr, img, W, V, U)
 
 
-def add_models(frame: PaddedFrame, plane: np.ndarray, psf, x, y, flux, half: int, chunk: int = 2048) -> list:
+def add_models(frame: PaddedFrame, plane: np.ndarray, psf: PSF, x, y, flux, half: int, chunk: int = 2048) -> list:
     """Add ``flux * P`` stamps (half-size ``half``) at ``(x, y)`` into a flat padded float32 plane of
     ``frame`` (``np.add.at``: overlapping stamps sum); returns the flat indices written, per chunk."""
     x = np.asarray(x, np.float64)
@@ -190,7 +192,7 @@ def add_models(frame: PaddedFrame, plane: np.ndarray, psf, x, y, flux, half: int
     return written
 
 
-def _model_flat(mf: "MeasureFrame", psf, x, y, flux, half: int, chunk: int) -> np.ndarray:
+def _model_flat(mf: "MeasureFrame", psf: PSF, x, y, flux, half: int, chunk: int) -> np.ndarray:
     """Padded flat float32 plane of ``flux * P`` stamps (half-size ``half``) at ``(x, y)``.
 
     The plane is the frame's scratch buffer (overwritten by the next call): only the
@@ -220,7 +222,7 @@ def total_radius(fwhm: float, config: "MeasureConfig") -> float:
     return float(max(2.0 * max(radii) if radii else 0.0, config.total_radius_fwhm * float(fwhm)))
 
 
-def _total_apertures(mf: "MeasureFrame", model: np.ndarray, fixed_model: np.ndarray | None, psf, xs: np.ndarray,
+def _total_apertures(mf: "MeasureFrame", model: np.ndarray, fixed_model: np.ndarray | None, psf: PSF, xs: np.ndarray,
                      ys: np.ndarray, flux: np.ndarray, hm: int, radius: float, bg_err2: np.ndarray,
                      max_blend: float) -> tuple[np.ndarray, np.ndarray]:
     """Flux (and error) in apertures of ``radius`` px at ``(xs, ys)`` on the neighbour-subtracted image.
@@ -256,7 +258,7 @@ def _total_apertures(mf: "MeasureFrame", model: np.ndarray, fixed_model: np.ndar
     return np.where(bad, np.nan, tot), np.where(bad, np.nan, err)
 
 
-def model_half(psf, config: "MeasureConfig") -> int:
+def model_half(psf: PSF, config: "MeasureConfig") -> int:
     """Half-size (px) of the model stamps :func:`measure_sources` subtracts (its final model)."""
     fw = float(psf.fwhm())
     hf = max(3, int(np.ceil(config.fit_halfsize_fwhm * fw)))
@@ -265,7 +267,7 @@ def model_half(psf, config: "MeasureConfig") -> int:
     return max(hf, ha, int(np.ceil(3.0 * fw)))
 
 
-def model_image(shape: tuple[int, int], psf, x: np.ndarray, y: np.ndarray, flux: np.ndarray, half: int,
+def model_image(shape: tuple[int, int], psf: PSF, x: np.ndarray, y: np.ndarray, flux: np.ndarray, half: int,
                 chunk: int = 2048) -> np.ndarray:
     """Image (float32) of PSF models ``flux * P`` at ``(x, y)``, each on a ``2 half + 1`` stamp."""
     x = np.asarray(x, np.float64)
@@ -280,29 +282,13 @@ def model_image(shape: tuple[int, int], psf, x: np.ndarray, y: np.ndarray, flux:
     return fr.crop(_model_flat(mf, psf, x, y, np.asarray(flux, np.float64), half, chunk)).copy()
 
 
-def psf_with_gradient(psf, x, y, size, xc, yc):
-    """PSF stamps and their derivatives with respect to the source position (px^-1).
-
-    Uses the PSF's own ``stamps_with_gradient`` when it has one, else central
-    differences of 0.05 px.
-    """
-    f = getattr(psf, "stamps_with_gradient", None)
-    if f is not None:
-        return f(x, y, size, xc, yc)
-    e = 0.05
-    P = psf.stamps(x, y, size, xc, yc)
-    Px = (psf.stamps(x + e, y, size, xc, yc) - psf.stamps(x - e, y, size, xc, yc)) / (2 * e)
-    Py = (psf.stamps(x, y + e, size, xc, yc) - psf.stamps(x, y - e, size, xc, yc)) / (2 * e)
-    return P, Px, Py
-
-
 def _central(a: np.ndarray, half: int) -> np.ndarray:
     """Central ``2 half + 1`` square of stamps ``(m, S, S)`` (a view)."""
     c = a.shape[1] // 2
     return a[:, c - half:c + half + 1, c - half:c + half + 1]
 
 
-def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None, psf,
+def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None, psf: PSF,
                     x: np.ndarray, y: np.ndarray, *, background_variance: np.ndarray | None = None,
                     background: np.ndarray | None = None, mask_planes: Mapping[str, int] | None = None,
                     flux_guess: np.ndarray | None = None, config: MeasureConfig | None = None,
@@ -312,7 +298,7 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
 
     image: background-subtracted image (counts); variance: its variance (counts^2,
     including the sources' own noise); mask: integer mask plane image or None;
-    psf: a stamp PSF (:mod:`archive.process.psfmodel`); background_variance: smooth
+    psf: the :class:`~archive.image.psf.PSF` (its stamps and their gradients); background_variance: smooth
     variance of the background used as fit weights (default ``variance``);
     background: subtracted background (reported as ``sky``); flux_guess: starting
     fluxes; frame: the planes already prepared by :func:`prepare_frame` from these
@@ -339,6 +325,8 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
         raise ValidationError(f"measure_sources: variance shape {variance.shape} differs from image shape {image.shape}")
     if mask is not None and mask.shape != image.shape:
         raise ValidationError(f"measure_sources: mask shape {mask.shape} differs from image shape {image.shape}")
+    if not isinstance(psf, PSF):
+        raise ValidationError(f"measure_sources: psf must be an archive.image.psf.PSF, got {type(psf).__name__}")
     x = np.asarray(x, dtype=np.float64).copy()
     y = np.asarray(y, dtype=np.float64).copy()
     n = x.size
@@ -387,7 +375,7 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
             xc = np.floor(xs + 0.5).astype(np.int64)
             yc = np.floor(ys + 0.5).astype(np.int64)
             idx = fr.index(xc, yc, sf)
-            P, Px, Py = psf_with_gradient(psf, xs, ys, sf, xc, yc)
+            P, Px, Py = psf.stamps_with_gradient(xs, ys, sf, xc, yc)
             D = img_at(idx) - model[idx] + fs.astype(np.float32)[:, None, None] * P
             sol, _, _, good = _solve3(np.stack([P, Px, Py], axis=1), D, frame.W[idx])
             Fn = sol[:, 0]
@@ -417,14 +405,14 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
     out = {k: np.full(n, np.nan) for k in cols}
     r_total = total_radius(fw, cfg)
     sq = 2 * hq + 1
-    fwhm_sig2 = (fw / 2.3548200450309493) ** 2
+    fwhm_sig2 = (fw / FWHM_PER_SIGMA) ** 2
     for sl in chunks(n, chunk):
         xs, ys, fs = x[sl], y[sl], flux[sl]
         m = xs.size
         xc = np.floor(xs + 0.5).astype(np.int64)
         yc = np.floor(ys + 0.5).astype(np.int64)
         # one PSF evaluation (with gradient) on the largest stamp; the fit uses its centre
-        Pq, Pxq, Pyq = psf_with_gradient(psf, xs, ys, sq, xc, yc)
+        Pq, Pxq, Pyq = psf.stamps_with_gradient(xs, ys, sq, xc, yc)
         idq = fr.index(xc, yc, sq)
         Rq = img_at(idq) - model[idq]
         Uq = frame.U[idq]
@@ -505,8 +493,8 @@ def measure_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
         # adaptive moments on a smaller central stamp
         c0 = ha - hmom
         c1 = ha + hmom + 1
-        ixx, iyy, ixy, mok = _adaptive_moments(Da[:, c0:c1, c0:c1], Ua[:, c0:c1, c0:c1], ddx[:, :, c0:c1],
-                                               ddy[:, c0:c1, :], fwhm_sig2, cfg.moments_iter, hmom)
+        ixx, iyy, ixy, mok = adaptive_moments(Da[:, c0:c1, c0:c1], Ua[:, c0:c1, c0:c1], ddx[:, :, c0:c1],
+                                              ddy[:, c0:c1, :], fwhm_sig2, cfg.moments_iter, hmom)
         fl[~mok] |= F_.FLAG_MOMENTS
         out["x"][sl] = xs
         out["y"][sl] = ys
@@ -540,68 +528,6 @@ def _empty_columns(radii) -> dict:
         cols += [ap_column(r), ap_column(r) + "_err"]
     cols += [TOTAL_RATIO, TOTAL_RATIO + "_err", "snr", "ixx", "iyy", "ixy", "sky", "flags"]
     return {c: np.array([], dtype=np.int64 if c == "flags" else np.float64) for c in cols}
-
-
-def _wsum(I: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """``(I * g).sum(axis=(1, 2))`` for stamps ``I`` (m, S, S) and ``g`` broadcastable to them;
-    a ``g`` constant along rows or columns is applied to ``I``'s marginal (no full temporary)."""
-    if g.ndim == 3 and g.shape[1] == 1:
-        return np.einsum("mq,mq->m", I.sum(axis=1, dtype=np.float64), np.broadcast_to(g[:, 0, :], (I.shape[0], I.shape[2])))
-    if g.ndim == 3 and g.shape[2] == 1:
-        return np.einsum("mp,mp->m", I.sum(axis=2, dtype=np.float64), np.broadcast_to(g[:, :, 0], (I.shape[0], I.shape[1])))
-    return np.einsum("mpq,mpq->m", I, np.broadcast_to(g, I.shape), dtype=np.float64)
-
-
-def _adaptive_moments(D, U, ddx, ddy, s2, n_iter, half):
-    """Adaptive second moments of stamps ``D`` about their centre offsets (px^2).
-
-    ``D``, ``U``: stamps (m, S, S) and their usable pixels; ``ddx``, ``ddy``: pixel offsets
-    from the centre, broadcastable to the stamps (e.g. (m, 1, S) and (m, S, 1)); ``s2``:
-    starting Gaussian variance (px^2). Returns ``(ixx, iyy, ixy, ok)``.
-    """
-    m = D.shape[0]
-    mxx = np.full(m, s2)
-    myy = np.full(m, s2)
-    mxy = np.zeros(m)
-    ok = np.ones(m, dtype=bool)
-    lim = (half / 2.0) ** 2
-    # the weighted pixels in float32 (their sums, ~1e-7 relative, are far below the noise)
-    DU = np.where(U, D, 0).astype(np.float32)
-    ddx = np.asarray(ddx, np.float32)
-    ddy = np.asarray(ddy, np.float32)
-    dxx, dyy, dxy = ddx * ddx, ddy * ddy, ddx * ddy
-    q = np.empty(np.broadcast_shapes(DU.shape, dxy.shape), dtype=np.float32)
-    for _ in range(max(1, n_iter)):
-        det = mxx * myy - mxy * mxy
-        ok &= det > 0
-        det = np.where(det > 0, det, 1.0)
-        ixx_, iyy_, ixy_ = myy / det, mxx / det, -mxy / det
-        # Gaussian weight exp(-q / 2) of the current moments, times the usable data
-        np.multiply((2.0 * ixy_).astype(np.float32)[:, None, None], dxy, out=q)
-        q += ixx_.astype(np.float32)[:, None, None] * dxx
-        q += iyy_.astype(np.float32)[:, None, None] * dyy
-        # q >= 0 for a positive-definite weight; the clip only guards sources already failed
-        np.clip(q, np.float32(0.0), np.float32(50.0), out=q)
-        q *= np.float32(-0.5)
-        np.exp(q, out=q)
-        q *= DU
-        s0 = q.sum(axis=(1, 2), dtype=np.float64)
-        ok &= s0 > 0
-        s0 = np.where(s0 > 0, s0, 1.0)
-        qxx = _wsum(q, dxx) / s0
-        qyy = _wsum(q, dyy) / s0
-        qxy = _wsum(q, dxy) / s0
-        # weighted moments Q of a Gaussian C under weight M satisfy Q^-1 = C^-1 + M^-1
-        nxx, nyy, nxy = 2 * qxx, 2 * qyy, 2 * qxy
-        bad = (nxx <= 0) | (nyy <= 0) | (nxx * nyy - nxy ** 2 <= 0) | (nxx > lim) | (nyy > lim) | ~np.isfinite(nxx + nyy + nxy)
-        ok &= ~bad
-        mxx = np.where(ok, nxx, mxx)
-        myy = np.where(ok, nyy, myy)
-        mxy = np.where(ok, nxy, mxy)
-    mxx = np.where(ok, mxx, s2)
-    myy = np.where(ok, myy, s2)
-    mxy = np.where(ok, mxy, 0.0)
-    return mxx, myy, mxy, ok
 
 
 def mask_or_within(mask: np.ndarray, x: np.ndarray, y: np.ndarray, radius: int) -> np.ndarray:

@@ -38,12 +38,13 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from archive.errors import ValidationError
-from archive.image.psf import PixelPSF, fwhm_from_image, n_poly_terms, poly_design
+from archive.image.blas import matmul_rows
+from archive.image.moments import adaptive_moments, moments_shape
+from archive.image.psf import FWHM_PER_SIGMA, GaussianPSF, PixelPSF, fwhm_from_image, n_poly_terms, poly_design
 from archive.process import flags as F_
-from archive.process.measure import MeasureConfig, _adaptive_moments, mask_or_within, measure_sources, model_half
-from archive.process.psfmodel import GaussianPsf
+from archive.process.measure import MeasureConfig, mask_or_within, measure_sources, model_half
 from archive.process.sources import SourceConfig, finish_sources
-from archive.process.stamps import gather, matmul_rows, stamp_grid
+from archive.process.stamps import gather, stamp_grid
 from archive.process.detect import DetectionConfig, find_peaks, snr_map
 
 log = logging.getLogger(__name__)
@@ -125,15 +126,6 @@ class PsfResult:
         return np.sqrt(np.clip(np.einsum("...t,tu,...u->...", T, self.flux_var, T), 0, None))
 
 
-def _moments_shape(ixx, iyy, ixy):
-    tr = 0.5 * (ixx + iyy)
-    d = np.sqrt(0.25 * (ixx - iyy) ** 2 + ixy ** 2)
-    a2, b2 = tr + d, max(tr - d, 1e-12)
-    e = 1.0 - np.sqrt(b2 / a2)
-    theta = 0.5 * np.degrees(np.arctan2(2 * ixy, ixx - iyy))
-    return float(e), float(theta)
-
-
 def select_stars(sources: pd.DataFrame, fwhm: float, config: PsfEstimateConfig,
                  mask_planes=None, others: pd.DataFrame | None = None) -> np.ndarray:
     """Boolean selection of PSF stars in a measured source table (see module doc).
@@ -183,7 +175,7 @@ def _moment_fwhm(image: np.ndarray, usable, x: np.ndarray, y: np.ndarray, fwhm: 
                  n_iter: int = 3) -> float | None:
     """Gaussian-equivalent FWHM (px) of sources at (x, y) from their adaptive second moments.
 
-    The median over sources of ``2.3548 sqrt((ixx + iyy) / 2 - 1/12)`` (the pixel's own
+    The median over sources of ``FWHM_PER_SIGMA sqrt((ixx + iyy) / 2 - 1/12)`` (the pixel's own
     1/12 px^2 removed). The stamps (half-size 3 FWHM) follow the estimate for up to
     ``n_iter`` rounds, so a PSF several times wider than the guess is measured, not
     clipped to the stamp. Returns None when no source has valid moments.
@@ -198,14 +190,14 @@ def _moment_fwhm(image: np.ndarray, usable, x: np.ndarray, y: np.ndarray, fwhm: 
         D = np.where(U, pix, 0.0).astype(np.float64)
         ddx = (ix - x[:, None])[:, None, :]
         ddy = (iy - y[:, None])[:, :, None]
-        s2 = (fwhm / 2.3548200450309493) ** 2
-        ixx, iyy, _, ok = _adaptive_moments(D, U, ddx, ddy, s2, 12, h)
+        s2 = (fwhm / FWHM_PER_SIGMA) ** 2
+        ixx, iyy, _, ok = adaptive_moments(D, U, ddx, ddy, s2, 12, h)
         if not ok.any():
             return None
         q = np.median(0.5 * (ixx[ok] + iyy[ok])) - 1.0 / 12.0
         if not q > 0.05:
             return None
-        new = float(np.sqrt(q) * 2.3548200450309493)
+        new = float(np.sqrt(q) * FWHM_PER_SIGMA)
         done = abs(new - fwhm) < 0.03 * fwhm
         fwhm = new
         if done:
@@ -214,7 +206,7 @@ def _moment_fwhm(image: np.ndarray, usable, x: np.ndarray, y: np.ndarray, fwhm: 
 
 
 class _Sampler:
-    """The model's own interpolation (:meth:`PixelPSF.render_stamps`: cubic B-spline of the
+    """The model's own interpolation (:meth:`PixelPSF.kernel`: cubic B-spline of the
     zero-padded basis) at every star pixel, for S x S model images.
 
     A star's native pixels sample the model on a separable grid (``cu`` varies along
@@ -654,8 +646,8 @@ def _binned_fwhm(fwhm: float) -> float:
     """FWHM (binned px) of the matched filter on the 2x2-binned image for a point source of
     Gaussian-equivalent FWHM ``fwhm`` (native px): the 2 px bins add (4 - 1) / 12 px^2 of
     pixel variance to the native sampling's."""
-    s2 = (fwhm / 2.3548200450309493) ** 2 + 0.25
-    return float(2.3548200450309493 * np.sqrt(s2) / 2.0)
+    s2 = (fwhm / FWHM_PER_SIGMA) ** 2 + 0.25
+    return float(FWHM_PER_SIGMA * np.sqrt(s2) / 2.0)
 
 
 def _star_peaks(image: np.ndarray, variance: np.ndarray, usable, mask, mask_planes, fwhm: float,
@@ -710,11 +702,11 @@ def _measure_peaks(image: np.ndarray, variance: np.ndarray, mask, mask_planes, b
     meas = np.ones(x.size, dtype=bool)
     if n_bright is not None and x.size > n_bright:
         pts = np.column_stack([x, y])
-        reach = 2 * model_half(GaussianPsf(fwhm), det_cfg.measure) + 2
+        reach = 2 * model_half(GaussianPSF(fwhm=fwhm), det_cfg.measure) + 2
         d, _ = cKDTree(pts[:n_bright]).query(pts, k=1, p=np.inf, distance_upper_bound=reach)
         meas = d < reach
         meas[:n_bright] = True
-    sources = measure_sources(image, variance, mask, GaussianPsf(fwhm), x[meas], y[meas],
+    sources = measure_sources(image, variance, mask, GaussianPSF(fwhm=fwhm), x[meas], y[meas],
                               background_variance=background_variance, mask_planes=mask_planes,
                               flux_guess=guess[meas], config=det_cfg.measure, frame=frame)
     sources["peak_snr"] = psnr[meas].astype(np.float32)
@@ -770,7 +762,6 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
     measured table to pick stars from (else a bright detection pass is run).
     """
     from archive.process.measure import prepare_frame
-    from archive.process.psfmodel import PixelStampPsf
 
     cfg = config or PsfEstimateConfig()
     image = np.asarray(image, dtype=np.float32)
@@ -825,7 +816,7 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
     bbox = (0.0, 0.0, float(nx - 1), float(ny - 1))
     os_ = cfg.oversample or (1 if fwhm >= cfg.min_fwhm_native else 2)
     mcfg = MeasureConfig(n_iter=3, fit_halfsize_fwhm=2.0, aperture_radii=())
-    sp = GaussianPsf(fwhm)
+    sp = GaussianPSF(fwhm=fwhm)
     others = np.ones(len(x_all), dtype=bool)
     others[idx] = False
     for outer in range(max(1, cfg.n_outer)):
@@ -848,7 +839,7 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
         if outer + 1 < max(1, cfg.n_outer):
             # re-measure the PSF stars and their neighbours jointly (blends are refitted) with
             # the new model
-            sp = PixelStampPsf(psf)
+            sp = psf
             pts = np.column_stack([x_all, y_all])
             dmin, _ = cKDTree(pts[idx]).query(pts, k=1)
             near = dmin < 2 * half + 3 * fwhm
@@ -879,9 +870,9 @@ def estimate_psf(image: np.ndarray, variance: np.ndarray, *, mask: np.ndarray | 
     g = (np.arange(S) - S // 2) / psf.oversample
     ddx = np.broadcast_to(g[None, None, :], (1, S, S))
     ddy = np.broadcast_to(g[None, :, None], (1, S, S))
-    s2 = (fw_c / 2.3548200450309493) ** 2
-    ixx, iyy, ixy, _ = _adaptive_moments(k[None], np.ones((1, S, S), bool), ddx, ddy, s2, 12, S // (2 * psf.oversample))
-    e, theta = _moments_shape(ixx[0], iyy[0], ixy[0])
+    s2 = (fw_c / FWHM_PER_SIGMA) ** 2
+    ixx, iyy, ixy, _ = adaptive_moments(k[None], np.ones((1, S, S), bool), ddx, ddy, s2, 12, S // (2 * psf.oversample))
+    e, theta = (float(v) for v in moments_shape(ixx[0], iyy[0], ixy[0]))
     stars_all = sources.copy()
     sel = sel[:n_src]
     stars_all["used"] = sel

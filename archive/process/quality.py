@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from archive.image.psf import FWHM_PER_SIGMA
+
 log = logging.getLogger(__name__)
 
 
@@ -194,15 +196,11 @@ def check_psf(psf, x: float | None = None, y: float | None = None, *, config: Qu
             r.flag("BAD_PSF", f"PSF FWHM {fw:.2f} px outside {cfg.fwhm_range}")
             return
         size = 2 * int(math.ceil(3 * fw)) + 1
-        cx = 0.0 if x is None else float(x)
-        cy = 0.0 if y is None else float(y)
-        if x is None and hasattr(psf, "bbox") and psf.bbox != (0.0, 0.0, 0.0, 0.0):
-            x0, y0, x1, y1 = psf.bbox
-            cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
-        k = np.asarray(psf.image(math.floor(cx + 0.5), math.floor(cy + 0.5), size), dtype=np.float64)
+        cx, cy = psf.reference_position() if x is None else (float(x), float(y))
+        k = psf.kernel(math.floor(cx + 0.5), math.floor(cy + 0.5), size)
         g = np.arange(size) - size // 2
         kk = np.clip(k, 0, None)
-        w = kk * np.exp(-0.5 * (g[None, :] ** 2 + g[:, None] ** 2) / (fw / 2.3548) ** 2 / 2.0)
+        w = kk * np.exp(-0.5 * (g[None, :] ** 2 + g[:, None] ** 2) / (fw / FWHM_PER_SIGMA) ** 2 / 2.0)
         tot = w.sum()
         ixx = (w * g[None, :] ** 2).sum() / tot
         iyy = (w * g[:, None] ** 2).sum() / tot
@@ -238,24 +236,16 @@ def psf_noise_area(psf, x: float | None = None, y: float | None = None, size: in
     (PSF-weighted) fit with variance ``V / sum(p^2)`` (sky-limited); for a Gaussian of width
     sigma the area is ``4 pi sigma^2``, for a Moffat of the same FWHM it is larger (1.5x for
     beta = 2.5), so a Gaussian formula makes the limit too deep. ``psf``: an
-    :class:`archive.image.psf.PSF` (``image(x, y, size)``) or a stamp PSF
-    (:mod:`archive.process.psfmodel`, ``stamps``); ``(x, y)``: where (px; default the PSF's
-    reference position or the centre of its ``bbox``); ``size``: stamp size (odd, px; default
-    ~8 FWHM, at least 31).
+    :class:`archive.image.psf.PSF`; ``(x, y)``: where (px; default the PSF's
+    :meth:`~archive.image.psf.PSF.reference_position`); ``size``: kernel size (odd, px;
+    default ~8 FWHM, at least 31).
     """
-    fw = float(psf.fwhm(x, y)) if x is not None and y is not None else float(psf.fwhm())
     if x is None or y is None:
-        x = y = 0.0
-        bbox = getattr(psf, "bbox", None)
-        if bbox is not None and tuple(bbox) != (0.0, 0.0, 0.0, 0.0):
-            x, y = (bbox[0] + bbox[2]) / 2.0, (bbox[1] + bbox[3]) / 2.0
+        x, y = psf.reference_position()
+    fw = float(psf.fwhm(x, y))
     if size is None:
         size = max(31, 2 * int(math.ceil(4.0 * fw)) + 1)
-    xc, yc = float(math.floor(x + 0.5)), float(math.floor(y + 0.5))
-    if hasattr(psf, "image"):
-        p = np.asarray(psf.image(xc, yc, size), dtype=np.float64)
-    else:
-        p = np.asarray(psf.stamps(np.array([xc]), np.array([yc]), size)[0], dtype=np.float64)
+    p = psf.kernel(float(math.floor(x + 0.5)), float(math.floor(y + 0.5)), size)
     tot = p.sum()
     if not np.isfinite(tot) or tot <= 0:
         raise ValueError("psf_noise_area: the PSF image has no positive flux")

@@ -29,6 +29,7 @@ import pandas as pd
 from scipy.spatial import cKDTree
 
 from archive.errors import ValidationError
+from archive.image.psf import PSF
 from archive.process import flags as F_
 from archive.process.detect import DetectionConfig, Footprints, find_peaks, snr_map
 from archive.process.extendedness import ExtendednessConfig, measure_extendedness
@@ -126,7 +127,7 @@ def _extended_structure(df: pd.DataFrame, fps: Footprints, pk: pd.DataFrame, snr
     return out
 
 
-def _with_extendedness(df: pd.DataFrame, frame, plane: np.ndarray, psf, cfg: SourceConfig) -> pd.DataFrame:
+def _with_extendedness(df: pd.DataFrame, frame, plane: np.ndarray, psf: PSF, cfg: SourceConfig) -> pd.DataFrame:
     """``df`` with its ``extendedness`` column measured on the neighbour-subtracted image (the flat
     model ``plane`` of all sources in the layout of the measurement ``frame``)."""
     fr = frame.frame
@@ -178,7 +179,7 @@ def _core_shadowed(df: pd.DataFrame, cand: np.ndarray, fpk: np.ndarray, radius: 
     return brightest > contrast * np.maximum(fpk, 0.0)
 
 
-def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np.ndarray | None = None,
+def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf: PSF, *, mask: np.ndarray | None = None,
                        mask_planes: Mapping[str, int] | None = None,
                        background_variance: np.ndarray | None = None, background: np.ndarray | None = None,
                        config: SourceConfig | None = None,
@@ -186,7 +187,7 @@ def detect_and_measure(image: np.ndarray, variance: np.ndarray, psf, *, mask: np
     """Detect and measure point sources on a background-subtracted image.
 
     image: background-subtracted pixels (counts); variance: per-pixel variance
-    (counts^2); psf: a stamp PSF; mask: integer mask image (bits per
+    (counts^2); psf: the :class:`~archive.image.psf.PSF` to measure with; mask: integer mask image (bits per
     ``mask_planes``, default :data:`archive.process.flags.DEFAULT_MASK_PLANES`);
     background_variance: smooth background variance (fit weights; default the
     variance); background: the subtracted background (for the ``sky`` column);

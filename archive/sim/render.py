@@ -19,7 +19,7 @@ from astropy.wcs import WCS
 from scipy import signal
 
 from archive.errors import ValidationError
-from archive.image.psf import PSF, MoffatPSF, StampAccumulator
+from archive.image.psf import FWHM_PER_SIGMA, PSF, MoffatPSF, StampAccumulator
 from archive.sim.config import SimConfig
 from archive.sim.geometry import detector_origins, focal_plane_radius, make_wcs, tangent_to_sky
 from archive.sim.skymodel import EXP_B1, object_fluxes, object_positions, rng_for
@@ -234,10 +234,10 @@ def point_stamp_half(psf: MoffatPSF, xs, ys, flux_e, wing_fraction: float = WING
     of half-size ``h`` contains the disk of radius ``h + 0.5``.  Half-sizes are rounded
     up to :data:`STAMP_HALF_CLASSES` (the largest class caps them).
     """
-    fw = psf.fwhm_at(np.asarray(xs, dtype=float), np.asarray(ys, dtype=float))
+    fw = psf.fwhm(np.asarray(xs, dtype=float), np.asarray(ys, dtype=float))
     beta = psf.beta
     alpha = fw / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
-    q = 1.0 - psf.ellipticity
+    q = 1.0 - psf.ellipticity()
     # largest flux fraction that may lie outside the stamp (1 = none needed)
     t = np.minimum(wing_fraction / np.sqrt(np.maximum(np.asarray(flux_e, dtype=float), 1e-300)), 1.0)
     radius = alpha * np.sqrt((t ** (-1.0 / (beta - 1.0)) - 1.0) / q)
@@ -249,20 +249,11 @@ def point_stamp_half(psf: MoffatPSF, xs, ys, flux_e, wing_fraction: float = WING
 def point_source_stamps(psf: MoffatPSF, xs, ys, size: int) -> np.ndarray:
     """Pixel-integrated PSF stamps ``(N, size, size)`` normalised over the whole plane.
 
-    Placed as :meth:`PSF.image` places them, but *not* renormalised inside the stamp
-    (``PSF.render_stamps`` is: it would move the cut wings into the core), so each
-    stamp sums to the PSF's flux fraction inside it and ``F *`` stamp is exactly a
-    source of total flux ``F`` wherever the stamp reaches.  ``MoffatPSF``'s pixel
-    response carries the profile's analytic normalisation (1 over the plane).
+    :meth:`PSF.stamps`, *not* renormalised inside the stamp (that would move the cut
+    wings into the core), so each stamp sums to the PSF's flux fraction inside it and
+    ``F *`` stamp is exactly a source of total flux ``F`` wherever the stamp reaches.
     """
-    xs = np.atleast_1d(np.asarray(xs, dtype=float))
-    ys = np.atleast_1d(np.asarray(ys, dtype=float))
-    g = np.arange(size, dtype=float) - size // 2
-    u = g[None, None, :] - (xs - np.floor(xs + 0.5))[:, None, None]
-    v = g[None, :, None] - (ys - np.floor(ys + 0.5))[:, None, None]
-    xm = (xs + psf.x_offset)[:, None, None]
-    ym = (ys + psf.y_offset)[:, None, None]
-    return np.broadcast_to(psf._pixel_response(xm, ym, u, v), (xs.size, size, size))
+    return psf.stamps(np.atleast_1d(np.asarray(xs, dtype=float)), np.atleast_1d(np.asarray(ys, dtype=float)), size)
 
 
 def add_point_source_models(image: np.ndarray, psf: MoffatPSF, xs, ys, flux_e, half,
@@ -344,7 +335,7 @@ def render_galaxies(image: np.ndarray, psf: PSF, xs, ys, fluxes, r_eff_px, axis_
     re = np.asarray(r_eff_px, dtype=float)
     q = np.asarray(axis_ratio, dtype=float)
     pa = np.asarray(pa_rad, dtype=float)
-    fw = psf.fwhm_at(xs, ys)
+    fw = psf.fwhm(xs, ys)
     half = np.ceil(np.maximum(5.0 * re, 2.5 * fw)).astype(int)
     sizes = np.minimum(2 * half + 1, max_size | 1)
     # round sizes up to a few classes so batches stay large
@@ -378,7 +369,7 @@ def render_galaxies(image: np.ndarray, psf: PSF, xs, ys, fluxes, r_eff_px, axis_
                     xr = X * c + Y * sn
                     yr = -X * sn + Y * c
                     gal += np.exp(-scale * np.sqrt(xr**2 + (yr / qq) ** 2))
-            kern = point_psf.render_stamps(ix, iy, int(s)).astype(np.float32)
+            kern = point_psf.stamps(ix, iy, int(s), renormalize=True).astype(np.float32)
             conv = signal.fftconvolve(gal, kern, mode="same", axes=(1, 2)).astype(float)
             np.clip(conv, 0.0, None, out=conv)
             conv /= conv.sum(axis=(1, 2), keepdims=True)
@@ -475,7 +466,7 @@ def render_epoch(config: SimConfig, sky: pd.DataFrame, epoch: Epoch, detector: i
         o = detector_origins(config)
         centre = o[srng.integers(0, config.n_detectors)] + np.array([nx, ny]) * srng.uniform(0.3, 0.7, 2)
         angle = float(srng.uniform(0.0, np.pi))
-        sigma = psf.fwhm() / 2.3548
+        sigma = psf.fwhm() / FWHM_PER_SIGMA
         line_flux = float(srng.uniform(3000.0, 8000.0))  # electrons per pixel of length
         x0, y0 = centre - o[detector]
         ends = _clip_line(float(x0), float(y0), angle, nx, ny)
@@ -516,7 +507,7 @@ def render_epoch(config: SimConfig, sky: pd.DataFrame, epoch: Epoch, detector: i
     # --- truth per object on the detector
     on = (x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5)
     idx = np.flatnonzero(on)
-    fw_on = psf.fwhm_at(x[idx], y[idx])
+    fw_on = psf.fwhm(x[idx], y[idx])
     # peak of a point source: flux times its brightest pixel's PSF fraction; galaxies: the rendered model
     peak = np.zeros(idx.size)
     is_pt = kind[idx] != "galaxy"

@@ -49,7 +49,7 @@ def make_exposure(seed=0, psf=None, shape=(300, 400)):
     return exp
 
 
-@pytest.mark.parametrize("psf", [None, GaussianPSF(1.7),
+@pytest.mark.parametrize("psf", [None, GaussianPSF(sigma=1.7),
                                  PixelPSF(np.random.default_rng(5).random((3, 11, 11)), None, oversample=2,
                                           degree=1, bbox=(0, 0, 399, 299))])
 def test_round_trip_bit_exact(tmp_path, psf):

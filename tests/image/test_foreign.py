@@ -70,8 +70,8 @@ def test_psfex_mapping_is_exact(shared_data):
     np.testing.assert_allclose(p.model(z1 - 1 + s1, z2 - 1), m[0] + m[1] + m[2], atol=1e-12)
     np.testing.assert_allclose(p.model(z1 - 1, z2 - 1 + s2), m[0] + m[3] + m[5], atol=1e-12)
     np.testing.assert_allclose(p.model(z1 - 1 + s1, z2 - 1 + s2), m.sum(axis=0), atol=1e-12)
-    # a stamp at an integer position reproduces the normalised model there
-    st = p.image(round(z1 - 1), round(z2 - 1), 63)
+    # the kernel at an integer position reproduces the normalised model there
+    st = p.kernel(round(z1 - 1), round(z2 - 1), 63)
     ref = p.model(round(z1 - 1), round(z2 - 1))
     np.testing.assert_allclose(st, ref / ref.sum(), atol=1e-12)
     # FWHM of the PSFEx model; PSFEx's own PSF_FWHM (from SExtractor sizes) is larger

@@ -1,6 +1,6 @@
 """Seeded synthetic star fields for the processing tests (independent of archive.sim).
 
-Stars are pixel-integrated Gaussians (or any stamp PSF) on a sloped sky with Poisson
+Stars are pixel-integrated Gaussians (or any PSF model) on a sloped sky with Poisson
 noise (gain ``gain`` e-/count) plus read noise; optional cosmic rays (single pixels
 and short tracks, much sharper than the PSF). The truth table gives positions and
 fluxes in counts.
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from archive.process.psfmodel import GaussianPsf
+from archive.image.psf import GaussianPSF
 from archive.process.stamps import scatter_add, stamp_grid
 
 
@@ -34,7 +34,7 @@ def star_field(shape=(512, 512), n_stars=300, fwhm=3.0, sky=200.0, gradient=0.05
                edge=5) -> Field:
     rng = np.random.default_rng(seed)
     ny, nx = shape
-    psf = psf or GaussianPsf(fwhm)
+    psf = psf or GaussianPSF(fwhm=fwhm)
     # uniform positions, optionally with a minimum separation
     xs, ys = [], []
     while len(xs) < n_stars:

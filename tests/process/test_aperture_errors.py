@@ -33,7 +33,6 @@ from archive.process import flags as F_
 from archive.process.background import estimate_background
 from archive.process.measure import MeasureConfig, measure_sources
 from archive.process.psf_estimate import estimate_psf
-from archive.process.psfmodel import stamp_psf
 from foreign_frames import foreign_frame, render, true_aperture_flux
 
 R = 12.0
@@ -82,7 +81,7 @@ def _empty(f, ch, seed: int) -> dict:
     light = aperture_photometry(f.model, CircularAperture(pos, 22.0), method="exact")["aperture_sum"].data
     pos = pos[light < 0.05 * np.sqrt(f.variance.mean() * np.pi) * 22.0]
     cal, bk = ch.exposure, ch.background
-    rep = measure_sources(cal.image, cal.variance, None, stamp_psf(cal.psf, cal.image.shape), pos[:, 0], pos[:, 1],
+    rep = measure_sources(cal.image, cal.variance, None, cal.psf, pos[:, 0], pos[:, 1],
                           flux_guess=np.zeros(len(pos)), background_variance=bk.variance, background_error=bk.error,
                           config=MeasureConfig(aperture_radii=EMPTY_RADII, n_iter=1, max_shift=0.0))
     out = {}

@@ -23,7 +23,7 @@ def _tan_wcs(shape, scale_arcsec=0.26, ra=150.0, dec=2.0):
 def result():
     f = star_field((512, 512), n_stars=300, seed=21, n_cr=60, fwhm=3.0)
     wcs = _tan_wcs(f.image.shape)
-    exp = Exposure(f.image, variance=f.variance, wcs=wcs, psf=GaussianPSF(3.0 / 2.3548200450309493),
+    exp = Exposure(f.image, variance=f.variance, wcs=wcs, psf=GaussianPSF(fwhm=3.0),
                    photo_calib=PhotoCalib(2.5), info=ExposureInfo(visit=7, detector=3, band="r", mjd=60000.5))
     return f, exp, characterize.run(exp)
 

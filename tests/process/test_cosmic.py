@@ -32,8 +32,8 @@ def test_cosmic_rays_are_not_catalogued():
     img = f.image - b.background
     cr, clean = find_cosmic_rays(img, f.variance, 3.0)
     mask = np.where(cr, np.int32(1 << 2), np.int32(0))
-    from archive.process.psfmodel import GaussianPsf
-    df, _ = detect_and_measure(clean, f.variance, GaussianPsf(3.0), mask=mask, background_variance=b.variance)
+    from archive.image.psf import GaussianPSF
+    df, _ = detect_and_measure(clean, f.variance, GaussianPSF(fwhm=3.0), mask=mask, background_variance=b.variance)
     # no detection sits on a CR hit unless a true star is there too
     from scipy.spatial import cKDTree
     d_star, _ = cKDTree(np.c_[f.truth.x, f.truth.y]).query(np.c_[df.x, df.y])
@@ -41,7 +41,7 @@ def test_cosmic_rays_are_not_catalogued():
     d_cr, _ = cKDTree(np.c_[xx, yy]).query(np.c_[df.x, df.y])
     assert ((d_cr < 1.5) & (d_star > 1.5)).sum() == 0
     # and without the CR step they would have been: the test is not vacuous
-    df2, _ = detect_and_measure(img, f.variance, GaussianPsf(3.0), background_variance=b.variance)
+    df2, _ = detect_and_measure(img, f.variance, GaussianPSF(fwhm=3.0), background_variance=b.variance)
     d_cr2, _ = cKDTree(np.c_[xx, yy]).query(np.c_[df2.x, df2.y])
     d_star2, _ = cKDTree(np.c_[f.truth.x, f.truth.y]).query(np.c_[df2.x, df2.y])
     assert ((d_cr2 < 1.5) & (d_star2 > 1.5)).sum() > 50

@@ -16,13 +16,13 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from scipy.special import erf
 
+from archive.image.psf import FWHM_PER_SIGMA, GaussianPSF
 from archive.process import flags as F_
 from archive.process.background import estimate_background
 from archive.process.deblend import multi_threshold_separate
 from archive.process.extendedness import extendedness_score, size_excess
 from archive.process.measure import measure_sources, prepare_frame
 from archive.process.psf_estimate import estimate_psf
-from archive.process.psfmodel import FWHM_PER_SIGMA, GaussianPsf, stamp_psf
 from archive.process.sources import detect_and_measure
 from archive.process.stamps import PaddedFrame
 
@@ -152,7 +152,7 @@ def test_size_excess_of_broadened_gaussians_and_its_errors():
     resolved at > sigma_psf / 2 above it."""
     rng = np.random.default_rng(5)
     fwhm = 1.5 * FWHM_PER_SIGMA
-    psf = GaussianPsf(fwhm)
+    psf = GaussianPSF(fwhm=fwhm)
     s2_true = np.repeat([0.0, 0.3, 0.6, 1.2], 150)
     n = s2_true.size
     nx = 40 * 30
@@ -189,7 +189,7 @@ def test_size_excess_of_broadened_gaussians_and_its_errors():
 
 
 def test_extendedness_nan_where_nothing_usable():
-    psf = GaussianPsf(3.0)
+    psf = GaussianPSF(fwhm=3.0)
     fr = PaddedFrame((32, 32), 48)
     z = fr.plane(None, np.float32)
     s2, err = size_excess(fr, z, z, z, z, psf, np.array([16.0]), np.array([16.0]), np.array([0.0]), 5)
@@ -243,8 +243,7 @@ def _process(img, var):
     b = estimate_background(img)
     sub = img - b.background
     pr = estimate_psf(sub, var, background_variance=b.variance)
-    psf = stamp_psf(pr.psf, img.shape)
-    df, _ = detect_and_measure(sub, var, psf, background_variance=b.variance, background=b.background)
+    df, _ = detect_and_measure(sub, var, pr.psf, background_variance=b.variance, background=b.background)
     return df
 
 
@@ -354,7 +353,7 @@ def _sim_galaxy_field(seed=5, size=1024):
     truth["flux"] = truth.flux_e
     truth["kind"] = np.where(truth.kind == "galaxy", "galaxy", "star")
     fwhm = float(np.median(truth.psf_fwhm))
-    p = m.psf.render_stamps(np.array([size / 2]), np.array([size / 2]), 41)[0]
+    p = m.psf.stamps(np.array([size / 2]), np.array([size / 2]), 41, renormalize=True)[0]
     truth["snr"] = truth.flux * np.sqrt((p ** 2).sum()) / np.sqrt(float(np.median(m.sky_e)) + rn ** 2)
     keep = ~truth.saturated.to_numpy()
     sat_zone = cKDTree(np.c_[truth.x[~keep], truth.y[~keep]]) if (~keep).any() else None

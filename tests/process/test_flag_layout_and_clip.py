@@ -22,7 +22,6 @@ from archive.process import flags as F_
 from archive.process.astrometry import AstrometryConfig, fit_astrometry, usable_for_astrometry
 from archive.process.measure import measure_sources
 from archive.process.photocal import aperture_correction, calibrate_photometry
-from archive.process.psfmodel import GaussianPsf
 from synthetic import star_field
 
 #: a foreign layout (as another pipeline's MP_* cards might give it): STREAK and INTRP on the

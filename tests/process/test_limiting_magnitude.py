@@ -14,10 +14,10 @@ from astropy.wcs import WCS
 
 from archive.image import Exposure, ExposureInfo
 from archive.image.calib import PhotoCalib
+from archive.image.psf import FWHM_PER_SIGMA, GaussianPSF
 from archive.process.background import estimate_background
 from archive.process.measure import MeasureConfig, measure_sources
 from archive.process.psf_estimate import estimate_psf
-from archive.process.psfmodel import GaussianPsf, stamp_psf
 from archive.process.quality import limiting_magnitude, psf_noise_area
 from foreign_frames import foreign_frame, moffat_stamps
 
@@ -44,7 +44,7 @@ def test_noise_area_of_the_estimated_psf_matches_the_true_profile(estimated):
     truth = _true_area(f.psf_fwhm, f.beta)
     assert psf_noise_area(res.psf) == pytest.approx(truth, rel=0.03)
     # a Gaussian of the same FWHM has a much smaller area: the old formula
-    gauss = 4 * np.pi * (res.fwhm / 2.3548) ** 2
+    gauss = 4 * np.pi * (res.fwhm / FWHM_PER_SIGMA) ** 2
     assert truth / gauss > 1.45
 
 
@@ -58,7 +58,7 @@ def test_noise_area_is_the_psf_flux_noise_of_our_measurement(estimated):
     noise = rng.normal(0.0, np.sqrt(V), f.image.shape).astype(np.float32)
     g = np.arange(24.0, 745.0, 20.0)
     x, y = (a.ravel() for a in np.meshgrid(g, g))
-    df = measure_sources(noise, np.full(f.image.shape, V, np.float32), None, stamp_psf(res.psf, f.image.shape), x, y,
+    df = measure_sources(noise, np.full(f.image.shape, V, np.float32), None, res.psf, x, y,
                          flux_guess=np.zeros(x.size), config=MeasureConfig(n_iter=1, max_shift=0.0))
     assert np.std(df["psf_flux"]) == pytest.approx(np.sqrt(V * psf_noise_area(res.psf)), rel=0.05)
 
@@ -69,7 +69,7 @@ def test_limiting_magnitude_against_truth(estimated):
     truth = ZP - 2.5 * np.log10(5.0 * np.sqrt(V * _true_area(f.psf_fwhm, f.beta)))
     assert limiting_magnitude(ZP, V, res.psf) == pytest.approx(truth, abs=0.02)
     # the Gaussian area of the old formula is 0.2-0.35 mag too deep here
-    old = ZP - 2.5 * np.log10(5.0 * np.sqrt(V * 4 * np.pi * (res.fwhm / 2.3548) ** 2))
+    old = ZP - 2.5 * np.log10(5.0 * np.sqrt(V * 4 * np.pi * (res.fwhm / FWHM_PER_SIGMA) ** 2))
     assert old - truth > 0.2
 
 
@@ -97,4 +97,4 @@ def test_pipeline_exposure_row_lim_mag(estimated):
 def test_gaussian_psf_area_is_4_pi_sigma2():
     s = 2.0
     # pixel integration adds 1/12 px^2 to the variance
-    assert psf_noise_area(GaussianPsf(s * 2.3548200450309493)) == pytest.approx(4 * np.pi * (s * s + 1 / 12), rel=0.01)
+    assert psf_noise_area(GaussianPSF(sigma=s)) == pytest.approx(4 * np.pi * (s * s + 1 / 12), rel=0.01)

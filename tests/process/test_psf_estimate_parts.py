@@ -3,10 +3,9 @@
 import numpy as np
 from scipy import ndimage
 
-from archive.image.psf import fwhm_from_image
+from archive.image.psf import FWHM_PER_SIGMA, GaussianPSF, fwhm_from_image
 from archive.process import psf_estimate as P
 from archive.process.measure import model_image
-from archive.process.psfmodel import GaussianPsf
 
 
 def test_bin_median_row_table_equals_sorted_samples():
@@ -36,7 +35,7 @@ def test_grow3x3_equals_binary_dilation():
 def test_neighbour_stamps_equal_the_model_image():
     rng = np.random.default_rng(3)
     shape, half = (200, 240), 9
-    psf = GaussianPsf(3.5)
+    psf = GaussianPSF(fwhm=3.5)
     xs = np.array([30.2, 120.7, 200.4, 3.0])  # the last star's stamp runs off the image
     ys = np.array([40.6, 100.1, 180.9, 150.3])
     x = np.concatenate([xs + rng.uniform(-15, 15, 4), rng.uniform(-5, 245, 40)])
@@ -78,7 +77,7 @@ def test_binned_planes_sum_pixels_and_drop_unusable_bins():
 def test_model_fwhm_equals_fwhm_of_the_whole_image():
     g = np.arange(41) - 20
     for fw, os_, q in [(4.0, 1, 1.0), (2.0, 2, 1.2), (1.6, 2, 1.0), (6.0, 1, 0.8)]:
-        s = fw * os_ / 2.3548
+        s = fw * os_ / FWHM_PER_SIGMA
         k = np.exp(-0.5 * (g[None] ** 2 + (q * g[:, None]) ** 2) / s ** 2)
         k += 1e-4 * np.exp(-np.hypot(g[None], g[:, None]) / 6.0)  # faint wide wings
         assert P._model_fwhm(k, os_) == fwhm_from_image(k, os_)
@@ -86,11 +85,10 @@ def test_model_fwhm_equals_fwhm_of_the_whole_image():
 
 def test_all_peaks_are_measured_when_the_brightest_give_too_few_stars(monkeypatch):
     from archive.process.background import estimate_background
-    from archive.process.psfmodel import stamp_psf
     from synthetic import star_field
 
     shape = (512, 512)
-    f = star_field(shape, n_stars=500, seed=7, psf=stamp_psf(GaussianPsf(3.0), shape))
+    f = star_field(shape, n_stars=500, seed=7, psf=GaussianPSF(fwhm=3.0))
     b = estimate_background(f.image)
     calls = []
     orig = P._measure_peaks

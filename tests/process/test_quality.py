@@ -3,7 +3,6 @@ import pytest
 
 from archive.image import Exposure, ExposureInfo, GaussianPSF
 from archive.image.psf import PixelPSF
-from archive.process.psfmodel import GaussianPsf
 from archive.process.quality import QualityConfig, check_exposure, check_image, check_psf
 from synthetic import star_field
 
@@ -14,7 +13,7 @@ def field():
 
 
 def test_good_exposure_passes(field):
-    exp = Exposure(field.image, variance=field.variance, psf=GaussianPSF(1.3),
+    exp = Exposure(field.image, variance=field.variance, psf=GaussianPSF(sigma=1.3),
                    info=ExposureInfo(saturation=60000.0))
     rep = check_exposure(exp)
     assert rep.ok, rep.reason
@@ -47,16 +46,16 @@ def test_noise_mismatch_with_variance_plane(field):
 
 
 def test_bad_and_double_psf_flagged():
-    assert check_psf(GaussianPSF(1.3)).ok
-    assert "BAD_PSF" in check_psf(GaussianPSF(20.0)).flags
-    assert "BAD_PSF" in check_psf(GaussianPSF(0.3)).flags
+    assert check_psf(GaussianPSF(sigma=1.3)).ok
+    assert "BAD_PSF" in check_psf(GaussianPSF(sigma=20.0)).flags
+    assert "BAD_PSF" in check_psf(GaussianPSF(sigma=0.3)).flags
     # a doubled PSF (two images 6 px apart): a PixelPSF with a secondary peak
-    g = GaussianPsf(3.0)
+    g = GaussianPSF(fwhm=3.0)
     k = g.stamps(np.array([20.0]), np.array([20.0]), 41)[0] + 0.6 * g.stamps(np.array([26.0]), np.array([20.0]), 41, np.array([20]), np.array([20]))[0]
     rep = check_psf(PixelPSF(k / k.sum()))
     assert "DOUBLE_PSF" in rep.flags
     # an elongated PSF
-    e = GaussianPsf(4.0, ellipticity=0.5)
+    e = GaussianPSF(fwhm=4.0 * np.sqrt(0.5), ellipticity=0.5)  # FWHM 4 px along the major axis
     k = e.stamps(np.array([20.0]), np.array([20.0]), 41)[0]
     assert "BAD_PSF" in check_psf(PixelPSF(k / k.sum())).flags
 

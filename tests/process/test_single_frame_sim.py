@@ -40,7 +40,7 @@ def processed(tmp_path_factory):
 def _truth_snr(truth, epoch):
     from archive.sim import truth_psf
 
-    p = truth_psf(epoch).render_stamps(truth.x.to_numpy(), truth.y.to_numpy(), 31)
+    p = truth_psf(epoch).stamps(truth.x.to_numpy(), truth.y.to_numpy(), 31, renormalize=True)
     p2 = (p ** 2).sum(axis=(1, 2))
     p3 = (p ** 3).sum(axis=(1, 2))
     g = epoch.gain

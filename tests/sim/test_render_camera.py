@@ -135,7 +135,7 @@ def test_point_sources_are_true_psf_times_true_flux():
     assert (pts.flux_e < 2e4).sum() > 20 and (pts.flux_e > 2e5).sum() >= 1
     big = 151
     ref = np.zeros((cfg.ny + 2 * big, cfg.nx + 2 * big))  # padded: stamps of sources near the edges fit
-    stamps = m.psf.render_stamps(pts.x.to_numpy(), pts.y.to_numpy(), big)
+    stamps = m.psf.stamps(pts.x.to_numpy(), pts.y.to_numpy(), big, renormalize=True)
     for s, st in zip(pts.itertuples(), stamps):
         x0, y0 = m.psf.stamp_origin(s.x, s.y, big)
         ref[y0 + big:y0 + 2 * big, x0 + big:x0 + 2 * big] += s.flux_e * st

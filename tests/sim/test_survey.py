@@ -70,7 +70,7 @@ def test_truth_tables(survey):
     np.testing.assert_allclose(raw.wcs.wcs.crval, hw.wcs.crval, rtol=0, atol=1e-12)
     psf = truth_psf(row)
     assert psf.fwhm() == pytest.approx(row.psf_fwhm)
-    assert psf.ellipticity == row.psf_ellipticity and 0 <= psf.ellipticity < 0.5
+    assert psf.ellipticity() == row.psf_ellipticity and 0 <= psf.ellipticity() < 0.5
     here = s[s.kind == "star"].iloc[0]
     assert psf.fwhm(here.x, here.y) == pytest.approx(here.psf_fwhm, rel=1e-12)
     ref = pd.read_parquet(out / manifest["refcat"])
