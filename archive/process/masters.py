@@ -28,6 +28,7 @@ from archive.errors import ValidationError
 from archive.image.exposure import Exposure, ExposureInfo
 from archive.image.mask import default_mask_planes
 from archive.image.raw import RawFrame
+from archive.process.robust import mad_sigma
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def overscan_level(raw: RawFrame, config: OverscanConfig | None = None) -> np.nd
     rows = np.median(osc, axis=1)
     if cfg.method == "mean":
         med = np.median(osc)
-        sig = 1.4826 * np.median(np.abs(osc - med))
+        sig = mad_sigma(osc, center=med)
         keep = np.abs(osc - med) <= 4 * max(sig, 1e-12)
         level = np.full(rows.shape, osc[keep].mean() if keep.any() else med)
     elif cfg.method == "row":
@@ -108,7 +109,7 @@ def clipped_mean(stack: np.ndarray, config: CombineConfig | None = None) -> tupl
     for _ in range(max(1, cfg.clip_iters)):
         x = np.where(keep, a, np.nan)
         med = np.nanmedian(x, axis=0)
-        mad = 1.4826 * np.nanmedian(np.abs(x - med), axis=0)
+        mad = mad_sigma(x, center=med, axis=0, ignore_nan=True)
         floor = np.nanmedian(mad) if np.isfinite(mad).any() else 0.0
         sig = np.fmax(mad, floor)
         new = keep & (np.abs(a - med) <= cfg.clip_sigma * sig)
@@ -213,7 +214,7 @@ def make_master_dark(frames: Sequence[RawFrame], bias: Exposure | None, config: 
         tmean = float(np.mean([f.dark_time for f in frames]))
         var = var + bias.variance / tmean ** 2
     med = np.nanmedian(mean)
-    sig = 1.4826 * np.nanmedian(np.abs(mean - med))
+    sig = mad_sigma(mean, center=med, ignore_nan=True)
     hot = (mean > med + cfg.hot_sigma * sig) & (mean > med + cfg.hot_min_rate)
     log.info("master dark from %d frames: median rate %.4g adu/s, %d hot pixels", len(frames), med, int(hot.sum()))
     return _master(mean, var, hot, "dark", len(frames), frames, {"n_hot": int(hot.sum())})

@@ -35,6 +35,7 @@ from archive.errors import ValidationError
 from archive.image.calib import PhotoCalib
 from archive.process import flags as F_
 from archive.process.measure import TOTAL_RATIO, ap_column, flag_layout
+from archive.process.robust import mad_sigma
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def _aperture_correction(sources: pd.DataFrame, cfg: PhotoCalConfig, mask_planes
         raise ValidationError(f"aperture_correction: only {int(good.sum())} good stars (need {cfg.min_stars})")
     r = sources[col].to_numpy()[good] / sources["psf_flux"].to_numpy()[good]
     med = float(np.median(r))
-    mad = 1.4826 * float(np.median(np.abs(r - med)))
+    mad = float(mad_sigma(r, center=med))
     err = mad * 1.2533 / np.sqrt(good.sum())
     cog, cog_err = (curve_of_growth(sources, good, col, cfg.min_cog_stars) if cfg.total_flux else (1.0, 0.0))
     return med * cog, float(np.hypot(err * cog, med * cog_err)), int(good.sum()), cog, cog_err
@@ -166,7 +167,7 @@ def curve_of_growth(sources: pd.DataFrame, good: np.ndarray, col: str, min_stars
         A = (X * w[:, None]).T @ X
         p = np.linalg.solve(A, (X * w[:, None]).T @ y[use])
         chi = (y - p[0] - p[1] * x) / e
-        s = max(1.4826 * float(np.median(np.abs(chi[use]))), 1.0)
+        s = max(float(mad_sigma(chi[use], center=0.0)), 1.0)
         cov = np.linalg.inv(A) * s * s
         c = float(p[0])
         new = use & (np.abs(chi) < 3.0 * s)
@@ -223,7 +224,7 @@ def calibrate_photometry(sources: pd.DataFrame, refcat: pd.DataFrame, matches: p
     for _ in range(max(1, cfg.clip_iters)):
         resid = y - zp - k * (col - col0)
         r_use = resid[use]
-        scale = max(1.4826 * float(np.median(np.abs(r_use - np.median(r_use)))), float(np.median(sig[use])))
+        scale = max(float(mad_sigma(r_use)), float(np.median(sig[use])))
         new = good & (np.abs(resid - np.median(r_use)) < cfg.clip_sigma * scale)
         if new.sum() < cfg.min_stars:
             new = use

@@ -43,6 +43,7 @@ from archive.image.moments import adaptive_moments, moments_shape
 from archive.image.psf import FWHM_PER_SIGMA, GaussianPSF, PixelPSF, fwhm_from_image, n_poly_terms, poly_design
 from archive.process import flags as F_
 from archive.process.measure import MeasureConfig, mask_or_within, measure_sources, model_half
+from archive.process.robust import mad_sigma
 from archive.process.sources import SourceConfig, finish_sources
 from archive.process.stamps import gather, stamp_grid
 from archive.process.detect import DetectionConfig, find_peaks, snr_map
@@ -161,7 +162,7 @@ def select_stars(sources: pd.DataFrame, fwhm: float, config: PsfEstimateConfig,
             break
         for q in mom:
             med = np.median(q[ok])
-            sig = max(1.4826 * np.median(np.abs(q[ok] - med)), 0.02 * scale)
+            sig = max(mad_sigma(q[ok], center=med), 0.02 * scale)
             ok &= np.abs(q - med) < cfg.size_clip * sig
     if ok.sum() > cfg.max_stars:
         order = np.argsort(-sources["snr"].to_numpy())
@@ -515,7 +516,7 @@ def build_pixel_psf(image: np.ndarray, variance: np.ndarray, usable, x: np.ndarr
         q = np.where(core, np.minimum(chi2, 1e4), 0.0).sum(axis=(1, 2)) / n_core
         if good.sum() > 5 and it < n_round - 1:
             qm = np.median(q[good])
-            qs = 1.4826 * np.median(np.abs(q[good] - qm))
+            qs = mad_sigma(q[good], center=qm)
             out = good & (q > qm + star_clip * max(qs, 0.1 * qm)) & (q > 2.0)
             # never drop more than a third of the stars at once
             if out.sum() > good.sum() // 3:

@@ -25,6 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from archive.image.psf import FWHM_PER_SIGMA
+from archive.process.robust import mad_sigma
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def check_image(image, *, variance=None, sat_mask=None, nodata_mask=None, satura
 
     def stats_check(r):
         med = float(np.median(vals))
-        mad = 1.4826 * float(np.median(np.abs(vals - med)))
+        mad = float(mad_sigma(vals, center=med))
         r.metrics["median"], r.metrics["noise"] = med, mad
         if cfg.max_background is not None and med > cfg.max_background:
             r.flag("HIGH_BACKGROUND", f"median level {med:.4g} exceeds {cfg.max_background:.4g}")

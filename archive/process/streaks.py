@@ -33,6 +33,7 @@ import pandas as pd
 from scipy import ndimage
 
 from archive.process import flags as F_
+from archive.process.robust import mad_sigma
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def find_streaks(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | Non
             for _clip in range(2):
                 b1, b0 = np.polyfit(t_seg[keep_seg], d_seg[keep_seg], 1)
                 r_ = d_seg - (b0 + b1 * t_seg)
-                keep_seg = np.abs(r_) < max(3.0 * 1.4826 * float(np.median(np.abs(r_[keep_seg]))), 0.05)
+                keep_seg = np.abs(r_) < max(3.0 * float(mad_sigma(r_[keep_seg], center=0.0)), 0.05)
             # perp = b0 + b1 * along on the ridge: move the anchor and turn the direction
             x_, y_ = x_ + b0 * s, y_ - b0 * co
             theta -= np.arctan(b1)
