@@ -31,6 +31,7 @@ from astropy.wcs.utils import fit_wcs_from_points, proj_plane_pixel_scales
 from scipy.spatial import cKDTree
 
 from archive.errors import ValidationError
+from archive.sky.projection import gnomonic, inverse_gnomonic
 
 log = logging.getLogger(__name__)
 
@@ -123,29 +124,6 @@ def _coarse(sx, sy, rx, ry, centre, cfg: AstrometryConfig):
     return best
 
 
-def _tan_project(ra, dec, ra0, dec0):
-    """Gnomonic standard coordinates (deg) of (ra, dec) about (ra0, dec0) (all deg)."""
-    a, d = np.deg2rad(ra), np.deg2rad(dec)
-    a0, d0 = np.deg2rad(ra0), np.deg2rad(dec0)
-    cd = np.cos(d)
-    den = np.sin(d) * np.sin(d0) + cd * np.cos(d0) * np.cos(a - a0)
-    xi = cd * np.sin(a - a0) / den
-    eta = (np.sin(d) * np.cos(d0) - cd * np.sin(d0) * np.cos(a - a0)) / den
-    return np.rad2deg(xi), np.rad2deg(eta)
-
-
-def _tan_deproject(xi, eta, ra0, dec0):
-    """Inverse of :func:`_tan_project` (deg)."""
-    x, y = np.deg2rad(xi), np.deg2rad(eta)
-    a0, d0 = np.deg2rad(ra0), np.deg2rad(dec0)
-    rho = np.hypot(x, y)
-    c = np.arctan(rho)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dec = np.arcsin(np.cos(c) * np.sin(d0) + np.where(rho > 0, y * np.sin(c) * np.cos(d0) / rho, 0.0))
-        ra = a0 + np.arctan2(x * np.sin(c), rho * np.cos(d0) * np.cos(c) - y * np.sin(d0) * np.sin(c))
-    return np.mod(np.rad2deg(ra), 360.0), np.rad2deg(dec)
-
-
 def fit_tan_sip(x, y, ra, dec, weights, centre, degree: int | None, start: tuple[float, float],
                 radial: bool = False) -> WCS:
     """Weighted least-squares TAN-SIP WCS from pixel (x, y) to sky (ra, dec) (deg).
@@ -173,12 +151,12 @@ def fit_tan_sip(x, y, ra, dec, weights, centre, degree: int | None, start: tuple
     w = np.asarray(weights, dtype=np.float64)
     ra0, dec0 = start
     for _ in range(3):
-        xi, eta = _tan_project(ra, dec, ra0, dec0)
+        xi, eta = gnomonic(ra, dec, ra0, dec0)
         A = (X * w[:, None]).T @ X
         A += 1e-12 * np.trace(A) / A.shape[0] * np.eye(A.shape[0])
         cx = np.linalg.solve(A, (X * w[:, None]).T @ xi)
         cy = np.linalg.solve(A, (X * w[:, None]).T @ eta)
-        ra0, dec0 = _tan_deproject(cx[0], cy[0], ra0, dec0)
+        ra0, dec0 = inverse_gnomonic(cx[0], cy[0], ra0, dec0)
     coef = {t: (cx[k] / scale ** (t[0] + t[1]), cy[k] / scale ** (t[0] + t[1])) for k, t in enumerate(terms)}
     if use_radial:
         # u r^2 = u^3 + u v^2, v r^2 = u^2 v + v^3

@@ -44,7 +44,8 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from archive.errors import ValidationError
-from archive.process.astrometry import _tan_deproject, _tan_project, fit_tan_sip, usable_for_astrometry
+from archive.process.astrometry import fit_tan_sip, usable_for_astrometry
+from archive.sky.projection import gnomonic, inverse_gnomonic
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def refine_epochs(sources: Sequence[pd.DataFrame], wcs: Sequence[WCS], shapes: S
     dec0 = float(np.degrees(np.arctan2(vec[2], np.hypot(vec[0], vec[1]))))
 
     def plane(r, d):
-        a, b = _tan_project(r, d, ra0, dec0)
+        a, b = gnomonic(r, d, ra0, dec0)
         return a * 3600.0, b * 3600.0
 
     xi, eta = plane(ra, dec)
@@ -344,6 +345,8 @@ def refine_epochs(sources: Sequence[pd.DataFrame], wcs: Sequence[WCS], shapes: S
             if c not in refcat:
                 raise ValidationError(f"refine_epochs: reference catalog lacks column {c!r}")
         rxi, reta = plane(refcat["ra"].to_numpy(np.float64), refcat["dec"].to_numpy(np.float64))
+        # reference stars 90 deg or more from the field have no projection (NaN): out of reach
+        rxi, reta = np.where(np.isfinite(rxi), rxi, 1e9), np.where(np.isfinite(reta), reta, 1e9)
         if "ra_err" in refcat and "dec_err" in refcat:
             re2 = 0.5 * (refcat["ra_err"].to_numpy(np.float64) ** 2 + refcat["dec_err"].to_numpy(np.float64) ** 2)
             fill = np.nanmedian(re2) if np.isfinite(re2).any() else 100.0
@@ -393,14 +396,14 @@ def refine_epochs(sources: Sequence[pd.DataFrame], wcs: Sequence[WCS], shapes: S
         a = aff[i]
         gxi = a[0, 0] + a[1, 0] * uc + a[2, 0] * vc
         geta = a[0, 1] + a[1, 1] * uc + a[2, 1] * vc
-        gra, gdec = _tan_deproject(gxi / 3600.0, geta / 3600.0, ra0, dec0)
+        gra, gdec = inverse_gnomonic(gxi / 3600.0, geta / 3600.0, ra0, dec0)
         degree = max(cfg.distortion_degree, 1)
         start = tuple(float(c) for c in wcs[i].all_pix2world(cxy[i, 0], cxy[i, 1], 0))
         fit = fit_tan_sip(gx, gy, gra, gdec, np.ones(gx.size), tuple(cxy[i]), degree if degree >= 2 else None, start)
         fit.pixel_shape = (nx, ny)
         out[i] = fit
     n_used = np.bincount(ep[sel], minlength=n_ep)
-    sra, sdec = _tan_deproject(mean_x / 3600.0, mean_y / 3600.0, ra0, dec0)
+    sra, sdec = inverse_gnomonic(mean_x / 3600.0, mean_y / 3600.0, ra0, dec0)
     stars = pd.DataFrame({"ra": sra, "dec": sdec, "n_epochs": np.bincount(star[use], minlength=n_star),
                           "err_mas": np.sqrt(1.0 / sw), "ref": ref_of_star})
     log.info("relative astrometry: %d stars on >= %d epochs, %d reference stars; rms per epoch %s -> %s mas",
