@@ -6,6 +6,7 @@ PSF matching, coadd PSFs and forced photometry work with any of them:
 ==========================================================  ===========================================
 ``psf.stamps(x, y, size, xc=None, yc=None)``                 ``(n, size, size)`` PSF images of n sources
 ``psf.stamps_with_gradient(x, y, size, xc=None, yc=None)``   the same and their derivatives by x and y
+``psf.image(x, y, size=None)``                               one source's stamp, renormalised to sum 1
 ``psf.kernel(x=None, y=None, size=None, oversample=1)``      the PSF at one position, centred, sum 1
 ``psf.fwhm(x=None, y=None)``                                 FWHM (px) at positions
 ``psf.ellipticity(x=None, y=None)``                          ``1 - b/a`` at positions
@@ -85,6 +86,7 @@ from typing import ClassVar
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
+from numpy.typing import ArrayLike
 from scipy import ndimage, special
 
 from archive.errors import ValidationError
@@ -276,7 +278,8 @@ class PSF(abc.ABC):
         """Rebuild the model from :meth:`_params` as read back from FITS."""
 
     # ---- stamps
-    def stamps(self, x, y, size: int, xc=None, yc=None, *, renormalize: bool = False) -> np.ndarray:
+    def stamps(self, x: ArrayLike, y: ArrayLike, size: int, xc: ArrayLike | None = None, yc: ArrayLike | None = None,
+               *, renormalize: bool = False) -> np.ndarray:
         """PSF stamps ``(n, size, size)`` of sources of unit total flux at pixel positions (x, y).
 
         ``x, y``: arrays of n (px, origin 0); ``size``: odd stamp side (px); ``xc, yc``:
@@ -295,7 +298,8 @@ class PSF(abc.ABC):
         st = self._evaluate(x + self.x_offset, y + self.y_offset, u, v)
         return _renormalized(st, type(self).__name__, x, y) if renormalize else st
 
-    def stamps_with_gradient(self, x, y, size: int, xc=None, yc=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def stamps_with_gradient(self, x: ArrayLike, y: ArrayLike, size: int, xc: ArrayLike | None = None,
+                             yc: ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(P, dP/dx, dP/dy)``: :meth:`stamps` and their derivatives with respect to the
         source position (px^-1), here by central differences of 0.05 px."""
         x, y, xc, yc = _positions(x, y, xc, yc)
@@ -361,7 +365,7 @@ class PSF(abc.ABC):
         out = np.broadcast_to(np.asarray(fn(xm, ym), dtype=float), shape)
         return float(out) if out.ndim == 0 else out.copy()
 
-    def fwhm(self, x=None, y=None):
+    def fwhm(self, x: ArrayLike | None = None, y: ArrayLike | None = None) -> float | np.ndarray:
         """FWHM (px) of the model's profile at pixel positions (x, y) (see the module docstring).
 
         A float for one position (or none: :meth:`reference_position`), an array of the
@@ -369,7 +373,7 @@ class PSF(abc.ABC):
         """
         return self._at(self._fwhm_at, x, y)
 
-    def ellipticity(self, x=None, y=None):
+    def ellipticity(self, x: ArrayLike | None = None, y: ArrayLike | None = None) -> float | np.ndarray:
         """``1 - b/a`` (0 round) of the model's profile at pixel positions (x, y); float or array as :meth:`fwhm`."""
         return self._at(self._ellipticity_at, x, y)
 
@@ -412,7 +416,7 @@ class PSF(abc.ABC):
         xm, ym = self._reference_position()
         return float(xm) - self.x_offset, float(ym) - self.y_offset
 
-    def default_size(self, x=None, y=None) -> int:
+    def default_size(self, x: ArrayLike | None = None, y: ArrayLike | None = None) -> int:
         """Odd stamp size (px) holding the profile out to ~4 FWHM (at least 15); the largest
         over the positions when given arrays."""
         f = float(np.max(self.fwhm(x, y)))
@@ -544,12 +548,15 @@ class GaussianPSF(PSF):
         c, sn = math.cos(t), math.sin(t)
         k = self.oversample
         sub = (np.arange(k) + 0.5) / k - 0.5
-        dx = u[:, None, :, None, None] + sub[None, None, None, None, :]
-        dy = v[:, :, None, None, None] + sub[None, None, None, :, None]
-        uu = c * dx + sn * dy
-        vv = -sn * dx + c * dy
-        g = np.exp(-0.5 * (uu * uu / (a * a) + vv * vv / (b * b))) / (2 * np.pi * a * b)
-        return g.mean(axis=(3, 4))
+        out = np.zeros((u.shape[0], v.shape[1], u.shape[1]))
+        for sy in sub:  # one (n, my, mx) plane per sub-sample: memory as for a round profile
+            dy = (v + sy)[:, :, None]
+            for sx in sub:
+                dx = (u + sx)[:, None, :]
+                uu = c * dx + sn * dy
+                vv = -sn * dx + c * dy
+                out += np.exp(-0.5 * (uu * uu / (a * a) + vv * vv / (b * b)))
+        return out * (1.0 / (2 * np.pi * a * b * k * k))
 
     def _fwhm_at(self, xm, ym):
         return np.full(np.broadcast(xm, ym).shape, self.fwhm0)
@@ -974,14 +981,16 @@ class PixelPSF(PSF):
         tables[half] = tab
         return tab
 
-    def stamps(self, x, y, size: int, xc=None, yc=None, *, renormalize: bool = False) -> np.ndarray:
+    def stamps(self, x: ArrayLike, y: ArrayLike, size: int, xc: ArrayLike | None = None, yc: ArrayLike | None = None,
+               *, renormalize: bool = False) -> np.ndarray:
         """:meth:`PSF.stamps` from the phase table (float32; see the class docstring)."""
         size = _check_size(size)
         x, y, xc, yc = _positions(x, y, xc, yc)
         st = self._table_stamps(x, y, size, xc, yc, False)[0]
         return _renormalized(st, "PixelPSF", x, y) if renormalize else st
 
-    def stamps_with_gradient(self, x, y, size: int, xc=None, yc=None):
+    def stamps_with_gradient(self, x: ArrayLike, y: ArrayLike, size: int, xc: ArrayLike | None = None,
+                             yc: ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(P, dP/dx, dP/dy)`` from the phase table: the derivatives of its bilinear blend (exact to ~1e-7)."""
         size = _check_size(size)
         x, y, xc, yc = _positions(x, y, xc, yc)
