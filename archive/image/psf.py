@@ -872,21 +872,23 @@ class PixelPSF(PSF):
         half = int(((self.basis.shape[1] - 1) / 2) / self.oversample)
         return 2 * half + 1
 
-    #: zero padding (samples) around the basis before the spline prefilter
-    _PAD = 4
+    #: zero padding (samples) around the basis before the spline prefilter (PSF estimation
+    #: fits the basis through the same interpolation: :mod:`archive.process.psf_estimate`)
+    SPLINE_PAD: ClassVar[int] = 4
 
     def _spline_coefficients(self) -> np.ndarray:
         """Cubic B-spline coefficients of the zero-padded basis images (cached)."""
         coef = getattr(self, "_coef_cache", None)
         if coef is None:
-            P = self._PAD
+            P = self.SPLINE_PAD
             padded = np.pad(self.basis, ((0, 0), (P, P), (P, P)))
             coef = np.stack([ndimage.spline_filter(b, order=3, mode="mirror") for b in padded])
             self._coef_cache = coef
         return coef
 
     @staticmethod
-    def _bspline3(t: np.ndarray) -> np.ndarray:
+    def bspline3(t: np.ndarray) -> np.ndarray:
+        """The cubic B-spline kernel at offsets ``t`` (in basis samples; zero beyond 2)."""
         a = np.abs(t)
         return np.where(a < 1.0, 2.0 / 3.0 - a**2 + 0.5 * a**3, np.where(a < 2.0, (2.0 - a) ** 3 / 6.0, 0.0))
 
@@ -903,7 +905,7 @@ class PixelPSF(PSF):
         """
         coef = self._spline_coefficients()
         n_pad = coef.shape[1]
-        c = (self.basis.shape[1] - 1) / 2.0 + self._PAD
+        c = (self.basis.shape[1] - 1) / 2.0 + self.SPLINE_PAD
         n, mx = u.shape
         my = v.shape[1]
         out = np.empty((n, my, mx))
@@ -928,8 +930,8 @@ class PixelPSF(PSF):
             py = c - lo + v[sl] * self.oversample  # (m, my)
             ix = np.floor(px).astype(np.int64)[:, :, None] - 1 + taps  # (m, mx, 4)
             iy = np.floor(py).astype(np.int64)[:, :, None] - 1 + taps
-            wx = np.where((ix >= 0) & (ix < n_c), self._bspline3(px[:, :, None] - ix), 0.0)
-            wy = np.where((iy >= 0) & (iy < n_c), self._bspline3(py[:, :, None] - iy), 0.0)
+            wx = np.where((ix >= 0) & (ix < n_c), self.bspline3(px[:, :, None] - ix), 0.0)
+            wy = np.where((iy >= 0) & (iy < n_c), self.bspline3(py[:, :, None] - iy), 0.0)
             ix = np.clip(ix, 0, n_c - 1)
             iy = np.clip(iy, 0, n_c - 1)
             # along x for every cropped row: (m, R, mx); then along y: (m, my, mx)
@@ -962,13 +964,13 @@ class PixelPSF(PSF):
         coef = self._spline_coefficients()  # (K, Sp, Sp) B-spline coefficients of the padded basis
         K, Sp, _ = coef.shape
         os_ = float(self.oversample)
-        c = (self.basis.shape[1] - 1) / 2.0 + self._PAD
+        c = (self.basis.shape[1] - 1) / 2.0 + self.SPLINE_PAD
         P = self.n_phase
         S = 2 * half + 1
         g = np.arange(S) - half
         ph = -0.5 + np.arange(P + 1) / P
         pos = c + (g[None, :] - ph[:, None]) * os_  # (P+1, S) spline coordinates of each native pixel
-        W = self._bspline3(pos[:, :, None] - np.arange(Sp)[None, None, :]).reshape((P + 1) * S, Sp)
+        W = self.bspline3(pos[:, :, None] - np.arange(Sp)[None, None, :]).reshape((P + 1) * S, Sp)
         WT = np.ascontiguousarray(W.T)
         T = np.stack([matmul_rows(matmul_rows(W, ck), WT) for ck in coef])  # (K, (P+1) S, (P+1) S)
         T = T.reshape(K, P + 1, S, P + 1, S).transpose(1, 3, 0, 2, 4)  # (P+1, P+1, K, S, S)

@@ -219,7 +219,7 @@ class _Sampler:
     """
 
     def __init__(self, cu: np.ndarray, cv: np.ndarray, S: int):
-        P = PixelPSF._PAD
+        P = PixelPSF.SPLINE_PAD
         self.S = S
         Sp = S + 2 * P
 
@@ -228,7 +228,7 @@ class _Sampler:
             c = c + P
             i0 = np.floor(c).astype(np.int64) - 1
             idx = i0[..., None] + np.arange(4)
-            w = PixelPSF._bspline3(c[..., None] - idx)
+            w = PixelPSF.bspline3(c[..., None] - idx)
             ok = (idx >= 0) & (idx < Sp)
             out = np.zeros((n, m, Sp))
             nn = np.broadcast_to(np.arange(n)[:, None, None], idx.shape)
@@ -241,7 +241,7 @@ class _Sampler:
         self.wy = rows(cv[:, :, 0]).astype(np.float32)  # (n, sn, Sp)
 
     def __call__(self, basis: np.ndarray, sel=None) -> np.ndarray:
-        P = PixelPSF._PAD
+        P = PixelPSF.SPLINE_PAD
         n, sn, Sp = self.wy.shape
         K = len(basis)
         # all bases in one pair of products: the row weights times the side-by-side
