@@ -15,46 +15,96 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import pandas as pd
-import pyarrow as pa
+from archive.errors import ArchiveError, NotFoundError
 
-from archive.catalog.schema import Schema
-from archive.catalog.backends import open_store
-from archive.catalog.store import CatalogStore
-from archive.errors import ArchiveError
+if TYPE_CHECKING:  # the heavy modules load on first use, so `import archive.api` stays light
+    import pandas as pd
+
+    from archive.catalog.schema import Schema
+    from archive.catalog.store import CatalogStore
 
 #: Environment variable naming the default archive (path or URL).
 REPO_ENV = "ARCHIVE_REPO"
 
+#: Magnitudes and upper limits of light curves: S/N below which a flux is a limit.
+LIMIT_SNR = 5.0
+#: AB magnitude of 1 nJy.
+AB_NJY_ZP = 31.4
+
+#: Columns Archive adds to what it reads (unit, UCD, description), for self-describing outputs.
+DERIVED_COLUMNS = {
+    "distance_arcsec": {"unit": "arcsec", "ucd": "pos.angDistance",
+                        "description": "Angular distance from the cone centre."},
+    "flux": {"unit": "nJy", "ucd": "phot.flux;arith.diff", "description": "PSF flux on the difference image."},
+    "flux_err": {"unit": "nJy", "ucd": "stat.error;phot.flux;arith.diff", "description": "Uncertainty of flux."},
+    "kind": {"unit": None, "ucd": "meta.code.class",
+             "description": "detection (a DIASource) or forced (forced photometry)."},
+    "source_id": {"unit": None, "ucd": "meta.id",
+                  "description": "dia_source_id of a detection, dia_forced_source_id of forced photometry."},
+    "mag": {"unit": "mag", "ucd": "phot.mag",
+            "description": f"AB magnitude of flux where flux >= {LIMIT_SNR:g} x flux_err (else null)."},
+    "mag_err": {"unit": "mag", "ucd": "stat.error;phot.mag", "description": "Uncertainty of mag."},
+    "mag_limit": {"unit": "mag", "ucd": "phot.mag;stat.max",
+                  "description": f"{LIMIT_SNR:g}-sigma upper limit (AB) where flux < {LIMIT_SNR:g} x flux_err "
+                                 "(else null)."},
+}
+
+
+def _is_url(location: str) -> bool:
+    return "://" in location
+
 
 def resolve_repo(target: str | os.PathLike | None) -> str:
-    """The archive location: ``target`` if given, else ``$ARCHIVE_REPO``."""
+    """The archive location: ``target`` if given, else ``$ARCHIVE_REPO``; a directory as
+    an absolute path (a relative one is read against the current directory)."""
     if target:
-        return os.fspath(target)
-    env = os.environ.get(REPO_ENV)
-    if env:
-        return env
-    raise ArchiveError(f"no archive given: pass --repo PATH|URL or set {REPO_ENV}")
+        location = os.fspath(target)
+    else:
+        location = os.environ.get(REPO_ENV)
+        if not location:
+            raise ArchiveError(f"no archive given: pass --repo PATH|URL or set {REPO_ENV}")
+    if _is_url(location):
+        return location
+    return os.path.abspath(os.path.expanduser(location))
 
 
-def _to_astropy(df: pd.DataFrame, schema: Schema, table: str | None):
+def _check_exists(target, location: str) -> None:
+    """A directory archive that is not there: say where it was looked for, and why there."""
+    if _is_url(location) or os.path.exists(location):
+        return
+    env = os.environ.get(REPO_ENV, "")
+    if not target and env and not os.path.isabs(os.path.expanduser(env)):
+        raise NotFoundError(f"no archive at {location}: ${REPO_ENV}={env} is a relative path, read from the "
+                            f"current directory {os.getcwd()}; set it to the archive's absolute path "
+                            f"(export {REPO_ENV}=/absolute/path/to/archive)")
+    raise NotFoundError(f"no archive at {location} (create one with `archive init {location}`)")
+
+
+def astropy_table(df: pd.DataFrame, meta: dict[str, dict]):
+    """``df`` as an astropy Table with each column's unit, description and UCD (``meta``:
+    column -> unit, ucd, description); times become ISO 8601 UTC strings."""
     from astropy.table import Table as AstropyTable
-    import astropy.units as u
 
+    from archive.catalog.schema import astropy_unit
+
+    times = [c for c in df.columns if df[c].dtype.kind == "M"]
+    if times:
+        df = df.copy()
+        for c in times:
+            df[c] = [None if v is None or v != v else v.isoformat() for v in df[c]]
     out = AstropyTable.from_pandas(df)
-    if table is not None:
-        t = schema[table]
-        for name in out.colnames:
-            if name in t and t.column(name).unit:
-                try:
-                    out[name].unit = u.Unit(t.column(name).unit.replace("deg2", "deg**2"), parse_strict="silent")
-                except ValueError:
-                    pass
-            if name in t:
-                out[name].description = t.column(name).description
-        if "distance_arcsec" in out.colnames:
-            out["distance_arcsec"].unit = u.arcsec
+    for name in out.colnames:
+        m = meta.get(name)
+        if not m:
+            continue
+        if m.get("unit"):
+            out[name].unit = astropy_unit(m["unit"])
+        if m.get("description"):
+            out[name].description = m["description"]
+        if m.get("ucd"):
+            out[name].meta["ucd"] = m["ucd"]
     return out
 
 
@@ -67,8 +117,13 @@ class Archive:
 
     @classmethod
     def open(cls, target: str | os.PathLike | None = None, create: bool = False, **kwargs) -> Archive:
-        """Open (or with ``create=True`` initialise) the archive at a directory or Postgres URL."""
+        """Open (or with ``create=True`` initialise) the archive at a directory or Postgres URL
+        (``target``; default ``$ARCHIVE_REPO``)."""
         location = resolve_repo(target)
+        if not create:
+            _check_exists(target, location)
+        from archive.catalog.backends import open_store
+
         return cls(open_store(location, create=create, **kwargs), location)
 
     @classmethod
@@ -92,7 +147,145 @@ class Archive:
         return self.store.backend
 
     def _out(self, df: pd.DataFrame, as_table: bool, table: str | None):
-        return _to_astropy(df, self.schema, table) if as_table else df
+        return astropy_table(df, self.column_meta(df.columns, table)) if as_table else df
+
+    # -- what the columns mean (no store needed) -------------------------------------
+    @staticmethod
+    def column_meta(columns, table: str | None = None) -> dict[str, dict]:
+        """``{"unit", "ucd", "description"}`` of result columns: a schema table's own (``table``),
+        else what every schema table agrees on for that name, else the columns Archive
+        derives (``distance_arcsec``, light-curve ``mag`` ...)."""
+        from archive.catalog.schema import load_schema
+
+        meta = load_schema().column_meta(columns, table)
+        for c in columns:
+            if c not in meta and c in DERIVED_COLUMNS:
+                meta[c] = dict(DERIVED_COLUMNS[c])
+        return meta
+
+    @staticmethod
+    def for_export(df: pd.DataFrame, table: str | None = None, names: str = "archive",
+                   ) -> tuple[pd.DataFrame, dict[str, dict]]:
+        """``df`` with Rubin or ZTF column names (``names``: archive, rubin or ztf; see
+        docs/column_mapping.md) and the unit, UCD and description of each column."""
+        from archive.catalog import colnames
+        from archive.catalog.schema import load_schema
+
+        meta = Archive.column_meta(df.columns, table)
+        if names == "archive":
+            return df, meta
+        return colnames.rename(df, names, table, load_schema().bands, meta)
+
+    @staticmethod
+    def describe_table(table: str) -> pd.DataFrame:
+        """One table's columns: name, type, unit, ucd, nullable, description."""
+        import pandas as pd
+
+        t = Archive.schema_table(table)
+        return pd.DataFrame([{"name": c.name, "type": c.type, "unit": c.unit or "", "ucd": c.ucd or "",
+                              "nullable": c.nullable, "description": c.description} for c in t.columns])
+
+    @staticmethod
+    def schema_table(table: str):
+        """The schema's :class:`archive.catalog.schema.Table` ``table`` (NotFoundError naming
+        the tables when there is none)."""
+        from archive.catalog.schema import load_schema
+
+        try:
+            return load_schema()[table]
+        except KeyError as exc:
+            raise NotFoundError(str(exc.args[0])) from None
+
+    @staticmethod
+    def schema_markdown() -> str:
+        """The whole schema as Markdown (docs/schema.md)."""
+        from archive.catalog.schema import markdown_docs
+
+        return markdown_docs()
+
+    @staticmethod
+    def column_mapping_markdown() -> str:
+        """Our column names beside Rubin's and ZTF's, as Markdown (docs/column_mapping.md)."""
+        from archive.catalog.colnames import markdown
+
+        return markdown()
+
+    @staticmethod
+    def flag_bits() -> pd.DataFrame:
+        """Every bit of source.flags, dia_source.flags and exposure.quality_flags: column, bit,
+        value, name, meaning (see docs/flags.md)."""
+        import pandas as pd
+
+        from archive.flags import bits
+
+        df = pd.DataFrame(bits())
+        df.insert(2, "value", [1 << int(b) for b in df["bit"]])
+        return df
+
+    @staticmethod
+    def decode_flags(value: int, column: str | None = None) -> pd.DataFrame:
+        """The bits set in ``value`` (of ``column``, default each flag column): column, bit, name, meaning."""
+        import pandas as pd
+
+        from archive.flags import COLUMNS, decode
+
+        if column is not None and column not in COLUMNS:
+            raise ArchiveError(f"no flag column {column!r}; the flag columns are {', '.join(COLUMNS)}")
+        rows = decode(value, COLUMNS if column is None else (column,))
+        return pd.DataFrame(rows, columns=["column", "bit", "name", "meaning"])
+
+    @staticmethod
+    def flags_markdown() -> str:
+        """The flag reference as Markdown (docs/flags.md)."""
+        from archive.flags import markdown
+
+        return markdown()
+
+    # -- database maintenance (PostgreSQL) ----------------------------------------------
+    @staticmethod
+    def _postgres_url(target, what: str) -> str:
+        from archive.catalog.backends import is_postgres_url
+        from archive.catalog.postgres_store import normalize_url
+
+        url = resolve_repo(target)
+        if not is_postgres_url(url):
+            raise ArchiveError(f"`archive db {what}` needs a PostgreSQL URL; {url!r} is a directory store")
+        return normalize_url(url)
+
+    @staticmethod
+    def _connecting(fn, url: str):
+        import sqlalchemy as sa
+
+        try:
+            return fn()
+        except sa.exc.OperationalError as exc:
+            raise ArchiveError(f"cannot connect to {sa.engine.make_url(url).render_as_string(True)}: "
+                               f"{str(exc.orig).strip().splitlines()[0]}") from None
+
+    @staticmethod
+    def upgrade(target=None, revision: str = "head") -> tuple[str | None, str]:
+        """Bring a PostgreSQL archive to an Alembic ``revision``; returns (before, after)."""
+        from archive.catalog.migrate import current_revision, upgrade
+
+        url = Archive._postgres_url(target, "upgrade")
+        before = Archive._connecting(lambda: current_revision(url), url)
+        after = Archive._connecting(lambda: upgrade(url, revision), url)
+        return before, after
+
+    @staticmethod
+    def grant_read_only(role: str, target=None) -> list[str]:
+        """Create or check a login ``role`` that can only SELECT the archive's tables; returns
+        what was done, one line each."""
+        from archive.catalog.migrate import grant_read_only
+
+        url = Archive._postgres_url(target, "grant-read-only")
+        return Archive._connecting(lambda: grant_read_only(url, role), url)
+
+    def compact(self, tables: Sequence[str] | None = None) -> dict[str, int]:
+        """Parquet archive: merge each partition's files into one; returns files merged away per table."""
+        if self.backend != "parquet":
+            raise ArchiveError("compact applies to a Parquet archive (Postgres manages its own storage)")
+        return self.store.compact(list(tables) if tables else None)
 
     def _versions(self, table: str, columns, fetch, as_of: float | None):
         """Versioned tables (dia_object): keep the version valid now, or at MJD ``as_of``."""
@@ -135,17 +328,81 @@ class Archive:
         return self._out(df, as_table, table)
 
     def get(self, table: str, ids, columns: Sequence[str] | None = None, as_table: bool = False,
-            as_of: float | None = None):
-        """Rows whose id (first primary-key column) is in ``ids`` (current versions for dia_object)."""
-        if isinstance(ids, (int, str)):
-            ids = [ids]
-        df = self._versions(table, columns, lambda c, cur: self.store.get(table, list(ids), c), as_of)
+            as_of: float | None = None, require_all: bool = False):
+        """Rows whose id (first primary-key column) is in ``ids`` (current versions for dia_object).
+
+        ``require_all``: raise :class:`~archive.errors.NotFoundError` naming the ids that have
+        no row (else they are simply absent from the result)."""
+        t = self.store.table(table)
+        ids = [ids] if isinstance(ids, (int, str)) else list(ids)
+        need = None if columns is None else list(dict.fromkeys([t.id_column, *columns]))
+        df = self._versions(table, need, lambda c, cur: self.store.get(table, ids, c), as_of)
+        if require_all:
+            have = set(df[t.id_column].tolist())
+            missing = [i for i in dict.fromkeys(ids) if i not in have]
+            if missing:
+                when = "" if as_of is None else f" at MJD {as_of:g}"
+                raise NotFoundError(f"no {table} with id {', '.join(map(str, missing[:10]))}"
+                                    + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "") + when)
+        if columns is not None:
+            df = df[list(columns)]
         return self._out(df, as_table, table)
 
     def history(self, dia_object_id: int) -> pd.DataFrame:
-        """Every stored version of one DIAObject, oldest first."""
+        """Every stored version of one DIAObject, oldest first (NotFoundError when there is none)."""
         df = self.store.get("dia_object", [int(dia_object_id)])
+        if df.empty:
+            raise NotFoundError(f"no dia_object with id {int(dia_object_id)}")
         return df.sort_values("validity_start").reset_index(drop=True)
+
+    def object(self, dia_object_id: int, as_of: float | None = None, history: bool = False,
+               observed_before: float | None = None, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """One DIAObject, as one row (or every version with ``history``).
+
+        ``as_of`` (MJD TAI): the version the archive *held* at that time, i.e. as it had
+        been written by then (``validity_start`` <= as_of < ``validity_end``): what a user
+        querying then saw.  It is about when rows were written, not when the sky was
+        observed.  ``observed_before`` (MJD TAI): the summaries recomputed from the
+        object's DIASources (and forced photometry) observed before that time
+        (``mjd`` < observed_before), with today's association; ``n_dia_sources``,
+        fluxes and position are those of the earlier detections.
+        A missing id raises :class:`~archive.errors.NotFoundError`, as in :meth:`light_curve`."""
+        oid = int(dia_object_id)
+        chosen = [n for n, v in (("history", history), ("as_of", as_of is not None),
+                                 ("observed_before", observed_before is not None)) if v]
+        if len(chosen) > 1:
+            raise ArchiveError(f"choose one of history, as_of and observed_before (got {', '.join(chosen)})")
+        if columns is not None:
+            self.store._columns(self.store.table("dia_object"), columns)
+        if history:
+            df = self.history(oid)
+        elif observed_before is not None:
+            df = self._object_observed_before(oid, float(observed_before))
+        else:
+            df = self.get("dia_object", [oid], as_of=as_of)
+            if df.empty:
+                if as_of is None:
+                    raise NotFoundError(f"no dia_object with id {oid}")
+                first = float(self.history(oid)["validity_start"].min())
+                raise NotFoundError(f"dia_object {oid} had no version at MJD {as_of:g} (written first at MJD "
+                                    f"{first:.6f}; --as-of is the time rows were written, not observed)")
+        return df if columns is None else df[list(columns)]
+
+    def _object_observed_before(self, oid: int, mjd: float) -> pd.DataFrame:
+        from archive.catalog.summaries import recompute
+
+        current = self.get("dia_object", [oid])
+        if current.empty:
+            raise NotFoundError(f"no dia_object with id {oid}")
+        q = "SELECT * FROM {t} WHERE dia_object_id = {oid} AND mjd < {mjd!r}"
+        src = self.store.sql(q.format(t="dia_source", oid=oid, mjd=mjd))
+        if src.empty:
+            first = self.store.sql(f"SELECT min(mjd) AS m FROM dia_source WHERE dia_object_id = {oid}")["m"].iloc[0]
+            raise NotFoundError(f"dia_object {oid} has no detection observed before MJD {mjd:g} "
+                                f"(first detection at MJD {float(first):.6f})")
+        forced = self.store.sql(q.format(t="dia_forced_source", oid=oid, mjd=mjd))
+        df = recompute(src, forced, validity_start=float(current["validity_start"].iloc[0]))
+        return df[current.columns]
 
     # -- DIA ingest and light curves ------------------------------------------
     def ingest_dia_sources(self, data, radius_arcsec: float | None = None, replace: bool = False,
@@ -199,26 +456,45 @@ class Archive:
         return reassociate(self.store, region, AssociationConfig(radius_arcsec=radius_arcsec),
                            ingest_mjd=ingest_mjd)
 
-    def light_curve(self, dia_object_id: int, bands: Sequence[str] | None = None) -> pd.DataFrame:
+    def light_curve(self, dia_object_id: int, bands: Sequence[str] | None = None,
+                    observed_before: float | None = None) -> pd.DataFrame:
         """Detections and forced photometry of one DIAObject in one table, by time.
 
         Columns: ``mjd`` (TAI), ``band``, ``flux``, ``flux_err`` (nJy, difference
         image PSF flux), ``science_flux``, ``science_flux_err`` (nJy, direct image),
-        ``kind`` ("detection" | "forced"), ``exposure_id``, ``source_id``.
+        ``mag``, ``mag_err`` (AB magnitude of ``flux`` where it is at least 5 sigma),
+        ``mag_limit`` (the 5-sigma upper limit, AB, where it is not), ``kind``
+        ("detection" | "forced"), ``exposure_id``, ``source_id``.
+        ``observed_before`` (MJD TAI): only rows with ``mjd`` < that.
+        A missing id raises :class:`~archive.errors.NotFoundError`, as in :meth:`object`.
         """
+        import numpy as np
+        import pandas as pd
+
         oid = int(dia_object_id)
         if self.get("dia_object", [oid], columns=["dia_object_id"]).empty:
-            from archive.errors import NotFoundError
-
             raise NotFoundError(f"no dia_object with id {oid}")
+        before = "" if observed_before is None else f" AND mjd < {float(observed_before)!r}"
         q = ("SELECT mjd, band, psf_flux AS flux, psf_flux_err AS flux_err, science_flux, science_flux_err, "
-             "'{kind}' AS kind, exposure_id, {idcol} AS source_id FROM {table} WHERE dia_object_id = {oid}")
+             "'{kind}' AS kind, exposure_id, {idcol} AS source_id FROM {table} WHERE dia_object_id = {oid}"
+             + before)
         det = self.store.sql(q.format(kind="detection", idcol="dia_source_id", table="dia_source", oid=oid))
         frc = self.store.sql(q.format(kind="forced", idcol="dia_forced_source_id", table="dia_forced_source", oid=oid))
         df = pd.concat([d for d in (det, frc) if len(d)], ignore_index=True) if (len(det) or len(frc)) else det
         if bands:
             df = df[df["band"].isin(list(bands))]
-        return df.sort_values(["mjd", "kind"], kind="stable").reset_index(drop=True)
+        df = df.sort_values(["mjd", "kind"], kind="stable").reset_index(drop=True)
+        flux = pd.to_numeric(df["flux"], errors="coerce").to_numpy(np.float64, na_value=np.nan)
+        err = pd.to_numeric(df["flux_err"], errors="coerce").to_numpy(np.float64, na_value=np.nan)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bright = (flux > 0) & (err > 0) & (flux >= LIMIT_SNR * err)
+            mag = np.where(bright, AB_NJY_ZP - 2.5 * np.log10(flux), np.nan)
+            mag_err = np.where(bright, 2.5 / np.log(10.0) * err / flux, np.nan)
+            limit = np.where(~bright & (err > 0), AB_NJY_ZP - 2.5 * np.log10(LIMIT_SNR * err), np.nan)
+        pos = list(df.columns).index("science_flux_err") + 1
+        for name, values in (("mag", mag), ("mag_err", mag_err), ("mag_limit", limit))[::-1]:
+            df.insert(pos, name, values)
+        return df
 
     def sql(self, query: str, as_table: bool = False, timeout: float | None = None):
         """Run one read-only SQL query (PostgreSQL dialect; DuckDB on the Parquet store).
@@ -237,32 +513,43 @@ class Archive:
         """
         return self.store.write(table, data, where=where)
 
-    def read_files(self, table: str, paths: Sequence[str | os.PathLike]) -> pa.Table:
+    def read_files(self, table: str, paths: Sequence[str | os.PathLike], progress=None):
         """Read catalog files (Parquet, CSV, FITS) for ``table``, each validated against the
-        schema on its own (errors name the file, column and rows), as one Arrow table."""
+        schema on its own (errors name the file, column and rows), as one Arrow table.
+        ``progress``: called as ``progress(done, total, path)`` after each file."""
+        import pyarrow as pa
+
         from archive.catalog.tablefile import read_table_file
         from archive.catalog.validate import conform
 
         if not paths:
             raise ArchiveError("no files given")
         t = self.store.table(table)
-        arrows = [conform(t, read_table_file(p), where=os.fspath(p)) for p in paths]
+        arrows = []
+        for i, p in enumerate(paths):
+            arrows.append(conform(t, read_table_file(p), where=os.fspath(p)))
+            if progress is not None:
+                progress(i + 1, len(paths), os.fspath(p))
         return pa.concat_tables(arrows) if len(arrows) > 1 else arrows[0]
 
-    def ingest_files(self, table: str, paths: Sequence[str | os.PathLike]) -> int:
+    def ingest_files(self, table: str, paths: Sequence[str | os.PathLike], progress=None) -> int:
         """Read catalog files (Parquet, CSV, FITS) and write them as ONE atomic batch.
 
         Every file is read and validated before anything is written; an error
         names the file, column and rows, and leaves the archive untouched.
+        ``progress``: as in :meth:`read_files`.
         """
-        return self.store.write(table, self.read_files(table, paths), where=", ".join(map(os.fspath, paths)))
+        return self.store.write(table, self.read_files(table, paths, progress),
+                                where=", ".join(map(os.fspath, paths)))
 
     # -- matched sources (direct-image sources across epochs) --------------------
-    def ingest_sources(self, data, radius_arcsec: float = 1.0, replace: bool = False):
-        """Match per-epoch ``source`` rows into ``matched_source`` objects and store both atomically."""
+    def ingest_sources(self, data, radius_arcsec: float = 1.0, replace: bool = False, where: str | None = None):
+        """Match per-epoch ``source`` rows into ``matched_source`` objects and store both atomically.
+
+        ``where``: names the input in error messages (e.g. the files read)."""
         from archive.catalog.matched_ingest import ingest_sources
 
-        return ingest_sources(self.store, data, radius_arcsec=radius_arcsec, replace=replace)
+        return ingest_sources(self.store, data, radius_arcsec=radius_arcsec, replace=replace, where=where)
 
     def relative_photometry(self, region, band: str, **fit_options):
         """Per-epoch zero-point offsets from the region's constant stars, and corrected light curves."""
@@ -270,21 +557,27 @@ class Archive:
 
         return relative_photometry(self.store, region, band, **fit_options)
 
-    def rms_curve(self, region, band: str, relative: bool = True, plot=None) -> pd.DataFrame:
+    def rms_curve(self, region, band: str, relative: bool = True, min_epochs: int = 3, plot=None) -> pd.DataFrame:
         """The rms-versus-magnitude diagnostic of a field (optionally drawn to ``plot``)."""
         from archive.catalog.matched_ingest import rms_curve
 
-        return rms_curve(self.store, region, band, relative=relative, plot=plot)
+        return rms_curve(self.store, region, band, relative=relative, min_epochs=min_epochs, plot=plot)
 
     def epoch_matrix(self, region, band: str, property: str = "psf_flux", relative: bool = False,
                      path=None) -> pd.DataFrame:
         """Epochs x matched sources matrix of a source column (NaN where unseen); written to
         ``path`` (.parquet or .h5) when given."""
-        from archive.catalog.matched_ingest import export_epoch_matrix, field_epoch_matrix
+        from archive.catalog.matched_ingest import field_epoch_matrix
 
         if path is not None:
-            return export_epoch_matrix(self.store, region, band, property, path, relative=relative)[1]
+            return self.export_epoch_matrix(region, band, property, path, relative=relative)[1]
         return field_epoch_matrix(self.store, region, band, property, relative=relative)
+
+    def export_epoch_matrix(self, region, band: str, property: str, path, relative: bool = False):
+        """Write :meth:`epoch_matrix` to ``path`` (.parquet, .h5 or .hdf5); returns (path written, matrix)."""
+        from archive.catalog.matched_ingest import export_epoch_matrix
+
+        return export_epoch_matrix(self.store, region, band, property, path, relative=relative)
 
     # -- processing ------------------------------------------------------------
     def products_root(self, products: str | os.PathLike | None = None):
@@ -306,6 +599,8 @@ class Archive:
         or file (ra, dec, band magnitudes) for astrometric and photometric calibration.
         Returns an :class:`archive.pipeline.single_epoch.RunReport`.
         """
+        import pandas as pd
+
         from archive.pipeline.single_epoch import ProcessConfig, process_raws
 
         if refcat is not None and not isinstance(refcat, pd.DataFrame):
@@ -355,6 +650,13 @@ class Archive:
         ctx = RunContext(self.store, ProductStore(self.products_root(products), self.store), refcat, sha)
         return Runner(ctx, steps, ex, progress=progress)
 
+    @staticmethod
+    def read_run_config(path) -> dict:
+        """A run configuration file (YAML or JSON: step name -> settings), checked."""
+        from archive.pipeline.chain import load_run_config
+
+        return load_run_config(path)
+
     def run(self, until: str | None = None, visits=None, bands=None, config: dict | None = None,
             products=None, jobs: int = 1, executor: str = "local", scheduler: str | None = None,
             retry_failed: bool = False, progress: bool | None = None):
@@ -366,9 +668,12 @@ class Archive:
         finally:
             runner.executor.close()
 
-    def status(self, config: dict | None = None, products=None) -> pd.DataFrame:
-        """Per step: units registered, done, pending, stale and failed (with the reasons)."""
-        return self.runner(config, products).status()
+    def status(self, config: dict | None = None, products=None, units: bool = False,
+               step: str | None = None) -> pd.DataFrame:
+        """Per step: units registered, done, pending, stale and failed (with the reasons);
+        ``units=True``: one row per unit (e.g. per tile and band), of ``step`` or of all."""
+        runner = self.runner(config, products)
+        return runner.unit_status(step) if units else runner.status()
 
     def count(self, table: str) -> int:
         return self.store.count(table)

@@ -75,6 +75,7 @@ import pyarrow.parquet as pq
 
 from archive.catalog.schema import Schema, Table
 from archive.catalog.sqlguard import check_duckdb_query
+from archive.catalog.sqlnames import postgres_names
 from archive.catalog.store import CatalogStore, Transaction, frame_from_arrow
 from archive.errors import ArchiveError, NotFoundError, ReadOnlyError, StoreLockedError, ValidationError
 from archive.sky.healpix import partition_pixel
@@ -871,7 +872,9 @@ class ParquetStore(CatalogStore):
                 timer.cancel()
                 con.close()
 
-        return frame_from_arrow(self._retrying(run))
+        rows = self._retrying(run)
+        # unaliased expressions named as PostgreSQL names them (count(*) -> count), as on the other backend
+        return frame_from_arrow(rows.rename_columns(postgres_names(query, rows.column_names)))
 
     def close(self) -> None:
         self._healpix.clear()

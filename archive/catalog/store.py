@@ -212,9 +212,9 @@ def frame_from_arrow(arrow: pa.Table) -> pd.DataFrame:
     pandas dtypes (a float64 would silently corrupt 64-bit ids)."""
     # threads pay off for large tables only; for a cone's few rows they cost more than the work
     df = arrow.to_pandas(ignore_metadata=True, use_threads=arrow.num_rows > 100_000)
-    for field in arrow.schema:
-        if field.type in _NULLABLE and arrow.column(field.name).null_count:
-            df[field.name] = arrow.column(field.name).to_pandas(types_mapper=_NULLABLE.get).array
+    for i, field in enumerate(arrow.schema):  # by position: a query may name two columns alike
+        if field.type in _NULLABLE and arrow.column(i).null_count:
+            df.isetitem(i, arrow.column(i).to_pandas(types_mapper=_NULLABLE.get).array)
     return df
 
 

@@ -1,43 +1,53 @@
-"""DIA commands: ingest dia-sources / alerts / forced, lightcurve, object history."""
+"""DIA commands: ingest dia-sources / alerts / forced, reassociate, lightcurve, object."""
 
 from __future__ import annotations
 
 import os
-import sys
 
 from archive.api import Archive
+from archive.cli.common import columns_option, comma_list, note, repo_option
 from archive.cli.output import add_format_options, emit
-from archive.cli.store import _repo_option
+from archive.cli.progress import Stages
+from archive.cli.store import AS_OF_HELP
+
+RADIUS_HELP = "match radius in arcsec (default: 1; ZTF rows 1.5)"
+OBSERVED_BEFORE_HELP = ("only what was observed before this MJD (TAI): detections and forced photometry with "
+                        "mjd < MJD (unlike --as-of, which is about when rows were written)")
 
 
-def _report(rep) -> None:
-    print(f"associated {rep.n_sources} DIASource(s): {rep.n_new_objects} new DIAObject(s), "
-          f"{rep.n_updated_objects} updated"
-          + (f", {rep.n_replaced_sources} replaced" if rep.n_replaced_sources else "")
-          + (f", {rep.n_reassociated} stored re-associated (late data)" if rep.n_reassociated else "")
-          + (f", {rep.n_duplicates} duplicate(s) of a visit" if rep.n_duplicates else ""), file=sys.stderr)
+def _report(rep, seconds: float) -> None:
+    note(f"associated {rep.n_sources} DIASource(s): {rep.n_new_objects} new DIAObject(s), "
+         f"{rep.n_updated_objects} updated"
+         + (f", {rep.n_replaced_sources} replaced" if rep.n_replaced_sources else "")
+         + (f", {rep.n_reassociated} stored re-associated (late data)" if rep.n_reassociated else "")
+         + (f", {rep.n_duplicates} duplicate(s) of a visit" if rep.n_duplicates else "")
+         + f" in {seconds:.1f} s")
 
 
 def cmd_ingest_dia(args) -> int:
-    with Archive.open(args.repo) as arc:
-        rows = arc.read_files("dia_source", args.files)
-        rep = arc.ingest_dia_sources(rows, radius_arcsec=args.radius, replace=args.replace,
-                                     where=", ".join(map(os.fspath, args.files)))
-    _report(rep)
+    with Archive.open(args.repo) as arc, Stages(["read", "associate and write"]) as st:
+        rows = arc.read_files("dia_source", args.files, progress=st.callback("read"))
+        with st.stage("associate and write"):
+            rep = arc.ingest_dia_sources(rows, radius_arcsec=args.radius, replace=args.replace,
+                                         where=", ".join(map(os.fspath, args.files)))
+    _report(rep, st.seconds)
     return 0
 
 
 def cmd_ingest_forced(args) -> int:
-    with Archive.open(args.repo) as arc:
-        n = arc.ingest_forced(arc.read_files("dia_forced_source", args.files))
-    print(f"wrote {n} forced source(s)", file=sys.stderr)
+    with Archive.open(args.repo) as arc, Stages(["read", "write and summarise"]) as st:
+        rows = arc.read_files("dia_forced_source", args.files, progress=st.callback("read"))
+        with st.stage("write and summarise"):
+            n = arc.ingest_forced(rows)
+    note(f"wrote {n} forced source(s) in {st.seconds:.1f} s")
     return 0
 
 
 def cmd_ingest_alerts(args) -> int:
-    with Archive.open(args.repo) as arc:
-        rep = arc.ingest_alerts(args.files, radius_arcsec=args.radius)
-    _report(rep)
+    with Archive.open(args.repo) as arc, Stages(["read, associate and write"]) as st:
+        with st.stage("read, associate and write"):
+            rep = arc.ingest_alerts(args.files, radius_arcsec=args.radius)
+    _report(rep, st.seconds)
     return 0
 
 
@@ -73,103 +83,153 @@ def cmd_reassociate(args) -> int:
     region = parse_region(args.region)
     with Archive.open(args.repo) as arc:
         rep = arc.reassociate(region, radius_arcsec=args.radius)
-    print(f"re-associated {rep.n_reassociated} DIASource(s): {rep.n_updated_objects} DIAObject(s) "
-          f"rebuilt, {rep.n_new_objects} new, {rep.n_closed_objects} closed, "
-          f"{rep.n_duplicates} duplicate(s) of a visit", file=sys.stderr)
+    note(f"re-associated {rep.n_reassociated} DIASource(s): {rep.n_updated_objects} DIAObject(s) "
+         f"rebuilt, {rep.n_new_objects} new, {rep.n_closed_objects} closed, "
+         f"{rep.n_duplicates} duplicate(s) of a visit")
     return 0
 
 
 def cmd_lightcurve(args) -> int:
-    bands = args.bands.split(",") if args.bands else None
     with Archive.open(args.repo) as arc:
-        lc = arc.light_curve(args.id, bands=bands)
+        lc = arc.light_curve(args.id, bands=args.bands, observed_before=args.observed_before)
     if args.plot:
-        plot_light_curve(lc, args.id, args.plot)
-        print(f"wrote {args.plot}", file=sys.stderr)
-    emit(lc, args.format, args.output)
+        plot_light_curve(lc, args.id, args.plot, units=args.plot_units)
+        note(f"wrote {args.plot}")
+    emit(lc, args)
     return 0
 
 
-def plot_light_curve(lc, object_id: int, path: str) -> None:
-    """Per-band light curve with error bars: detections filled, forced photometry open."""
+#: Plot colours per band.
+COLOURS = {"u": "tab:purple", "g": "tab:green", "r": "tab:red", "i": "tab:orange", "z": "tab:brown",
+           "y": "black", "w": "tab:gray"}
+#: matplotlib date numbers are days since 1970-01-01, which is MJD 40587.
+_MJD_UNIX_EPOCH = 40587.0
+
+
+def light_curve_figure(lc, object_id: int, units: str = "mag"):
+    """Per-band light curve (a matplotlib Figure).
+
+    ``units="mag"``: AB magnitudes, brighter up; detections filled circles, forced
+    photometry of at least 5 sigma open squares, fainter forced (and detection) fluxes
+    as 5-sigma upper limits (downward triangles).  ``units="flux"``: difference flux
+    (nJy) with error bars.  The x axis is MJD (TAI) written out in full, with the UTC
+    calendar date along the top."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
-    colours = {"u": "tab:purple", "g": "tab:green", "r": "tab:red", "i": "tab:orange",
-               "z": "tab:brown", "y": "black", "w": "tab:gray"}
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for band, grp in lc.groupby("band", sort=True):
+        colour = COLOURS.get(band, "tab:blue")
         for kind, marker, face in (("detection", "o", None), ("forced", "s", "none")):
             g = grp[grp["kind"] == kind]
-            if len(g):
-                ax.errorbar(g["mjd"], g["flux"], yerr=g["flux_err"], fmt=marker, ms=5,
-                            color=colours.get(band, "tab:blue"), mfc=face, capsize=2,
-                            label=f"{band} {kind}")
-    ax.axhline(0, color="0.7", lw=0.8)
+            if units == "flux":
+                if len(g):
+                    ax.errorbar(g["mjd"], g["flux"], yerr=g["flux_err"], fmt=marker, ms=5, color=colour,
+                                mfc=face, capsize=2, label=f"{band} {kind}")
+                continue
+            m = g[g["mag"].notna()]
+            if len(m):
+                ax.errorbar(m["mjd"], m["mag"], yerr=m["mag_err"], fmt=marker, ms=5, color=colour, mfc=face,
+                            capsize=2, label=f"{band} {kind}")
+            lim = g[g["mag"].isna() & g["mag_limit"].notna()]
+            if len(lim):
+                ax.plot(lim["mjd"], lim["mag_limit"], "v", ms=6, color=colour, mfc="none", alpha=0.8,
+                        label=f"{band} {kind} 5\u03c3 upper limit", gid=f"limit-{band}-{kind}")
+    if units == "flux":
+        ax.axhline(0, color="0.7", lw=0.8)
+        ax.set_ylabel("difference flux [nJy]")
+    else:
+        if not ax.yaxis_inverted():
+            ax.invert_yaxis()
+        ax.set_ylabel("difference-flux AB magnitude")
+    fmt = ScalarFormatter(useOffset=False)
+    fmt.set_scientific(False)
+    ax.xaxis.set_major_formatter(fmt)
     ax.set_xlabel("MJD (TAI)")
-    ax.set_ylabel("difference flux [nJy]")
+    top = ax.secondary_xaxis("top", functions=(lambda m: m - _MJD_UNIX_EPOCH, lambda d: d + _MJD_UNIX_EPOCH))
+    loc = mdates.AutoDateLocator(minticks=3, maxticks=7)
+    top.xaxis.set_major_locator(loc)
+    top.xaxis.set_major_formatter(mdates.ConciseDateFormatter(loc))
+    top.set_xlabel("date (UTC)")
     ax.set_title(f"DIAObject {object_id}")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_light_curve(lc, object_id: int, path: str, units: str = "mag") -> None:
+    import matplotlib.pyplot as plt
+
+    fig = light_curve_figure(lc, object_id, units)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def cmd_object(args) -> int:
     with Archive.open(args.repo) as arc:
-        df = arc.history(args.id) if args.history else arc.get("dia_object", [args.id], as_of=args.as_of)
-    emit(df, args.format, args.output)
+        df = arc.object(args.id, as_of=args.as_of, history=args.history, observed_before=args.observed_before,
+                        columns=args.columns)
+    emit(df, args, "dia_object")
     return 0
 
 
 def register(sub) -> None:
     ingest = sub.choices["ingest"].kinds
     p = ingest.add_parser("dia-sources", help="associate DIASource files with DIAObjects (incremental)")
-    _repo_option(p)
+    repo_option(p)
     p.add_argument("files", metavar="FILE", nargs="+")
-    p.add_argument("--radius", type=float, default=None,
-                   help="match radius in arcsec (default 1; ZTF rows 1.5)")
+    p.add_argument("--radius", type=float, default=None, help=RADIUS_HELP)
     p.add_argument("--replace", action="store_true",
                    help="re-ingest exposures already stored, undoing their old contribution")
     p.set_defaults(func=cmd_ingest_dia)
 
     p = ingest.add_parser("forced", help="store forced photometry and update DIAObject forced-flux summaries")
-    _repo_option(p)
+    repo_option(p)
     p.add_argument("files", metavar="FILE", nargs="+")
     p.set_defaults(func=cmd_ingest_forced)
 
     p = ingest.add_parser("alerts", help="ingest ZTF / LSST alert packets (Avro, Parquet, tar.gz) and associate")
-    _repo_option(p)
+    repo_option(p)
     p.add_argument("files", metavar="FILE", nargs="+")
-    p.add_argument("--radius", type=float, default=None,
-                   help="match radius in arcsec (default 1; ZTF rows 1.5)")
+    p.add_argument("--radius", type=float, default=None, help=RADIUS_HELP)
     p.set_defaults(func=cmd_ingest_alerts)
 
     p = sub.add_parser("reassociate", help="rebuild the DIAObjects of a region from its DIASources, "
                                            "in time order")
-    _repo_option(p)
+    repo_option(p)
     p.add_argument("region", metavar="REGION", nargs="?", default=None,
                    help="cone:RA,DEC,RADIUS_ARCSEC | box:RA_MIN,RA_MAX,DEC_MIN,DEC_MAX | "
                         "polygon:RA1,DEC1,RA2,DEC2,RA3,DEC3,... (degrees); default: everything")
-    p.add_argument("--radius", type=float, default=None,
-                   help="match radius in arcsec (default 1; ZTF rows 1.5)")
+    p.add_argument("--radius", type=float, default=None, help=RADIUS_HELP)
     p.set_defaults(func=cmd_reassociate)
 
-    p = sub.add_parser("lightcurve", help="detections and forced photometry of one DIAObject")
-    _repo_option(p)
+    p = sub.add_parser("lightcurve", help="detections and forced photometry of one DIAObject (flux and AB mag)")
+    repo_option(p)
     p.add_argument("id", type=int, metavar="ID")
-    p.add_argument("--bands", help="comma-separated bands")
-    p.add_argument("--plot", metavar="FILE.png", help="also draw a per-band plot with error bars")
+    p.add_argument("--bands", type=comma_list, metavar="B,B,...", help="only these bands (default: all)")
+    p.add_argument("--observed-before", type=float, dest="observed_before", metavar="MJD",
+                   help=OBSERVED_BEFORE_HELP)
+    p.add_argument("--plot", metavar="FILE.png", help="also draw the light curve per band")
+    p.add_argument("--plot-units", dest="plot_units", choices=["mag", "flux"], default="mag",
+                   help="plot AB magnitudes with 5-sigma upper limits, or difference flux (nJy) with error bars")
     add_format_options(p)
     p.set_defaults(func=cmd_lightcurve)
 
-    p = sub.add_parser("object", help="one DIAObject: current version, --as-of MJD, or --history")
-    _repo_option(p)
+    p = sub.add_parser("object", help="one DIAObject: current version, --as-of MJD, --history, or "
+                                      "--observed-before MJD")
+    repo_option(p)
     p.add_argument("id", type=int, metavar="ID")
-    p.add_argument("--as-of", type=float, dest="as_of", metavar="MJD",
-                   help="the version the archive held at this MJD (TAI)")
-    p.add_argument("--history", action="store_true", help="every version with its validity interval")
+    columns_option(p)
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--as-of", type=float, dest="as_of", metavar="MJD", help=AS_OF_HELP)
+    when.add_argument("--history", action="store_true", help="every version with its validity interval")
+    when.add_argument("--observed-before", type=float, dest="observed_before", metavar="MJD",
+                      help="the summaries recomputed from the DIASources and forced photometry observed "
+                           "before this MJD (TAI), with today's association")
     add_format_options(p)
     p.set_defaults(func=cmd_object)

@@ -9,79 +9,67 @@
 from __future__ import annotations
 
 import os
-import sys
-
 
 from archive.api import Archive
+from archive.cli.common import note, positive_float, repo_option
 from archive.cli.output import add_format_options, emit
-from archive.cli.store import _repo_option
-from archive.errors import ValidationError
+from archive.cli.progress import Stages
 
 
 def _region(args):
     from archive.sky.regions import Cone
 
-    if not args.radius_deg > 0:
-        raise ValidationError(f"--radius-deg must be positive, got {args.radius_deg}")
     return Cone(args.ra, args.dec, args.radius_deg)
 
 
 def cmd_ingest(args) -> int:
-    from archive.catalog.matched_ingest import ingest_sources
-
-    with Archive.open(args.repo) as arc:
-        rows = arc.read_files("source", args.files)
-        rep = ingest_sources(arc.store, rows, radius_arcsec=args.radius, replace=args.replace,
-                             where=", ".join(map(os.fspath, args.files)))
-    print(f"matched {rep.n_sources} source(s) on {len(rep.exposure_ids)} exposure(s): "
-          f"{rep.n_new} new matched source(s), {rep.n_updated} updated"
-          + (f", {rep.n_replaced_sources} replaced" if rep.n_replaced_sources else "")
-          + (f", {rep.n_removed} removed" if rep.n_removed else ""), file=sys.stderr)
+    with Archive.open(args.repo) as arc, Stages(["read", "match and write"]) as st:
+        rows = arc.read_files("source", args.files, progress=st.callback("read"))
+        with st.stage("match and write"):
+            rep = arc.ingest_sources(rows, radius_arcsec=args.radius, replace=args.replace,
+                                     where=", ".join(map(os.fspath, args.files)))
+    note(f"matched {rep.n_sources} source(s) on {len(rep.exposure_ids)} exposure(s): "
+         f"{rep.n_new} new matched source(s), {rep.n_updated} updated"
+         + (f", {rep.n_replaced_sources} replaced" if rep.n_replaced_sources else "")
+         + (f", {rep.n_removed} removed" if rep.n_removed else "") + f" in {st.seconds:.1f} s")
     return 0
 
 
 def cmd_zeropoints(args) -> int:
-    from archive.catalog.matched_ingest import relative_photometry
-
     with Archive.open(args.repo) as arc:
-        rp = relative_photometry(arc.store, _region(args), args.band)
-    print(f"{len(rp.zero_points)} epoch(s), {rp.reference.size} reference star(s); "
-          f"median rms {rp.rms_before:.4f} -> {rp.rms_after:.4f} mag", file=sys.stderr)
-    emit(rp.zero_points, args.format, args.output)
+        rp = arc.relative_photometry(_region(args), args.band)
+    note(f"{len(rp.zero_points)} epoch(s), {rp.reference.size} reference star(s); "
+         f"median rms {rp.rms_before:.4f} -> {rp.rms_after:.4f} mag")
+    emit(rp.zero_points, args)
     return 0
 
 
 def cmd_rms(args) -> int:
-    from archive.catalog.matched_ingest import rms_curve
-
     with Archive.open(args.repo) as arc:
-        table = rms_curve(arc.store, _region(args), args.band, relative=not args.raw,
-                          min_epochs=args.min_epochs, plot=args.plot)
+        table = arc.rms_curve(_region(args), args.band, relative=not args.raw, min_epochs=args.min_epochs,
+                              plot=args.plot)
     if args.plot:
-        print(f"wrote {args.plot}", file=sys.stderr)
-    print(f"{len(table)} matched source(s), {int(table['outlier'].sum())} above the rms curve",
-          file=sys.stderr)
-    emit(table, args.format, args.output)
+        note(f"wrote {args.plot}")
+    note(f"{len(table)} matched source(s), {int(table['outlier'].sum())} above the rms curve")
+    emit(table, args)
     return 0
 
 
 def cmd_matrix(args) -> int:
-    from archive.catalog.matched_ingest import export_epoch_matrix
-
     with Archive.open(args.repo) as arc:
-        path, mat = export_epoch_matrix(arc.store, _region(args), args.band, args.property,
-                                        args.output, relative=args.relative)
+        path, mat = arc.export_epoch_matrix(_region(args), args.band, args.property, args.output,
+                                            relative=args.relative)
     n_seen = int(mat.notna().to_numpy().sum())
-    print(f"wrote {path}: {mat.shape[0]} epoch(s) x {mat.shape[1]} matched source(s) of "
-          f"{args.property}, {n_seen} measured, {mat.size - n_seen} NaN", file=sys.stderr)
+    note(f"wrote {path}: {mat.shape[0]} epoch(s) x {mat.shape[1]} matched source(s) of "
+         f"{args.property}, {n_seen} measured, {mat.size - n_seen} NaN")
     return 0
 
 
 def _field_options(p) -> None:
-    _repo_option(p)
+    repo_option(p)
     p.add_argument("--ra", type=float, required=True, help="field centre right ascension (deg)")
     p.add_argument("--dec", type=float, required=True, help="field centre declination (deg)")
-    p.add_argument("--radius-deg", dest="radius_deg", type=float, required=True,
+    p.add_argument("--radius-deg", dest="radius_deg", type=positive_float, required=True,
                    help="field radius (deg)")
     p.add_argument("--band", required=True, help="filter band")
 
@@ -92,30 +80,30 @@ def register(sub) -> None:
     msub.required = True
 
     q = msub.add_parser("ingest", help="match per-epoch source files (Parquet, CSV, FITS) into matched sources")
-    _repo_option(q)
+    repo_option(q)
     q.add_argument("files", metavar="FILE", nargs="+")
-    q.add_argument("--radius", type=float, default=1.0, help="match radius in arcsec (default 1)")
+    q.add_argument("--radius", type=positive_float, default=1.0, help="match radius in arcsec")
     q.add_argument("--replace", action="store_true",
                    help="re-ingest exposures already stored, undoing their old contribution")
     q.set_defaults(func=cmd_ingest)
 
     q = msub.add_parser("zeropoints", help="each epoch's relative zero-point offset (mag) in a field")
     _field_options(q)
-    add_format_options(q)
+    add_format_options(q, names=False)
     q.set_defaults(func=cmd_zeropoints)
 
     q = msub.add_parser("rms", help="rms-versus-magnitude diagnostic of a field (table, optional plot)")
     _field_options(q)
     q.add_argument("--raw", action="store_true", help="without relative photometry")
     q.add_argument("--min-epochs", dest="min_epochs", type=int, default=3,
-                   help="sources seen on fewer epochs are left out (default 3)")
+                   help="sources seen on fewer epochs are left out")
     q.add_argument("--plot", metavar="FILE.png", help="also draw rms versus magnitude")
-    add_format_options(q)
+    add_format_options(q, names=False)
     q.set_defaults(func=cmd_rms)
 
     q = msub.add_parser("matrix", help="epochs x matched sources matrix of a source column (NaN where unseen)")
     _field_options(q)
-    q.add_argument("--property", default="psf_flux", help="source column (default psf_flux)")
+    q.add_argument("--property", default="psf_flux", help="source column")
     q.add_argument("--relative", action="store_true", help="apply the relative zero points to fluxes")
     q.add_argument("-o", "--output", required=True, metavar="FILE.parquet|FILE.h5",
                    help="output file; the suffix picks Parquet or HDF5")

@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import pathlib
 import sys
 
 from archive.api import Archive
-from archive.cli.store import _repo_option
+from archive.cli.common import expand_paths, note, repo_option
 from archive.errors import ArchiveError
-
-
-def _expand(patterns) -> list[pathlib.Path]:
-    out = []
-    for pat in patterns:
-        p = pathlib.Path(pat)
-        if p.is_dir():
-            out += sorted(p.rglob("*.fits"))
-        else:
-            hits = sorted(glob.glob(pat))
-            out += [pathlib.Path(h) for h in hits] if hits else [p]
-    return out
 
 
 def _summary(rep) -> str:
@@ -32,11 +19,11 @@ def _summary(rep) -> str:
 
 
 def cmd_process(args) -> int:
-    calib = _expand([args.calib]) if args.calib else []
+    calib = expand_paths([args.calib]) if args.calib else []
     with Archive.open(args.repo) as arc:
-        rep = arc.process_raws(_expand(args.raw), calib, refcat=args.refcat,
+        rep = arc.process_raws(expand_paths(args.raw), calib, refcat=args.refcat,
                                products=args.products, workers=args.workers)
-    print(_summary(rep), file=sys.stderr)
+    note(_summary(rep))
     for eid, why in sorted(rep.uncalibrated.items()):
         print(f"  uncalibrated {eid}: {why}", file=sys.stderr)
     for eid, why in sorted(rep.rejected.items()):
@@ -48,18 +35,18 @@ def cmd_process(args) -> int:
 
 def cmd_demo(args) -> int:
     """Simulate a survey, create an archive, process every raw frame, summarize."""
+    from archive.cli.sim import simulate_with_progress
     from archive.sim.config import SimConfig
-    from archive.sim.survey import simulate_survey
 
     out = pathlib.Path(args.directory)
     if out.exists() and any(out.iterdir()):
         raise ArchiveError(f"{out} exists and is not empty; choose a new directory")
     data, repo = out / "data", out / "archive"
-    simulate_survey(data, SimConfig(seed=args.seed, n_epochs=args.epochs, size=args.size))
+    simulate_with_progress(data, SimConfig(seed=args.seed, n_epochs=args.epochs, size=args.size))
     with Archive.init(repo) as arc:
         rep = arc.process_raws(sorted((data / "raw").rglob("*.fits")), sorted((data / "calib").rglob("*.fits")),
                                refcat=data / "refcat.parquet", workers=args.workers)
-        print(_summary(rep), file=sys.stderr)
+        note(_summary(rep))
         print(arc.sql("SELECT visit, band, round(mjd_mid, 4) AS mjd, status, round(seeing, 2) AS seeing_arcsec, "
                       "round(zero_point, 3) AS zero_point, round(lim_mag, 2) AS lim_mag FROM exposure ORDER BY visit")
               .to_string(index=False))
@@ -78,7 +65,7 @@ def cmd_demo(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("process", help="raw frames or calibrated IMAGE/MASK/VARIANCE exposures -> calexps "
                                        "(FITS) + source rows, resumable, parallel")
-    _repo_option(p)
+    repo_option(p)
     p.add_argument("raw", nargs="+", metavar="RAW",
                    help="raw science frames, or other pipelines' calibrated exposures (multi-extension FITS "
                         "with IMAGE, MASK, VARIANCE HDUs: no ISR), files or directories")
@@ -88,13 +75,14 @@ def register(sub) -> None:
     p.add_argument("--refcat", metavar="FILE", help="reference catalog (Parquet/CSV/FITS: ra, dec, band mags)")
     p.add_argument("--products", metavar="DIR",
                    help="where calexps are written (default: ARCHIVE/products for a directory archive)")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="worker processes")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)),
+                   help="worker processes (default: the number of cores)")
     p.set_defaults(func=cmd_process)
 
     p = sub.add_parser("demo", help="simulate a small survey and run the whole chain into a new archive")
-    p.add_argument("directory", metavar="DIR")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--size", type=int, default=1024, help="detector size in pixels (default 1024)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("directory", metavar="DIR", help="a new (or empty) directory for the data and the archive")
+    p.add_argument("--epochs", type=int, default=4, help="number of visits")
+    p.add_argument("--size", type=int, default=1024, help="detector size in pixels")
+    p.add_argument("--seed", type=int, default=1, help="random seed of the simulation")
+    p.add_argument("--workers", type=int, default=1, help="worker processes")
     p.set_defaults(func=cmd_demo)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from archive.errors import ArchiveError
 
@@ -16,7 +15,7 @@ def _bands(text: str) -> tuple[str, ...]:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("sim", help="simulate a small survey with truth tables",
+    p = sub.add_parser("sim", help="simulate a small survey with truth tables (defaults: SimConfig's)",
                        description="Simulate raw frames, calibration frames, truth tables (Parquet), a reference "
                                    "catalog and a manifest into OUTDIR; deterministic from --seed.")
     p.add_argument("outdir", metavar="OUTDIR", help="output directory (absent or empty unless --overwrite)")
@@ -67,25 +66,39 @@ def _config(args):
     return SimConfig.from_dict(fields)
 
 
-def cmd_sim(args) -> int:
+def simulate_with_progress(outdir, config, overwrite: bool = False) -> dict:
+    """:func:`archive.sim.simulate_survey` with named stages (calibration frames, raw frames,
+    truth tables) and a bar on a terminal."""
+    from archive.cli.progress import Stages
     from archive.sim import simulate_survey
 
-    config = _config(args)
-    tty = sys.stderr.isatty()
+    n_cal = config.n_detectors * (config.n_bias + config.n_dark + config.n_flat * len(config.bands))
+    names = ["calibration frames", "raw frames", "truth tables"]
+    with Stages(names) as st:
+        cal = st.callback("calibration frames", total=n_cal) if n_cal else None
+        raw = st.callback("raw frames", total=None)
+        state: dict = {}
 
-    def progress(done: int, total: int, what: str) -> None:
-        if tty:
-            width = 30
-            filled = int(width * done / total)
-            print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {what:<32}", end="", file=sys.stderr,
-                  flush=True)
-            if done == total:
-                print(file=sys.stderr)
+        def progress(done: int, total: int, what: str) -> None:
+            if done <= n_cal and cal is not None:
+                cal(done, n_cal, what)
+            else:
+                raw(done - n_cal, total - n_cal, what)
+                if done == total:
+                    state["truth"] = st.stage("truth tables").__enter__()
 
-    try:
-        manifest = simulate_survey(args.outdir, config, overwrite=args.overwrite, progress=progress)
-    except OSError as exc:
-        raise ArchiveError(f"cannot write {args.outdir}: {exc}") from exc
+        try:
+            manifest = simulate_survey(outdir, config, overwrite=overwrite, progress=progress)
+        except OSError as exc:
+            raise ArchiveError(f"cannot write {outdir}: {exc}") from exc
+        finally:
+            if "truth" in state:
+                state.pop("truth").__exit__(None, None, None)
+    return manifest
+
+
+def cmd_sim(args) -> int:
+    manifest = simulate_with_progress(args.outdir, _config(args), overwrite=args.overwrite)
     c = manifest["counts"]
     kinds = ", ".join(f"{v} {k}" for k, v in sorted(c["objects"].items()))
     print(f"wrote {c['raws']} raw frame(s), {c['calib_frames']} calibration frame(s), {c['refcat']} reference "

@@ -1,18 +1,16 @@
-"""Store commands: init, db upgrade, ingest catalog, cone, sql, schema."""
+"""Store commands: init, db upgrade / grant-read-only, ingest catalog, cone, get, sql, compact,
+recover, schema."""
 
 from __future__ import annotations
 
-import argparse
-import sys
-
-from archive.api import REPO_ENV, Archive, resolve_repo
+from archive.api import Archive
+from archive.cli.common import columns_option, note, positive_float, repo_option
 from archive.cli.output import add_format_options, emit
+from archive.cli.progress import Stages
 from archive.errors import ArchiveError
 
-
-def _repo_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repo", metavar="PATH|URL",
-                   help=f"archive directory or postgresql+psycopg:// URL (default: ${REPO_ENV})")
+AS_OF_HELP = ("dia_object: the versions the archive held at this MJD (TAI) -- when rows were *written*, not "
+              "when the sky was observed (see --observed-before on `archive object`); default: current")
 
 
 def cmd_init(args) -> int:
@@ -22,91 +20,76 @@ def cmd_init(args) -> int:
 
 
 def cmd_db_upgrade(args) -> int:
-    from archive.catalog.migrate import current_revision, upgrade
-    from archive.catalog.postgres_store import normalize_url
-
-    url = resolve_repo(args.repo)
-    if "://" not in url:
-        raise ArchiveError(f"`archive db upgrade` needs a PostgreSQL URL; {url!r} is a directory store")
-    url = normalize_url(url)
-    before = _safe(lambda: current_revision(url), url)
-    after = _safe(lambda: upgrade(url, args.revision), url)
+    before, after = Archive.upgrade(args.repo, args.revision)
     print(f"database at revision {after} (was {before or 'empty'})")
     return 0
 
 
 def cmd_db_grant_read_only(args) -> int:
-    from archive.catalog.migrate import grant_read_only
-    from archive.catalog.postgres_store import normalize_url
-
-    url = resolve_repo(args.repo)
-    if "://" not in url:
-        raise ArchiveError("`archive db grant-read-only` needs a PostgreSQL URL")
-    url = normalize_url(url)
-    for line in _safe(lambda: grant_read_only(url, args.role), url):
+    for line in Archive.grant_read_only(args.role, args.repo):
         print(line)
     print(f"role {args.role} can read (SELECT) every archive table and write none")
     return 0
 
 
-def _safe(fn, url):
-    import sqlalchemy as sa
-
-    try:
-        return fn()
-    except sa.exc.OperationalError as exc:
-        raise ArchiveError(f"cannot connect to {sa.engine.make_url(url).render_as_string(True)}: "
-                           f"{str(exc.orig).strip().splitlines()[0]}") from None
-
-
 def cmd_ingest_catalog(args) -> int:
-    with Archive.open(args.repo) as arc:
-        n = arc.ingest_files(args.table, args.files)
-    print(f"wrote {n} row(s) to {args.table} from {len(args.files)} file(s)", file=sys.stderr)
+    with Archive.open(args.repo) as arc, Stages(["read", "write"]) as st:
+        rows = arc.read_files(args.table, args.files, progress=st.callback("read"))
+        with st.stage("write"):
+            n = arc.write(args.table, rows, where=", ".join(args.files))
+    note(f"wrote {n} row(s) to {args.table} from {len(args.files)} file(s) in {st.seconds:.1f} s")
     return 0
 
 
 def cmd_cone(args) -> int:
-    cols = args.columns.split(",") if args.columns else None
     with Archive.open(args.repo) as arc:
-        df = arc.cone(args.table, args.ra, args.dec, args.radius, columns=cols, as_of=args.as_of)
-    emit(df, args.format, args.output)
+        df = arc.cone(args.table, args.ra, args.dec, args.radius, columns=args.columns, as_of=args.as_of)
+    emit(df, args, args.table)
+    return 0
+
+
+def _ids(texts) -> list[int]:
+    try:
+        return [int(t) for t in texts]
+    except ValueError:
+        bad = next(t for t in texts if not t.lstrip("-").isdigit())
+        raise ArchiveError(f"id {bad!r} is not an integer") from None
+
+
+def cmd_get(args) -> int:
+    with Archive.open(args.repo) as arc:
+        df = arc.get(args.table, _ids(args.ids), columns=args.columns, as_of=args.as_of, require_all=True)
+    emit(df, args, args.table)
     return 0
 
 
 def cmd_sql(args) -> int:
     with Archive.open(args.repo) as arc:
         df = arc.sql(args.query, timeout=args.timeout)
-    emit(df, args.format, args.output)
+    emit(df, args)
     return 0
 
 
 def cmd_compact(args) -> int:
     with Archive.open(args.repo) as arc:
-        if arc.backend != "parquet":
-            raise ArchiveError("compact applies to a Parquet archive (Postgres manages its own storage)")
-        removed = arc.store.compact(args.tables or None)
-    print(f"merged away {sum(removed.values())} file(s): "
-          + ", ".join(f"{k} {v}" for k, v in removed.items() if v), file=sys.stderr)
+        removed = arc.compact(args.tables)
+    note(f"merged away {sum(removed.values())} file(s)"
+         + "".join(f", {k} {v}" for k, v in removed.items() if v))
     return 0
 
 
 def cmd_recover(args) -> int:
     with Archive.open(args.repo) as arc:
         gen = arc.recover()
-    print(f"manifest restored at generation {gen}", file=sys.stderr)
+    note(f"manifest restored at generation {gen}")
     return 0
 
 
 def cmd_schema(args) -> int:
-    from archive.catalog.schema import load_schema, markdown_docs
-
     if args.table:
-        t = load_schema()[args.table]
-        for c in t.columns:
-            print(f"{c.name:32s} {c.type:9s} {c.unit or '':8s} {c.description}")
+        emit(Archive.describe_table(args.table), args)
     else:
-        print(markdown_docs())
+        print(Archive.schema_markdown())
     return 0
 
 
@@ -114,18 +97,18 @@ def register(sub) -> None:
     p = sub.add_parser("init", help="create an empty archive (directory) or set up a Postgres database")
     p.add_argument("target", metavar="PATH|URL")
     p.add_argument("--order", type=int, default=None,
-                   help="HEALPix partition order of a Parquet store (default 5)")
+                   help="HEALPix partition order of a Parquet store (default: 5)")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("db", help="database maintenance (Postgres)")
     dbsub = p.add_subparsers(dest="db_command", metavar="ACTION")
     dbsub.required = True
     up = dbsub.add_parser("upgrade", help="bring a Postgres database to the newest schema revision")
-    _repo_option(up)
-    up.add_argument("--revision", default="head", help="target revision (default: head)")
+    repo_option(up)
+    up.add_argument("--revision", default="head", help="target Alembic revision")
     up.set_defaults(func=cmd_db_upgrade)
     ro = dbsub.add_parser("grant-read-only", help="create a login role with SELECT-only grants (for SQL users)")
-    _repo_option(ro)
+    repo_option(ro)
     ro.add_argument("role", metavar="ROLE")
     ro.set_defaults(func=cmd_db_grant_read_only)
 
@@ -134,41 +117,55 @@ def register(sub) -> None:
     isub.required = True
     p.kinds = isub  # other command modules add their ingest kinds here
     cat = isub.add_parser("catalog", help="validated bulk load of catalog files (Parquet, CSV, FITS) into a table")
-    _repo_option(cat)
+    repo_option(cat)
     cat.add_argument("table", metavar="TABLE")
     cat.add_argument("files", metavar="FILE", nargs="+")
     cat.set_defaults(func=cmd_ingest_catalog)
 
-    p = sub.add_parser("cone", help="cone search: rows of TABLE within RADIUS arcsec of RA DEC (deg)")
-    _repo_option(p)
+    p = sub.add_parser("cone", help="cone search: rows of TABLE within RADIUS arcsec of RA DEC (deg), nearest first")
+    repo_option(p)
     p.add_argument("table", metavar="TABLE")
-    p.add_argument("ra", type=float, metavar="RA")
-    p.add_argument("dec", type=float, metavar="DEC")
-    p.add_argument("radius", type=float, metavar="RADIUS", help="arcsec")
-    p.add_argument("--columns", help="comma-separated column list")
-    p.add_argument("--as-of", type=float, dest="as_of", metavar="MJD",
-                   help="dia_object: the versions the archive held at this MJD (TAI); default: current")
+    p.add_argument("ra", type=float, metavar="RA", help="right ascension of the centre (deg)")
+    p.add_argument("dec", type=float, metavar="DEC", help="declination of the centre (deg)")
+    p.add_argument("radius", type=positive_float, metavar="RADIUS", help="radius (arcsec)")
+    columns_option(p)
+    p.add_argument("--as-of", type=float, dest="as_of", metavar="MJD", help=AS_OF_HELP)
     add_format_options(p)
     p.set_defaults(func=cmd_cone)
 
-    p = sub.add_parser("sql", help="run one read-only SQL query (a single SELECT; see README)")
-    _repo_option(p)
+    p = sub.add_parser("get", help="rows of TABLE by id (its first primary-key column); a missing id is an error")
+    repo_option(p)
+    p.add_argument("table", metavar="TABLE")
+    p.add_argument("ids", metavar="ID", nargs="+")
+    columns_option(p)
+    p.add_argument("--as-of", type=float, dest="as_of", metavar="MJD", help=AS_OF_HELP)
+    add_format_options(p)
+    p.set_defaults(func=cmd_get)
+
+    p = sub.add_parser("sql", help="run one read-only SQL query (a single SELECT; see README)",
+                       description="Run one read-only SQL query: PostgreSQL's dialect on a PostgreSQL archive, "
+                                   "DuckDB's on a Parquet archive.  Unaliased aggregates are named as "
+                                   "PostgreSQL names them on both (count(*) -> count).")
+    repo_option(p)
     p.add_argument("query", metavar="QUERY")
-    p.add_argument("--timeout", type=float, default=None, metavar="S",
+    p.add_argument("--timeout", type=positive_float, default=None, metavar="S",
                    help="cancel the query after S seconds (default: 300)")
     add_format_options(p)
     p.set_defaults(func=cmd_sql)
 
     p = sub.add_parser("compact", help="Parquet archive: merge each partition's files into one")
-    _repo_option(p)
-    p.add_argument("tables", nargs="*", metavar="TABLE")
+    repo_option(p)
+    p.add_argument("tables", nargs="*", metavar="TABLE", help="tables to compact (default: all)")
     p.set_defaults(func=cmd_compact)
 
     p = sub.add_parser("recover", help="Parquet archive: restore a corrupt manifest.json from its "
                                        "newest intact committed copy")
-    _repo_option(p)
+    repo_option(p)
     p.set_defaults(func=cmd_recover)
 
-    p = sub.add_parser("schema", help="print the schema (Markdown) or one table's columns")
-    p.add_argument("table", nargs="?", metavar="TABLE")
+    p = sub.add_parser("schema", help="the schema as Markdown, or one table's columns (type, unit, UCD)",
+                       description="Without TABLE: the whole schema as Markdown (docs/schema.md is "
+                                   "`archive schema > docs/schema.md`).  With TABLE: its columns.")
+    p.add_argument("table", nargs="?", metavar="TABLE", help="one table (default: the whole schema)")
+    add_format_options(p, names=False)
     p.set_defaults(func=cmd_schema)

@@ -37,7 +37,7 @@ def test_dia_workflow(repo, tmp_path, capsys):
     assert "10 replaced" in capsys.readouterr().err
     assert main(["cone", "--repo", repo, "dia_object", "80.005", "-29.995", "60", "--format", "json",
                  "--columns", "dia_object_id,n_dia_sources,r_psf_flux_max"]) == 0
-    objs = [json.loads(x) for x in capsys.readouterr().out.split("\n") if x]
+    objs = json.loads(capsys.readouterr().out)  # one JSON document
     assert len(objs) == 10 and all(o["n_dia_sources"] == 2 for o in objs)
     assert all(o["r_psf_flux_max"] == 5002.0 for o in objs)
     oid = objs[0]["dia_object_id"]

@@ -61,7 +61,7 @@ def test_ingest_three_formats_then_query(repo, tmp_path, capsys):
     capsys.readouterr()
     assert main(["sql", "--repo", repo, "--format", "csv", "SELECT count(*) AS n FROM dia_source"]) == 0
     assert capsys.readouterr().out.strip().splitlines() == ["n", "60"]
-    assert main(["cone", "--repo", repo, "dia_source", "30", "-5", "60", "--format", "json"]) == 0
+    assert main(["cone", "--repo", repo, "dia_source", "30", "-5", "60", "--format", "jsonl"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert len(lines) == 60 and {"dia_source_id", "distance_arcsec"} <= set(lines[0])
 
