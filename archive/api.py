@@ -179,9 +179,9 @@ class Archive:
     @staticmethod
     def describe_table(table: str) -> pd.DataFrame:
         """One table's columns: name, type, unit, ucd, nullable, description."""
+        t = Archive.schema_table(table)  # a wrong name fails before pandas loads
         import pandas as pd
 
-        t = Archive.schema_table(table)
         return pd.DataFrame([{"name": c.name, "type": c.type, "unit": c.unit or "", "ucd": c.ucd or "",
                               "nullable": c.nullable, "description": c.description} for c in t.columns])
 

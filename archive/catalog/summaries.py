@@ -236,19 +236,27 @@ def _flux_sums(out: dict[str, np.ndarray], pos: np.ndarray, band: np.ndarray,
             raise ValidationError(f"removing {kind} fluxes that were never added "
                                   f"(band {b}, dia_object_id "
                                   f"{out['dia_object_id'][nd < 0][:3].tolist()})")
-        mn, mx = out[f"{pre}_min"], out[f"{pre}_max"]
-        if sign > 0:
-            np.fmin.at(mn, p, fs)
-            np.fmax.at(mx, p, fs)
-        else:
-            hit = (fs <= mn[p]) | (fs >= mx[p])
-            stale[p[hit]] = True
-            gone = nd == 0
-            mn[gone] = np.nan
-            mx[gone] = np.nan
-            for sname in _FLUX_SUMS:  # no data left: exact zeros, not rounding residue
-                out[f"{pre}_{sname}"][gone] = 0.0
+        _extremes(out[f"{pre}_min"], out[f"{pre}_max"], p, fs, sign, stale, nd == 0,
+                  [out[f"{pre}_{sname}"] for sname in _FLUX_SUMS])
     return stale
+
+
+def _extremes(lo: np.ndarray, hi: np.ndarray, pos: np.ndarray, values: np.ndarray, sign: int,
+              stale: np.ndarray, gone: np.ndarray, sums: list[np.ndarray]) -> None:
+    """Running extremes, in place: adding widens [lo, hi] at rows ``pos``; removing a value
+    that was an extreme marks its row ``stale`` (:func:`recompute_extrema` redoes it), and
+    rows left without data (``gone``) get NaN extremes and exact-zero ``sums`` (not
+    rounding residue)."""
+    if sign > 0:
+        np.fmin.at(lo, pos, values)
+        np.fmax.at(hi, pos, values)
+        return
+    hit = (values <= lo[pos]) | (values >= hi[pos])
+    stale[pos[hit]] = True
+    lo[gone] = np.nan
+    hi[gone] = np.nan
+    for col in sums:
+        col[gone] = 0.0
 
 
 def apply_sources(objects: pd.DataFrame, sources: pd.DataFrame, sign: int = +1, *,
@@ -293,19 +301,8 @@ def apply_sources(objects: pd.DataFrame, sources: pd.DataFrame, sign: int = +1, 
     if (cnt < 0).any():
         raise ValidationError("removing DIASources that were never added to dia_object_id "
                               f"{out['dia_object_id'][cnt < 0][:3].tolist()}")
-    first, last = out["first_mjd"], out["last_mjd"]
     stale = np.zeros(n, dtype=bool)
-    if sign > 0:
-        np.fmin.at(first, pos, mjd)
-        np.fmax.at(last, pos, mjd)
-    else:
-        hit = (mjd <= first[pos]) | (mjd >= last[pos])
-        stale[pos[hit]] = True
-        gone = cnt == 0
-        first[gone] = np.nan
-        last[gone] = np.nan
-        for col in _POS_SUMS:
-            out[col][gone] = 0.0
+    _extremes(out["first_mjd"], out["last_mjd"], pos, mjd, sign, stale, cnt == 0, [out[c] for c in _POS_SUMS])
     band = _band_codes(sources, "sources")
     stale |= _flux_sums(out, pos, band, _num(sources, "psf_flux", "sources", False),
                         _num(sources, "psf_flux_err", "sources", False), "psf", sign)

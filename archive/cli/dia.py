@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 from archive.api import Archive
 from archive.cli.common import columns_option, comma_list, note, repo_option
 from archive.cli.output import add_format_options, emit
-from archive.cli.progress import Stages
+from archive.cli.progress import Stages, read_then
 from archive.cli.store import AS_OF_HELP
 
 RADIUS_HELP = "match radius in arcsec (default: 1; ZTF rows 1.5)"
@@ -25,21 +23,19 @@ def _report(rep, seconds: float) -> None:
 
 
 def cmd_ingest_dia(args) -> int:
-    with Archive.open(args.repo) as arc, Stages(["read", "associate and write"]) as st:
-        rows = arc.read_files("dia_source", args.files, progress=st.callback("read"))
-        with st.stage("associate and write"):
-            rep = arc.ingest_dia_sources(rows, radius_arcsec=args.radius, replace=args.replace,
-                                         where=", ".join(map(os.fspath, args.files)))
-    _report(rep, st.seconds)
+    with Archive.open(args.repo) as arc:
+        rep, seconds = read_then(arc, "dia_source", args.files, "associate and write",
+                                 lambda rows, where: arc.ingest_dia_sources(
+                                     rows, radius_arcsec=args.radius, replace=args.replace, where=where))
+    _report(rep, seconds)
     return 0
 
 
 def cmd_ingest_forced(args) -> int:
-    with Archive.open(args.repo) as arc, Stages(["read", "write and summarise"]) as st:
-        rows = arc.read_files("dia_forced_source", args.files, progress=st.callback("read"))
-        with st.stage("write and summarise"):
-            n = arc.ingest_forced(rows)
-    note(f"wrote {n} forced source(s) in {st.seconds:.1f} s")
+    with Archive.open(args.repo) as arc:
+        n, seconds = read_then(arc, "dia_forced_source", args.files, "write and summarise",
+                               lambda rows, where: arc.ingest_forced(rows))
+    note(f"wrote {n} forced source(s) in {seconds:.1f} s")
     return 0
 
 

@@ -8,12 +8,10 @@
 
 from __future__ import annotations
 
-import os
-
 from archive.api import Archive
 from archive.cli.common import note, positive_float, repo_option
 from archive.cli.output import add_format_options, emit
-from archive.cli.progress import Stages
+from archive.cli.progress import read_then
 
 
 def _region(args):
@@ -23,15 +21,14 @@ def _region(args):
 
 
 def cmd_ingest(args) -> int:
-    with Archive.open(args.repo) as arc, Stages(["read", "match and write"]) as st:
-        rows = arc.read_files("source", args.files, progress=st.callback("read"))
-        with st.stage("match and write"):
-            rep = arc.ingest_sources(rows, radius_arcsec=args.radius, replace=args.replace,
-                                     where=", ".join(map(os.fspath, args.files)))
+    with Archive.open(args.repo) as arc:
+        rep, seconds = read_then(arc, "source", args.files, "match and write",
+                                 lambda rows, where: arc.ingest_sources(
+                                     rows, radius_arcsec=args.radius, replace=args.replace, where=where))
     note(f"matched {rep.n_sources} source(s) on {len(rep.exposure_ids)} exposure(s): "
          f"{rep.n_new} new matched source(s), {rep.n_updated} updated"
          + (f", {rep.n_replaced_sources} replaced" if rep.n_replaced_sources else "")
-         + (f", {rep.n_removed} removed" if rep.n_removed else "") + f" in {st.seconds:.1f} s")
+         + (f", {rep.n_removed} removed" if rep.n_removed else "") + f" in {seconds:.1f} s")
     return 0
 
 

@@ -99,3 +99,14 @@ class _Stage:
             self.bar.set_postfix_str("failed" if exc_type else f"done in {seconds:.1f} s", refresh=False)
             self.bar.close()
         log.info("%s %s in %.1f s", self.label, "failed" if exc_type else "done", seconds)
+
+
+def read_then(arc, table: str, files, stage: str, write):
+    """The ingest commands' two stages: read and validate ``files`` for ``table`` (a bar
+    per file), then ``write(rows, where)`` as the named ``stage`` (``where``: the files,
+    for error messages).  Returns (what ``write`` returned, seconds)."""
+    with Stages(["read", stage]) as st:
+        rows = arc.read_files(table, files, progress=st.callback("read"))
+        with st.stage(stage):
+            result = write(rows, ", ".join(map(os.fspath, files)))
+    return result, st.seconds

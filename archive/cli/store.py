@@ -6,7 +6,7 @@ from __future__ import annotations
 from archive.api import Archive
 from archive.cli.common import columns_option, note, positive_float, repo_option
 from archive.cli.output import add_format_options, emit
-from archive.cli.progress import Stages
+from archive.cli.progress import read_then
 from archive.errors import ArchiveError
 
 AS_OF_HELP = ("dia_object: the versions the archive held at this MJD (TAI) -- when rows were *written*, not "
@@ -33,11 +33,10 @@ def cmd_db_grant_read_only(args) -> int:
 
 
 def cmd_ingest_catalog(args) -> int:
-    with Archive.open(args.repo) as arc, Stages(["read", "write"]) as st:
-        rows = arc.read_files(args.table, args.files, progress=st.callback("read"))
-        with st.stage("write"):
-            n = arc.write(args.table, rows, where=", ".join(args.files))
-    note(f"wrote {n} row(s) to {args.table} from {len(args.files)} file(s) in {st.seconds:.1f} s")
+    with Archive.open(args.repo) as arc:
+        n, seconds = read_then(arc, args.table, args.files, "write",
+                               lambda rows, where: arc.write(args.table, rows, where=where))
+    note(f"wrote {n} row(s) to {args.table} from {len(args.files)} file(s) in {seconds:.1f} s")
     return 0
 
 

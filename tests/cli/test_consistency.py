@@ -45,19 +45,24 @@ def _run(capsys, *args):
 
 # -- help, version, parsing -----------------------------------------------------------
 def test_help_and_usage_errors_are_fast_and_light():
-    """`archive --help` and a usage error return well under 0.5 s: no numpy, pandas or store loads."""
+    """`archive --help` and a usage error return well under 0.5 s: no numpy, pandas or store loads.
+    (Times are the best of 3, as the machine may be busy with other work.)"""
     code = ("import sys, time; t = time.perf_counter(); from archive.cli.main import build_parser; "
             "p = build_parser(); print(time.perf_counter() - t); "
             "print(sorted(m for m in ('numpy', 'pandas', 'pyarrow', 'duckdb', 'sqlalchemy', 'healpy', 'astropy') "
             "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
-    assert out[1] == "[]"
-    assert float(out[0]) < 0.2
-    for args in (["--help"], ["cone", "--help"], ["cone"], ["schema", "nosuch"], ["sql", "SELECT 1"]):
-        t0 = time.perf_counter()
-        proc = _archive(*args, env={**os.environ, "ARCHIVE_REPO": ""})
-        wall = time.perf_counter() - t0
-        assert wall < 0.5 * 2, (args, wall)  # interpreter start included; typically ~0.1 s
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+            for _ in range(3)]
+    assert all(r[1] == "[]" for r in runs)
+    assert min(float(r[0]) for r in runs) < 0.2
+    for args in (["--help"], ["cone", "--help"], ["cone"], ["schema", "nosuch"], ["sql", "SELECT 1"],
+                 ["sql", "--repo", "/nonexistent/arc", "SELECT 1"], ["flags", "decode", "x"]):
+        walls = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            proc = _archive(*args, env={**os.environ, "ARCHIVE_REPO": ""})
+            walls.append(time.perf_counter() - t0)
+        assert min(walls) < 0.5, (args, walls)  # the interpreter's own start included; ~0.1 s when idle
         if args[-1] != "--help":
             assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
             assert "Traceback" not in proc.stderr
