@@ -149,12 +149,24 @@ class ProductStore:
             raise ArchiveError(f"product path {str(rel)!r} must be relative to the products root, without '..'")
         return self.root / rel
 
-    def write(self, ref: ProductRef, exposure: Exposure) -> WrittenProduct:
+    def write(self, ref: ProductRef, exposure: Exposure, extra_hdus: list | None = None) -> WrittenProduct:
         """Write ``exposure`` as ``ref`` atomically: a reader sees the old file or the
-        whole new one, never part of it, and a crash leaves at most a hidden temporary."""
+        whole new one, never part of it, and a crash leaves at most a hidden temporary.
+        ``extra_hdus``: further HDUs appended after the exposure's (e.g. a coadd's N_IMAGE)."""
         if ref.kind not in IMAGE_KINDS:
             raise ArchiveError(f"{ref.kind} is not an image product")
-        return self._write(ref, exposure.writeto, exposure)
+        if not extra_hdus:
+            return self._write(ref, exposure.writeto, exposure)
+
+        def writer(tmp):
+            hdul = exposure.to_hdulist()
+            for h in extra_hdus:
+                hdul.append(h)
+            for hdu in hdul:  # fixed checksum comments: the same product gives the same bytes
+                hdu.add_checksum(when="archive.image checksum")
+            hdul.writeto(tmp, output_verify="exception")
+
+        return self._write(ref, writer, exposure)
 
     def write_table(self, ref: ProductRef, table: pd.DataFrame, footprint_of: Exposure) -> WrittenProduct:
         """Write a source catalog (Parquet) as ``ref`` atomically; its registered footprint

@@ -219,6 +219,16 @@ class Runner:
             raise ArchiveError(f"no step {until!r}; steps: {', '.join(names)}")
         return self.steps[: names.index(until) + 1]
 
+    def unit_status(self, step: str | None = None) -> pd.DataFrame:
+        """Every unit (of one step, or all) with its state and reason: e.g. the coadds per tile."""
+        rows = []
+        for s in self.steps:
+            if step is not None and s.name != step:
+                continue
+            for key, (state, why) in self.states(s, s.units(self.ctx)).items():
+                rows.append({"step": s.name, "unit": key, "state": state, "reason": why})
+        return pd.DataFrame(rows, columns=["step", "unit", "state", "reason"])
+
     def status(self, until: str | None = None) -> pd.DataFrame:
         """Per step: units registered, done, pending, stale and failed (with the reasons)."""
         rows = []
