@@ -206,7 +206,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("lightcurve", help="detections and forced photometry of one DIAObject (flux and AB mag)")
     repo_option(p)
-    p.add_argument("id", type=int, metavar="ID")
+    p.add_argument("id", type=int, metavar="ID", help="dia_object_id")
     p.add_argument("--bands", type=comma_list, metavar="B,B,...", help="only these bands (default: all)")
     p.add_argument("--observed-before", type=float, dest="observed_before", metavar="MJD",
                    help=OBSERVED_BEFORE_HELP)
@@ -219,7 +219,7 @@ def register(sub) -> None:
     p = sub.add_parser("object", help="one DIAObject: current version, --as-of MJD, --history, or "
                                       "--observed-before MJD")
     repo_option(p)
-    p.add_argument("id", type=int, metavar="ID")
+    p.add_argument("id", type=int, metavar="ID", help="dia_object_id")
     columns_option(p)
     when = p.add_mutually_exclusive_group()
     when.add_argument("--as-of", type=float, dest="as_of", metavar="MJD", help=AS_OF_HELP)

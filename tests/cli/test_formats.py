@@ -191,3 +191,12 @@ def test_names_doc_is_generated():
     doc = pathlib.Path(__file__).resolve().parents[2] / "docs" / "column_mapping.md"
     assert doc.read_text() == Archive.column_mapping_markdown() + "\n", \
         "regenerate: archive names > docs/column_mapping.md"
+
+
+def test_alert_reader_agrees_with_the_mapping():
+    """The Rubin alert reader's field names (archive ingest alerts) are the mapping's, the other way round."""
+    from archive.catalog.alerts import _RUBIN_MAP
+    from archive.catalog.colnames import MAPPING
+
+    ours = {n.rubin: n.column for n in MAPPING if n.table == "dia_source" and n.rubin}
+    assert {k: ours.get(k) for k in _RUBIN_MAP} == _RUBIN_MAP
