@@ -1,8 +1,10 @@
 """Multi-epoch image steps: warps onto sky tiles, coadds and templates (per tile and band).
 
 ``warp`` (one unit per processed exposure and tile it overlaps)
-    The calexp resampled onto the tile grid (:func:`archive.process.warp.warp_exposure`),
-    over the box its pixels cover; registered as kind ``warp`` with its exposure and tile.
+    The calexp, put in nJy (:func:`archive.process.warp.in_njy`), resampled onto the tile
+    grid (:func:`archive.process.warp.warp_exposure`) over the box its pixels cover;
+    registered as kind ``warp`` with its exposure and tile.  Uncalibrated exposures
+    make no warp.
 ``coadd`` (one unit per tile and band)
     All the tile's warps of the band: PSF-matched copies are compared with a static-sky
     model to find artifacts (CLIPPED), backgrounds are matched, and the accepted pixels
@@ -101,12 +103,16 @@ class WarpStep(Step):
         return out
 
     def run(self, unit: Unit, shared, products) -> WrittenProduct | None:
-        from archive.process.warp import footprint_bbox, warp_exposure
+        from archive.errors import ValidationError
+        from archive.process.warp import footprint_bbox, in_njy, warp_exposure
 
         cfg = self.config
         p = unit.payload
         tile = cfg.skymap.skymap().tile(p["tile"])
-        calexp = products.read(p["calexp"])
+        try:  # warps are in nJy, so epochs of any zero point combine
+            calexp = in_njy(products.read(p["calexp"]))
+        except ValidationError:
+            return None  # an uncalibrated exposure has no place in a coadd
         bbox = footprint_bbox(calexp, tile.wcs, tile.shape)
         if bbox is None:
             return None
@@ -121,7 +127,7 @@ class WarpStep(Step):
         prov = self.provenance([p["calexp"]])
         _append(ctx, tx, prov, [result] if result is not None else [])
         keep = {result.rel} if result is not None else set()
-        return Recorded(note="" if result is not None else "no pixels on the tile",
+        return Recorded(note="" if result is not None else "no calibrated pixels on the tile",
                         remove=[o for o in old if o not in keep], provenance_id=prov["provenance_id"])
 
     def discard(self, ctx, unit, result) -> None:

@@ -68,6 +68,24 @@ class WarpConfig:
     block_rows: int = dataclasses.field(default=256, metadata={"min": 8})
 
 
+def in_njy(exposure: Exposure) -> Exposure:
+    """A copy of a calibrated exposure with image and variance in nJy per pixel (its
+    PhotoCalib becomes 1 nJy per unit): epochs of different transparency and exposure
+    time can then be resampled, combined and subtracted as they are.  Raises
+    :class:`~archive.errors.ValidationError` for an exposure without calibration."""
+    from archive.image.calib import PhotoCalib
+
+    if exposure.photo_calib is None:
+        raise ValidationError("the exposure has no photometric calibration: its pixels cannot be put in nJy")
+    scale = np.float32(exposure.photo_calib.njy_per_count)
+    out = exposure.copy()
+    out.image = (exposure.image * scale).astype(np.float32)
+    out.variance = (exposure.variance * scale * scale).astype(np.float32)
+    rel = exposure.photo_calib.njy_per_count_err / exposure.photo_calib.njy_per_count
+    out.photo_calib = PhotoCalib(1.0, rel)
+    return out
+
+
 def fill_masked(image: np.ndarray, bad: np.ndarray, sigma: float = 2.0, max_rounds: int = 8) -> np.ndarray:
     """``image`` with the ``bad`` pixels replaced by a Gaussian-weighted mean of the good
     pixels around them (normalised convolution; wider rounds for large holes)."""

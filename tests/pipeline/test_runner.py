@@ -176,7 +176,8 @@ def test_run_config_file_errors(tmp_path):
     with pytest.raises(ArchiveError, match="mapping"):
         load_run_config(tmp_path / "list.json")
     (tmp_path / "ok.yaml").write_text("sources:\n  match_radius_arcsec: 2.0\n")
-    assert build_steps(load_run_config(tmp_path / "ok.yaml"))[-1].config.match_radius_arcsec == 2.0
+    steps = {s.name: s for s in build_steps(load_run_config(tmp_path / "ok.yaml"))}
+    assert steps["sources"].config.match_radius_arcsec == 2.0
 
 
 # -- the product store ------------------------------------------------------------------

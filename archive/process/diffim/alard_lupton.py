@@ -1,0 +1,396 @@
+"""Alard-Lupton PSF matching and subtraction, with the decorrelation afterburner.
+
+Both images are on one pixel grid and in the same flux units (nJy).  The sharper one
+(by PSF FWHM; or as configured) is convolved with a kernel that makes its PSF the
+other's:
+
+Kernel basis
+    Gaussians of a few widths (``sigmas``, in units of the width that matches the two
+    PSFs, sqrt(sigma_wide^2 - sigma_sharp^2), floored at ``min_sigma_px``) times
+    polynomials u^i v^j of degree ``degrees`` (one per Gaussian), all separable.  The
+    first basis function has sum 1 and every other sum 0, so the kernel's sum (the flux
+    ratio) is the first coefficient alone.
+Spatial variation
+    Each coefficient is a polynomial of degree ``spatial_degree`` in the position;
+    a differential background, of degree ``background_degree``, is fitted with it.
+Fit
+    On stamps around bright, isolated, unmasked, unsaturated stars found on both images
+    (at most ``max_stamps``), by weighted least squares (weights 1 / (V_target + V_source)),
+    repeated with the stamps whose residual chi^2 is an outlier (``clip_sigma``) removed.
+Convolution
+    The spatially varying kernel is applied block by block (``block`` px): the kernel at
+    each block's centre, by FFT, on the block and a margin (the kernel varies little
+    across a block).
+Decorrelation (Reiss & Lupton 2016)
+    Convolving one image correlates its noise.  The difference is filtered with
+    phi(k) = sqrt((s_t^2 + s_c^2) / (s_t^2 + s_c^2 |K(k)|^2)), s_c and s_t the noise of the
+    convolved and the other image, K the kernel normalised to sum 1, so the difference
+    has white noise of variance s_t^2 + s_c^2 per pixel, which its variance plane then
+    says (with the local variances: source Poisson noise included).  The difference PSF
+    is the target's PSF filtered by phi.
+
+The result is science - template in both cases (:class:`DifferenceResult`); the score
+is the difference filtered with its own PSF over its noise (unit variance on sky).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+from scipy import ndimage, signal
+
+from archive.errors import ValidationError
+from archive.image.exposure import Exposure
+from archive.image.psf import FWHM_PER_SIGMA, PixelPSF, poly_design
+from archive.process.diffim.result import DifferenceResult
+from archive.process.warp import fill_masked
+
+#: Mask planes whose pixels may not enter a kernel-fit stamp.
+STAMP_BAD = ("BAD", "SAT", "CR", "NO_DATA", "EDGE", "STREAK", "INTRP", "SUSPECT")
+#: Mask planes filled before convolution (so they do not spread), and carried to the difference.
+FILL_PLANES = ("BAD", "SAT", "CR", "NO_DATA", "STREAK")
+
+
+@dataclasses.dataclass
+class AlardLuptonConfig:
+    """See the module docstring.  kernel_size: odd side (px), 0: from the PSFs (about five
+    times the wider FWHM); convolve: ``"auto"`` (the sharper image), ``"template"`` or
+    ``"science"``; stamp_snr: least peak S/N of a kernel-fit star; stamp_isolation: no
+    other peak within this many stamp half-widths (0: neighbours are allowed: the kernel
+    maps every static source, and stamps holding something that changed are clipped by
+    their chi^2); decorrelate: apply the afterburner; fit_flux_ratio: fit the kernel's
+    sum; by default it is 1 (both images calibrated in nJy: what the difference is for),
+    which keeps a kernel too small for a PSF's far wings from scaling the template instead."""
+
+    kernel_size: int = dataclasses.field(default=0, metadata={"min": 0, "max": 101})
+    sigmas: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    degrees: tuple[int, ...] = (4, 2, 2, 1)
+    min_sigma_px: float = dataclasses.field(default=0.7, metadata={"min": 0.1})
+    spatial_degree: int = dataclasses.field(default=1, metadata={"min": 0, "max": 4})
+    background_degree: int = dataclasses.field(default=1, metadata={"min": 0, "max": 4})
+    convolve: str = dataclasses.field(default="auto", metadata={"choices": ("auto", "template", "science")})
+    max_stamps: int = dataclasses.field(default=250, metadata={"min": 5})
+    stamp_snr: float = dataclasses.field(default=30.0, metadata={"min": 5.0})
+    stamp_isolation: float = dataclasses.field(default=0.0, metadata={"min": 0.0})
+    clip_sigma: float = dataclasses.field(default=4.0, metadata={"min": 1.0})
+    clip_rounds: int = dataclasses.field(default=2, metadata={"min": 0, "max": 10})
+    block: int = dataclasses.field(default=512, metadata={"min": 64})
+    decorrelate: bool = True
+    fit_flux_ratio: bool = False
+
+    def validate(self) -> None:
+        if len(self.sigmas) != len(self.degrees) or not self.sigmas:
+            raise ValueError("sigmas and degrees must have the same (non-zero) length")
+        if any(s <= 0 for s in self.sigmas) or any(d < 0 for d in self.degrees):
+            raise ValueError("sigmas must be positive and degrees non-negative")
+        if self.kernel_size and self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
+
+
+# -- the kernel basis ---------------------------------------------------------------------------
+def kernel_basis(size: int, sigmas_px: list[float], degrees: list[int]) -> np.ndarray:
+    """(n, size, size) basis images: Gaussians times monomials; the first sums to 1, the others to 0."""
+    h = size // 2
+    u = np.arange(-h, h + 1, dtype=np.float64)
+    uu, vv = np.meshgrid(u, u)
+    out = []
+    for s, d in zip(sigmas_px, degrees):
+        g = np.exp(-0.5 * (uu ** 2 + vv ** 2) / s ** 2)
+        for i in range(d + 1):
+            for j in range(d + 1 - i):
+                b = g * (uu / s) ** i * (vv / s) ** j
+                out.append(b)
+    basis = np.asarray(out)
+    basis[0] /= basis[0].sum()
+    for k in range(1, len(basis)):
+        basis[k] -= basis[k].sum() * basis[0]  # zero sum: flux is carried by the first alone
+        norm = np.sqrt((basis[k] ** 2).sum())
+        if norm > 0:
+            basis[k] /= norm
+    return basis
+
+
+# -- stamp selection --------------------------------------------------------------------------
+def select_stamps(a: Exposure, b: Exposure, half: int, cfg: AlardLuptonConfig) -> np.ndarray:
+    """Centres (x, y) of bright, isolated, unmasked stars on both images, brightest first."""
+    ny, nx = a.shape
+    bad = np.zeros((ny, nx), bool)
+    for e in (a, b):
+        planes = [p for p in STAMP_BAD if p in e.mask_planes]
+        bad |= e.mask_of(*planes) if planes else False
+        bad |= ~np.isfinite(e.image) | ~np.isfinite(e.variance) | (e.variance <= 0)
+    snr = np.where(bad, 0.0, a.image / np.sqrt(np.where(bad, 1.0, a.variance)))
+    smooth = ndimage.gaussian_filter(snr, 1.0)
+    peaks = (smooth == ndimage.maximum_filter(smooth, size=5)) & (snr > cfg.stamp_snr)
+    ys, xs = np.nonzero(peaks)
+    inside = (xs >= half) & (xs < nx - half) & (ys >= half) & (ys < ny - half)
+    xs, ys = xs[inside], ys[inside]
+    # isolation: no other (fainter) peak above 5 sigma within the stamp radius
+    faint = (smooth == ndimage.maximum_filter(smooth, size=3)) & (snr > 5.0)
+    fy, fx = np.nonzero(faint)
+    if len(xs) and len(fx) and cfg.stamp_isolation > 0:
+        from scipy.spatial import cKDTree
+
+        tree = cKDTree(np.column_stack([fx, fy]))
+        counts = np.array([len(n) for n in tree.query_ball_point(np.column_stack([xs, ys]),
+                                                                 r=max(1.0, cfg.stamp_isolation * half))])
+        keep = counts <= 1
+        xs, ys = xs[keep], ys[keep]
+    # no masked pixel in the stamp
+    if len(xs):
+        integral = np.pad(bad.astype(np.int32), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+        n_bad = (integral[ys + half + 1, xs + half + 1] - integral[ys - half, xs + half + 1]
+                 - integral[ys + half + 1, xs - half] + integral[ys - half, xs - half])
+        xs, ys = xs[n_bad == 0], ys[n_bad == 0]
+    order = np.argsort(-snr[ys, xs])[: cfg.max_stamps]
+    return np.column_stack([xs[order], ys[order]]).astype(np.int64)
+
+
+# -- fit ---------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class KernelSolution:
+    """coeffs: (n_basis, n_spatial) polynomial coefficients of each basis; bg: background
+    polynomial coefficients; basis: (n_basis, K, K); bbox: the domain of the spatial
+    polynomials (x0, y0, x1, y1); spatial_degree, background_degree; stamps: centres used;
+    chi2: reduced chi^2 of the stamps used."""
+
+    coeffs: np.ndarray
+    bg: np.ndarray
+    basis: np.ndarray
+    bbox: tuple[float, float, float, float]
+    spatial_degree: int
+    background_degree: int
+    stamps: np.ndarray
+    chi2: float
+
+    def kernel(self, x: float, y: float) -> np.ndarray:
+        w = poly_design(float(x), float(y), self.spatial_degree, self.bbox)
+        return np.tensordot(self.coeffs @ w, self.basis, axes=(0, 0))
+
+    def background(self, shape) -> np.ndarray:
+        ny, nx = shape
+        yy, xx = np.mgrid[0:ny, 0:nx]
+        return (poly_design(xx.astype(float), yy.astype(float), self.background_degree, self.bbox) @ self.bg
+                ).astype(np.float32)
+
+
+def fit_kernel(source: Exposure, target: Exposure, basis: np.ndarray, cfg: AlardLuptonConfig,
+               stamps: np.ndarray, half: int) -> KernelSolution:
+    """Least-squares kernel taking ``source`` to ``target`` on (2 half + 1)^2 stamps centred on
+    ``stamps`` (see the module docstring)."""
+    ny, nx = source.shape
+    kh = basis.shape[-1] // 2
+    bbox = (0.0, 0.0, float(nx - 1), float(ny - 1))
+    ns = len(stamps)
+    if ns < 3:
+        raise ValidationError(f"PSF matching: only {ns} usable stars for the kernel fit (need 3 or more)")
+    side = 2 * half + 1
+    src_img = fill_masked(source.image, ~np.isfinite(source.image))
+    first = 0 if cfg.fit_flux_ratio else 1  # with a known flux ratio the first basis is fixed at 1
+    nb = len(basis)
+    # every stamp's source region convolved with every basis image, by one batched FFT
+    rs = side + 2 * kh
+    regions = np.stack([src_img[y - half - kh:y + half + kh + 1, x - half - kh:x + half + kh + 1]
+                        for x, y in stamps]).astype(np.float64)
+    fshape = (rs + 2 * kh + 1, rs + 2 * kh + 1)
+    fr = np.fft.rfft2(regions, fshape)
+    fb = np.fft.rfft2(basis, fshape)
+    conv = np.empty((ns, nb, side * side))
+    for b in range(nb):  # per basis: the (ns, ...) product stays small
+        full = np.fft.irfft2(fr * fb[b][None], fshape)
+        conv[:, b] = full[:, 2 * kh:2 * kh + side, 2 * kh:2 * kh + side].reshape(ns, -1)
+    tgt = np.stack([target.image[y - half:y + half + 1, x - half:x + half + 1] for x, y in stamps]).reshape(ns, -1)
+    var = np.stack([target.variance[y - half:y + half + 1, x - half:x + half + 1]
+                    + source.variance[y - half:y + half + 1, x - half:x + half + 1] for x, y in stamps])
+    w = (1.0 / np.where(np.isfinite(var) & (var > 0), var, np.inf)).reshape(ns, -1)
+    ws = poly_design(stamps[:, 0].astype(float), stamps[:, 1].astype(float), cfg.spatial_degree, bbox)  # (ns, nt)
+    wb = poly_design(stamps[:, 0].astype(float), stamps[:, 1].astype(float), cfg.background_degree, bbox)
+    nt, nbt = ws.shape[1], wb.shape[1]
+    c = conv[:, first:]
+    nbk = nb - first
+    rhs = tgt - (conv[:, 0] if first else 0.0)
+    cw = c * w[:, None, :]
+    # per-stamp normal-equation pieces; the spatial terms are constant over a stamp
+    gram = cw @ c.transpose(0, 2, 1)              # (ns, nbk, nbk)
+    cr = (cw @ rhs[:, :, None])[:, :, 0]          # (ns, nbk)
+    cbg = cw.sum(axis=2)                          # (ns, nbk)
+    wsum = w.sum(axis=1)
+    wr = (w * rhs).sum(axis=1)
+    use = np.ones(ns, bool)
+    for _ in range(cfg.clip_rounds + 1):
+        u = use
+        a_kk = np.einsum("sbc,st,su->btcu", gram[u], ws[u], ws[u]).reshape(nbk * nt, nbk * nt)
+        a_kb = np.einsum("sb,st,sv->btv", cbg[u], ws[u], wb[u]).reshape(nbk * nt, nbt)
+        a_bb = np.einsum("s,sv,sz->vz", wsum[u], wb[u], wb[u])
+        a = np.block([[a_kk, a_kb], [a_kb.T, a_bb]])
+        r = np.concatenate([np.einsum("sb,st->bt", cr[u], ws[u]).ravel(), np.einsum("s,sv->v", wr[u], wb[u])])
+        sol = np.linalg.lstsq(a, r, rcond=None)[0]
+        coef = sol[:nbk * nt].reshape(nbk, nt)
+        per_stamp = ws @ coef.T                    # (ns, nbk): each stamp's basis coefficients
+        model = np.einsum("sb,sbp->sp", per_stamp, c) + (wb @ sol[nbk * nt:])[:, None]
+        chi = ((rhs - model) ** 2 * w).sum(axis=1) / side ** 2
+        med = np.median(chi[use])
+        mad = 1.4826 * np.median(np.abs(chi[use] - med))
+        new = chi <= med + cfg.clip_sigma * max(mad, 1e-3 * med)
+        if new.sum() < 3 or np.array_equal(new, use):
+            break
+        use = new
+    coeffs = sol[:nbk * nt].reshape(nbk, nt)
+    if first:
+        fixed = np.zeros((1, nt))
+        fixed[0, 0] = 1.0  # the constant monomial: the kernel sums to 1 everywhere
+        coeffs = np.vstack([fixed, coeffs])
+    return KernelSolution(coeffs, sol[nbk * nt:], basis, bbox, cfg.spatial_degree, cfg.background_degree,
+                          stamps[use], float(np.median(chi[use])))
+
+
+# -- applying a spatially varying kernel -------------------------------------------------------------
+def _blocks(shape, block: int):
+    ny, nx = shape
+    for y0 in range(0, ny, block):
+        for x0 in range(0, nx, block):
+            yield y0, min(ny, y0 + block), x0, min(nx, x0 + block)
+
+
+def convolve_varying(image: np.ndarray, kernel_at, block: int, square: bool = False) -> np.ndarray:
+    """``image`` convolved with ``kernel_at(x, y)`` (the kernel at each block's centre), block by
+    block; ``square``: convolve with the kernel's square (to propagate a variance plane)."""
+    out = np.empty(image.shape, np.float32)
+    for y0, y1, x0, x1 in _blocks(image.shape, block):
+        k = kernel_at(0.5 * (x0 + x1 - 1), 0.5 * (y0 + y1 - 1))
+        if square:
+            k = k * k
+        h = k.shape[0] // 2
+        ya, yb = max(0, y0 - h), min(image.shape[0], y1 + h)
+        xa, xb = max(0, x0 - h), min(image.shape[1], x1 + h)
+        region = np.pad(image[ya:yb, xa:xb], ((h - (y0 - ya), h - (yb - y1)), (h - (x0 - xa), h - (xb - x1))),
+                        mode="edge")
+        out[y0:y1, x0:x1] = signal.fftconvolve(region, k, mode="valid")
+    return out
+
+
+def decorrelation_kernel(kernel: np.ndarray, var_target: float, var_convolved: float, size: int) -> np.ndarray:
+    """The real-space afterburner phi (``size`` x ``size``, sum 1) for a matching kernel."""
+    n = 4 * size
+    kn = kernel / kernel.sum()
+    pad = np.zeros((n, n))
+    h = kn.shape[0] // 2
+    pad[:kn.shape[0], :kn.shape[1]] = kn
+    pad = np.roll(pad, (-h, -h), axis=(0, 1))
+    kf = np.fft.fft2(pad)
+    phi_f = np.sqrt((var_target + var_convolved) / (var_target + var_convolved * np.abs(kf) ** 2))
+    phi = np.real(np.fft.ifft2(phi_f))
+    phi = np.roll(phi, (size // 2, size // 2), axis=(0, 1))[:size, :size]
+    return phi / phi.sum()
+
+
+def psf_from_kernels(nodes: np.ndarray, kernels: np.ndarray, shape, degree: int = 1) -> PixelPSF:
+    """A spatially varying pixel PSF fitted to centred kernels at whole-pixel ``nodes`` (x, y)."""
+    ny, nx = shape
+    bb = (0.0, 0.0, float(max(nx - 1, 1)), float(max(ny - 1, 1)))
+    deg = degree if len(nodes) >= (degree + 1) * (degree + 2) // 2 else 0
+    design = poly_design(nodes[:, 0].astype(float), nodes[:, 1].astype(float), deg, bb)
+    sol, *_ = np.linalg.lstsq(design, kernels.reshape(len(nodes), -1), rcond=None)
+    size = kernels.shape[-1]
+    return PixelPSF(sol.reshape(-1, size, size), None, oversample=1, degree=deg, bbox=bb)
+
+
+def _median_var(e: Exposure, ok: np.ndarray) -> float:
+    v = e.variance[ok]
+    return float(np.median(v)) if v.size else float("nan")
+
+
+def subtract(science: Exposure, template: Exposure, config: AlardLuptonConfig | None = None) -> DifferenceResult:
+    """science - PSF-matched template (see the module docstring)."""
+    cfg = config or AlardLuptonConfig()
+    if science.shape != template.shape:
+        raise ValidationError(f"subtract: science {science.shape} and template {template.shape} grids differ")
+    if science.psf is None or template.psf is None:
+        raise ValidationError("subtract: both images need a PSF")
+    ny, nx = science.shape
+    cx, cy = (nx - 1) / 2.0, (ny - 1) / 2.0
+    f_sci, f_tpl = float(science.psf.fwhm(cx, cy)), float(template.psf.fwhm(cx, cy))
+    convolve = cfg.convolve if cfg.convolve != "auto" else ("template" if f_tpl <= f_sci else "science")
+    source, target = (template, science) if convolve == "template" else (science, template)
+    f_src, f_tgt = (f_tpl, f_sci) if convolve == "template" else (f_sci, f_tpl)
+    match_sigma = max(math.sqrt(max(f_tgt ** 2 - f_src ** 2, 0.0)) / FWHM_PER_SIGMA, cfg.min_sigma_px)
+    # the kernel must reach the far wings of a Moffat-like PSF (~4 FWHM)
+    size = cfg.kernel_size or 2 * int(math.ceil(4.0 * max(f_sci, f_tpl))) + 1
+    basis = kernel_basis(size, [s * match_sigma for s in cfg.sigmas], list(cfg.degrees))
+    half = size // 2 + int(math.ceil(1.5 * f_tgt))  # the kernel's reach plus the star's core
+    stamps = select_stamps(target, source, half + size // 2, cfg)
+    sol = fit_kernel(source, target, basis, cfg, stamps, half)
+
+    # fill masked pixels of the convolved image so they do not spread; keep their masks
+    planes = [p for p in FILL_PLANES if p in source.mask_planes]
+    bad_src = (source.mask_of(*planes) if planes else np.zeros(source.shape, bool)) | ~np.isfinite(source.image)
+    src_img = fill_masked(source.image, bad_src)
+    src_var = fill_masked(np.where(np.isfinite(source.variance), source.variance, np.nan), bad_src
+                          | ~np.isfinite(source.variance))
+    conv = convolve_varying(src_img, sol.kernel, cfg.block)
+    conv_var = convolve_varying(src_var, sol.kernel, cfg.block, square=True)
+    bg = sol.background(source.shape)
+    matched = conv + bg
+    diff = (target.image - matched) if convolve == "template" else (matched - target.image)
+    ok = ~bad_src & np.isfinite(target.variance) & np.isfinite(source.variance)
+    var_t = target.variance.astype(np.float32)
+    # per-pixel variance before decorrelation (correlated noise); after it: white, s_t^2 + s_c^2
+    if cfg.decorrelate:
+        vt, vc = _median_var(target, ok), _median_var(source, ok)
+
+        def phi_at(x, y):
+            return decorrelation_kernel(sol.kernel(x, y), vt, vc, size)
+
+        diff = convolve_varying(np.where(np.isfinite(diff), diff, 0.0).astype(np.float32), phi_at, cfg.block)
+        variance = var_t + np.where(np.isfinite(source.variance), source.variance, np.inf).astype(np.float32)
+    else:
+        phi_at = None
+        variance = var_t + conv_var
+    # the difference's PSF: the target's, filtered by phi (or as it is)
+    gx = np.unique(np.round(np.linspace(0, nx - 1, 3)))
+    gy = np.unique(np.round(np.linspace(0, ny - 1, 3)))
+    nodes = np.array([(x, y) for y in gy for x in gx])
+    psf_size = max(size, 2 * int(math.ceil(2.5 * max(f_sci, f_tpl))) + 1)
+    kernels = []
+    for x, y in nodes:
+        k = target.psf.kernel(float(x), float(y), psf_size)
+        if phi_at is not None:
+            k = signal.fftconvolve(k, phi_at(x, y), mode="same")
+        kernels.append(k / k.sum())
+    psf = psf_from_kernels(nodes, np.asarray(kernels), science.shape)
+    mask = science.mask | _translate(template, science.mask_planes)
+    no_data = ~np.isfinite(template.variance) | ((template.mask & template.get_plane_bitmask("NO_DATA")) != 0)
+    mask[no_data] |= np.int32(science.get_plane_bitmask("NO_DATA"))
+    variance = np.where(no_data, np.inf, variance).astype(np.float32)
+    diff = np.where(no_data, 0.0, diff).astype(np.float32)
+    out = Exposure(diff, mask, variance, wcs=science.wcs, psf=psf, photo_calib=science.photo_calib,
+                   info=science.info.copy(), mask_planes=dict(science.mask_planes))
+    score = score_image(out)
+    meta = {"convolved": convolve, "kernel_size": size, "n_basis": int(len(basis)), "n_stamps": int(len(sol.stamps)),
+            "kernel_chi2": sol.chi2, "kernel_sum": float(sol.kernel(cx, cy).sum()), "fwhm_science": f_sci,
+            "fwhm_template": f_tpl, "background": sol.bg.tolist(), "decorrelated": bool(cfg.decorrelate)}
+    return DifferenceResult(out, score, "alard_lupton", meta)
+
+
+def _translate(template: Exposure, planes: dict[str, int]) -> np.ndarray:
+    """The template's mask bits in the science image's layout (planes both have)."""
+    out = np.zeros(template.shape, np.int32)
+    for name, bit in template.mask_planes.items():
+        if name in planes and name not in ("DETECTED", "DETECTED_NEGATIVE"):
+            out |= np.where((template.mask & (1 << bit)) != 0, np.int32(1 << planes[name]), 0)
+    return out
+
+
+def score_image(diff: Exposure) -> np.ndarray:
+    """The difference filtered with its own PSF over the noise of that sum: a per-pixel S/N of
+    a point source there (unit variance on empty sky when the variance plane is right)."""
+    ny, nx = diff.shape
+    k = diff.psf.kernel((nx - 1) / 2.0, (ny - 1) / 2.0, None)
+    var = np.where(np.isfinite(diff.variance), diff.variance, 0.0)
+    num = signal.fftconvolve(diff.image, k[::-1, ::-1], mode="same")
+    den = signal.fftconvolve(var, (k * k)[::-1, ::-1], mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s = num / np.sqrt(den)  # sum k D over its noise sqrt(sum k^2 V)
+    return np.where(np.isfinite(diff.variance) & (den > 0), s, 0.0).astype(np.float32)
