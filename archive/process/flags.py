@@ -32,17 +32,19 @@ MEASUREMENT_FLAGS: dict[str, np.int64] = {
 # Forced photometry (archive.process.forced) sets, besides the mask bits under the PSF core,
 # STAMP_EDGE (the fit stamp runs off the image), CENTROID (recentring refused: the position
 # would move more than the limit; the given position was kept), PSF_FLUX (no measurement),
-# BLENDED (fitted jointly with neighbours) and these three of its own.  They are not in
+# BLENDED (fitted jointly with neighbours) and these four of its own.  They are not in
 # MEASUREMENT_FLAGS: source.flags and dia_source.flags never carry them.
 FLAG_OFF_IMAGE = np.int64(1) << 39        #: forced position off the image (or not finite): not measured
 FLAG_MASKED_FRACTION = np.int64(1) << 40  #: forced fit: too much of the PSF's flux on masked or off-image pixels
 FLAG_CROWDED = np.int64(1) << 41          #: forced fit: more neighbours within the blend radius than fitted jointly
+#: forced: another position too close to separate (min_separation_fwhm); the flux is their common light
+FLAG_UNRESOLVED = np.int64(1) << 42
 
 #: The bits a forced-photometry ``flags`` value may carry above the mask bits (bit 32 up).
 FORCED_FLAGS: dict[str, np.int64] = {
     "STAMP_EDGE": FLAG_STAMP_EDGE, "CENTROID": FLAG_CENTROID, "PSF_FLUX": FLAG_PSF_FLUX,
     "BLENDED": FLAG_BLENDED, "OFF_IMAGE": FLAG_OFF_IMAGE, "MASKED_FRACTION": FLAG_MASKED_FRACTION,
-    "CROWDED": FLAG_CROWDED,
+    "CROWDED": FLAG_CROWDED, "UNRESOLVED": FLAG_UNRESOLVED,
 }
 
 

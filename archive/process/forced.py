@@ -56,8 +56,8 @@ not modelled: their light left on the stamp is what an unmodelled source at that
 distance leaves (for a Gaussian PSF a fraction ``exp(-d^2 / 4 sigma^2)`` of its flux,
 1.7e-4 at 2.5 FWHM).  Positions closer than ``min_separation_fwhm`` (default 0.2)
 FWHM cannot be told apart (the joint system is singular): they are not fitted against
-each other, each measures the light of both, and both are flagged BLENDED (of a centre's
-neighbours that close to each other, only the nearest enters its fit).  A neighbour
+each other, each measures the light of both, and both are flagged BLENDED and UNRESOLVED
+(of a centre's neighbours that close to each other, only the nearest enters its fit).  A neighbour
 whose PSF falls almost entirely on unusable pixels of the stamp drops out of the fit.
 BLENDED is set on every position that had a neighbour.  Positions off the image take
 part as neighbours (their light may fall on it) but are not measured themselves.
@@ -84,7 +84,8 @@ layout, ``DataFrame.attrs["mask_planes"]``).  Bits 32 and up
 finite: no fit; PSF_FLUX set too), STAMP_EDGE (the stamp runs off the image: the fit
 uses the part on it), PSF_FLUX (no usable pixel for the position's PSF: fluxes NaN),
 MASKED_FRACTION (``masked_fraction`` above ``max_masked_fraction``), BLENDED, CROWDED,
-CENTROID (recentring refused).  ``masked_fraction`` is the fraction of the PSF's flux
+UNRESOLVED (another position closer than ``min_separation_fwhm``), CENTROID (recentring
+refused).  ``masked_fraction`` is the fraction of the PSF's flux
 on the stamp that falls on unusable pixels (masked, off the image, no variance).
 
 Columns
@@ -639,6 +640,7 @@ def forced_photometry(exposure: Exposure, x, y, config: ForcedConfig | None = No
     cflags[res["mfrac"] > cfg.max_masked_fraction] |= F_.FLAG_MASKED_FRACTION
     cflags[blended] |= F_.FLAG_BLENDED
     cflags[crowded] |= F_.FLAG_CROWDED
+    cflags[twin] |= F_.FLAG_UNRESOLVED
     flags[centres] |= cflags
     cols["x"][:] = fx
     cols["y"][:] = fy

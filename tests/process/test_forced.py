@@ -181,7 +181,7 @@ def test_groups_of_three_and_four_and_crowding():
 
 def test_duplicate_positions_measure_the_light_they_share():
     """Positions closer than min_separation_fwhm are not separated: each measures their common
-    light, its neighbours' fits see one of them, and all are BLENDED."""
+    light (UNRESOLVED), its neighbours' fits see one of them, and all are BLENDED."""
     psf = GaussianPSF(fwhm=3.0)
     rng = np.random.default_rng(16)
     x = np.array([50.0, 54.0, 100.0])
@@ -193,6 +193,8 @@ def test_duplicate_positions_measure_the_light_they_share():
     assert twice["psf_flux"].iloc[3] == once["psf_flux"].iloc[1]
     assert twice["psf_flux"].iloc[4] == pytest.approx(once["psf_flux"].iloc[1], abs=0.1 * once["psf_flux_err"].iloc[1])
     assert (twice["flags"].to_numpy()[[0, 1, 3, 4]] & int(F_.FLAG_BLENDED) != 0).all()
+    unresolved = (twice["flags"].to_numpy() & int(F_.FLAG_UNRESOLVED)) != 0
+    assert unresolved.tolist() == [False, True, False, True, True]
 
 
 def test_bright_stars_outside_the_fit_are_modelled():
