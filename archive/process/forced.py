@@ -62,6 +62,20 @@ whose PSF falls almost entirely on unusable pixels of the stamp drops out of the
 BLENDED is set on every position that had a neighbour.  Positions off the image take
 part as neighbours (their light may fall on it) but are not measured themselves.
 
+Bright positions outside a fit
+------------------------------
+A bright position farther than the blend radius still leaves light on a faint one's stamp
+(a Moffat's wings); fitted alone, the faint one takes up the fraction ``rho(d)`` of it
+(the PSF's normalised overlap with itself at distance ``d``).  With ``subtract_bright``
+(default on), every position is first fitted alone; the bright ones (S/N >=
+``bright_snr``) are drawn with those fluxes on stamps of ``model_halfsize_fwhm`` FWHM and
+all positions are fitted, with their neighbours, on the image less that model (a bright
+position inside a fit is then fitted for its correction, so nothing is subtracted twice).
+The first fluxes of bright blended positions hold their neighbours' light, so the
+positions whose fit that error may bias by more than ``neighbour_tolerance`` flux errors
+are fitted again with the model redrawn from the joint fluxes.  ``attrs["refit_for_bright"]``
+counts those refits.  Light of sources not in the list is not modelled.
+
 Recentring (LAST's rule)
 ------------------------
 ``recenter=False`` (default): the positions are fixed.  ``recenter=True`` (for users'
@@ -144,12 +158,12 @@ class ForcedConfig:
     max_shift: largest total move (px) recentring may make; beyond it the position is kept, CENTROID set.
     max_iterations: recentring iterations.
     recenter_min_snr: positions below this S/N are not recentred.
-    subtract_bright: refit, on the image less the models of the bright positions, the positions whose
-        fit a bright position outside it may bias by more than ``neighbour_tolerance`` flux errors.
-    bright_snr: positions whose first fit has at least this S/N are bright.
+    subtract_bright: fit on the image less the models of the bright positions (their light outside
+        a fit is removed from it; see the module docstring).
+    bright_snr: positions whose first (single-position) fit has at least this S/N are bright.
     model_halfsize_fwhm: half-size (FWHM) of the bright positions' model stamps.
-    neighbour_tolerance: largest bias (flux errors) left to an unmodelled bright position.
-    bright_iterations: rounds of refits with the bright positions' models updated.
+    neighbour_tolerance: largest bias (flux errors) left by the error of a bright model.
+    bright_iterations: 1 + rounds of refits with the bright models redrawn from the joint fluxes.
     bad_planes: mask planes whose pixels get zero weight.
     core_radius_fwhm: mask bits within this radius (FWHM, at least 1 px) are OR'd into ``flags``.
     max_masked_fraction: MASKED_FRACTION is set above this fraction of the PSF's flux on unusable pixels.
@@ -343,77 +357,104 @@ def _overlap_profile(psf: PSF, x: float, y: float, size: int) -> tuple[np.ndarra
     return np.arange(prof.size, dtype=float), prof
 
 
-def _subtract_bright(frame: _Frame, psf: PSF, xs: np.ndarray, ys: np.ndarray, centres: np.ndarray,
-                     nbr: np.ndarray, twin: np.ndarray, res: dict, size: int, cfg: ForcedConfig, model_half: int,
-                     ref: tuple[float, float]) -> int:
-    """Refit the positions that bright positions outside their fits may bias (updates ``res``).
+class _BrightModel:
+    """The light of the bright positions, drawn on the frame, and which fits it may bias.
 
-    The bright positions (first-fit S/N >= ``bright_snr``, no twin closer than the minimum
-    separation) are drawn with their current
-    fluxes on stamps of half-size ``model_half``; a position whose predicted bias from the
-    bright positions that are not in its own fit, ``sum_j |F_j| rho(d_j)``
-    (:func:`_overlap_profile`), exceeds ``neighbour_tolerance`` times its flux error is
-    fitted again, with the same columns, on the image less that model: the fitted amplitudes
-    are then the corrections to the fluxes of the bright positions in the model (and the
-    fluxes themselves of the others), so the result is the fit with every bright position's
-    light accounted for.  A bright position's first flux holds its neighbours' light, so this
-    is repeated (``bright_iterations`` rounds) for the positions whose model changed enough,
-    ``sum_j |F_j - F_j(previous model)| rho(d_j)`` above the same tolerance.  Returns the
-    number of refits.
+    ``bright`` (indices into the centres) are drawn with fluxes ``flux`` on stamps of
+    half-size ``model_half``; ``pairs`` are the (centre, bright) pairs within reach where the
+    bright position is not in the centre's own fit, with ``rho`` the fraction of the bright
+    position's flux a fit of the centre would take up (:func:`_overlap_profile`).
     """
-    m = centres.size
+
+    def __init__(self, frame: _Frame, psf: PSF, xs, ys, centres, nbr, bright, size: int, model_half: int,
+                 ref: tuple[float, float], chunk_pixels: int):
+        self.frame, self.psf, self.xs, self.ys = frame, psf, xs, ys
+        self.bright = bright
+        self.bj = centres[bright]
+        self.model_half = model_half
+        self.chunk_pixels = chunk_pixels
+        m = centres.size
+        nb = self.bj.size
+        reach = (model_half + size // 2) * math.sqrt(2.0) + 1.0
+        tc = cKDTree(np.column_stack([xs[centres], ys[centres]]))
+        tb = cKDTree(np.column_stack([xs[self.bj], ys[self.bj]]))
+        pairs = tc.sparse_distance_matrix(tb, reach, output_type="ndarray")  # zero distances are left out
+        i, b, d = pairs["i"].astype(np.int64), pairs["j"].astype(np.int64), pairs["v"]
+        brow = np.full(xs.size, -1, dtype=np.int64)
+        brow[self.bj] = np.arange(nb)
+        out = centres[i] == self.bj[b]
+        if nbr.size:
+            mb = np.where(nbr >= 0, brow[np.maximum(nbr, 0)], -1)
+            rr = np.broadcast_to(np.arange(m)[:, None], mb.shape)
+            out |= np.isin(i * nb + b, (rr * nb + mb)[mb >= 0])
+        self.i, self.b = i[~out], b[~out]
+        dgrid, prof = _overlap_profile(psf, ref[0], ref[1], 2 * model_half + 1)
+        self.rho = np.interp(d[~out], dgrid, prof, right=0.0)
+        self.m = m
+
+    def bias(self, dflux: np.ndarray) -> np.ndarray:
+        """Upper bound of each centre's flux bias from bright-flux errors ``dflux`` (per bright)."""
+        return np.bincount(self.i, weights=np.abs(dflux)[self.b] * self.rho, minlength=self.m)
+
+    def residual(self, flux: np.ndarray) -> np.ndarray:
+        """Flat padded plane: the frame's data less the bright positions drawn with ``flux``."""
+        fr = self.frame.fr
+        sm = 2 * self.model_half + 1
+        xs, ys, bj = self.xs, self.ys, self.bj
+        model = fr.plane(None, np.float32)
+        for sl in chunks(bj.size, max(1, self.chunk_pixels // (sm * sm))):
+            xc = np.floor(xs[bj[sl]] + 0.5).astype(np.int64)
+            yc = np.floor(ys[bj[sl]] + 0.5).astype(np.int64)
+            st = self.psf.stamps(xs[bj[sl]], ys[bj[sl]], sm, xc, yc) * flux[sl, None, None]
+            np.add.at(model, fr.index(xc, yc, sm).ravel(), st.astype(np.float32).ravel())
+        np.subtract(self.frame.d, model, out=model)
+        return model
+
+
+def _fit_with_bright(frame: _Frame, psf: PSF, xs, ys, centres, nbr, twin, size: int, cfg: ForcedConfig,
+                     model_half: int, ref: tuple[float, float]) -> tuple[dict, int]:
+    """The fits of all centres with the light of bright positions outside each fit accounted for.
+
+    A first fit of every position alone (its own column only: cheap) finds the bright ones
+    (S/N >= ``bright_snr``, no twin closer than the minimum separation: those hold the light
+    of both) and their fluxes; they are drawn on stamps of half-size ``model_half`` and every
+    position is fitted, with its neighbours, on the image less that model.  The fitted
+    amplitudes are then corrections to the drawn fluxes of the bright positions in the fit
+    (the fluxes themselves of the others), so each result is its joint fit with the other
+    bright positions' light removed.  A bright position's first flux holds its neighbours'
+    light; the positions whose predicted bias from the bright positions outside their fit,
+    ``sum_j |F_j - F_j(drawn)| rho(d_j)``, exceeds ``neighbour_tolerance`` flux errors are
+    refitted with the model redrawn from the joint fluxes (``bright_iterations`` - 1 rounds).
+    Returns the results and the number of refits.
+    """
+    alone = np.full((centres.size, 0), -1, dtype=np.int64)
+    first = _fit(frame, psf, xs, ys, centres, alone, size, cfg, gradient=False)
     with np.errstate(invalid="ignore", divide="ignore"):
-        snr = res["flux"] / np.sqrt(res["var"])
-    # positions with a twin closer than the minimum separation each hold the light of both: not drawn
-    brow_c = np.flatnonzero(res["ok"] & (snr >= cfg.bright_snr) & ~twin)
-    if brow_c.size == 0:
-        return 0
-    bj = centres[brow_c]
-    reach = (model_half + size // 2) * math.sqrt(2.0) + 1.0
-    tc = cKDTree(np.column_stack([xs[centres], ys[centres]]))
-    tb = cKDTree(np.column_stack([xs[bj], ys[bj]]))
-    pairs = tc.sparse_distance_matrix(tb, reach, output_type="ndarray")  # zero distances are left out
-    i, b, d = pairs["i"].astype(np.int64), pairs["j"].astype(np.int64), pairs["v"]
-    # leave out the pairs where the bright position is in the centre's own fit (or is the centre)
-    nb = bj.size
-    brow = np.full(xs.size, -1, dtype=np.int64)
-    brow[bj] = np.arange(nb)
-    out = centres[i] == bj[b]
-    if nbr.size:
-        mb = np.where(nbr >= 0, brow[np.maximum(nbr, 0)], -1)
-        rr = np.broadcast_to(np.arange(m)[:, None], mb.shape)
-        out |= np.isin(i * nb + b, (rr * nb + mb)[mb >= 0])
-    i, b, d = i[~out], b[~out], d[~out]
-    dgrid, prof = _overlap_profile(psf, ref[0], ref[1], 2 * model_half + 1)
-    rho = np.interp(d, dgrid, prof, right=0.0)
-    sm = 2 * model_half + 1
-    xcb = np.floor(xs[bj] + 0.5).astype(np.int64)
-    ycb = np.floor(ys[bj] + 0.5).astype(np.int64)
-    used = np.zeros(nb)
+        snr = first["flux"] / np.sqrt(first["var"])
+    bright = np.flatnonzero(first["ok"] & (snr >= cfg.bright_snr) & ~twin)
+    if bright.size == 0:
+        return _fit(frame, psf, xs, ys, centres, nbr, size, cfg, gradient=False), 0
+    bm = _BrightModel(frame, psf, xs, ys, centres, nbr, bright, size, model_half, ref, cfg.chunk_pixels)
+    drawn = first["flux"][bright]
+    res = _fit(frame, psf, xs, ys, centres, nbr, size, cfg, gradient=False, data=bm.residual(drawn))
+    base = np.zeros(centres.size)
+    base[bright] = drawn
+    res["flux"] += base
     refits = 0
-    for _ in range(int(cfg.bright_iterations)):
-        fb = np.where(res["ok"][brow_c], res["flux"][brow_c], 0.0)
-        bias = np.bincount(i, weights=np.abs(fb - used)[b] * rho, minlength=m)
+    for _ in range(int(cfg.bright_iterations) - 1):
+        now = np.where(res["ok"][bright], res["flux"][bright], drawn)
         with np.errstate(invalid="ignore"):
-            redo = np.flatnonzero(res["ok"] & (bias > cfg.neighbour_tolerance * np.sqrt(res["var"])))
+            redo = np.flatnonzero(res["ok"] & (bm.bias(now - drawn) > cfg.neighbour_tolerance * np.sqrt(res["var"])))
         if redo.size == 0:
             break
-        model = frame.fr.plane(None, np.float32)
-        step = max(1, cfg.chunk_pixels // (sm * sm))
-        for sl in chunks(nb, step):
-            st = psf.stamps(xs[bj[sl]], ys[bj[sl]], sm, xcb[sl], ycb[sl]) * fb[sl, None, None]
-            np.add.at(model, frame.fr.index(xcb[sl], ycb[sl], sm).ravel(), st.astype(np.float32).ravel())
-        np.subtract(frame.d, model, out=model)  # the residual, in place
-        r2 = _fit(frame, psf, xs, ys, centres[redo], nbr[redo], size, cfg, gradient=False, data=model)
-        del model
-        base = np.zeros(m)
-        base[brow_c] = fb
+        r2 = _fit(frame, psf, xs, ys, centres[redo], nbr[redo], size, cfg, gradient=False, data=bm.residual(now))
+        base[bright] = now
         res["flux"][redo] = base[redo] + r2["flux"]
-        for key in ("var", "chi2", "ndof", "ok"):
+        for key in ("var", "chi2", "ndof", "ok", "mfrac"):
             res[key][redo] = r2[key]
-        used = fb
+        drawn = now
         refits += int(redo.size)
-    return refits
+    return res, refits
 
 
 def _solve(N: np.ndarray, rhs: np.ndarray) -> np.ndarray:
@@ -625,11 +666,11 @@ def forced_photometry(exposure: Exposure, x, y, config: ForcedConfig | None = No
         moved = ok_move
         flags[refused] |= F_.FLAG_CENTROID
 
-    res = _fit(frame, psf, fx, fy, centres, nbr, size, cfg, gradient=False)
-    refit = 0
     if cfg.subtract_bright:
-        refit = _subtract_bright(frame, psf, fx, fy, centres, nbr, twin, res, size, cfg, model_half,
-                                 ((w - 1) / 2.0, (h - 1) / 2.0))
+        res, refit = _fit_with_bright(frame, psf, fx, fy, centres, nbr, twin, size, cfg, model_half,
+                                      ((w - 1) / 2.0, (h - 1) / 2.0))
+    else:
+        res, refit = _fit(frame, psf, fx, fy, centres, nbr, size, cfg, gradient=False), 0
     attrs["refit_for_bright"] = refit
     fxc = np.floor(fx[centres] + 0.5).astype(np.int64)
     fyc = np.floor(fy[centres] + 0.5).astype(np.int64)
