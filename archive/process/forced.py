@@ -85,7 +85,9 @@ recenter_min_snr`` the flux and a shift are fitted with the linearised PSF,
 shift and the fit is repeated there, at most ``max_iterations`` (2) times.  If the total
 move from the given position exceeds ``max_shift`` (0.2 px) the given position is kept
 and CENTROID is set; otherwise ``moved`` is True and the flux is that of a fixed-position
-fit at the final position.  Neighbours stay at their given positions while a position is
+fit at the final position, with the error of the last fit with the position free (the
+larger: the same for an isolated position, larger for a close blend, where a shift trades
+flux between the neighbours).  Neighbours stay at their given positions while a position is
 recentred; the final fit of all positions uses every position's final place.  Positions
 fainter than ``recenter_min_snr`` are not recentred (not moved, not flagged).
 
@@ -626,6 +628,7 @@ def forced_photometry(exposure: Exposure, x, y, config: ForcedConfig | None = No
     fx = xs.copy()
     fy = ys.copy()
     refused = np.zeros(n, dtype=bool)
+    pos_var = np.full(n, np.nan)  # flux variance of the last fit with the position free
     moved = np.zeros(n, dtype=bool)
     if cfg.recenter:
         active = centres.copy()
@@ -645,6 +648,7 @@ def forced_photometry(exposure: Exposure, x, y, config: ForcedConfig | None = No
                 snr = res["flux"] / np.sqrt(res["var"])
             go = res["ok"] & (snr >= cfg.recenter_min_snr) & np.isfinite(res["dx"]) & np.isfinite(res["dy"])
             a = active[go]
+            pos_var[a] = res["var"][go]
             cx[a] += res["dx"][go]
             cy[a] += res["dy"][go]
             far = np.hypot(cx[a] - xs[a], cy[a] - ys[a]) > cfg.max_shift
@@ -686,7 +690,11 @@ def forced_photometry(exposure: Exposure, x, y, config: ForcedConfig | None = No
     cols["x"][:] = fx
     cols["y"][:] = fy
     cols["psf_flux"][centres] = res["flux"] * scale
-    cols["psf_flux_err"][centres] = np.sqrt(res["var"]) * scale
+    var = res["var"]
+    if cfg.recenter:  # a moved position was fitted: its flux error includes the position's
+        mv = moved[centres]
+        var = np.where(mv, np.fmax(var, pos_var[centres]), var)
+    cols["psf_flux_err"][centres] = np.sqrt(var) * scale
     cols["psf_chi2"][centres] = res["chi2"]
     cols["psf_ndof"][centres] = res["ndof"].astype(np.int32)
     cols["masked_fraction"][centres] = res["mfrac"]

@@ -347,6 +347,8 @@ def test_recentring_follows_last_rule():
     fixed = forced_photometry(exp, gx, gy)
     assert not fixed["moved"].any() and np.array_equal(fixed["x"], gx)
     assert np.all(np.abs(df["psf_flux"][:2] - f[:2]) < 3 * df["psf_flux_err"][:2])
+    # the error of a moved isolated star: the position is orthogonal to the flux, nothing added
+    assert np.allclose(df["psf_flux_err"][:2], fixed["psf_flux_err"][:2], rtol=1e-3)
     # a faint star is not recentred (below recenter_min_snr): not moved, not flagged
     faint = forced_photometry(exp, [50.0], [450.0], ForcedConfig(recenter=True))
     assert not faint["moved"].iloc[0] and faint["flags"].iloc[0] == 0
