@@ -38,17 +38,19 @@ paper's sub-images) each core uses the PSFs at its centre: bright stars then lea
 residuals that grow with the PSF's change across a core.  The difference's PSF is P_D at the
 core centres and corners fitted as a :class:`~archive.image.psf.PixelPSF` polynomial.
 
-Masked pixels: NO_DATA (of either input) and non-finite pixels are replaced in *both* images
-by a Gaussian-weighted mean of their good neighbours (deep holes by the nearest filled value);
-the other ``fill_planes`` (cosmic rays, bad pixels, saturation, streaks) only in the input that
-has them, so neither a cosmic ray nor a NO_DATA edge rings through the FFT.  Filled pixels
-carry no variance into V_D or the score's variance.  Where that interpolation misses light
-(a hot template pixel on a star's core: the template's filter is the wide one and would
-spread the error over the star) the filled values are then re-solved by least squares so
-that the difference around them is flattest (``refine_masked``; only pixels whose first-order
-correction is significant).  The output mask is the OR of both inputs' masks (planes matched
-by name; the inputs' DETECTED planes are not carried), not grown; NO_DATA pixels get 0 in the
-difference and the score and an infinite variance.  A star cut by a NO_DATA edge can leave
+Masked pixels: NO_DATA (of either input) and non-finite pixels are set to the background
+level (the median) in *both* images -- flat, since an interpolation would carry the rim's
+noise into the hole, correlated and unaccounted for, and inflate the score along the edge;
+the other ``fill_planes`` (cosmic rays, bad pixels, saturation, streaks) are replaced, in the
+input that has them only, by a Gaussian-weighted mean of their good neighbours.  So neither
+a cosmic ray nor a NO_DATA edge rings through the FFT.  Filled pixels carry no variance into
+V_D or the score's variance.  Where an interpolation misses light (a hot template pixel on a
+star's core: the template's filter is the wide one and would spread the error over the
+star) the filled values are then re-solved by least squares so that the difference around
+them is flattest (``refine_masked``; only pixels whose first-order correction is
+significant).  The output mask is the OR of both inputs' masks (planes matched by name; the
+inputs' DETECTED planes are not carried), not grown; NO_DATA pixels get 0 in the difference
+and the score and an infinite variance.  A star cut by a NO_DATA edge can leave
 a residual on the pixels right beside the edge.
 
 The flux ratio b can be fitted (``fit_flux_ratio``): on the bright static pixels,
@@ -164,7 +166,7 @@ def _extract(arr: np.ndarray, y0: int, x0: int, fy: int, fx: int, dtype) -> np.n
 def _fill(images: np.ndarray, bad: np.ndarray, sigma: float = 2.0) -> None:
     """Replace the ``bad`` pixels of each image of the stack ``images`` (k, h, w) in place by
     a Gaussian-weighted mean (sigma px, to 3 sigma) of the good pixels around them; pixels with
-    (almost) no good pixel within reach take the nearest filled value."""
+    (almost) no good pixel within reach take the median of the good pixels."""
     h, w = bad.shape
     r = int(math.ceil(3.0 * sigma))
     iy, ix = np.nonzero(bad)
@@ -200,8 +202,12 @@ def _fill(images: np.ndarray, bad: np.ndarray, sigma: float = 2.0) -> None:
         images[:, ok] = num[:, ok] / den[ok]
         rest = bad & ~ok
     if rest.any():
-        iy, ix = ndimage.distance_transform_edt(rest, return_distances=False, return_indices=True)
-        images[:, rest] = images[:, iy[rest], ix[rest]]
+        # deep in a hole: the images' median level (the background), not a copy of the rim,
+        # whose noise would be repeated across the hole and reach the filters beside it
+        good = ~bad
+        g = good[::2, ::2]
+        for im in images:
+            im[rest] = np.median(im[::2, ::2][g]) if g.sum() >= 100 else (np.median(im[good]) if good.any() else 0.0)
 
 
 def _embed(kernels: np.ndarray, shape: tuple[int, int], dtype=np.float32) -> np.ndarray:
@@ -336,13 +342,16 @@ class _Inputs:
         var[1] = _extract(self.tpl.variance, sub.ey, sub.ex, fy, fx, np.float32)
         s2n = _median_good(var[0], good)
         s2r = _median_good(var[1], good)
-        if np.array_equal(fill_n, fill_r):
-            if fill_n.any():
-                _fill(img, fill_n)
-        else:
-            for k, f in ((0, fill_n), (1, fill_r)):
-                if f.any():
-                    _fill(img[k:k + 1], f)
+        # pixels masked in one input: interpolated from their neighbours in that input
+        for k, f in ((0, fill_n), (1, fill_r)):
+            if (f & ~both).any():
+                _fill(img[k:k + 1], f)
+        # no data: the background level, flat -- an interpolation would carry the rim's noise
+        # into the hole, correlated and unaccounted for, and inflate the score along its edge
+        if both.any():
+            g = good[::2, ::2]
+            for k in range(2):
+                img[k][both] = np.median(img[k][::2, ::2][g]) if g.sum() >= 100 else np.median(img[k][good])
         var[0][fill_n] = 0.0
         var[1][fill_r] = 0.0
         return img, var if with_variance else None, (bad_n & ~fill_r, bad_r & ~fill_n, ~good), s2n, s2r
