@@ -86,9 +86,11 @@ def in_njy(exposure: Exposure) -> Exposure:
     return out
 
 
-def fill_masked(image: np.ndarray, bad: np.ndarray, sigma: float = 2.0, max_rounds: int = 8) -> np.ndarray:
+def fill_masked(image: np.ndarray, bad: np.ndarray, sigma: float = 2.0, max_rounds: int = 3) -> np.ndarray:
     """``image`` with the ``bad`` pixels replaced by a Gaussian-weighted mean of the good
-    pixels around them (normalised convolution; wider rounds for large holes)."""
+    pixels around them (normalised convolution, ``max_rounds`` rounds of doubling width);
+    what is left (the inside of large holes, which only needs to be quiet, as its pixels
+    stay masked) gets the median of the good pixels."""
     out = np.array(image, dtype=np.float32, copy=True)
     bad = np.asarray(bad, bool) | ~np.isfinite(out)
     if not bad.any():

@@ -62,7 +62,10 @@ class AlardLuptonConfig:
     maps every static source, and stamps holding something that changed are clipped by
     their chi^2); decorrelate: apply the afterburner; fit_flux_ratio: fit the kernel's
     sum; by default it is 1 (both images calibrated in nJy: what the difference is for),
-    which keeps a kernel too small for a PSF's far wings from scaling the template instead."""
+    which keeps a kernel too small for a PSF's far wings from scaling the template instead;
+    background_mesh: cell size (px) of a smooth background estimated on the difference and
+    removed (the two images' background subtractions differ on scales the kernel fit's
+    polynomial does not follow); 0: none."""
 
     kernel_size: int = dataclasses.field(default=0, metadata={"min": 0, "max": 101})
     sigmas: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
@@ -72,13 +75,14 @@ class AlardLuptonConfig:
     background_degree: int = dataclasses.field(default=1, metadata={"min": 0, "max": 4})
     convolve: str = dataclasses.field(default="auto", metadata={"choices": ("auto", "template", "science")})
     max_stamps: int = dataclasses.field(default=250, metadata={"min": 5})
-    stamp_snr: float = dataclasses.field(default=30.0, metadata={"min": 5.0})
+    stamp_snr: float = dataclasses.field(default=20.0, metadata={"min": 5.0})
     stamp_isolation: float = dataclasses.field(default=0.0, metadata={"min": 0.0})
     clip_sigma: float = dataclasses.field(default=4.0, metadata={"min": 1.0})
     clip_rounds: int = dataclasses.field(default=2, metadata={"min": 0, "max": 10})
     block: int = dataclasses.field(default=512, metadata={"min": 64})
     decorrelate: bool = True
     fit_flux_ratio: bool = False
+    background_mesh: int = dataclasses.field(default=128, metadata={"min": 0, "max": 4096})
 
     def validate(self) -> None:
         if len(self.sigmas) != len(self.degrees) or not self.sigmas:
@@ -138,11 +142,12 @@ def select_stamps(a: Exposure, b: Exposure, half: int, cfg: AlardLuptonConfig) -
                                                                  r=max(1.0, cfg.stamp_isolation * half))])
         keep = counts <= 1
         xs, ys = xs[keep], ys[keep]
-    # no masked pixel in the stamp
+    # no masked pixel in the star's core (elsewhere in the stamp masked pixels get no weight)
     if len(xs):
+        core = max(2, half // 4)
         integral = np.pad(bad.astype(np.int32), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-        n_bad = (integral[ys + half + 1, xs + half + 1] - integral[ys - half, xs + half + 1]
-                 - integral[ys + half + 1, xs - half] + integral[ys - half, xs - half])
+        n_bad = (integral[ys + core + 1, xs + core + 1] - integral[ys - core, xs + core + 1]
+                 - integral[ys + core + 1, xs - core] + integral[ys - core, xs - core])
         xs, ys = xs[n_bad == 0], ys[n_bad == 0]
     order = np.argsort(-snr[ys, xs])[: cfg.max_stamps]
     return np.column_stack([xs[order], ys[order]]).astype(np.int64)
@@ -187,7 +192,12 @@ def fit_kernel(source: Exposure, target: Exposure, basis: np.ndarray, cfg: Alard
     if ns < 3:
         raise ValidationError(f"PSF matching: only {ns} usable stars for the kernel fit (need 3 or more)")
     side = 2 * half + 1
-    src_img = fill_masked(source.image, ~np.isfinite(source.image))
+    bad = {}
+    for name, e in (("source", source), ("target", target)):
+        planes = [p for p in STAMP_BAD if p in e.mask_planes]
+        bad[name] = ((e.mask_of(*planes) if planes else np.zeros(e.shape, bool)) | ~np.isfinite(e.image)
+                     | ~np.isfinite(e.variance))
+    src_img = fill_masked(source.image, bad["source"])  # masked source pixels must not spread
     first = 0 if cfg.fit_flux_ratio else 1  # with a known flux ratio the first basis is fixed at 1
     nb = len(basis)
     # every stamp's source region convolved with every basis image, by one batched FFT
@@ -204,7 +214,10 @@ def fit_kernel(source: Exposure, target: Exposure, basis: np.ndarray, cfg: Alard
     tgt = np.stack([target.image[y - half:y + half + 1, x - half:x + half + 1] for x, y in stamps]).reshape(ns, -1)
     var = np.stack([target.variance[y - half:y + half + 1, x - half:x + half + 1]
                     + source.variance[y - half:y + half + 1, x - half:x + half + 1] for x, y in stamps])
-    w = (1.0 / np.where(np.isfinite(var) & (var > 0), var, np.inf)).reshape(ns, -1)
+    # no weight where either image is masked (around a masked source pixel: the kernel's reach)
+    near_bad = ndimage.binary_dilation(bad["source"], iterations=kh) | bad["target"]
+    nb_st = np.stack([near_bad[y - half:y + half + 1, x - half:x + half + 1] for x, y in stamps])
+    w = np.where(nb_st | ~(np.isfinite(var) & (var > 0)), 0.0, 1.0 / np.where(var > 0, var, 1.0)).reshape(ns, -1)
     ws = poly_design(stamps[:, 0].astype(float), stamps[:, 1].astype(float), cfg.spatial_degree, bbox)  # (ns, nt)
     wb = poly_design(stamps[:, 0].astype(float), stamps[:, 1].astype(float), cfg.background_degree, bbox)
     nt, nbt = ws.shape[1], wb.shape[1]
@@ -230,7 +243,7 @@ def fit_kernel(source: Exposure, target: Exposure, basis: np.ndarray, cfg: Alard
         coef = sol[:nbk * nt].reshape(nbk, nt)
         per_stamp = ws @ coef.T                    # (ns, nbk): each stamp's basis coefficients
         model = np.einsum("sb,sbp->sp", per_stamp, c) + (wb @ sol[nbk * nt:])[:, None]
-        chi = ((rhs - model) ** 2 * w).sum(axis=1) / side ** 2
+        chi = ((rhs - model) ** 2 * w).sum(axis=1) / np.maximum((w > 0).sum(axis=1), 1)
         med = np.median(chi[use])
         mad = 1.4826 * np.median(np.abs(chi[use] - med))
         new = chi <= med + cfg.clip_sigma * max(mad, 1e-3 * med)
@@ -335,6 +348,8 @@ def subtract(science: Exposure, template: Exposure, config: AlardLuptonConfig | 
     matched = conv + bg
     diff = (target.image - matched) if convolve == "template" else (matched - target.image)
     ok = ~bad_src & np.isfinite(target.variance) & np.isfinite(source.variance)
+    if cfg.background_mesh:
+        diff = diff - difference_background(diff, target.variance + conv_var, ~ok, cfg.background_mesh)
     var_t = target.variance.astype(np.float32)
     # per-pixel variance before decorrelation (correlated noise); after it: white, s_t^2 + s_c^2
     if cfg.decorrelate:
@@ -362,6 +377,8 @@ def subtract(science: Exposure, template: Exposure, config: AlardLuptonConfig | 
     psf = psf_from_kernels(nodes, np.asarray(kernels), science.shape)
     mask = science.mask | _translate(template, science.mask_planes)
     no_data = ~np.isfinite(template.variance) | ((template.mask & template.get_plane_bitmask("NO_DATA")) != 0)
+    if no_data.any():  # the convolutions reach that far from the filled pixels: not a difference there
+        no_data = ndimage.binary_dilation(no_data, structure=np.ones((3, 3), bool), iterations=size)
     mask[no_data] |= np.int32(science.get_plane_bitmask("NO_DATA"))
     variance = np.where(no_data, np.inf, variance).astype(np.float32)
     diff = np.where(no_data, 0.0, diff).astype(np.float32)
@@ -372,6 +389,19 @@ def subtract(science: Exposure, template: Exposure, config: AlardLuptonConfig | 
             "kernel_chi2": sol.chi2, "kernel_sum": float(sol.kernel(cx, cy).sum()), "fwhm_science": f_sci,
             "fwhm_template": f_tpl, "background": sol.bg.tolist(), "decorrelated": bool(cfg.decorrelate)}
     return DifferenceResult(out, score, "alard_lupton", meta)
+
+
+def difference_background(diff: np.ndarray, variance: np.ndarray, bad: np.ndarray, mesh: int) -> np.ndarray:
+    """A smooth background of a difference image (cells of ``mesh`` px), leaving out ``bad``
+    pixels and everything within a few pixels of a 3-sigma excursion (real changes,
+    residuals of bright sources)."""
+    from archive.process.background import BackgroundConfig, estimate_background
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.abs(diff) / np.sqrt(np.where(variance > 0, variance, np.inf))
+    hot = ndimage.binary_dilation(ndimage.uniform_filter(np.nan_to_num(z), 3) > 3.0, iterations=4)
+    cfg = BackgroundConfig(mesh_size=int(mesh), passes=1)
+    return estimate_background(np.where(bad, np.nan, diff), mask=bad | hot, config=cfg).background
 
 
 def _translate(template: Exposure, planes: dict[str, int]) -> np.ndarray:

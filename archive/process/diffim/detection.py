@@ -13,8 +13,8 @@ Measurement
     (sqrt(2) sigma_PSF / S/N per axis), sky position and its error.
 Flags
     The mask bits within the PSF core (from both images: SAT, BAD, CR, EDGE, NO_DATA,
-    STREAK...), NEAR_BRIGHT_STAR where the template's PSF S/N at the position exceeds
-    ``bright_snr``, and DIPOLE for pairs of a positive and a negative detection closer
+    STREAK...), NEAR_BRIGHT_STAR where a template pixel within ``bright_radius_fwhm`` FWHM
+    has an S/N above ``bright_snr``, and DIPOLE for pairs of a positive and a negative detection closer
     than ``dipole_fwhm`` FWHM with fluxes of comparable size.
 Dipoles
     A dipole's two lobes are fitted jointly (two PSFs of free flux at the lobes'
@@ -41,15 +41,16 @@ DIA_FLAGS = {"NEAR_BRIGHT_STAR": FLAG_NEAR_BRIGHT_STAR, "DIPOLE": FLAG_DIPOLE}
 @dataclasses.dataclass
 class DetectionConfig:
     """threshold: score sigma; min_pixels: pixels above threshold a detection needs;
-    aperture_fwhm: aperture radius in FWHM; bright_snr: a template S/N above which the
-    position is NEAR_BRIGHT_STAR; dipole_fwhm: the largest lobe separation of a dipole;
+    aperture_fwhm: aperture radius in FWHM; bright_snr, bright_radius_fwhm: a template pixel
+    of S/N above bright_snr within bright_radius_fwhm FWHM makes a detection NEAR_BRIGHT_STAR; dipole_fwhm: the largest lobe separation of a dipole;
     dipole_ratio: the lobes' |flux| ratio must lie within [1/r, r]; negative: also detect
     fading sources."""
 
     threshold: float = dataclasses.field(default=5.0, metadata={"min": 2.0})
     min_pixels: int = dataclasses.field(default=2, metadata={"min": 1})
     aperture_fwhm: float = dataclasses.field(default=1.0, metadata={"min": 0.3, "max": 5.0})
-    bright_snr: float = dataclasses.field(default=500.0, metadata={"min": 1.0})
+    bright_snr: float = dataclasses.field(default=100.0, metadata={"min": 1.0})
+    bright_radius_fwhm: float = dataclasses.field(default=3.0, metadata={"min": 0.0})
     dipole_fwhm: float = dataclasses.field(default=1.5, metadata={"min": 0.1})
     dipole_ratio: float = dataclasses.field(default=4.0, metadata={"min": 1.0})
     negative: bool = True
@@ -124,9 +125,16 @@ def detect_dia_sources(difference: Exposure, score: np.ndarray, science: Exposur
     else:
         sflux = serr = np.full(len(x), np.nan)
     if template is not None:
-        tpl = forced_photometry(template, x, y, fc)
-        bright = np.abs(tpl["psf_flux"].to_numpy(float) / tpl["psf_flux_err"].to_numpy(float)) > cfg.bright_snr
-        flags = np.where(bright, flags | FLAG_NEAR_BRIGHT_STAR, flags)
+        # a bright template source within bright_radius_fwhm: residuals of bright stars (PSF and
+        # alignment errors scale with their flux) are flagged, not trusted
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tsnr = np.where(np.isfinite(template.variance) & (template.variance > 0),
+                            template.image / np.sqrt(template.variance), 0.0)
+        r = max(1, int(round(cfg.bright_radius_fwhm * fwhm)))
+        near = ndimage.maximum_filter(tsnr, size=2 * r + 1)
+        ix = np.clip(np.round(x).astype(int), 0, template.shape[1] - 1)
+        iy = np.clip(np.round(y).astype(int), 0, template.shape[0] - 1)
+        flags = np.where(near[iy, ix] > cfg.bright_snr, flags | FLAG_NEAR_BRIGHT_STAR, flags)
     is_dipole = np.zeros(len(x), bool)
     pairs = dipole_pairs(x, y, sign, flux, fwhm * cfg.dipole_fwhm, cfg.dipole_ratio)
     if len(pairs):

@@ -2,8 +2,9 @@
 resampled onto the calexp's pixel grid and joined into one image.
 
 Each tile's template is warped onto the calexp grid (:func:`archive.process.warp.warp_exposure`,
-over the box it covers); where tiles overlap (their margins), the pixels are the
-inverse-variance mean of the tiles that cover them.  Pixels no tile covers are NO_DATA
+over the box it covers); the tiles' backgrounds are aligned in their overlaps (their
+margins; :func:`archive.process.coadd.match_backgrounds`), and where tiles overlap the
+pixels are the inverse-variance mean of the tiles that cover them.  Pixels no tile covers are NO_DATA
 (value 0, variance inf).  The PSF is that of the tile covering most of the calexp,
 carried onto the calexp grid; templates of neighbouring tiles share their inputs, so
 their PSFs differ little.
@@ -15,6 +16,7 @@ import numpy as np
 
 from archive.errors import ValidationError
 from archive.image.exposure import Exposure, ExposureInfo
+from archive.process.coadd import match_backgrounds
 from archive.process.warp import WarpConfig, footprint_bbox, warp_exposure
 
 
@@ -32,12 +34,17 @@ def template_on_grid(calexp: Exposure, templates: list[Exposure], config: WarpCo
     no_data = np.int32(1 << planes["NO_DATA"])
     psf, best = None, -1
     used = []
+    warped = []
     for t in templates:
         bb = footprint_bbox(t, calexp.wcs, (ny, nx))
-        if bb is None:
-            continue
-        w = warp_exposure(t, calexp.wcs, (ny, nx), bb, config)
+        if bb is not None:
+            warped.append(warp_exposure(t, calexp.wcs, (ny, nx), bb, config))
+    # tiles are coadded independently: their backgrounds may differ by a little, which would
+    # show in the difference as steps at the tile borders; align them in their overlaps
+    offsets = match_backgrounds(warped) if len(warped) > 1 else np.zeros(len(warped))
+    for w, off in zip(warped, offsets):
         x0, y0 = w.xy0
+        w.image = (w.image - np.float32(off)).astype(np.float32)
         sl = (slice(y0, y0 + w.shape[0]), slice(x0, x0 + w.shape[1]))
         ok = np.isfinite(w.variance) & (w.variance > 0) & ((w.mask & (1 << w.mask_planes["NO_DATA"])) == 0)
         weight = np.where(ok, 1.0 / np.where(ok, w.variance, 1.0), 0.0)
@@ -56,6 +63,7 @@ def template_on_grid(calexp: Exposure, templates: list[Exposure], config: WarpCo
     variance = np.where(has, 1.0 / np.where(has, wsum, 1.0), np.inf).astype(np.float32)
     mask[~has] |= no_data
     info = ExposureInfo(band=calexp.info.band)
-    info.extras = {"template": {"tiles": len(used), "coverage": float(has.mean())}}
+    info.extras = {"template": {"tiles": len(used), "coverage": float(has.mean()),
+                                "tile_offsets": [float(o) for o in offsets]}}
     return Exposure(image, mask, variance, wcs=calexp.wcs.deepcopy(), psf=psf, photo_calib=calexp.photo_calib,
                     info=info, mask_planes=planes)
