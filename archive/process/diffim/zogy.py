@@ -95,7 +95,7 @@ class ZogyConfig:
 
     subimage_size: side (px) of the cores the image is cut into, each computed with the PSFs
     at its centre; margin: pixels transformed around each core (each side) so that the
-    filters' reach and the FFT's wrap-around stay outside the core (None: the kernel size);
+    filters' reach and the FFT's wrap-around stay outside the core (None: kernel_size - 1);
     kernel_size: odd side (px) of the PSF kernels and of the difference's PSF (None: the
     larger of the two PSFs' ``default_size`` over the image); flux_ratio: F_n / F_r, the
     science's flux scale over the template's (1 for two calibrated images); fit_flux_ratio:
@@ -295,10 +295,14 @@ class _Nodes:
                             np.asarray(template.psf.kernel(x, y, ks), np.float32))
                         for k, (x, y) in positions.items()}
         self.hats: dict = {}
+        self.power: dict = {}
 
     def transform(self, key, workers: int = 1) -> None:
+        """The node's P_n^, P_r^ on the FFT grid, and |P_n^|^2, |P_r^|^2."""
         kn, kr = self.kernels[key]
-        self.hats[key] = sfft.rfft2(_embed(np.stack([kn, kr]), self.fshape), workers=workers)
+        h = sfft.rfft2(_embed(np.stack([kn, kr]), self.fshape), workers=workers)
+        self.hats[key] = h
+        self.power[key] = h.real ** 2 + h.imag ** 2
 
     def central(self, sub: _Sub) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The core's kernels at its centre (the mean of its nodes': bilinear interpolation)
@@ -307,8 +311,11 @@ class _Nodes:
         hs = [self.hats[k] for k in sub.nodes]
         if len(ks) == 1:
             return ks[0][0], ks[0][1], hs[0]
-        n = np.float32(len(ks))
-        return (sum(k[0] for k in ks) / n, sum(k[1] for k in ks) / n, sum(hs) / n)
+        w = np.float32(1.0 / len(ks))
+        h = hs[0] * w
+        for other in hs[1:]:
+            h += other * w
+        return (sum(k[0] for k in ks) * w, sum(k[1] for k in ks) * w, h)
 
 
 class _Inputs:
@@ -486,10 +493,15 @@ def _core_difference(inp: _Inputs, sub: _Sub, nodes: _Nodes, b: float, ks: int, 
     else:
         d = np.zeros((fy, fx), np.float32)
         for k, key in enumerate(sub.nodes):
-            hk = nodes.hats[key]
-            isq_k = _spectral_terms(hk[0], hk[1], a32, c32)[2]
-            d += sub.weight(k) * irfft2((hk[1] * fh[0] - b32 * hk[0] * fh[1]) * isq_k, s=(fy, fx),
-                                        workers=workers)
+            hk, pk = nodes.hats[key], nodes.power[key]
+            den = a32 * pk[1]
+            den += c32 * pk[0]
+            np.maximum(den, np.float32(1e-30), out=den)
+            isq_k = 1.0 / np.sqrt(den)
+            num = hk[1] * fh[0]
+            num -= b32 * hk[0] * fh[1]
+            num *= isq_k
+            d += sub.weight(k) * irfft2(num, s=(fy, fx), workers=workers)
     # -- the score S = D * P_D(-x) = k_n * N - k_r * R
     kn_h = np.conj(pn) * (apr * iden)
     kr_h = np.conj(pr) * (b32 * apn * iden)
@@ -679,7 +691,7 @@ def _by_rows(subs: list[_Sub], nodes: _Nodes, fn, pool, workers: int) -> list:
             results[i] = r
         later = {k for s in subs if s.row > j for k in s.nodes}
         for k in [k for k in nodes.hats if k not in later]:
-            del nodes.hats[k]
+            del nodes.hats[k], nodes.power[k]
     return results
 
 
@@ -737,7 +749,8 @@ def zogy_difference(science: Exposure, template: Exposure, config: ZogyConfig | 
     else:
         ks = max(int(science.psf.default_size(px, py)), int(template.psf.default_size(px, py)))
         ks += 1 - ks % 2
-    margin = cfg.margin if cfg.margin is not None else ks
+    # D reaches ks // 2 px, and the score (D filtered with P_D) as far again: the margin holds both
+    margin = cfg.margin if cfg.margin is not None else 2 * (ks // 2)
     fshape = (sfft.next_fast_len(int(np.diff(ybounds).max()) + 2 * margin, real=True),
               sfft.next_fast_len(int(np.diff(xbounds).max()) + 2 * margin, real=True))
     gsmall = min(sfft.next_fast_len(2 * ks + 1, real=True), *fshape)
