@@ -81,6 +81,10 @@ def _pq_stage_timers() -> StageTimers:
     st.wrap(parquet_store.ParquetTransaction, "append", "append (key check + sort + write)")
     st.wrap(parquet_store.ParquetTransaction, "_check_new_keys", "  key check vs stored (DuckDB)")
     st.wrap(pq, "write_table", "  pq.write_table (all files)")
+    if hasattr(parquet_store, "hatslayout"):  # margin catalogs, staged files, moves at commit
+        st.wrap(parquet_store.hatslayout, "margin_targets", "  margin rows (which, where)")
+        st.wrap(parquet_store.ParquetTransaction, "_publish", "  publish (renames into place / aside)")
+        st.wrap(parquet_store.ParquetStore, "_write_hats_metadata", "  HATS metadata + margin catalog")
     st.wrap(parquet_store.ParquetTransaction, "_journal", "  journal writes")
     st.wrap(parquet_store.ParquetTransaction, "commit", "commit (manifest + HATS metadata)")
     return st

@@ -1,21 +1,38 @@
 """The embedded store: a directory of HEALPix-partitioned Parquet, one HATS catalog per table.
 
-Layout (``K`` = the store's partition order)::
+Layout (``K`` = the store's partition order, ``T`` = the margin threshold)::
 
-    ROOT/archive-store.json            store marker (format, schema version, K)
+    ROOT/archive-store.json            store marker (format, schema version, K, T)
     ROOT/manifest.json                 the committed state: every live file of every table
     ROOT/.lock                         writer lock (fcntl), holds the writer's PID
-    ROOT/_txn/                         journals of in-flight transactions (crash recovery)
-    ROOT/<table>/hats.properties       HATS catalog properties
+    ROOT/_txn/                         journals (and staged files) of in-flight transactions
+    ROOT/_retired/                     files the last commits took out, kept for readers
+    ROOT/_manifests/                   the last committed manifests (archive recover)
+    ROOT/<table>/hats.properties       HATS catalog properties (positional tables only)
     ROOT/<table>/partition_info.csv    HATS partition list (Norder, Npix)
-    ROOT/<table>/dataset/_common_metadata
+    ROOT/<table>/point_map.fits        rows per partition (also skymap.fits)
+    ROOT/<table>/dataset/_common_metadata, _metadata
     ROOT/<table>/dataset/Norder=K/Dir=D/Npix=N/part-<gen>-<uid>.parquet
+    ROOT/collections/<table>/collection.properties      the table + its margin, for LSDB
+    ROOT/collections/<table>/<table>_<T>arcs/           its HATS margin catalog
 
-Non-positional tables keep their files in ``ROOT/<table>/dataset/`` directly.
-A manifest entry per file holds ``rows``, ``npix``/``norder``, ``bytes`` and
-``id`` (min/max of the table's id column, so the key check and id look-ups skip
-files that cannot hold an id; entries of older stores lack the last two and are
-always candidates).
+Non-positional tables keep their files in ``ROOT/<table>/dataset/`` directly and
+carry no HATS properties (a plain Parquet dataset).  A manifest entry per file
+holds ``rows``, ``npix``/``norder``, ``bytes``, ``id`` (min/max of the table's id
+column, so the key check and id look-ups skip files that cannot hold an id) and,
+for positional tables, ``margin``: the partitions whose margin catalog got rows of
+this file, with their counts (entries of older stores lack the last ones).
+
+What a reader of the folders sees: the dataset folders hold exactly the files of
+the committed manifest, so LSDB, hats, DuckDB's ``read_parquet('.../dataset/**')``
+or any Parquet reader count what the archive counts.  HATS metadata
+(:mod:`archive.catalog.hats`) is rewritten by each commit for the tables it
+changed; ``_metadata`` only while a table is small enough (see
+``HATS_METADATA_MAX_CHUNKS``; above it a commit removes it and :meth:`compact`
+or :meth:`ParquetStore.write_hats_metadata` writes it), so it is current or
+absent, never stale.  Margin catalogs are kept current by every commit: each
+data file's margin rows are written beside it (one small file per neighbouring
+partition that gets rows) and leave with it.
 
 Reading: files are immutable once committed, so their parsed footers are cached
 (:class:`_FooterCache`).  A region query opens only the files of the touched
@@ -23,16 +40,22 @@ partitions, decodes only the row groups whose healpix29 statistics meet the
 covering's ranges, and those first for healpix29/ra/dec only; the other columns
 are decoded for the row groups that hold rows passing the exact test.
 
-Atomicity: the manifest is the truth.  A transaction writes new files under
-hidden temporary names, renames them into place, then replaces
-``manifest.json`` with ``os.replace`` (the commit point).  Readers read the
-manifest once and only open files it lists, so they see the old state or the
-new one, never half.  A writer killed before the commit leaves files that no
-manifest lists; its journal in ``_txn/`` names them and the next writer
-deletes them.  Files a commit takes out of the store (merged, rewritten) are
-listed under ``retired`` in the manifest and unlinked only by a commit
-``RETAIN_SECONDS`` later, so a reader still working from the previous manifest
-finds them.  A second concurrent writer finds the fcntl lock held and gets
+Atomicity: the manifest is the truth.  A transaction writes its new files (and
+their margin files) into its own staging folder ``_txn/<txid>/``, outside every
+dataset folder.  At commit it journals what it publishes, then, partition by
+partition, renames the files it drops into ``_retired/`` (same relative path)
+and its new files into place, rewrites the HATS metadata, and replaces
+``manifest.json`` with ``os.replace`` (the commit point).  The folders thus
+switch in a burst of renames (milliseconds) right at the commit; no reader sees
+uncommitted files, and replaced ones leave the dataset folders with it.  The
+store's readers read the manifest once and open only the files it lists; a file
+a commit has since moved aside is found in ``_retired/`` (or, once unlinked, the
+read retries on the new manifest, ``_retrying``).  Retired files are unlinked by
+the first commit ``RETAIN_SECONDS`` later.  A writer killed before publishing
+leaves only its staging folder, which the next writer deletes; one killed while
+publishing leaves a journal, from which the next writer puts every named file
+where the committed manifest says (back into place, or aside, or away).  A
+second concurrent writer finds the fcntl lock held and gets
 :class:`~archive.errors.StoreLockedError` naming the holder's PID.
 
 Compaction: every batch adds a file per partition it touches, and a region
@@ -58,6 +81,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import tempfile
 import threading
 import time
@@ -73,6 +97,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from archive.catalog import hats as hatslayout
 from archive.catalog.schema import Schema, Table
 from archive.catalog.sqlguard import check_duckdb_query
 from archive.catalog.sqlnames import postgres_names
@@ -125,6 +150,25 @@ COMPACT_MAX_ROWS = 2_000_000
 #: merges at commit nearly every commit drops some.  Readers that outlive this
 #: window re-read the manifest and retry (``_retrying``).
 RETAIN_SECONDS = 60.0
+#: ``dataset/_metadata`` (the footer of every row group of every file) is rewritten by
+#: each commit only while the table holds at most this many column chunks (row groups
+#: x columns; ~100-200 bytes each in the file): its cost grows with the whole table,
+#: not with what the commit wrote.  Above it a commit removes the file (never leaves it
+#: stale) and :meth:`ParquetStore.compact` / :meth:`ParquetStore.write_hats_metadata`
+#: write it.  20,000 chunks: a 2-4 MB file, ~10-30 ms.
+HATS_METADATA_MAX_CHUNKS = 20_000
+#: A transaction that writes more data files than this (a bulk load over a wide area:
+#: 1M rows over the whole sky make 12,288 files of ~80 rows) leaves the margin rows of
+#: the files past this count to :meth:`ParquetStore.compact` /
+#: :meth:`ParquetStore.write_hats_margins`: margin files roughly double such a write's
+#: file count and its time, while a visit's few files pay a few per cent.  Until then
+#: the table's margin catalog is incomplete and not offered (never wrong).
+MARGIN_MAX_FILES = 256
+#: On-disk layout version, kept in the manifest (``layout``).  2: a commit moves the
+#: files it drops to ``_retired/``, transactions stage their files outside the dataset
+#: folders, commits keep HATS metadata and margin catalogs.  A store of layout 1 is
+#: brought to 2 by its next transaction.
+LAYOUT = 2
 
 
 def compaction_tier(rows: int, fanout: int = COMPACT_FANOUT, base: int | None = None) -> int:
@@ -187,6 +231,51 @@ def _fsync_dir(path: pathlib.Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _retired_of(path) -> str:
+    """Where the data file ``<root>/<table>/dataset/<rel>`` lies once a commit took it
+    out of the store: ``<root>/_retired/<table>/dataset/<rel>``."""
+    head, _, rel = str(path).rpartition("/dataset/")
+    root, _, table = head.rpartition("/")
+    return f"{root}/_retired/{table}/dataset/{rel}"
+
+
+def _parquet_file(path, metadata=None) -> pq.ParquetFile:
+    """Open a committed data file, in its dataset folder or, when a later commit has
+    moved it aside for readers of older manifests, in ``_retired/``.  FileNotFoundError
+    when it is gone from both (retention over): the caller's read retries."""
+    try:
+        return pq.ParquetFile(path, metadata=metadata)
+    except FileNotFoundError:
+        return pq.ParquetFile(_retired_of(path), metadata=metadata)
+
+
+def _read_metadata(path) -> pq.FileMetaData:
+    try:
+        return pq.read_metadata(path)
+    except FileNotFoundError:
+        return pq.read_metadata(_retired_of(path))
+
+
+def _unlink(path) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _prune_empty_dirs(path: str, stop: str) -> None:
+    """Remove ``path`` and its parents up to (not including) ``stop`` while they are empty:
+    a partition that lost its last file leaves no ``Npix=`` folder (HATS readers list them)."""
+    path, stop = str(path).rstrip("/"), str(stop).rstrip("/")
+    while path.startswith(stop + "/"):
+        try:
+            os.rmdir(path)
+        except OSError:  # not empty (or gone): parents are not empty either
+            return
+        path = os.path.dirname(path)
 
 
 class _FileInfo:
@@ -254,7 +343,7 @@ class _FooterCache:
             if info is not None:
                 self._entries.move_to_end(key)
                 return info
-        metadata = pq.read_metadata(path)  # FileNotFoundError if a commit removed it: callers retry
+        metadata = _read_metadata(path)  # FileNotFoundError once a commit unlinked it: callers retry
         if meta.get("rows") is not None and metadata.num_rows != meta["rows"]:
             raise ArchiveError(f"{path}: holds {metadata.num_rows} rows but manifest.json says {meta['rows']}; "
                                "the store is damaged")
@@ -293,7 +382,7 @@ class _HealpixIndex:
                 return self._entries[key]
         if info.metadata.num_rows > self.max_rows:
             return None
-        with pq.ParquetFile(path, metadata=info.metadata) as pf:
+        with _parquet_file(path, metadata=info.metadata) as pf:
             hp = pf.read(columns=["healpix29"], use_threads=False).column("healpix29").to_numpy()
         if hp.size > 1 and not bool(np.all(hp[1:] >= hp[:-1])):
             hp = None
@@ -392,18 +481,13 @@ def _take_from_groups(pf: pq.ParquetFile, info: _FileInfo, groups: np.ndarray, i
     return _read_groups(pf, info, groups[need], columns, schema).take(pa.array(local, type=pa.int64()))
 
 
-def _write_file(path: pathlib.Path, rows: pa.Table) -> int:
-    """Write one data file under a hidden name, rename it into place; returns its size."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        pq.write_table(rows, tmp, **_writer_options(rows.schema))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    return os.stat(path).st_size
+def _write_file(path, rows: pa.Table) -> tuple[int, pq.FileMetaData]:
+    """Write one file (in a transaction's staging folder, which no reader lists: no
+    temporary name needed); returns its size and footer."""
+    collected: list = []
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(rows, path, metadata_collector=collected, **_writer_options(rows.schema))
+    return os.stat(path).st_size, collected[0]
 
 
 #: Committed manifests kept in ROOT/_manifests/ for :meth:`ParquetStore.recover_manifest`.
@@ -423,13 +507,15 @@ class ParquetStore(CatalogStore):
     def __init__(self, root, create: bool = False, order: int = DEFAULT_ORDER,
                  schema: Schema | None = None, auto_compact: bool = True,
                  compact_fanout: int = COMPACT_FANOUT, compact_max_rows: int | None = COMPACT_MAX_ROWS,
-                 retain_seconds: float = RETAIN_SECONDS) -> None:
+                 retain_seconds: float = RETAIN_SECONDS,
+                 margin_arcsec: float = hatslayout.MARGIN_ARCSEC) -> None:
         """``auto_compact``: transactions merge same-tier files of the partitions they
         wrote at commit (default; see the module docstring); ``compact_fanout``: files
         per tier that trigger a merge (also the tiers' size factor), at least 2;
         ``compact_max_rows``: largest file an automatic merge writes (None: no limit);
         ``retain_seconds``: how long dropped files stay for readers of older
-        manifests (0: unlinked at the commit that drops them)."""
+        manifests (0: unlinked at the commit that drops them); ``margin_arcsec``
+        (with ``create``): the HATS margin catalogs' threshold, kept in the store."""
         super().__init__(schema)
         if int(compact_fanout) < 2:
             raise ArchiveError(f"compact_fanout must be at least 2, got {compact_fanout}")
@@ -438,9 +524,19 @@ class ParquetStore(CatalogStore):
         self.compact_max_rows = compact_max_rows
         self.retain_seconds = float(retain_seconds)
         self.root = pathlib.Path(root).expanduser().absolute()
+        self._root = str(self.root)
+        self._manifest_cache: tuple | None = None
+        self._index_cache: tuple[dict, dict] | None = None  # (manifest, {table: {npix: [(path, meta)]}})
+        self._schemas: dict[str, pa.Schema] = {}
+        self._footers = _FooterCache()
+        self._healpix = _HealpixIndex()
+        self._duck_dir: tempfile.TemporaryDirectory | None = None
+        self._duck_generation: int | None = None
+        #: footers of files (file_path set) for ``_metadata``: (kind, table, rel) -> FileMetaData
+        self._file_md: dict[tuple[str, str, str], pq.FileMetaData] = {}
         marker = self.root / "archive-store.json"
         if create:
-            self._create(order)
+            self._create(order, margin_arcsec)
         elif not marker.exists():
             if not self.root.exists():
                 raise NotFoundError(f"no archive at {self.root} (run `archive init {self.root}` first)")
@@ -451,33 +547,86 @@ class ParquetStore(CatalogStore):
         if info.get("schema_version") != self.schema.version:
             raise ArchiveError(f"{self.root}: store has schema version {info.get('schema_version')}, "
                                f"this code expects {self.schema.version}")
-        self.order = int(info["partition_order"])
-        self._manifest_cache: tuple | None = None
-        self._index_cache: tuple[dict, dict] | None = None  # (manifest, {table: {npix: [(path, meta)]}})
-        self._schemas: dict[str, pa.Schema] = {}
-        self._footers = _FooterCache()
-        self._healpix = _HealpixIndex()
-        self._duck_dir: tempfile.TemporaryDirectory | None = None
-        self._duck_generation: int | None = None
+        self._set_order(int(info["partition_order"]), float(info.get("margin_arcsec", hatslayout.MARGIN_ARCSEC)))
+
+    def _set_order(self, order: int, margin_arcsec: float) -> None:
+        self.order = order
+        #: margin catalogs: threshold (arcsec), HEALPix order of the margin test, name
+        self.margin_arcsec = margin_arcsec
+        self.margin_order = hatslayout.margin_order(margin_arcsec)
+        if self.margin_order <= order:
+            raise ArchiveError(f"margin threshold {margin_arcsec:g} arcsec is too wide for partition order "
+                               f"{order}: HATS margins need pixels finer than the partitions")
 
     # -- creation ------------------------------------------------------------
-    def _create(self, order: int) -> None:
+    def _create(self, order: int, margin_arcsec: float) -> None:
         if not 0 <= order <= 12:
             raise ArchiveError(f"partition order must be within 0..12, got {order}")
         if (self.root / "archive-store.json").exists():
             raise ArchiveError(f"an archive already exists at {self.root}")
         if self.root.exists() and any(self.root.iterdir()):
             raise ArchiveError(f"{self.root} exists and is not empty; choose a new directory")
+        self._set_order(order, float(margin_arcsec))
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "_txn").mkdir(exist_ok=True)
-        manifest = {"format": FORMAT, "generation": 0,
+        manifest = {"format": FORMAT, "generation": 0, "layout": LAYOUT,
                     "tables": {t.name: {"files": {}} for t in self.schema}}
         for t in self.schema:
             self._write_hats_metadata(t, manifest["tables"][t.name]["files"])
         self._write_manifest(manifest)
         info = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                "schema_version": self.schema.version, "partition_order": order}
+                "schema_version": self.schema.version, "partition_order": order,
+                "margin_arcsec": float(margin_arcsec)}
         _atomic_write(self.root / "archive-store.json", json.dumps(info, indent=1).encode())
+
+    # -- paths ---------------------------------------------------------------
+    def _dataset_dir(self, table: str) -> str:
+        return f"{self._root}/{table}/dataset"
+
+    def _data_path(self, table: str, rel: str) -> str:
+        return f"{self._root}/{table}/dataset/{rel}"
+
+    def _collection_dir(self, table: str) -> str:
+        return f"{self._root}/{hatslayout.COLLECTIONS_DIR}/{table}"
+
+    def _margin_dir(self, table: str) -> str:
+        """The table's HATS margin catalog."""
+        return f"{self._collection_dir(table)}/{hatslayout.margin_name(table, self.margin_arcsec)}"
+
+    def _margin_rel(self, rel: str, npix: int) -> str:
+        """Where the margin rows that data file ``rel`` gives partition ``npix`` go (relative
+        to the margin catalog's dataset folder): the data file's name in that partition."""
+        return f"Norder={self.order}/Dir={npix // 10000 * 10000}/Npix={npix}/{rel.rpartition('/')[2]}"
+
+    def _retired(self, path: str) -> str:
+        """Where ``path`` (under the root) lies while retired: the same path under ``_retired/``."""
+        return f"{self._root}/_retired/{path[len(self._root) + 1:]}"
+
+    @staticmethod
+    def _staged(stage: str, table: str, rel: str, margin_npix: int | None = None) -> str:
+        """Path of a file in a transaction's staging folder: folders of at most a few hundred
+        files (bucketed by partition), as creating files in one huge folder is slower."""
+        head, _, name = rel.rpartition("/")
+        if margin_npix is not None:
+            return f"{stage}/{table}.margin/{margin_npix % 256}/{margin_npix}-{name}"
+        npix = int(head.rpartition("=")[2]) if head else 0
+        return f"{stage}/{table}/{npix % 256}/{name}"
+
+    def _physical(self, table: str, rel: str, margins, stage: str | None = None) -> list[tuple[str, str | None]]:
+        """(path in place, path in ``stage``) of a data file and of its margin files."""
+        out = [(self._data_path(table, rel), self._staged(stage, table, rel) if stage else None)]
+        mdir = self._margin_dir(table)
+        for npix in margins:
+            out.append((f"{mdir}/dataset/{self._margin_rel(rel, int(npix))}",
+                        self._staged(stage, table, rel, int(npix)) if stage else None))
+        return out
+
+    def _prune_dirs(self, paths) -> None:
+        """Remove the emptied partition folders of the given file paths (dataset, margin
+        catalog or retired area)."""
+        for d in sorted({os.path.dirname(p) for p in paths}, reverse=True):
+            stop = d.rpartition("/dataset/")[0] + "/dataset" if "/dataset/" in d else self._root
+            _prune_empty_dirs(d, stop)
 
     # -- manifest ------------------------------------------------------------
     def manifest(self) -> dict:
@@ -537,12 +686,13 @@ class ParquetStore(CatalogStore):
         _atomic_write(backups / f"manifest-{manifest['generation']:012d}.json", data)
         _atomic_write(self.root / "manifest.json", data)
         for old in sorted(backups.glob("manifest-*.json"))[:-MANIFEST_BACKUPS]:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 old.unlink()
 
     def recover_manifest(self) -> int:
-        """Restore manifest.json from the newest backup whose every file is present with
-        its row count; returns that generation.  Takes the writer lock."""
+        """Restore manifest.json from the newest backup whose every file is present (in
+        place or retired) with its row count; returns that generation.  The dataset
+        folders and HATS metadata are made to match it.  Takes the writer lock."""
         lock = _lock_store(self.root)
         try:
             for path in sorted(self._backup_dir().glob("manifest-*.json"), reverse=True):
@@ -550,13 +700,19 @@ class ParquetStore(CatalogStore):
                     manifest = self._parse_manifest(path.read_bytes())
                     for name in manifest["tables"]:
                         for rel, meta in manifest["tables"][name]["files"].items():
-                            f = pathlib.Path(self._dataset_dir(name)) / rel
+                            f = self._data_path(name, rel)
+                            if not os.path.exists(f):
+                                f = self._retired(f)
                             if pq.ParquetFile(f).metadata.num_rows != meta["rows"]:
                                 raise ValueError(f"{f}: row count differs")
                 except (ValueError, OSError, pa.ArrowException) as exc:
                     log.warning("manifest backup %s unusable: %s", path.name, exc)
                     continue
-                _atomic_write(self.root / "manifest.json", path.read_bytes())
+                self._reconcile_all(manifest)
+                manifest = {**manifest, "layout": LAYOUT}
+                for t in self.schema:
+                    self._write_hats_metadata(t, manifest["tables"][t.name]["files"])
+                _atomic_write(self.root / "manifest.json", json.dumps(manifest, indent=1).encode())
                 _fsync_dir(self.root)
                 self._manifest_cache = None
                 return int(manifest["generation"])
@@ -565,19 +721,59 @@ class ParquetStore(CatalogStore):
         raise ArchiveError(f"{self.root}: no intact manifest backup in {self._backup_dir()}; "
                            "restore the archive from a backup")
 
-    def _files(self, manifest: dict, table: str, partitions: Iterable[int] | None = None) -> list[pathlib.Path]:
-        return [path for path, _ in self._entries(manifest, table, partitions)]
+    def _reconcile_all(self, manifest: dict) -> None:
+        """Make every dataset folder (and margin catalog) hold exactly ``manifest``'s live
+        files: listed files missing in place come back from ``_retired/``, files in place
+        that it does not list go to ``_retired/`` (retired ones stay there until their
+        retention ends; files no manifest lists stay there for the operator).  A full
+        scan: for layout upgrades and :meth:`recover_manifest`, not for commits."""
+        moved = 0
+        for t in self.schema:
+            files = manifest["tables"][t.name]["files"]
+            expected = {self._data_path(t.name, rel) for rel in files}
+            expected |= {p for rel, meta in files.items()
+                         for p, _ in self._physical(t.name, rel, [m[0] for m in meta.get("margin", [])])[1:]}
+            dirs = [self._dataset_dir(t.name), f"{self._margin_dir(t.name)}/dataset"]
+            present = {str(p) for d in dirs for p in pathlib.Path(d).rglob("*.parquet")
+                       if not p.name.startswith(".")}
+            for p in sorted(present - expected):
+                os.makedirs(os.path.dirname(self._retired(p)), exist_ok=True)
+                os.replace(p, self._retired(p))
+                moved += 1
+            for p in sorted(expected - present):
+                if os.path.exists(self._retired(p)):
+                    os.makedirs(os.path.dirname(p), exist_ok=True)
+                    os.replace(self._retired(p), p)
+                    moved += 1
+                else:
+                    log.warning("%s: %s is listed but missing", self.root, p)
+            self._prune_dirs(present - expected)
+        if moved:
+            log.warning("%s: moved %d file(s) to match manifest generation %d", self.root, moved,
+                        manifest["generation"])
 
-    def _dataset_dir(self, table: str) -> str:
-        return f"{self.root}/{table}/dataset"
+    def _files(self, manifest: dict, table: str, partitions: Iterable[int] | None = None) -> list[str]:
+        """Paths of a table's live files for DuckDB, each where it lies now: in place, or
+        (a commit since moved it aside) in ``_retired/``."""
+        out = []
+        for path, _ in self._entries(manifest, table, partitions):
+            if not os.path.exists(path) and os.path.exists(_retired_of(path)):
+                path = _retired_of(path)
+            out.append(path)
+        return out
 
     def _entries(self, manifest: dict, table: str,
                  partitions: Iterable[int] | None = None) -> list[tuple[str, dict]]:
         """(path, manifest entry) of a table's live files, optionally of some partitions only.
-        Paths are plain strings: building 10^4 pathlib objects per call costs ~0.2 s."""
+        Paths are plain strings: building 10^4 pathlib objects per call costs ~0.2 s.  A
+        transaction's view names its own (staged) files' paths under ``paths``."""
         if partitions is None:
             base = self._dataset_dir(table)
-            return [(f"{base}/{rel}", meta) for rel, meta in manifest["tables"][table]["files"].items()]
+            tab = manifest["tables"][table]
+            paths = tab.get("paths")
+            if paths:
+                return [(paths.get(rel) or f"{base}/{rel}", meta) for rel, meta in tab["files"].items()]
+            return [(f"{base}/{rel}", meta) for rel, meta in tab["files"].items()]
         index = self._partition_index(manifest, table)
         return [e for p in dict.fromkeys(int(p) for p in partitions) for e in index.get(p, ())]
 
@@ -588,10 +784,9 @@ class ParquetStore(CatalogStore):
         committed = self._manifest_cache is not None and manifest is self._manifest_cache[1]
         if committed and cached is not None and cached[0] is manifest and table in cached[1]:
             return cached[1][table]
-        base = self._dataset_dir(table)
         index: dict = {}
-        for rel, meta in manifest["tables"][table]["files"].items():
-            index.setdefault(meta.get("npix"), []).append((f"{base}/{rel}", meta))
+        for path, meta in self._entries(manifest, table):
+            index.setdefault(meta.get("npix"), []).append((path, meta))
         if committed:
             if cached is None or cached[0] is not manifest:
                 self._index_cache = cached = (manifest, {})
@@ -620,22 +815,31 @@ class ParquetStore(CatalogStore):
         for f in files:
             path, meta = f if isinstance(f, tuple) else (f, {})
             if filters is not None:
-                parts.append(pq.read_table(path, columns=columns, filters=filters, schema=schema))
+                try:
+                    parts.append(pq.read_table(path, columns=columns, filters=filters, schema=schema))
+                except FileNotFoundError:
+                    parts.append(pq.read_table(_retired_of(path), columns=columns, filters=filters, schema=schema))
                 continue
             info = self._footers.get(path, meta, schema)
-            with pq.ParquetFile(path, metadata=info.metadata) as pf:
+            with _parquet_file(path, metadata=info.metadata) as pf:
                 parts.append(_read_groups(pf, info, np.arange(info.n_groups), columns, schema))
         return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
 
     def _retrying(self, fn):
-        """Run a read; if a file vanished under us (a concurrent commit replaced
-        it), re-read the manifest and try again: readers always see a committed state."""
+        """Run a read; if a file vanished under us (a concurrent commit moved it aside
+        or, after the retention, unlinked it), re-read the manifest and try again:
+        readers always see a committed state.  DuckDB names a moved file as one it may
+        not access (its allowed paths are the files' places when the query began): that
+        is retried too, with the SQL views rebuilt on the files' current places."""
         for attempt in range(5):
             try:
                 return fn(self.manifest())
-            except FileNotFoundError:
-                if attempt == 4:
+            except (FileNotFoundError, ReadOnlyError) as exc:
+                moved = isinstance(exc, FileNotFoundError) or (
+                    "Cannot access file" in str(exc) and f"{self._root}/" in str(exc))
+                if attempt == 4 or not moved:
                     raise
+                self._duck_generation = None  # views of files' former places: rebuild
                 time.sleep(0.05 * (attempt + 1))
 
     def _region_partitions(self, ranges: np.ndarray) -> np.ndarray:
@@ -676,7 +880,7 @@ class ParquetStore(CatalogStore):
                     groups = groups[nulls[groups] > 0]
             if not groups.size:
                 continue
-            with pq.ParquetFile(path, metadata=info.metadata) as pf:
+            with _parquet_file(path, metadata=info.metadata) as pf:
                 probe = _read_groups(pf, info, groups, probe_cols, schema)
                 keep = ranges_contain(ranges, probe.column("healpix29").to_numpy())
                 if current_only:
@@ -708,7 +912,7 @@ class ParquetStore(CatalogStore):
             return None
         every = np.arange(info.n_groups)
         probe_cols = ["ra", "dec"] + (["validity_end"] if current_only else [])
-        with pq.ParquetFile(path, metadata=info.metadata) as pf:
+        with _parquet_file(path, metadata=info.metadata) as pf:
             probe = _take_from_groups(pf, info, every, idx, probe_cols, schema)
             keep = region.contains(probe.column("ra").to_numpy(), probe.column("dec").to_numpy())
             if current_only:
@@ -773,7 +977,7 @@ class ParquetStore(CatalogStore):
             groups = _groups_holding(info, column, v)
             if not groups.size:
                 continue
-            with pq.ParquetFile(path, metadata=info.metadata) as pf:
+            with _parquet_file(path, metadata=info.metadata) as pf:
                 probe = _read_groups(pf, info, groups, [column], schema)
                 idx = np.flatnonzero(pc.is_in(probe.column(column), value_set=values)
                                      .to_numpy(zero_copy_only=False))
@@ -887,89 +1091,206 @@ class ParquetStore(CatalogStore):
         """A write transaction; ``auto_compact`` overrides the store's setting for it."""
         return ParquetTransaction(self, self.auto_compact if auto_compact is None else auto_compact)
 
-    def _write_hats_metadata(self, t: Table, files: dict) -> None:
-        """HATS properties, partition list and schema file for one table."""
-        tdir = self.root / t.name
-        (tdir / "dataset").mkdir(parents=True, exist_ok=True)
-        rows = sum(m["rows"] for m in files.values())
-        props = [f"obs_collection={t.name}",
-                 f"dataproduct_type={'object' if t.name in ('dia_object', 'matched_source') else 'source'}",
-                 f"hats_nrows={rows}", "hats_npix_suffix=/", "hats_version=v1.0",
-                 "hats_builder=time-domain-archive"]
-        if t.positional:
-            props += ["hats_col_ra=ra", "hats_col_dec=dec", "hats_col_healpix=healpix29",
-                      "hats_col_healpix_order=29"]
-            pixels = sorted({(m["norder"], m["npix"]) for m in files.values()})
-            csv = "Norder,Npix\n" + "".join(f"{o},{p}\n" for o, p in pixels)
-            _atomic_write(tdir / "partition_info.csv", csv.encode())
-        _atomic_write(tdir / "hats.properties", ("\n".join(props) + "\n").encode())
-        sink = pa.BufferOutputStream()
-        pq.write_metadata(t.arrow_schema, sink)
-        _atomic_write(tdir / "dataset" / "_common_metadata", sink.getvalue().to_pybytes())
+    # -- HATS metadata ------------------------------------------------------
+    def _write_hats_metadata(self, t: Table, files: dict, full_metadata: bool = False) -> None:
+        """The HATS files of one table (and of its margin catalog and collection) for the
+        live ``files`` (rel -> manifest entry), each replaced atomically.
+
+        Positional tables: ``hats.properties`` / ``properties``, ``partition_info.csv``,
+        ``point_map.fits`` / ``skymap.fits``, ``dataset/_common_metadata`` and
+        ``dataset/_metadata`` (while at most ``HATS_METADATA_MAX_CHUNKS`` column chunks,
+        or always with ``full_metadata``; else removed); the margin catalog the same way
+        when every file has its margin rows (files of older stores lack them until
+        :meth:`compact` rewrites them), and ``collection.properties``.  Other tables: no
+        HATS properties (a plain Parquet dataset with its ``_common_metadata``)."""
+        tdir = f"{self._root}/{t.name}"
+        ds = f"{tdir}/dataset"
+        os.makedirs(ds, exist_ok=True)
+        schema = self._schema(t)
+        self._write_common_metadata(ds, schema)
+        self._write_metadata_file("data", t, ds, {rel: meta["rows"] for rel, meta in files.items()}, full_metadata)
+        if not t.positional:
+            for name in ("hats.properties", "properties", "partition_info.csv", "point_map.fits", "skymap.fits"):
+                _unlink(f"{tdir}/{name}")
+            return
+        counts: dict[int, int] = {}
+        size = 0
+        for meta in files.values():
+            counts[meta["npix"]] = counts.get(meta["npix"], 0) + meta["rows"]
+            size += meta.get("bytes") or 0
+        kind = "object" if t.name in ("dia_object", "matched_source") else "source"
+        _atomic_write(pathlib.Path(f"{tdir}/partition_info.csv"),
+                      hatslayout.partition_info_csv((self.order, p) for p in counts))
+        point_map = hatslayout.point_map_fits(self.order, counts)
+        _atomic_write(pathlib.Path(f"{tdir}/point_map.fits"), point_map)
+        _atomic_write(pathlib.Path(f"{tdir}/skymap.fits"), point_map)
+        props = hatslayout.catalog_properties(t.name, kind, sum(counts.values()), self.order,
+                                              max(counts.values(), default=0), len(counts), size)
+        _atomic_write(pathlib.Path(f"{tdir}/hats.properties"), props)
+        _atomic_write(pathlib.Path(f"{tdir}/properties"), props)
+        # the margin catalog and the collection that pairs it with the table
+        mdir, coll = self._margin_dir(t.name), self._collection_dir(t.name)
+        mname = mdir.rpartition("/")[2]
+        os.makedirs(f"{mdir}/dataset", exist_ok=True)
+        complete = all("margin" in meta for meta in files.values())
+        if complete:
+            mcounts: dict[int, int] = {}
+            mfiles: dict[str, int] = {}
+            for rel, meta in files.items():
+                for npix, n in meta["margin"]:
+                    mcounts[npix] = mcounts.get(npix, 0) + n
+                    mfiles[self._margin_rel(rel, npix)] = n
+            self._write_common_metadata(f"{mdir}/dataset", schema)
+            self._write_metadata_file("margin", t, f"{mdir}/dataset", mfiles, full_metadata)
+            _atomic_write(pathlib.Path(f"{mdir}/partition_info.csv"),
+                          hatslayout.partition_info_csv((self.order, p) for p in mcounts))
+            mprops = hatslayout.margin_properties(mname, t.name, self.margin_arcsec, sum(mcounts.values()),
+                                                  self.order)
+            _atomic_write(pathlib.Path(f"{mdir}/hats.properties"), mprops)
+            _atomic_write(pathlib.Path(f"{mdir}/properties"), mprops)
+        else:  # not a margin catalog until every file has its margin rows
+            for name in ("hats.properties", "properties"):
+                _unlink(f"{mdir}/{name}")
+        _atomic_write(pathlib.Path(f"{coll}/collection.properties"),
+                      hatslayout.collection_properties(t.name, f"../../{t.name}", mname if complete else None))
+
+    def _write_common_metadata(self, ds: str, schema: pa.Schema) -> None:
+        path = pathlib.Path(f"{ds}/_common_metadata")
+        if not path.exists():
+            sink = pa.BufferOutputStream()
+            pq.write_metadata(schema, sink)
+            _atomic_write(path, sink.getvalue().to_pybytes())
+
+    def _write_metadata_file(self, kind: str, t: Table, ds: str, rel_rows: dict, full: bool) -> None:
+        """``ds/_metadata`` from the footers of the files ``rel_rows`` (rel -> rows), or no
+        ``_metadata`` when that would cost more than a commit should (see
+        ``HATS_METADATA_MAX_CHUNKS``) or the files' schemas differ (older writer settings)."""
+        path = f"{ds}/_metadata"
+        schema = self._schema(t)
+        chunks = sum(-(-int(n) // ROW_GROUP_ROWS) for n in rel_rows.values()) * len(schema)
+        cache = self._file_md.setdefault((kind, t.name), {})
+        if not rel_rows or (not full and chunks > HATS_METADATA_MAX_CHUNKS):
+            cache.clear()
+            _unlink(path)
+            return
+        for gone in set(cache) - set(rel_rows):
+            del cache[gone]
+        mds = []
+        for rel in sorted(rel_rows):
+            md = cache.get(rel)
+            if md is None:
+                md = cache[rel] = _read_metadata(f"{ds}/{rel}")
+                md.set_file_path(rel)
+            mds.append(md)
+        tmp = f"{ds}/._metadata.{uuid.uuid4().hex}.tmp"
+        try:
+            pq.write_metadata(schema, tmp, metadata_collector=mds)
+            os.replace(tmp, path)
+        except (pa.ArrowException, RuntimeError, ValueError) as exc:
+            log.info("%s: no _metadata for %s (%s)", self.root, ds, exc)
+            _unlink(tmp)
+            _unlink(path)
+
+    def write_hats_metadata(self, tables: Sequence[str] | None = None) -> None:
+        """Rewrite every HATS file of ``tables`` (default: all), ``_metadata`` included
+        whatever the table's size (a later commit that finds it too large to keep
+        current removes it again).  Takes the writer lock."""
+        with self.transaction(auto_compact=False) as tx:
+            tx.refresh = {self.table(name).name for name in (tables or [t.name for t in self.schema])}
+            tx.full_metadata = True
+
+    def write_hats_margins(self, tables: Sequence[str] | None = None) -> int:
+        """Complete the margin catalogs of ``tables`` (default: all positional ones): give
+        every file written without margin rows (a bulk transaction, see
+        ``MARGIN_MAX_FILES``, or an older store) its margin files, without rewriting it;
+        HATS metadata written in full.  Returns the number of files completed."""
+        n = 0
+        with self.transaction(auto_compact=False) as tx:
+            names = [self.table(name).name for name in (tables or [t.name for t in self.schema])]
+            tx.refresh = set(names)
+            tx.full_metadata = True
+            for name in names:
+                if not self.table(name).positional:
+                    continue
+                for rel, meta in tx.base["tables"][name]["files"].items():
+                    if "margin" not in meta:
+                        tx._add_margins(name, rel)
+                        n += 1
+        return n
 
     def compact(self, tables: Sequence[str] | None = None, min_files: int = 2) -> dict[str, int]:
         """Merge each partition's files into one sorted file (one atomic transaction).
 
         Transactions already keep partitions at a few files each (automatic
         compaction); this takes every partition of ``tables`` down to one, e.g.
-        before a read-heavy phase.  The merged-away files are retired (kept
+        before a read-heavy phase.  Merged files get their margin rows, and so do
+        the files left as they are that lack them (see :meth:`write_hats_margins`);
+        the HATS metadata of ``tables`` is written in full (``_metadata`` whatever
+        the size).
+        The merged-away files move to ``_retired/`` at the commit (kept
         ``retain_seconds`` for readers, unlinked by a later commit).  Returns the
         number of files removed per table.
         """
         removed: dict[str, int] = {}
+        names = list(tables or [t.name for t in self.schema])
         with self.transaction(auto_compact=False) as tx:  # it leaves partitions at one file already
-            for name in tables or [t.name for t in self.schema]:
+            tx.refresh = set(names)
+            tx.full_metadata = True
+            for name in names:
                 t = self.table(name)
-                groups: dict = {}
-                for rel, meta in tx._live(name).items():
-                    groups.setdefault((meta.get("norder"), meta.get("npix")), []).append(rel)
-                base = self.root / name / "dataset"
                 live = tx._live(name)
+                groups: dict = {}
+                for rel, meta in live.items():
+                    groups.setdefault((meta.get("norder"), meta.get("npix")), []).append(rel)
                 n = 0
                 for rels in groups.values():
                     if len(rels) < min_files:
+                        if t.positional and "margin" not in live[rels[0]]:  # completes the margin catalog
+                            tx._add_margins(name, rels[0])
                         continue
-                    rows = self._read(t, [(base / r, live[r]) for r in rels], self._schema(t).names)
-                    tx._drop += [(name, r) for r in rels]
+                    rows = self._read(t, [(tx._path(name, r), live[r]) for r in rels], self._schema(t).names)
+                    for r in rels:
+                        tx._forget(name, r)
                     tx.append(name, rows, check_keys=False)
                     n += len(rels) - 1
                 removed[name] = n
         return removed
 
+    # -- crash recovery -------------------------------------------------------
     def recover(self) -> int:
-        """Delete files left by writers that died before committing; returns how many.
+        """Clean up after writers that died; returns how many files were deleted.
 
-        Called by every transaction after it takes the lock."""
+        Called by every transaction after it takes the lock.  A writer killed before
+        publishing left only its staging folder in ``_txn/`` (deleted); one killed
+        while publishing or just after its commit left a journal naming every file it
+        moved: each is put where the committed manifest says (in place, retired, or
+        away), and the HATS metadata rewritten from the manifest."""
         txn_dir = self.root / "_txn"
         txn_dir.mkdir(exist_ok=True)
         manifest = self.manifest()
-        live = {(name, rel) for name, t in manifest["tables"].items() for rel in t["files"]}
-        live |= {(name, rel) for name, rel, _ in manifest.get("retired", [])}  # still kept for readers
         removed = 0
         interrupted = False
         for journal in sorted(txn_dir.glob("*.json")):
             try:
                 entry = json.loads(journal.read_text())
             except (OSError, ValueError):
-                entry = {"new": []}
-            for table, rel in entry.get("new", []):
-                if (table, rel) in live:
-                    continue
-                path = self.root / table / "dataset" / rel
-                for p in (path, path.with_name(f".{path.name}.tmp")):
-                    with contextlib.suppress(FileNotFoundError):
-                        p.unlink()
-                        removed += 1
-            for table, rel in entry.get("drop", []) + entry.get("expire", []):
-                if (table, rel) not in live:  # committed drop / expiry whose unlink did not happen
-                    with contextlib.suppress(FileNotFoundError):
-                        (self.root / table / "dataset" / rel).unlink()
+                entry = {}
+            stage = f"{txn_dir}/{entry['txid']}" if entry.get("txid") else None
+            removed += self._reconcile(manifest, entry, stage)
             journal.unlink()
             interrupted = True
+        for stage in txn_dir.iterdir():  # staging folders of writers that died before publishing
+            if stage.is_dir():
+                removed += sum(1 for p in stage.rglob("*") if p.is_file())
+                shutil.rmtree(stage, ignore_errors=True)
         # temporaries of _atomic_write (journals, manifest, HATS metadata) of a dead
         # writer: only writers make them, and we hold the lock
-        dirs = [txn_dir, self.root] + [d for t in self.schema for d in (self.root / t.name,
-                                                                        self.root / t.name / "dataset")]
+        dirs = [txn_dir, self.root]
+        for t in self.schema:
+            dirs += [self.root / t.name, self.root / t.name / "dataset"]
+            if t.positional:
+                dirs += [pathlib.Path(self._collection_dir(t.name)), pathlib.Path(self._margin_dir(t.name)),
+                         pathlib.Path(self._margin_dir(t.name)) / "dataset"]
         for d in dirs:
             for tmp in d.glob(".*.tmp"):
                 with contextlib.suppress(FileNotFoundError):
@@ -981,6 +1302,54 @@ class ParquetStore(CatalogStore):
                 self._write_hats_metadata(t, manifest["tables"][t.name]["files"])
         if removed:
             log.warning("%s: removed %d file(s) left by an interrupted write", self.root, removed)
+        return removed
+
+    def _reconcile(self, manifest: dict, entry: dict, stage: str | None) -> int:
+        """Put each file a journal ``entry`` names ([table, rel, margin partitions] under
+        new / drop / expire) and its margin files where ``manifest`` says: live files in
+        place, retired ones in ``_retired/``, others nowhere (staged copies in ``stage``
+        included); margin files added to a committed file (``margin_add``) stay only if
+        the manifest lists them.  Returns the number of files deleted."""
+        tables = manifest["tables"]
+        retired = {(e[0], e[1]) for e in manifest.get("retired", [])}
+        removed = 0
+        touched: list[str] = []
+        for rec in entry.get("margin_add", []):
+            table, rel = rec[0], rec[1]
+            meta = tables.get(table, {}).get("files", {}).get(rel)
+            have = {int(m[0]) for m in meta.get("margin", [])} if meta is not None else set()
+            for npix in rec[2]:
+                (place, staged), = self._physical(table, rel, [npix], stage)[1:]
+                if int(npix) in have:
+                    if not os.path.exists(place) and staged and os.path.exists(staged):
+                        os.makedirs(os.path.dirname(place), exist_ok=True)
+                        os.replace(staged, place)
+                else:
+                    removed += sum(_unlink(p) for p in (place, staged) if p)
+                    touched.append(place)
+        records = [r for key in ("new", "drop", "expire") for r in entry.get(key, [])]
+        for rec in records:
+            table, rel = rec[0], rec[1]
+            if table not in tables:
+                continue
+            meta = tables[table]["files"].get(rel)
+            margins = [m[0] for m in meta.get("margin", [])] if meta is not None else (rec[2] if len(rec) > 2 else [])
+            for place, staged in self._physical(table, rel, margins, stage):
+                aside = self._retired(place)
+                target = place if meta is not None else aside if (table, rel) in retired else None
+                spots = [p for p in (place, aside, staged) if p]
+                if target is not None and not os.path.exists(target):
+                    src = next((p for p in spots if p != target and os.path.exists(p)), None)
+                    if src is None:
+                        log.warning("%s: %s is listed but missing", self.root, target)
+                    else:
+                        os.makedirs(os.path.dirname(target), exist_ok=True)
+                        os.replace(src, target)
+                for p in spots:
+                    if p != target and _unlink(p):
+                        removed += 1
+                touched += [place, aside]
+        self._prune_dirs(touched)
         return removed
 
 
@@ -1014,7 +1383,10 @@ def _unlock_store(fh) -> None:
 
 
 class ParquetTransaction(Transaction):
-    """Holds the store's write lock from creation until commit or rollback."""
+    """Holds the store's write lock from creation until commit or rollback.
+
+    Its files are written into its own staging folder (``_txn/<txid>/``) and moved
+    into the dataset folders only at commit (see the module docstring)."""
 
     def __init__(self, store: ParquetStore, auto_compact: bool = True) -> None:
         self.store = store
@@ -1022,17 +1394,30 @@ class ParquetTransaction(Transaction):
         self.auto_compact = auto_compact
         #: merges done at commit: (table, npix, files merged, rows)
         self.merges: list[tuple[str, int | None, int, int]] = []
+        #: tables whose HATS metadata the commit rewrites even if it changes nothing in them
+        self.refresh: set[str] = set()
+        #: write ``_metadata`` whatever the table's size (compact, write_hats_metadata)
+        self.full_metadata = False
         self._lock_fh = self._acquire_lock()
         try:
             store.recover()
             self.base = store.manifest()
+            if self.base.get("layout") != LAYOUT:  # a store written before files were moved aside
+                store._reconcile_all(self.base)
+                self.refresh = {t.name for t in store.schema}
         except BaseException:
             self._release()
             raise
         self.txid = f"{self.base['generation'] + 1:012d}-{uuid.uuid4().hex[:8]}"
-        self._new: list[tuple[str, str, dict]] = []     # (table, rel, meta)
-        self._drop: list[tuple[str, str]] = []          # (table, rel)
-        self._expire: list[tuple[str, str]] = []        # retired files this commit unlinks
+        self.stage = f"{store._root}/_txn/{self.txid}"
+        self._new: list[tuple[str, str, dict]] = []     # (table, rel, meta), staged
+        self._mine: dict[tuple[str, str], str] = {}     # (table, rel) of _new -> staged path
+        self._new_meta: dict[tuple[str, str], dict] = {}  # (table, rel) of _new -> its entry
+        self._records: list = []                        # what the journal names (for an undo)
+        self._margin_adds: dict[tuple[str, str], list] = {}  # committed file -> margin rows added now
+        self._drop: list[tuple[str, str]] = []          # (table, rel), committed files leaving
+        self._expire: list[list] = []                   # retired entries this commit unlinks
+        self._file_md: dict[tuple[str, str, str], pq.FileMetaData] = {}  # footers of staged files
         self._done = False
 
     def _acquire_lock(self):
@@ -1043,9 +1428,21 @@ class ParquetTransaction(Transaction):
             _unlock_store(self._lock_fh)
             self._lock_fh = None
 
-    def _journal(self) -> None:
-        entry = {"new": [[t, rel] for t, rel, _ in self._new], "drop": [list(d) for d in self._drop],
-                 "expire": [list(d) for d in self._expire]}
+    # -- bookkeeping ------------------------------------------------------------
+    def _margins(self, table: str, rel: str) -> list[int]:
+        """Partitions whose margin catalog holds rows of file ``rel`` (staged or committed)."""
+        meta = self._new_meta.get((table, rel)) or self.base["tables"][table]["files"].get(rel, {})
+        return [int(m[0]) for m in meta.get("margin", [])]
+
+    def _journal(self, drops: list, expire: list) -> None:
+        """What the commit is about to move (written before the first rename): a writer
+        killed from then on is finished or undone by the next one (``recover``)."""
+        entry = {"txid": self.txid,
+                 "new": [[t, rel, [m[0] for m in meta.get("margin", [])]] for t, rel, meta in self._new],
+                 "drop": [[t, rel, self._margins(t, rel)] for t, rel in drops],
+                 "expire": [[e[0], e[1], e[3] if len(e) > 3 else []] for e in expire],
+                 "margin_add": [[t, rel, [m[0] for m in margin]] for (t, rel), margin in self._margin_adds.items()]}
+        self._records = entry
         _atomic_write(self.store.root / "_txn" / f"{self.txid}.json", json.dumps(entry).encode())
 
     def _live(self, table: str) -> dict:
@@ -1053,14 +1450,29 @@ class ParquetTransaction(Transaction):
         dropped = {rel for t, rel in self._drop if t == table}
         files = {rel: meta for rel, meta in self.base["tables"][table]["files"].items() if rel not in dropped}
         files.update({rel: meta for t, rel, meta in self._new if t == table})
+        for (t, rel), margin in self._margin_adds.items():
+            if t == table and rel in files:
+                files[rel] = {**files[rel], "margin": margin}
         return files
+
+    def _path(self, table: str, rel: str) -> str:
+        """Where file ``rel`` is now: staged (this transaction's) or in its dataset folder."""
+        return self._mine.get((table, rel)) or self.store._data_path(table, rel)
+
+    def _live_entries_rel(self, table: str, partitions: Iterable[int] | None = None) -> list[tuple[str, dict, str]]:
+        wanted = None if partitions is None else {int(p) for p in partitions}
+        return [(self._path(table, rel), meta, rel) for rel, meta in self._live(table).items()
+                if wanted is None or meta.get("npix") in wanted]
 
     def _live_entries(self, table: str, partitions: Iterable[int] | None = None) -> list[tuple[str, dict]]:
         """(path, manifest entry) of the files this transaction sees, optionally of some partitions."""
-        base = self.store._dataset_dir(table)
-        wanted = None if partitions is None else {int(p) for p in partitions}
-        return [(f"{base}/{rel}", meta) for rel, meta in self._live(table).items()
-                if wanted is None or meta.get("npix") in wanted]
+        return [(path, meta) for path, meta, _ in self._live_entries_rel(table, partitions)]
+
+    def _view(self, table: str) -> dict:
+        """A manifest-like view of ``table`` as this transaction sees it, for the store's readers."""
+        return {"generation": self.base["generation"],
+                "tables": {table: {"files": self._live(table),
+                                   "paths": {rel: p for (t, rel), p in self._mine.items() if t == table}}}}
 
     def _check_new_keys(self, t: Table, rows: pa.Table) -> None:
         """Refuse keys that already exist (the Parquet twin of a primary-key constraint).
@@ -1095,6 +1507,85 @@ class ParquetTransaction(Transaction):
             return name
         return f"Norder={self.store.order}/Dir={npix // 10000 * 10000}/Npix={npix}/{name}"
 
+    def _new_files(self, table: str, t: Table, parts: list) -> None:
+        """Write one staged file per (partition, rows, id range, margin pairs) -- with its
+        margin files -- and add them to what this transaction commits."""
+        if not parts:
+            return
+        jobs = []
+        for npix, rows, ids, margin in parts:
+            meta = {"rows": rows.num_rows, "npix": npix, "norder": self.store.order if npix is not None else None,
+                    "id": ids}
+            jobs.append((table, t, self._new_rel(npix), rows, meta, margin))
+        if len(jobs) == 1 or WRITE_THREADS == 1:
+            done = [self._write_staged(*job) for job in jobs]
+        else:  # many small files (a sparse batch touches many partitions): write them in parallel
+            with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
+                done = list(pool.map(lambda job: self._write_staged(*job), jobs))
+        for (table, _, rel, _, meta, _), mds in zip(jobs, done):
+            self._add_new(table, rel, meta, mds)
+
+    def _add_new(self, table: str, rel: str, meta: dict, mds: dict) -> None:
+        self._new.append((table, rel, meta))
+        self._new_meta[(table, rel)] = meta
+        self._mine[(table, rel)] = self.store._staged(self.stage, table, rel)
+        self._file_md.update(mds)
+
+    def _write_staged(self, table: str, t: Table, rel: str, rows: pa.Table, meta: dict,
+                      margin: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+        """Write a data file into the staging folder, and for a positional table the rows
+        the margin catalogs of its neighbouring partitions get from it (one file per
+        partition, see :func:`archive.catalog.hats.margin_targets`; ``margin``: those
+        (row, partition) pairs, sorted by partition, when already known).  Fills in the
+        entry's ``bytes`` and ``margin``; returns the footers (for ``_metadata``)."""
+        meta["bytes"], md = _write_file(self.store._staged(self.stage, table, rel), rows)
+        md.set_file_path(rel)
+        mds = {("data", table, rel): md}
+        if t.positional and margin is not False:
+            meta["margin"] = self._write_margins(table, rel, rows, margin, mds)
+        return mds
+
+    def _write_margins(self, table: str, rel: str, rows: pa.Table, margin: tuple | None, mds: dict) -> list:
+        """Stage the margin files of data file ``rel`` (``rows``: its rows; ``margin``: its
+        (row, partition) pairs sorted by partition, or None to compute them); returns
+        its manifest ``margin`` list [[partition, rows], ...] and adds the footers to ``mds``."""
+        if margin is None:
+            margin = hatslayout.margin_targets(rows.column("healpix29").to_numpy(), self.store.order,
+                                               self.store.margin_order)
+        idx, targets = margin
+        out = []
+        if idx.size:
+            cuts = np.flatnonzero(np.diff(targets)) + 1
+            for a, b in zip(np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [idx.size]]).tolist()):
+                npix = int(targets[a])
+                _, mmd = _write_file(self.store._staged(self.stage, table, rel, npix),
+                                     rows.take(pa.array(idx[a:b], type=pa.int64())))
+                mrel = self.store._margin_rel(rel, npix)
+                mmd.set_file_path(mrel)
+                mds[("margin", table, mrel)] = mmd
+                out.append([npix, b - a])
+        return out
+
+    def _add_margins(self, table: str, rel: str) -> None:
+        """Give a committed data file its margin rows (one it was written without: a
+        bulk transaction, an older store), without rewriting it."""
+        meta = self.base["tables"][table]["files"][rel]
+        t = self.store.table(table)
+        schema = self.store._schema(t)
+        path = self.store._data_path(table, rel)
+        info = self.store._footers.get(path, meta, schema, keep=False)
+        with _parquet_file(path, metadata=info.metadata) as pf:
+            hp29 = _read_groups(pf, info, np.arange(info.n_groups), ["healpix29"], schema).column(0).to_numpy()
+            idx, targets = hatslayout.margin_targets(hp29, self.store.order, self.store.margin_order)
+            need = np.unique(idx)  # the rows any margin gets, in file order, once each
+            rows = (_take_from_groups(pf, info, np.arange(info.n_groups), need, schema.names, schema)
+                    if need.size else schema.empty_table())
+        # positions within the rows read, sorted by partition (as margin_targets gives them)
+        local = np.searchsorted(need, idx)
+        mds: dict = {}
+        self._margin_adds[(table, rel)] = self._write_margins(table, rel, rows, (local, targets), mds)
+        self._file_md.update(mds)
+
     def append(self, table: str, rows: pa.Table, check_keys: bool = True) -> None:
         """Append rows; ``check_keys=False`` skips the stored-key scan for rows whose
         keys are new by construction (rewritten rows, fresh object versions)."""
@@ -1108,34 +1599,39 @@ class ParquetTransaction(Transaction):
             self._check_new_keys(t, rows)
         if not rows.num_rows:
             return
-        base = self.store.root / table / "dataset"
         if t.positional:
             rows = rows.sort_by("healpix29")
-            part = partition_pixel(rows.column("healpix29").to_numpy(), self.store.order)
+            hp29 = rows.column("healpix29").to_numpy()
+            part = partition_pixel(hp29, self.store.order)
             bounds = np.flatnonzero(np.diff(part)) + 1
             starts = np.concatenate([[0], bounds]).astype(np.int64)
             ends = np.concatenate([bounds, [len(part)]]).astype(np.int64)
-            npixes = [int(p) for p in part[starts]]
+            # margin rows of the whole batch at once, then per file by partition (unless the
+            # transaction writes too many files: then compact adds them, MARGIN_MAX_FILES)
+            with_margins = len(self._new) + len(starts) <= MARGIN_MAX_FILES
+            m_rows, m_targets = (hatslayout.margin_targets(hp29, self.store.order, self.store.margin_order)
+                                 if with_margins else (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+            order = np.lexsort((m_targets, m_rows))
+            m_rows, m_targets = m_rows[order], m_targets[order]
+            m_cut = np.searchsorted(m_rows, np.concatenate([starts, ends[-1:]]))
         else:
-            starts, ends, npixes = np.array([0]), np.array([rows.num_rows]), [None]
+            starts, ends = np.array([0]), np.array([rows.num_rows])
         # id range per file (manifest entry): the key check skips files that cannot clash
         ids = rows.column(t.id_column).to_numpy()
         id_lo, id_hi = np.minimum.reduceat(ids, starts), np.maximum.reduceat(ids, starts)
-        planned = []
-        for npix, s, e, lo, hi in zip(npixes, starts.tolist(), ends.tolist(), id_lo.tolist(), id_hi.tolist()):
-            rel = self._new_rel(npix)
-            meta = {"rows": int(e - s), "npix": npix, "norder": self.store.order if npix is not None else None,
-                    "id": [lo, hi]}
-            planned.append((base / rel, rows.slice(s, e - s), meta))
-            self._new.append((table, rel, meta))
-        self._journal()  # before any file exists, so a crash can be cleaned up
-        if len(planned) == 1 or WRITE_THREADS == 1:
-            sizes = [_write_file(path, part) for path, part, _ in planned]
-        else:  # many small files (a sparse batch touches many partitions): write them in parallel
-            with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
-                sizes = list(pool.map(lambda job: _write_file(job[0], job[1]), planned))
-        for (_, _, meta), size in zip(planned, sizes):
-            meta["bytes"] = size
+        parts = []
+        for i, (s, e) in enumerate(zip(starts.tolist(), ends.tolist())):
+            margin = None
+            if t.positional and not with_margins:
+                margin = False
+            elif t.positional:
+                a, b = int(m_cut[i]), int(m_cut[i + 1])
+                local, tg = m_rows[a:b] - s, m_targets[a:b]
+                by_target = np.argsort(tg, kind="stable")
+                margin = (local[by_target], tg[by_target])
+            parts.append((int(part[s]) if t.positional else None, rows.slice(s, e - s),
+                          [id_lo[i].item(), id_hi[i].item()], margin))
+        self._new_files(table, t, parts)
 
     def delete(self, table: str, column: str, values: Sequence,
                partitions: Iterable[int] | None = None) -> int:
@@ -1148,11 +1644,13 @@ class ParquetTransaction(Transaction):
             return 0
         v = _sorted_values(value_set)
         deleted = 0
-        for path, meta in self.store._candidates(t, self._live_entries(table, partitions), column, v):
+        entries = self._live_entries_rel(table, partitions)
+        rels = {path: rel for path, _, rel in entries}
+        for path, meta in self.store._candidates(t, [(p, m) for p, m, _ in entries], column, v):
             info = self.store._footers.get(path, meta, schema)
             if not _groups_holding(info, column, v).size:
                 continue
-            with pq.ParquetFile(path, metadata=info.metadata) as pf:
+            with _parquet_file(path, metadata=info.metadata) as pf:
                 hit = pc.is_in(_read_groups(pf, info, np.arange(info.n_groups), [column], schema).column(column),
                                value_set=value_set)
                 n = pc.sum(hit).as_py() or 0
@@ -1160,19 +1658,16 @@ class ParquetTransaction(Transaction):
                     continue
                 keep = _read_groups(pf, info, np.arange(info.n_groups), schema.names, schema).filter(pc.invert(hit))
             deleted += n
-            self._forget(table, path[len(self.store._dataset_dir(table)) + 1:])
+            self._forget(table, rels[path])
             if keep.num_rows:
                 self.append(table, keep, check_keys=False)
-        self._journal()
         return deleted
 
     def query_region(self, table: str, region, columns: Sequence[str] | None = None,
                      current_only: bool = False) -> pd.DataFrame:
         t = self.store.table(table)
         cols = self.store._columns(t, columns)
-        view = {"generation": self.base["generation"],
-                "tables": {table: {"files": self._live(table)}}}
-        return frame_from_arrow(self.store._region_arrow(view, t, region, cols, current_only))
+        return frame_from_arrow(self.store._region_arrow(self._view(table), t, region, cols, current_only))
 
     def select_in(self, table: str, column: str, values: Sequence,
                   partitions: Iterable[int] | None = None, columns: Sequence[str] | None = None) -> pd.DataFrame:
@@ -1202,10 +1697,11 @@ class ParquetTransaction(Transaction):
             return 0
         v = _sorted_values(value_set)
         end_col = schema.get_field_index("validity_end")
-        base = self.store._dataset_dir(table)
+        entries = self._live_entries_rel(table, partitions)
+        rels = {path: rel for path, _, rel in entries}
         rewritten: dict = {}  # partition -> [file rows with the versions closed]
         closed = 0
-        for path, meta in self.store._candidates(t, self._live_entries(table, partitions), key, v):
+        for path, meta in self.store._candidates(t, [(p, m) for p, m, _ in entries], key, v):
             info = self.store._footers.get(path, meta, schema)
             groups = _groups_holding(info, key, v)
             nulls = info.null_counts("validity_end")
@@ -1213,7 +1709,7 @@ class ParquetTransaction(Transaction):
                 groups = groups[nulls[groups] > 0]
             if not groups.size:
                 continue
-            with pq.ParquetFile(path, metadata=info.metadata) as pf:
+            with _parquet_file(path, metadata=info.metadata) as pf:
                 probe = _read_groups(pf, info, groups, [key, "validity_end"], schema)
                 hit = (pc.is_in(probe.column(key), value_set=value_set).to_numpy(zero_copy_only=False)
                        & probe.column("validity_end").is_null().to_numpy(zero_copy_only=False))
@@ -1230,34 +1726,41 @@ class ParquetTransaction(Transaction):
             ends = pc.if_else(pa.array(mask), pa.scalar(float(end), pa.float64()), rows.column(end_col))
             rows = rows.set_column(end_col, schema.field("validity_end"), ends)
             closed += int(idx.size)
-            self._forget(table, path[len(base) + 1:])
+            self._forget(table, rels[path])
             rewritten.setdefault((meta.get("norder"), meta.get("npix")), []).append(rows)
         for parts in rewritten.values():
             self.append(table, pa.concat_tables(parts) if len(parts) > 1 else parts[0], check_keys=False)
-        self._journal()
         return closed
 
     def _forget(self, table: str, rel: str) -> None:
         """Take a file out of the state this transaction commits: a committed file is
-        dropped at commit, a file this transaction wrote (not yet visible) is deleted now."""
-        if any(tt == table and r == rel for tt, r, _ in self._new):
+        dropped at commit, a file this transaction wrote (staged, never visible) is
+        deleted now, with its margin files."""
+        if (table, rel) in self._mine:
+            margins = self._margins(table, rel)
             self._new = [(tt, r, m) for tt, r, m in self._new if not (tt == table and r == rel)]
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{self.store._dataset_dir(table)}/{rel}")
+            del self._mine[(table, rel)]
+            del self._new_meta[(table, rel)]
+            for _, staged in self.store._physical(table, rel, margins, self.stage):
+                _unlink(staged)
+            self._file_md.pop(("data", table, rel), None)
         else:
+            added = self._margin_adds.pop((table, rel), None)
+            for _, staged in self.store._physical(table, rel, [m[0] for m in added or []], self.stage)[1:]:
+                _unlink(staged)
             self._drop.append((table, rel))
 
     def _merge_tiers(self) -> None:
         """Merge same-tier files of the partitions this transaction wrote (see
         :func:`plan_merges`), as part of this transaction.
 
-        Outputs are journalled before they are written and their inputs dropped
-        only once all are written, so an exception or a kill leaves the
+        Outputs are staged like every file of the transaction and their inputs
+        dropped only once all are written, so an exception or a kill leaves the
         pre-transaction state; untouched partitions are never looked at."""
         touched: dict[str, set] = {}
         for table, _, meta in self._new:
             touched.setdefault(table, set()).add(meta.get("npix"))
-        jobs = []  # (table, npix, input rels, output rel, output meta)
+        jobs = []  # (table, npix, input rels)
         for table, npixes in touched.items():
             by_part: dict = {}
             for rel, meta in self._live(table).items():
@@ -1267,56 +1770,48 @@ class ParquetTransaction(Transaction):
                 metas = dict(files)
                 for group in plan_merges([(rel, meta["rows"]) for rel, meta in files],
                                          self.store.compact_fanout, max_rows=self.store.compact_max_rows):
-                    meta = {"rows": sum(metas[r]["rows"] for r in group), "npix": npix,
-                            "norder": self.store.order if npix is not None else None}
-                    jobs.append((table, npix, [(r, metas[r]) for r in group], self._new_rel(npix), meta))
+                    jobs.append((table, npix, [(r, metas[r]) for r in group]))
         if not jobs:
             return
-        self._new += [(table, rel, meta) for table, _, _, rel, meta in jobs]
-        self._journal()  # outputs named before they exist, so a crash can be cleaned up
         if len(jobs) == 1 or WRITE_THREADS == 1:
-            for job in jobs:
-                self._merge_files(*job)
+            outputs = [self._merge_files(*job) for job in jobs]
         else:  # partitions merge independently; pyarrow releases the GIL
             with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
-                list(pool.map(lambda job: self._merge_files(*job), jobs))
-        mine = {(t, r) for t, r, _ in self._new}
-        gone = {(table, rel) for table, _, inputs, _, _ in jobs for rel, _ in inputs}
-        for table, rel in gone:
-            if (table, rel) in mine:  # written by this transaction, never visible: delete now
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(f"{self.store._dataset_dir(table)}/{rel}")
-            else:
-                self._drop.append((table, rel))
-        self._new = [(t, r, m) for t, r, m in self._new if (t, r) not in gone]
-        self._journal()  # the drops, so a crash after the commit still unlinks them
-        self.merges += [(table, npix, len(inputs), meta["rows"]) for table, npix, inputs, _, meta in jobs]
+                outputs = list(pool.map(lambda job: self._merge_files(*job), jobs))
+        for (table, npix, inputs), (rel, meta, mds) in zip(jobs, outputs):
+            for in_rel, _ in inputs:
+                self._forget(table, in_rel)
+            self._add_new(table, rel, meta, mds)
+        self.merges += [(table, npix, len(inputs), out[1]["rows"]) for (table, npix, inputs), out in zip(jobs, outputs)]
         log.debug("%s: merged %d file(s) into %d at commit", self.store.root,
                   sum(len(j[2]) for j in jobs), len(jobs))
 
-    def _merge_files(self, table: str, npix: int | None, inputs: list[tuple[str, dict]], rel: str,
-                     meta: dict) -> None:
-        """Write the rows of ``inputs`` (one partition's files) as one sorted file ``rel``;
-        fills in ``meta``'s id range and size."""
+    def _merge_files(self, table: str, npix: int | None, inputs: list[tuple[str, dict]]) -> tuple[str, dict, dict]:
+        """Write the rows of ``inputs`` (one partition's files) as one sorted staged file
+        (with its margin files); returns its rel, manifest entry and footers."""
         t = self.store.table(table)
         schema = self.store._schema(t)
-        base = self.store._dataset_dir(table)
         parts = []
         for in_rel, in_meta in inputs:
-            path = f"{base}/{in_rel}"
+            path = self._path(table, in_rel)
             info = self.store._footers.get(path, in_meta, schema, keep=False)
-            with pq.ParquetFile(path, metadata=info.metadata) as pf:
+            with _parquet_file(path, metadata=info.metadata) as pf:
                 parts.append(_read_groups(pf, info, np.arange(info.n_groups), schema.names, schema))
         rows = pa.concat_tables(parts)
-        if rows.num_rows != meta["rows"]:
+        expected = sum(m["rows"] for _, m in inputs)
+        if rows.num_rows != expected:
             raise ArchiveError(f"{table}: merging {len(inputs)} file(s) of partition {npix} read "
-                               f"{rows.num_rows} rows, the manifest lists {meta['rows']}; the store is damaged")
+                               f"{rows.num_rows} rows, the manifest lists {expected}; the store is damaged")
         # positional files are sorted by healpix29 (row-group pruning); others by key (id look-ups)
         rows = rows.sort_by("healpix29" if t.positional else [(c, "ascending") for c in t.primary_key])
         span = pc.min_max(rows.column(t.id_column))
-        meta["id"] = [span["min"].as_py(), span["max"].as_py()]
-        meta["bytes"] = _write_file(pathlib.Path(base) / rel, rows)
+        rel = self._new_rel(npix)
+        meta = {"rows": rows.num_rows, "npix": npix, "norder": self.store.order if npix is not None else None,
+                "id": [span["min"].as_py(), span["max"].as_py()]}
+        mds = self._write_staged(table, t, rel, rows, meta, None)
+        return rel, meta, mds
 
+    # -- commit -------------------------------------------------------------------
     def commit(self) -> None:
         if self._done:
             return
@@ -1326,50 +1821,114 @@ class ParquetTransaction(Transaction):
             except BaseException:
                 self.rollback()
                 raise
+        published = committed = False
         try:
-            # dropped files are retired, not unlinked, for readers of the previous manifest;
-            # those retired at least retain_seconds ago are unlinked after this commit
+            # dropped files are retired (moved aside), not unlinked, for readers of the
+            # previous manifest; those retired at least retain_seconds ago are unlinked
+            # after this commit
             now = time.time()
             retain = self.store.retain_seconds
-            retired = [e for e in self.base.get("retired", []) if now - e[2] < retain]
-            self._expire = [(t, rel) for t, rel, at in self.base.get("retired", []) if now - at >= retain]
+            old = self.base.get("retired", [])
+            retired = [e for e in old if now - e[2] < retain]
+            self._expire = [e for e in old if now - e[2] >= retain]
+            drops = list(self._drop)
+            fresh = [[t, rel, now, self._margins(t, rel)] for t, rel in drops]
             if retain > 0:
-                retired += [[t, rel, now] for t, rel in self._drop]
+                retired += fresh
             else:
-                self._expire += self._drop
-            if self._new or self._drop or self._expire:
-                touched = {t for t, _, _ in self._new} | {t for t, _ in self._drop}
+                self._expire += fresh
+            if self._new or drops or self._expire or self.refresh or self._margin_adds:
+                touched = {t for t, _, _ in self._new} | {t for t, _ in drops} | {t for t, _ in self._margin_adds}
                 # a new dict around the base's untouched entries (never modified in place)
-                manifest = {**self.base, "generation": self.base["generation"] + 1,
+                manifest = {**self.base, "generation": self.base["generation"] + 1, "layout": LAYOUT,
                             "tables": {name: ({**tab, "files": self._live(name)} if name in touched else tab)
                                        for name, tab in self.base["tables"].items()},
                             "retired": retired}
-                if self._expire:
-                    self._journal()  # so that a crash after the commit still unlinks them
-                for name in touched:
-                    self.store._write_hats_metadata(self.store.table(name), manifest["tables"][name]["files"])
+                self._journal(drops, self._expire)  # before the first rename: a crash is repaired
+                published = True
+                self._publish(drops)
+                for (kind, table, rel), md in self._file_md.items():  # footers for _metadata
+                    self.store._file_md.setdefault((kind, table), {})[rel] = md
+                for name in sorted(touched | self.refresh):
+                    self.store._write_hats_metadata(self.store.table(name), manifest["tables"][name]["files"],
+                                                    self.full_metadata)
                 self.store._write_manifest(manifest)
+                committed = True
                 _fsync_dir(self.store.root)  # the commit point is durable
                 self._remove(self._expire)
+            shutil.rmtree(self.stage, ignore_errors=True)
             self._remove_journal()
+        except BaseException:
+            if not committed:  # put the folders back as the base manifest has them
+                with contextlib.suppress(Exception):
+                    if published:
+                        self.store._reconcile(self.base, self._records, self.stage)
+                    shutil.rmtree(self.stage, ignore_errors=True)
+                    self._remove_journal()
+            raise
         finally:
             self._done = True
             self._release()
+
+    def _publish(self, drops: list[tuple[str, str]]) -> None:
+        """Move the dropped files (and their margin files) to ``_retired/`` and the staged
+        ones into place, partition folder by partition folder (drops first), then remove
+        emptied partition folders.  Renames only: the folders switch within milliseconds."""
+        store = self.store
+        outs: dict[str, list[tuple[str, str]]] = {}  # partition folder -> [(src, dst)]
+        ins: dict[str, list[tuple[str, str]]] = {}
+        for table, rel in drops:
+            for place, _ in store._physical(table, rel, self._margins(table, rel)):
+                outs.setdefault(os.path.dirname(place), []).append((place, store._retired(place)))
+        for table, rel, meta in self._new:
+            for place, staged in store._physical(table, rel, [m[0] for m in meta.get("margin", [])], self.stage):
+                ins.setdefault(os.path.dirname(place), []).append((staged, place))
+        for (table, rel), margin in self._margin_adds.items():
+            for place, staged in store._physical(table, rel, [m[0] for m in margin], self.stage)[1:]:
+                ins.setdefault(os.path.dirname(place), []).append((staged, place))
+        moves = {d: outs.get(d, []) + ins.get(d, []) for d in {**outs, **ins}}
+
+        def move(pairs: list[tuple[str, str]]) -> None:
+            made: set = set()
+            for src, dst in pairs:
+                d = os.path.dirname(dst)
+                if d not in made:
+                    os.makedirs(d, exist_ok=True)
+                    made.add(d)
+                try:
+                    os.replace(src, dst)
+                except FileNotFoundError:
+                    if not os.path.exists(dst):  # a retired file already aside is fine
+                        raise
+
+        groups = list(moves.values())
+        if len(groups) < 64 or WRITE_THREADS == 1:
+            for pairs in groups:
+                move(pairs)
+        else:  # renames and mkdirs release the GIL
+            with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
+                list(pool.map(move, groups))
+        store._prune_dirs(place for table, rel in drops
+                          for place, _ in store._physical(table, rel, self._margins(table, rel)))
 
     def rollback(self) -> None:
         if self._done:
             return
         try:
-            self._remove((table, rel) for table, rel, _ in self._new)
+            shutil.rmtree(self.stage, ignore_errors=True)  # nothing was published
             self._remove_journal()
         finally:
             self._done = True
             self._release()
 
-    def _remove(self, files) -> None:
-        for table, rel in files:
-            with contextlib.suppress(FileNotFoundError):
-                (self.store.root / table / "dataset" / rel).unlink()
+    def _remove(self, entries) -> None:
+        """Unlink retired files (and their margin files) whose retention ended."""
+        paths = []
+        for e in entries:
+            for place, _ in self.store._physical(e[0], e[1], e[3] if len(e) > 3 else []):
+                paths.append(self.store._retired(place))
+                _unlink(paths[-1])
+        self.store._prune_dirs(paths)
 
     def _remove_journal(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -1379,4 +1938,3 @@ class ParquetTransaction(Transaction):
         if getattr(self, "_lock_fh", None) is not None and not self._done:
             with contextlib.suppress(Exception):
                 self.rollback()
-

@@ -48,14 +48,28 @@ def _manifest_files(store, table="dia_source") -> dict:
 
 
 def _kept(store, table="dia_source") -> set:
-    """Live files and files retired but kept for readers of older manifests."""
+    """The files a dataset folder must hold: exactly the live ones of the manifest."""
+    return set(json.loads((store.root / "manifest.json").read_text())["tables"][table]["files"])
+
+
+def _retired_listed(store, table="dia_source") -> set:
+    """Files a commit took out but keeps (in _retired/) for readers of older manifests."""
     manifest = json.loads((store.root / "manifest.json").read_text())
-    return set(manifest["tables"][table]["files"]) | {r for t, r, _ in manifest.get("retired", []) if t == table}
+    return {e[1] for e in manifest.get("retired", []) if e[0] == table}
 
 
 def _disk_files(store, table="dia_source") -> set:
     base = store.root / table / "dataset"
     return {str(p.relative_to(base)) for p in base.rglob("*.parquet")}
+
+
+def _retired_files(store, table="dia_source") -> set:
+    base = store.root / "_retired" / table / "dataset"
+    return {str(p.relative_to(base)) for p in base.rglob("*.parquet")}
+
+
+def _staged_files(store) -> list:
+    return [p for p in (store.root / "_txn").rglob("*") if p.is_file()]
 
 
 def _per_partition(files: dict) -> dict:
@@ -341,8 +355,8 @@ def test_exception_mid_merge_leaves_the_previous_state(tmp_path, small, make_dia
     after_files, after_rows = _state(s)
     assert after_files == files
     pd.testing.assert_frame_equal(after_rows, rows)
-    assert _disk_files(s) == _kept(s) and not set(files) - _disk_files(s)  # batch files, merged output gone
-    assert not list((s.root / "dia_source").rglob(".*.tmp")) and not list((s.root / "_txn").glob("*.json"))
+    assert _disk_files(s) == _kept(s) == set(files)  # batch files, merged output gone
+    assert not list((s.root / "dia_source").rglob(".*.tmp")) and not _staged_files(s)
     monkeypatch.setattr(parquet_store.ParquetTransaction, "_merge_files", real)
     s.write("dia_source", batch)  # lock released; the batch's keys are new again
     assert s.count("dia_source") == len(rows) + len(batch)
@@ -373,6 +387,21 @@ _KILLER = textwrap.dedent("""
             real_tiers(self)
             die()
         T._merge_tiers = tiers
+    elif where == "mid-publish":  # some files moved aside / into place, manifest not replaced
+        real_replace = os.replace
+        count = [0]
+        def replace(src, dst):
+            real_replace(src, dst)
+            count[0] += 1
+            if count[0] == 4:
+                die()
+        os.replace = replace
+        real_publish = T._publish
+        def publish(self, drops):
+            assert drops  # the merge drops the partitions' files
+            real_publish(self, drops)
+            die()
+        T._publish = publish
     elif where.startswith("after-commit"):  # manifest replaced, nothing unlinked yet
         T._remove = lambda self, files: die()
     # after-commit-0: dropped files are to be unlinked at once (no retention)
@@ -389,7 +418,7 @@ _KILLER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("where", ["mid-merge", "before-commit", "after-commit", "after-commit-0"])
+@pytest.mark.parametrize("where", ["mid-merge", "before-commit", "mid-publish", "after-commit", "after-commit-0"])
 def test_kill_9_during_merge(tmp_path, small, make_dia_sources, where):
     s = _open(tmp_path / "arc", compact_fanout=FANOUT)
     for b in range(3):
@@ -397,18 +426,22 @@ def test_kill_9_during_merge(tmp_path, small, make_dia_sources, where):
     files, rows = _state(s)
     proc = subprocess.run([sys.executable, "-c", _KILLER, str(s.root), where], capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL and "survived" not in proc.stdout, proc.stderr
-    committed = where.startswith("after-commit")
+    committed = where.startswith("after-commit")  # mid-publish: not committed
     # readers see the old state or, once the manifest was replaced, the whole new one
     got_files, got_rows = _state(s)
     assert len(got_rows) == len(rows) + 30 * committed
     assert (got_files == files) != committed
     assert int(s.sql("SELECT count(*) AS n FROM dia_source")["n"].iloc[0]) == len(got_rows)
     pd.testing.assert_frame_equal(got_rows[got_rows["dia_source_id"] < 900_000].reset_index(drop=True), rows)
-    assert len(_disk_files(s)) > len(got_files)  # the killed writer left files behind
-    with s.transaction():  # the next writer cleans up
+    if where in ("mid-merge", "before-commit"):
+        # nothing uncommitted reached the dataset folder: its files are staged in _txn/
+        assert _disk_files(s) == set(got_files) and _staged_files(s)
+    else:
+        assert list((s.root / "_txn").glob("*.json"))  # a journal names what the writer moved
+    with s.transaction():  # the next writer cleans up (or finishes / undoes the publish)
         pass
-    assert _disk_files(s) == _kept(s)
-    assert not list((s.root / "dia_source").rglob(".*.tmp")) and not list((s.root / "_txn").glob("*.json"))
+    assert _disk_files(s) == _kept(s) and _retired_files(s) == _retired_listed(s)
+    assert not list((s.root / "dia_source").rglob(".*.tmp")) and not _staged_files(s)
     pd.testing.assert_frame_equal(_sorted(s.read_table("dia_source")), got_rows)
     if committed:
         _assert_tiers_bounded(_manifest_files(s))
@@ -436,20 +469,22 @@ def test_retired_files_are_unlinked_after_the_retention(tmp_path, small, make_di
     for b in range(4):
         s.write("dia_source", _three_fields(make_dia_sources, b))
     retired = json.loads((s.root / "manifest.json").read_text())["retired"]
-    assert len(retired) == 9 and all(t == "dia_source" for t, _, _ in retired)  # 3 partitions x 3 files
-    assert _disk_files(s) == _kept(s) and len(_disk_files(s)) == 12
+    assert len(retired) == 9 and all(e[0] == "dia_source" for e in retired)  # 3 partitions x 3 files
+    # out of the dataset folder at once, kept aside for readers of the previous manifest
+    assert _disk_files(s) == _kept(s) and len(_disk_files(s)) == 3
+    assert _retired_files(s) == _retired_listed(s) and len(_retired_files(s)) == 9
     with s.transaction():  # too early: kept
         pass
-    assert len(_disk_files(s)) == 12
+    assert len(_retired_files(s)) == 9
     import time
 
     time.sleep(0.6)
     with s.transaction():  # a commit after the retention unlinks them, even one that writes nothing
         pass
-    assert _disk_files(s) == set(_manifest_files(s)) and len(_disk_files(s)) == 3
+    assert _disk_files(s) == set(_manifest_files(s)) and len(_disk_files(s)) == 3 and not _retired_files(s)
     assert json.loads((s.root / "manifest.json").read_text())["retired"] == []
     s.retain_seconds = 0.0  # no retention: gone at the commit that drops them
     for b in range(4, 8):  # the fourth merges each partition's four new files
         s.write("dia_source", _three_fields(make_dia_sources, b))
-    assert _disk_files(s) == set(_manifest_files(s)) and len(_disk_files(s)) == 6
+    assert _disk_files(s) == set(_manifest_files(s)) and len(_disk_files(s)) == 6 and not _retired_files(s)
     assert json.loads((s.root / "manifest.json").read_text())["retired"] == []
