@@ -1,4 +1,4 @@
-"""Shared fixtures: a fresh PostgreSQL database per test session, the shared data folder.
+"""Shared fixtures: a fresh PostgreSQL database per test session, the real test data.
 
 Postgres tests skip with a visible reason when no server answers, unless
 ARCHIVE_REQUIRE_POSTGRES=1 (set by .ci/run), which turns that skip into a failure.
@@ -14,7 +14,8 @@ import pytest
 
 #: Server URL (without database) used to create the per-session test database.
 PG_SERVER = os.environ.get("ARCHIVE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+#: Small real files copied into the repository (origins and licences: tests/data/README.md).
+TEST_DATA = pathlib.Path(__file__).resolve().parent / "data"
 
 
 def _admin_connect():
@@ -54,9 +55,6 @@ def pg_store_url(pg_url):
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> pathlib.Path:
-    """The project's shared real-data folder; skips when absent."""
-    path = SHARED_DATA.resolve()
-    if not path.is_dir():
-        pytest.skip(f"shared data folder {path} is absent")
-    return path
+def data_dir() -> pathlib.Path:
+    """tests/data: real files (``real/...``) that every clone has, so nothing skips."""
+    return TEST_DATA

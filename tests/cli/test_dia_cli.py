@@ -58,8 +58,8 @@ def test_dia_workflow(repo, tmp_path, capsys):
     assert "no dia_object with id 42" in capsys.readouterr().err
 
 
-def test_ingest_alerts_real_packets(repo, shared_data, capsys):
-    files = sorted(str(p) for p in (shared_data / "real" / "fink" / "fink-client" / "datatest").glob("*.avro"))
+def test_ingest_alerts_real_packets(repo, data_dir, capsys):
+    files = sorted(str(p) for p in (data_dir / "real" / "fink" / "fink-client" / "datatest").glob("*.avro"))
     assert files
     # ZTF groups its detections within 1.5 arcsec; use the same radius to compare
     assert main(["ingest", "alerts", "--repo", repo, "--radius", "1.5", *files]) == 0

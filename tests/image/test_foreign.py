@@ -16,15 +16,12 @@ PSFEX = CASE6 + "/calib/psfex/decam/CP/V4.8.2a/CP20171112/c4d_171113_061941_ooi_
 
 
 @pytest.fixture
-def decam(shared_data):
-    path = shared_data / OOI
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
-    return path
+def decam(data_dir):
+    return data_dir / OOI
 
 
-def test_read_decam_cp(decam, shared_data, tmp_path):
-    exp = read_decam_cp(decam, psfex_path=shared_data / PSFEX)
+def test_read_decam_cp(decam, data_dir, tmp_path):
+    exp = read_decam_cp(decam, psfex_path=data_dir / PSFEX)
     raw_img = fits.getdata(decam, 1)
     w = fits.getdata(str(decam).replace("_ooi_", "_oow_"), 1)
     dq = fits.getdata(str(decam).replace("_ooi_", "_ood_"), 1)
@@ -57,10 +54,8 @@ def test_read_decam_cp(decam, shared_data, tmp_path):
     np.testing.assert_allclose(back.wcs.all_pix2world(xy, 0), ref.all_pix2world(xy, 0), atol=1e-10)
 
 
-def test_psfex_mapping_is_exact(shared_data):
-    path = shared_data / PSFEX
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
+def test_psfex_mapping_is_exact(data_dir):
+    path = data_dir / PSFEX
     t = fits.getdata(path, 1)
     m = t["psf_mask"][0].astype(float)  # (6, 63, 63): 1, X, X^2, Y, XY, Y^2
     z1, z2, s1, s2 = (float(t[c][0]) for c in ("polzero1", "polzero2", "polscal1", "polscal2"))
