@@ -36,7 +36,7 @@ least-squares solution for the columns
   every source that matters),
 * when recentring, ``dP/dx`` and ``dP/dy`` of the position (see below),
 
-solved for every position at once with batched normal equations ``N theta = A^T W I``,
+solved for all positions at once with batched normal equations ``N theta = A^T W I``,
 grouped by the number of columns (no Python loop over positions; positions are processed
 in chunks of ``chunk_pixels`` float64 elements per work array).  ``psf_flux`` is the
 position's own amplitude and ``psf_flux_err`` the square root of its diagonal element of
@@ -52,15 +52,18 @@ reports its own amplitude.  For an isolated pair this is the joint two-source fi
 row's flux is the joint solution on that row's stamp); for groups of any size each
 position is fitted with every neighbour within the radius (at most ``max_neighbours``,
 the nearest; more set CROWDED).  Neighbours of neighbours farther than the radius are
-not modelled: their light left on the stamp is what an unmodelled source at that
-distance leaves (for a Gaussian PSF a fraction ``exp(-d^2 / 4 sigma^2)`` of its flux,
-1.7e-4 at 2.5 FWHM).  Positions closer than ``min_separation_fwhm`` (default 0.2)
-FWHM cannot be told apart (the joint system is singular): they are not fitted against
-each other, each measures the light of both, and both are flagged BLENDED and UNRESOLVED
-(of a centre's neighbours that close to each other, only the nearest enters its fit).  A neighbour
-whose PSF falls almost entirely on unusable pixels of the stamp drops out of the fit.
-BLENDED is set on every position that had a neighbour.  Positions off the image take
-part as neighbours (their light may fall on it) but are not measured themselves.
+not modelled here: a fit takes up the fraction ``rho(d)`` of the flux of a source at
+distance ``d`` left on its stamp (``exp(-d^2 / 4 sigma^2)`` for a Gaussian of the
+pixel-integrated sigma, ~2e-4 at 2.5 FWHM; more in a Moffat's wings), which the bright
+models below remove where it matters.  Positions closer than ``min_separation_fwhm``
+(default 0.2) FWHM cannot be told apart (the joint system is singular): they are not
+fitted against each other, each measures the light of both, and both are flagged
+BLENDED and UNRESOLVED (of a centre's neighbours that close to each other, only the
+nearest enters its fit).  A neighbour whose PSF falls almost entirely on unusable pixels
+of the stamp drops out of the fit.  BLENDED is set on every position with another
+within the blend radius (the wider set of neighbours of a background fit does not set
+it).  Positions off the image take part as neighbours (their light may fall on it) but
+are not measured themselves.
 
 Bright positions outside a fit
 ------------------------------
@@ -87,9 +90,10 @@ move from the given position exceeds ``max_shift`` (0.2 px) the given position i
 and CENTROID is set; otherwise ``moved`` is True and the flux is that of a fixed-position
 fit at the final position, with the error of the last fit with the position free (the
 larger: the same for an isolated position, larger for a close blend, where a shift trades
-flux between the neighbours).  Neighbours stay at their given positions while a position is
-recentred; the final fit of all positions uses every position's final place.  Positions
-fainter than ``recenter_min_snr`` are not recentred (not moved, not flagged).
+flux between the neighbours).  Neighbours stay at their given positions while a position
+is recentred, and the recentring fits see the image as it is (no bright models removed);
+the final fit of all positions uses every position's final place.  Positions fainter than
+``recenter_min_snr`` are not recentred (not moved, not flagged).
 
 Flags (int64)
 -------------
@@ -101,8 +105,8 @@ finite: no fit; PSF_FLUX set too), STAMP_EDGE (the stamp runs off the image: the
 uses the part on it), PSF_FLUX (no usable pixel for the position's PSF: fluxes NaN),
 MASKED_FRACTION (``masked_fraction`` above ``max_masked_fraction``), BLENDED, CROWDED,
 UNRESOLVED (another position closer than ``min_separation_fwhm``), CENTROID (recentring
-refused).  ``masked_fraction`` is the fraction of the PSF's flux
-on the stamp that falls on unusable pixels (masked, off the image, no variance).
+refused).  ``masked_fraction`` is the fraction of the PSF's flux on the stamp that falls
+on unusable pixels (masked, off the image, no variance).
 
 Columns
 -------
@@ -154,7 +158,7 @@ class ForcedConfig:
     stamp_size: explicit odd stamp side (px) instead of the one from ``fit_halfsize_fwhm``.
     fit_background: fit a constant local background on each stamp jointly with the fluxes.
     blend_radius_fwhm: positions closer than this (FWHM) are fitted simultaneously.
-    min_separation_fwhm: positions closer than this (FWHM) are not separated (both BLENDED).
+    min_separation_fwhm: positions closer than this (FWHM) are not separated (BLENDED, UNRESOLVED).
     max_neighbours: at most this many neighbours (the nearest) in one fit; more set CROWDED.
     recenter: recentre by LAST's rule (at most ``max_iterations`` moves, ``max_shift`` px in all).
     max_shift: largest total move (px) recentring may make; beyond it the position is kept, CENTROID set.
