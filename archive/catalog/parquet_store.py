@@ -602,15 +602,13 @@ class ParquetStore(CatalogStore):
         """Where ``path`` (under the root) lies while retired: the same path under ``_retired/``."""
         return f"{self._root}/_retired/{path[len(self._root) + 1:]}"
 
-    @staticmethod
-    def _staged(stage: str, table: str, rel: str, margin_npix: int | None = None) -> str:
-        """Path of a file in a transaction's staging folder: folders of at most a few hundred
-        files (bucketed by partition), as creating files in one huge folder is slower."""
-        head, _, name = rel.rpartition("/")
+    def _staged(self, stage: str, table: str, rel: str, margin_npix: int | None = None) -> str:
+        """Path of a file in a transaction's staging folder: the dataset's own layout
+        below ``<stage>/<table>`` (``<stage>/<table>.margin`` for margin files), so a
+        partition new to the table moves into place as one folder."""
         if margin_npix is not None:
-            return f"{stage}/{table}.margin/{margin_npix % 256}/{margin_npix}-{name}"
-        npix = int(head.rpartition("=")[2]) if head else 0
-        return f"{stage}/{table}/{npix % 256}/{name}"
+            return f"{stage}/{table}.margin/{self._margin_rel(rel, margin_npix)}"
+        return f"{stage}/{table}/{rel}"
 
     def _physical(self, table: str, rel: str, margins, stage: str | None = None) -> list[tuple[str, str | None]]:
         """(path in place, path in ``stage``) of a data file and of its margin files."""
@@ -1890,6 +1888,17 @@ class ParquetTransaction(Transaction):
 
         def move(pairs: list[tuple[str, str]]) -> None:
             made: set = set()
+            if pairs and all(src.startswith(self.stage) for src, _ in pairs):
+                # a partition new to the table: its staged folder (holding exactly these
+                # files) moves into place whole, one rename instead of a mkdir and one each
+                src_dir, dst_dir = os.path.dirname(pairs[0][0]), os.path.dirname(pairs[0][1])
+                if not os.path.exists(dst_dir) and len(os.listdir(src_dir)) == len(pairs):
+                    os.makedirs(os.path.dirname(dst_dir), exist_ok=True)
+                    try:
+                        os.rename(src_dir, dst_dir)
+                        return
+                    except OSError:  # appeared meanwhile (not by a writer: we hold the lock)
+                        pass
             for src, dst in pairs:
                 d = os.path.dirname(dst)
                 if d not in made:
@@ -1900,6 +1909,9 @@ class ParquetTransaction(Transaction):
                 except FileNotFoundError:
                     if not os.path.exists(dst):  # a retired file already aside is fine
                         raise
+            if pairs and pairs[-1][0].startswith(self.stage):  # its staged folder is empty now
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.dirname(pairs[-1][0]))
 
         groups = list(moves.values())
         if len(groups) < 64 or WRITE_THREADS == 1:
