@@ -149,6 +149,17 @@ class ForcedStepConfig:
     forced: ForcedConfig = dataclasses.field(default_factory=ForcedConfig)
 
 
+def _positions_digest(objs: pd.DataFrame) -> str:
+    """A digest of the objects' positions (degrees, rounded to 1e-8), independent of their ids:
+    ids are drawn anew by each run, positions follow from the data, so a run resumed after a
+    kill finds the same inputs as an uninterrupted one."""
+    import hashlib
+
+    pos = np.round(objs[["ra", "dec"]].to_numpy(float), 8)
+    pos = pos[np.lexsort((pos[:, 1], pos[:, 0]))] if len(pos) else pos.reshape(0, 2)
+    return hashlib.sha256(np.ascontiguousarray(pos).tobytes()).hexdigest()
+
+
 class ForcedStep(Step):
     """PSF fluxes at every DIAObject on every exposure with a difference image."""
 
@@ -176,7 +187,7 @@ class ForcedStep(Step):
                                           ["dia_object_id", "ra", "dec"], current_only=True)
             objs = objs.sort_values("dia_object_id")
             out.append(Unit(self.name, f"exposure:{int(r.exposure_id)}",
-                            inputs={"diff": r.diff_sha, "objects": objs["dia_object_id"].astype("int64").tolist()},
+                            inputs={"diff": r.diff_sha, "objects": _positions_digest(objs)},
                             payload={"exposure_id": int(r.exposure_id), "visit": int(r.visit),
                                      "detector": int(r.detector), "band": r.band, "mjd": float(r.mjd_mid),
                                      "diff": r.diff, "calexp": r.calexp,

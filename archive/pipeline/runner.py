@@ -59,11 +59,17 @@ def _run_unit(step_path: str, config_json: str, unit: Unit, shared, products_roo
 
     from archive.pipeline.runtime import keep_freed_memory
 
+    from threadpoolctl import threadpool_limits
+
     keep_freed_memory()
     module, _, name = step_path.partition(":")
     step = getattr(importlib.import_module(module), name)(json.loads(config_json))
     try:
-        return step.run(unit, shared, ProductStore(products_root))
+        # BLAS/LAPACK on one thread: a threaded reduction rounds differently with the thread
+        # count, and a unit must give the same bits in this process, a pool worker or a Dask
+        # worker (whose nanny starts it with one thread); units run side by side for speed.
+        with threadpool_limits(limits=1):
+            return step.run(unit, shared, ProductStore(products_root))
     except ArchiveError as exc:
         return Failure(str(exc))
     except Exception as exc:  # a bug: keep where it happened, and go on with the other units
