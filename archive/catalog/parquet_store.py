@@ -660,8 +660,12 @@ class ParquetStore(CatalogStore):
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ValueError("not an archive manifest")
         tables = manifest.get("tables")
+        if isinstance(tables, dict):
+            # a table the schema gained after this archive was written: empty until first written
+            for t in self.schema:
+                tables.setdefault(t.name, {"files": {}})
         missing = [t.name for t in self.schema if not isinstance(tables, dict) or t.name not in tables
-                   or not isinstance(tables[t.name].get("files"), dict)]
+                   or not isinstance(tables[t.name], dict) or not isinstance(tables[t.name].get("files"), dict)]
         if missing or not isinstance(manifest.get("generation"), int):
             raise ValueError(f"no valid entry for {', '.join(missing) or 'generation'}")
         return manifest

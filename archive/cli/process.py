@@ -34,32 +34,75 @@ def cmd_process(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Simulate a survey, create an archive, process every raw frame, summarize."""
+    """Simulate a survey, run the whole chain into a new archive, report what changed."""
     from archive.cli.sim import simulate_with_progress
-    from archive.sim.config import SimConfig
+    from archive.demo import run_demo
 
-    out = pathlib.Path(args.directory)
-    if out.exists() and any(out.iterdir()):
-        raise ArchiveError(f"{out} exists and is not empty; choose a new directory")
-    data, repo = out / "data", out / "archive"
-    simulate_with_progress(data, SimConfig(seed=args.seed, n_epochs=args.epochs, size=args.size))
-    with Archive.init(repo) as arc:
-        rep = arc.process_raws(sorted((data / "raw").rglob("*.fits")), sorted((data / "calib").rglob("*.fits")),
-                               refcat=data / "refcat.parquet", workers=args.workers)
-        note(_summary(rep))
-        print(arc.sql("SELECT visit, band, round(mjd_mid, 4) AS mjd, status, round(seeing, 2) AS seeing_arcsec, "
-                      "round(zero_point, 3) AS zero_point, round(lim_mag, 2) AS lim_mag FROM exposure ORDER BY visit")
-              .to_string(index=False))
-        why = arc.sql("SELECT visit, quality_reason FROM exposure WHERE status = 'rejected' ORDER BY visit")
-        for v, reason in zip(why["visit"], why["quality_reason"]):
+    rep = run_demo(args.directory, repo=args.repo, epochs=args.epochs, size=args.size, seed=args.seed,
+                   jobs=args.workers, simulate=simulate_with_progress)
+    print_demo(rep)
+    if not rep.counts["diff"]:
+        print("demo: no difference image was made (see the rejected visits above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def print_demo(rep) -> None:
+    """The demo's report: exposures, steps, what the differences found against the truth,
+    light curves drawn, and lines to explore the result."""
+    import shlex
+
+    from archive.cli.dia import plot_light_curve
+
+    pd_opts = {"index": False}
+    ex = rep.exposures
+    print(f"simulated survey in {rep.directory / 'data'} ({rep.seconds['simulation']} s); archive: {rep.repo}\n")
+    print(ex.drop(columns=["quality_reason"]).round({"mjd_mid": 4, "seeing": 2, "zero_point": 3, "lim_mag": 2})
+          .to_string(**pd_opts))
+    for v, reason in zip(ex["visit"], ex["quality_reason"]):
+        if isinstance(reason, str) and reason:
             print(f"visit {v} rejected: {reason}")
-        n = arc.sql("SELECT count(*) AS n FROM source")["n"].iloc[0]
-        m = arc.sql("SELECT count(*) AS n, avg(n_epochs) AS k FROM matched_source")
-        print(f"\n{n} sources, matched into {m['n'].iloc[0]} objects seen on {m['k'].iloc[0]:.1f} epochs "
-              f"on average, in {repo}\ntry: archive cone --repo {repo} source "
-              f"{arc.sql('SELECT avg(ra) AS a FROM exposure')['a'].iloc[0]:.4f} "
-              f"{arc.sql('SELECT avg(dec) AS d FROM exposure')['d'].iloc[0]:.4f} 10")
-    return 1 if rep.failed else 0
+    print(f"\nsteps ({rep.seconds['run']} s in all):")
+    print(rep.steps.to_string(**pd_opts))
+    s = rep.score
+    c = rep.counts
+    print(f"\n{c['source']} sources; {c['dia_source']} DIASources grouped into {c['dia_object']} DIAObjects; "
+          f"{c['dia_forced_source']} forced measurements")
+    print("against the simulator's truth (variables, transients, the moving object on each difference image):")
+    if s.n_expected:
+        print(f"  found {s.n_found} of the {s.n_expected} changes with S/N >= {s.snr_min:g} in the difference "
+              f"(completeness {s.completeness:.1%})")
+    else:
+        print(f"  no change reached S/N >= {s.snr_min:g} on a difference image")
+    if s.n_objects:
+        print(f"  {s.n_real_objects} of {s.n_objects} DIAObjects are real changes; {s.n_false_objects} are not "
+              f"(not counting those near bright stars): {s.false_per_4k:.0f} per 4k x 4k of sky; "
+              f"{s.n_false_sources} such DIASources")
+    for row in s.missed.itertuples():
+        print(f"  missed: {row.kind} {row.object_id} on visit {row.visit}: true difference flux "
+              f"{row.delta_flux:.0f} +- {row.delta_flux_err:.0f} nJy")
+    ra, dec, radius = rep.field
+    repo = shlex.quote(str(rep.repo))
+    for oid, (kind, sim_id) in rep.examples.items():
+        from archive.api import Archive
+
+        with Archive.open(rep.repo) as arc:
+            lc = arc.light_curve(oid)
+        png = rep.directory / f"lightcurve_{kind}_{oid}.png"
+        plot_light_curve(lc, oid, str(png))
+        print(f"  {kind} (simulated object {sim_id}) is DIAObject {oid}: {len(lc)} points, drawn in {png}")
+    first = next(iter(rep.examples), None)
+    print("\nexplore it:")
+    print(f"  archive cone --repo {repo} dia_object {ra:.4f} {dec:.4f} {radius:.0f}")
+    if first is not None:
+        print(f"  archive lightcurve --repo {repo} {first} --plot lc.png")
+        print(f"  archive object --repo {repo} {first}")
+    print(f"  archive sql --repo {repo} "
+          "'SELECT visit, count(*) AS n, max(snr) AS best FROM dia_source GROUP BY visit ORDER BY visit'")
+    print(f"  archive status --repo {repo}" + (f" --products {shlex.quote(str(rep.products))}"
+                                                if "://" in str(rep.repo) else ""))
+    print(f"  python -c \"from archive import Archive; a = Archive.open({str(rep.repo)!r}); "
+          f"print(a.cone('dia_object', {ra:.4f}, {dec:.4f}, {radius:.0f}))\"")
 
 
 def register(sub) -> None:
@@ -79,10 +122,15 @@ def register(sub) -> None:
                    help="worker processes (default: the number of cores)")
     p.set_defaults(func=cmd_process)
 
-    p = sub.add_parser("demo", help="simulate a small survey and run the whole chain into a new archive")
-    p.add_argument("directory", metavar="DIR", help="a new (or empty) directory for the data and the archive")
-    p.add_argument("--epochs", type=int, default=4, help="number of visits")
+    p = sub.add_parser("demo", help="simulate a small survey and run the whole chain (calexps, templates, "
+                                    "differences, DIAObjects, forced photometry) into a new archive")
+    p.add_argument("directory", metavar="DIR", nargs="?", default="demo",
+                   help="a new (or empty) directory for the simulation, the archive and its images")
+    p.add_argument("--repo", metavar="URL", default=None,
+                   help="a PostgreSQL URL (an empty database) instead of the embedded archive in DIR/archive")
+    p.add_argument("--epochs", type=int, default=10, help="number of visits (at least 5)")
     p.add_argument("--size", type=int, default=1024, help="detector size in pixels")
     p.add_argument("--seed", type=int, default=1, help="random seed of the simulation")
-    p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1),
+                   help="worker processes (default: the number of cores)")
     p.set_defaults(func=cmd_demo)
