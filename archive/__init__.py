@@ -1,6 +1,6 @@
 """A time-domain astronomy archive.
 
-``archive.open(path_or_url)`` opens a catalog store (a directory of
+``archive.open(path_or_url)`` (or ``archive.Archive.open``) opens a catalog store (a directory of
 HEALPix-partitioned Parquet, or a ``postgresql+psycopg://`` URL) and returns an
 :class:`archive.api.Archive`.  ``archive.sky.regions`` (Cone, Box, Polygon) and
 the other parts are reachable as attributes without importing them first; each
@@ -26,6 +26,10 @@ def open(target, **kwargs):  # noqa: A001 - the public name is archive.open
 
 
 def __getattr__(name: str):
+    if name == "Archive":  # ``from archive import Archive``, loaded on first use
+        from archive.api import Archive
+
+        return Archive
     if name in _LAZY:
         module = importlib.import_module(f"archive.{name}")
         for sub in _LAZY[name]:
@@ -35,4 +39,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
+    return sorted(list(globals()) + list(_LAZY) + ["Archive"])

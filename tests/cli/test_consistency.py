@@ -283,3 +283,10 @@ def test_import_archive_reaches_regions_without_a_store():
             "'archive.catalog.store' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "Box", "False"]
+
+
+def test_from_archive_import_archive_loads_the_api_on_first_use():
+    code = ("import sys, archive; light = 'archive.api' not in sys.modules; "
+            "from archive import Archive; print(light, Archive.__module__, 'Archive' in dir(archive))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "archive.api", "True"]
