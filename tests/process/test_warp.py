@@ -8,7 +8,8 @@ import pytest
 from astropy.wcs import WCS
 
 from archive.image.exposure import Exposure, ExposureInfo
-from archive.process.warp import (WarpConfig, fill_masked, footprint_bbox, pixel_map, psf_match, warp_exposure)
+from archive.process.warp import (WarpConfig, _PixelMap, fill_masked, fill_masked_planes, footprint_bbox, pixel_map,
+                                  psf_match, warp_exposure)
 from archive.sky.tiles import SkyMap
 
 
@@ -151,6 +152,57 @@ def test_fill_masked_interpolates_holes():
     # mean: within a few pixels' worth of the gradient)
     assert np.abs(filled[bad] - img[bad]).max() < 2.0
     np.testing.assert_array_equal(filled[~bad], img[~bad])
+
+
+def test_fill_masked_at_few_pixels_equals_the_whole_frame_convolution():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(11)
+    img = rng.normal(0, 10, (300, 280)).astype(np.float32)
+    bad = np.zeros(img.shape, bool)
+    bad[rng.integers(0, 300, 200), rng.integers(0, 280, 200)] = True  # few: filled pixel by pixel
+    bad[0:3, 100:140] = True  # at the frame's edge (mode "nearest")
+    bad[150:175, 50:80] = True  # a hole that needs the wider rounds
+    # the normalised convolution done on whole frames, round by round
+    ref, todo, s = img.copy(), bad.copy(), 2.0
+    data, good = np.where(bad, 0, img).astype(np.float32), (~bad).astype(np.float32)
+    for _ in range(3):
+        num, den = (ndimage.gaussian_filter(a, s, mode="nearest") for a in (data, good))
+        ok = todo & (den > 1e-3)
+        ref[ok] = num[ok] / den[ok]
+        todo &= ~ok
+        s *= 2
+    out = fill_masked(img, bad)
+    np.testing.assert_allclose(out[bad & ~todo], ref[bad & ~todo], rtol=0, atol=2e-5)
+    np.testing.assert_array_equal(out[~bad], img[~bad])
+    # several planes over the same pixels share the weights and give each plane's fill
+    a, b = fill_masked_planes([img, 2 * img + 3], bad)
+    np.testing.assert_allclose(b[bad], 2 * a[bad] + 3, atol=1e-4)
+
+
+def test_pixel_map_refines_its_grid_until_within_the_error_bound():
+    from astropy.wcs import Sip
+
+    src = _wcs(n=1000, rot_deg=0.4)
+    src.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"]
+    a, b = np.zeros((4, 4)), np.zeros((4, 4))
+    a[2, 0], a[0, 2], b[1, 1], a[3, 0] = 2e-5, 1e-5, 2e-5, 1e-8  # ~10 px of distortion at the corners
+    src.sip = Sip(a, b, None, None, src.wcs.crpix)
+    target = _wcs(n=900, crpix_shift=(13.3, -7.7))
+    pm = _PixelMap(src, target, (0, 0, 900, 900), step=64, max_error=1e-3)
+    assert pm.step < 64 and pm.max_error <= 1e-3
+    sx, sy = pixel_map(src, target, (900, 900), step=64, max_error=1e-3)
+    rng = np.random.default_rng(2)
+    r, c = rng.integers(0, 900, (2, 3000))
+    ra, dec = target.all_pix2world(c.astype(float), r.astype(float), 0)
+    ex, ey = src.all_world2pix(ra, dec, 0)
+    assert np.hypot(sx[r, c] - ex, sy[r, c] - ey).max() < 1.5e-3
+    # the warp records the grid it used
+    exp = Exposure(np.zeros((1000, 1000), np.float32), variance=np.ones((1000, 1000), np.float32), wcs=src,
+                   info=ExposureInfo(band="r", visit=1, detector=0))
+    out = warp_exposure(exp, target, (900, 900), config=WarpConfig(grid_step=64))
+    assert out.info.extras["warp"]["map_step"] == pm.step
+    assert out.info.extras["warp"]["map_max_error_px"] <= 1e-3
 
 
 def test_skymap_tiles_cover_footprints():
