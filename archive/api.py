@@ -675,6 +675,61 @@ class Archive:
         runner = self.runner(config, products)
         return runner.unit_status(step) if units else runner.status()
 
+    # -- image products and cutouts (read-only; see archive.pipeline.images) -------------
+    def image_product(self, kind: str, visit=None, detector=None, tile=None, band: str | None = None):
+        """The ``image_product`` row of one product: ``kind`` and visit (+ detector) for calexp,
+        diff, score; tile for coadd, template; both for warp.  NotFoundError names what exists."""
+        from archive.pipeline.images import find_image
+
+        return find_image(self.store, kind, visit, detector, tile, band)
+
+    def image(self, kind: str, visit=None, detector=None, tile=None, band: str | None = None, products=None):
+        """One stored image product as an :class:`~archive.image.exposure.Exposure` (checksum verified)."""
+        from archive.pipeline.products import ProductStore
+
+        row = self.image_product(kind, visit, detector, tile, band)
+        return ProductStore(self.products_root(products)).read(row, verify=True)
+
+    def save_image(self, kind: str, path, visit=None, detector=None, tile=None, band: str | None = None,
+                   products=None, overwrite: bool = False):
+        """Copy one stored product's FITS file to ``path`` (a file, or a directory for its own name)
+        as it is stored; returns the path written."""
+        from archive.pipeline.images import copy_image
+        from archive.pipeline.products import ProductStore
+
+        row = self.image_product(kind, visit, detector, tile, band)
+        return copy_image(ProductStore(self.products_root(products)), row, path, overwrite)
+
+    def cutouts(self, ra=None, dec=None, size="10arcsec", kind: str | None = None, visit=None, detector=None,
+                tile=None, band: str | None = None, dia_source_id=None, products=None) -> list:
+        """Stamps (:class:`archive.image.cutout.Cutout`) around (``ra``, ``dec``) in degrees.
+
+        ``size``: arcsec (a number), or a string such as ``"64px"``, ``"1.5arcmin"``.  ``kind``:
+        calexp or diff (of ``visit``, else of every exposure covering the position, in time
+        order), template (with ``visit``: on that exposure's grid), coadd, or all (science,
+        template and difference of one exposure on one grid; the default with
+        ``dia_source_id``, which also gives the position, exposure and band)."""
+        from archive.pipeline.images import cutouts
+        from archive.pipeline.products import ProductStore
+
+        return cutouts(self.store, ProductStore(self.products_root(products), self.store), ra, dec, size, kind,
+                       visit, detector, tile, band, dia_source_id)
+
+    def cutout(self, ra, dec, size="10arcsec", kind: str = "calexp", visit=None, detector=None, tile=None,
+               band: str | None = None, products=None):
+        """One stamp (a :class:`archive.image.cutout.Cutout`); an error when the request matches
+        several (e.g. many exposures cover the position: give the visit)."""
+        if kind == "all":
+            raise ArchiveError("kind 'all' gives three stamps: use Archive.cutouts()")
+        got = self.cutouts(ra, dec, size, kind, visit, detector, tile, band, products=products)
+        if len(got) > 1:
+            from archive.pipeline.images import stamp_name
+
+            raise ArchiveError(f"{len(got)} {kind} stamps cover the position "
+                               f"({', '.join(stamp_name(c) for c in got[:5])}{', ...' if len(got) > 5 else ''}): "
+                               "give the visit (or tile)")
+        return got[0]
+
     def count(self, table: str) -> int:
         return self.store.count(table)
 

@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "archive.cli.run",
     "archive.cli.sim",
     "archive.cli.reference",
+    "archive.cli.images",
 ]
 
 
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     name = " ".join(w for w in (args.command, *[getattr(args, k, None) for k in
-                                                 ("ingest_command", "db_command", "matched_command")]) if w)
+                                                 ("ingest_command", "db_command", "matched_command",
+                                                  "image_command")]) if w)
     try:
         rc = args.func(args)
     except (ArchiveError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:

@@ -149,8 +149,7 @@ class Cutout:
         h["PARTIAL"] = (self.partial, "stamp runs off the parent image")
         h["NOFFIMG"] = (int(self.n_outside), "stamp pixels outside the parent image")
         if self.partial:
-            h["COMMENT"] = ("Pixels outside the parent image are NaN in IMAGE and VARIANCE and "
-                            "NO_DATA in MASK.")
+            h["COMMENT"] = "Off-image pixels: NaN in IMAGE and VARIANCE, NO_DATA in MASK."
         for key, (value, comment) in self.source.items():
             h[key] = (value, comment)
         for hdu in hdul[1:4]:
