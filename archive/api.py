@@ -494,7 +494,82 @@ class Archive:
         pos = list(df.columns).index("science_flux_err") + 1
         for name, values in (("mag", mag), ("mag_err", mag_err), ("mag_limit", limit))[::-1]:
             df.insert(pos, name, values)
+        # the template's flux at the object's position (dia_template step; primary copy, per band):
+        # template_flux + flux puts the difference fluxes on an absolute scale
+        tpl = self.store.sql("SELECT band, psf_flux, psf_flux_err FROM dia_template_source WHERE dia_object_id = "
+                             f"{oid} AND dia_source_id IS NULL AND is_primary ORDER BY tile_id")
+        tpl = tpl.drop_duplicates("band").set_index("band")
+        t_flux = df["band"].map(tpl["psf_flux"]).to_numpy(np.float64, na_value=np.nan)
+        t_err = df["band"].map(tpl["psf_flux_err"]).to_numpy(np.float64, na_value=np.nan)
+        df["template_flux"], df["template_flux_err"] = t_flux, t_err
+        df["total_flux"] = t_flux + flux
+        df["total_flux_err"] = np.hypot(t_err, err)
         return df
+
+    def list_light_curve(self, list_object_id: int, list_id=None, bands: Sequence[str] | None = None,
+                         observed_before: float | None = None, images: Sequence[str] | None = None) -> pd.DataFrame:
+        """Forced photometry of one position of a user's list (``archive forced --list``), by time.
+
+        ``list_id``: the list's id or name (needed when several lists hold that id).  Columns:
+        ``mjd``, ``band``, ``image`` (calexp | diff), ``flux``, ``flux_err`` (nJy), ``mag``,
+        ``mag_err``, ``mag_limit`` (as :meth:`light_curve`), ``flags``, ``moved``, ``ra``, ``dec``,
+        ``exposure_id``, ``list_id``.  No row for that id raises :class:`NotFoundError`."""
+        import numpy as np
+
+        oid = int(list_object_id)
+        where = f"f.list_object_id = {oid}"
+        if list_id is not None:
+            lists = self.store.sql("SELECT list_id, name FROM forced_list")
+            text = str(list_id)
+            hit = lists[(lists["list_id"].astype(str) == text) | (lists["name"] == text)]
+            if hit.empty:
+                raise NotFoundError(f"no forced list {text!r} (lists: "
+                                    f"{', '.join(f'{n} ({i})' for i, n in zip(lists['list_id'], lists['name'])) or 'none'})")
+            where += " AND f.list_id IN (" + ", ".join(str(int(i)) for i in hit["list_id"]) + ")"
+        if observed_before is not None:
+            where += f" AND f.mjd < {float(observed_before)!r}"
+        df = self.store.sql("SELECT f.mjd, f.band, f.image, f.psf_flux AS flux, f.psf_flux_err AS flux_err, f.flags, "
+                            "f.moved, f.ra, f.dec, f.exposure_id, f.list_id FROM list_forced_source f "
+                            f"WHERE {where} ORDER BY f.mjd, f.image")
+        if df.empty:
+            raise NotFoundError(f"no forced-list photometry for id {oid}"
+                                + (f" in list {list_id}" if list_id is not None else ""))
+        if df["list_id"].nunique() > 1 and list_id is None:
+            raise ArchiveError(f"id {oid} is in several lists ({', '.join(map(str, sorted(df['list_id'].unique())))}):"
+                               " name one with --list")
+        if bands:
+            df = df[df["band"].isin(list(bands))]
+        if images:
+            df = df[df["image"].isin(list(images))]
+        df = df.reset_index(drop=True)
+        flux = df["flux"].to_numpy(np.float64, na_value=np.nan)
+        err = df["flux_err"].to_numpy(np.float64, na_value=np.nan)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bright = (flux > 0) & (err > 0) & (flux >= LIMIT_SNR * err)
+            df.insert(5, "mag", np.where(bright, AB_NJY_ZP - 2.5 * np.log10(flux), np.nan))
+            df.insert(6, "mag_err", np.where(bright, 2.5 / np.log(10.0) * err / flux, np.nan))
+            df.insert(7, "mag_limit", np.where(~bright & (err > 0), AB_NJY_ZP - 2.5 * np.log10(LIMIT_SNR * err), np.nan))
+        return df
+
+    def forced_list(self, path, images: str = "calexp", recenter: bool = False, name: str | None = None,
+                    id_column: str | None = None, config: dict | None = None, products=None, jobs: int = 1,
+                    progress: bool | None = None):
+        """Register a user's list of positions (Parquet, CSV or FITS: ra, dec, an integer id) and
+        measure it on every processed calexp (``images``: calexp, diff or both) now; later
+        ``archive run`` measures it on new epochs.  A bad list is refused whole (one line naming
+        the rows) and nothing is written; the same list again adds nothing.  Returns
+        (list_id, new, :class:`~archive.pipeline.runner.StepReport`)."""
+        from archive.pipeline.forced_lists import register_list
+
+        list_id, new = register_list(self.store, path, self.products_root(products), images=images,
+                                     recenter=recenter, name=name, id_column=id_column)
+        runner = self.runner(config, products, jobs, progress=progress)
+        runner.steps = [s for s in runner.steps if s.name == "forced_list"]
+        try:
+            report = runner.run()["forced_list"]
+        finally:
+            runner.executor.close()
+        return list_id, new, report
 
     def sql(self, query: str, as_table: bool = False, timeout: float | None = None):
         """Run one read-only SQL query (PostgreSQL dialect; DuckDB on the Parquet store).

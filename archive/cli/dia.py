@@ -87,7 +87,15 @@ def cmd_reassociate(args) -> int:
 
 def cmd_lightcurve(args) -> int:
     with Archive.open(args.repo) as arc:
-        lc = arc.light_curve(args.id, bands=args.bands, observed_before=args.observed_before)
+        if args.list is not None:
+            lc = arc.list_light_curve(args.id, list_id=args.list, bands=args.bands,
+                                      observed_before=args.observed_before)
+        else:
+            lc = arc.light_curve(args.id, bands=args.bands, observed_before=args.observed_before)
+    if args.plot and args.list is not None:
+        from archive.errors import ArchiveError
+
+        raise ArchiveError("--plot draws DIAObject light curves; a list's rows print with --format")
     if args.plot:
         plot_light_curve(lc, args.id, args.plot, units=args.plot_units)
         note(f"wrote {args.plot}")
@@ -166,6 +174,21 @@ def plot_light_curve(lc, object_id: int, path: str, units: str = "mag") -> None:
     plt.close(fig)
 
 
+def cmd_forced(args) -> int:
+    with Archive.open(args.repo) as arc:
+        config = Archive.read_run_config(args.config) if args.config else None
+        list_id, new, rep = arc.forced_list(args.list_file, images=args.images, recenter=args.recenter,
+                                            name=args.name, id_column=args.id_column, config=config,
+                                            products=args.products, jobs=args.jobs)
+        n = sum(int(str(v).split()[0]) for v in rep.notes.values() if str(v).split()[:1] and
+                str(v).split()[0].isdigit())
+    note(f"list {list_id} ({'registered' if new else 'already registered'}): {len(rep.done)} exposure(s) "
+         f"measured, {n} row(s) written, {len(rep.skipped)} up to date"
+         + (f", {len(rep.failed)} failed: " + "; ".join(f"{k}: {v}" for k, v in list(rep.failed.items())[:3])
+            if rep.failed else ""))
+    return 0 if not rep.failed else 1
+
+
 def cmd_object(args) -> int:
     with Archive.open(args.repo) as arc:
         df = arc.object(args.id, as_of=args.as_of, history=args.history, observed_before=args.observed_before,
@@ -206,15 +229,35 @@ def register(sub) -> None:
 
     p = sub.add_parser("lightcurve", help="detections and forced photometry of one DIAObject (flux and AB mag)")
     repo_option(p)
-    p.add_argument("id", type=int, metavar="ID", help="dia_object_id")
+    p.add_argument("id", type=int, metavar="ID", help="dia_object_id (with --list: the id in that list)")
     p.add_argument("--bands", type=comma_list, metavar="B,B,...", help="only these bands (default: all)")
     p.add_argument("--observed-before", type=float, dest="observed_before", metavar="MJD",
                    help=OBSERVED_BEFORE_HELP)
+    p.add_argument("--list", metavar="LIST", default=None,
+                   help="ID is an id of this forced list (its list_id or name; `archive forced --list`): its "
+                        "forced photometry on calexps and differences")
     p.add_argument("--plot", metavar="FILE.png", help="also draw the light curve per band")
     p.add_argument("--plot-units", dest="plot_units", choices=["mag", "flux"], default="mag",
                    help="plot AB magnitudes with 5-sigma upper limits, or difference flux (nJy) with error bars")
     add_format_options(p)
     p.set_defaults(func=cmd_lightcurve)
+
+    p = sub.add_parser("forced", help="register a list of positions (ra, dec, an integer id) and measure it "
+                                      "on every calexp (and difference) now and in later runs")
+    repo_option(p)
+    p.add_argument("--list", dest="list_file", metavar="FILE", required=True,
+                   help="Parquet, CSV or FITS table with ra, dec (deg) and an integer id column")
+    p.add_argument("--on", dest="images", choices=["calexp", "diff", "both"], default="calexp",
+                   help="images to measure: calexps, differences or both")
+    p.add_argument("--recentre", "--recenter", dest="recenter", action="store_true",
+                   help="let a position move at most 0.2 px in at most two iterations (LAST's rule); default fixed")
+    p.add_argument("--id-column", dest="id_column", metavar="NAME",
+                   help="the id column (default: id, list_object_id, object_id, source_id or objid)")
+    p.add_argument("--name", metavar="NAME", help="the list's name (default: the file's stem)")
+    p.add_argument("--products", metavar="DIR", help="image product directory (default: ARCHIVE/products)")
+    p.add_argument("--config", metavar="FILE", help="run config (YAML/JSON); its forced_list settings apply")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes")
+    p.set_defaults(func=cmd_forced)
 
     p = sub.add_parser("object", help="one DIAObject: current version, --as-of MJD, --history, or "
                                       "--observed-before MJD")

@@ -13,12 +13,14 @@ import pathlib
 from archive.errors import ArchiveError
 from archive.pipeline.coadd import CoaddStep, TemplateStep, WarpStep
 from archive.pipeline.diffim import DifferenceStep, ForcedStep
+from archive.pipeline.forced_lists import DiaTemplateStep, ForcedListStep, TemplateCatalogStep, TemplateForcedStep
 from archive.pipeline.single_epoch import AstrometryStep, CalexpStep, EpochQualityStep, SourcesStep
 from archive.pipeline.steps import Step
 
 #: Every step class, in dependency order.
 STEP_CLASSES: tuple[type[Step], ...] = (CalexpStep, EpochQualityStep, AstrometryStep, SourcesStep,
-                                        WarpStep, CoaddStep, TemplateStep, DifferenceStep, ForcedStep)
+                                        WarpStep, CoaddStep, TemplateStep, DifferenceStep, ForcedStep,
+                                        TemplateCatalogStep, TemplateForcedStep, DiaTemplateStep, ForcedListStep)
 
 
 def build_steps(configs: dict | None = None) -> list[Step]:
