@@ -256,8 +256,10 @@ def rms_vs_mag(sources: pd.DataFrame, *, min_epochs: int = 3) -> pd.DataFrame:
     return out
 
 
-def plot_rms_vs_mag(table: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Draw rms versus mean magnitude per band (log rms) into an image file."""
+def rms_figure(table: pd.DataFrame):
+    """The rms-versus-magnitude figure (a matplotlib Figure): per band the sources (log rms), the
+    fitted noise curve ``rms_model`` where the table has it (:func:`~archive.catalog.matched_ingest.rms_with_model`)
+    and the sources it reports as ``outlier`` ringed in red."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,12 +267,29 @@ def plot_rms_vs_mag(table: pd.DataFrame, path: str | os.PathLike) -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for band, t in table.groupby("band"):
-        ax.scatter(t["mean_mag"], t["rms_mag"], s=4, label=str(band))
+        pts = ax.scatter(t["mean_mag"], t["rms_mag"], s=4, label=str(band))
+        if "rms_model" in t and np.isfinite(t["rms_model"].to_numpy(float)).any():
+            m = t[np.isfinite(t["rms_model"].to_numpy(float))].sort_values("mean_mag")
+            ax.plot(m["mean_mag"], m["rms_model"], "-", color=pts.get_facecolor()[0], lw=1.2,
+                    label=f"{band}: rms model", gid="rms_model")
+    if "outlier" in table:
+        out = table[table["outlier"].astype(bool)]
+        if len(out):
+            ax.scatter(out["mean_mag"], out["rms_mag"], s=40, facecolors="none", edgecolors="red", lw=1.0,
+                       label=f"outliers ({len(out)})", gid="outliers")
     ax.set_yscale("log")
     ax.set_xlabel("mean magnitude (AB)")
     ax.set_ylabel("rms (mag)")
-    ax.legend(title="band")
+    ax.legend(title="band", fontsize="small")
     fig.tight_layout()
+    return fig
+
+
+def plot_rms_vs_mag(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Draw :func:`rms_figure` into an image file."""
+    import matplotlib.pyplot as plt
+
+    fig = rms_figure(table)
     path = Path(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)

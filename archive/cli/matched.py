@@ -37,8 +37,24 @@ def cmd_zeropoints(args) -> int:
         rp = arc.relative_photometry(_region(args), args.band)
     note(f"{len(rp.zero_points)} epoch(s), {rp.reference.size} reference star(s); "
          f"median rms {rp.rms_before:.4f} -> {rp.rms_after:.4f} mag")
+    why = rms_rise_note(rp.rms_before, rp.rms_after, int(rp.reference.size))
+    if why:
+        note(why)
     emit(rp.zero_points, args)
     return 0
+
+
+def rms_rise_note(before: float, after: float, n_reference: int) -> str:
+    """Why the median rms may rise after relative photometry (empty when it does not)."""
+    if not (after > before):
+        return ""
+    per_epoch = after / max(n_reference, 1) ** 0.5
+    return (f"note: the median rms rose ({before:.4f} -> {after:.4f} mag). Each epoch's relative zero point "
+            f"is measured from {n_reference} reference star(s) and carries their noise (about "
+            f"{per_epoch:.4f} mag per epoch), added to every light curve; when the epochs' own photometric "
+            "calibrations already agree better than that (no clouds, no transparency changes), the "
+            "correction adds noise instead of removing it. More or brighter reference stars (a larger "
+            "field) lower it; `archive matched rms --raw` shows the rms without it.")
 
 
 def cmd_rms(args) -> int:
@@ -84,7 +100,12 @@ def register(sub) -> None:
                    help="re-ingest exposures already stored, undoing their old contribution")
     q.set_defaults(func=cmd_ingest)
 
-    q = msub.add_parser("zeropoints", help="each epoch's relative zero-point offset (mag) in a field")
+    q = msub.add_parser("zeropoints", help="each epoch's relative zero-point offset (mag) in a field",
+                        description="Each epoch's zero-point offset (mag) fitted on the field's constant stars "
+                                    "(variables clipped), and the median rms of those stars before and after. "
+                                    "The rms can rise: each offset carries the noise of the reference stars, "
+                                    "which exceeds what it removes when the epochs were already well "
+                                    "calibrated (the command says so when that happens).")
     _field_options(q)
     add_format_options(q, names=False)
     q.set_defaults(func=cmd_zeropoints)
