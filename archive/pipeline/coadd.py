@@ -143,8 +143,14 @@ class CoaddStepConfig:
 
 @dataclasses.dataclass
 class TemplateStepConfig:
+    """select: which warps; coadd: how they combine; homogenize_psf: combine the warps
+    PSF-matched to a common width (the widest input's, +5%) rather than as they are, so that
+    the template's PSF does not jump where the inputs' coverage changes (a jump no smooth
+    matching kernel follows: bright constant stars then leave residuals in the differences)."""
+
     select: SelectConfig = dataclasses.field(default_factory=SelectConfig)
     coadd: CoaddConfig = dataclasses.field(default_factory=CoaddConfig)
+    homogenize_psf: bool = True
 
 
 @dataclasses.dataclass
@@ -188,6 +194,9 @@ class CoaddStep(Step):
         return out
 
     def run(self, unit: Unit, shared, products) -> CoaddOutput:
+        import math
+
+        from archive.image.psf import FWHM_PER_SIGMA
         from archive.process.coadd import combine, find_artifacts, target_fwhm
         from archive.process.warp import psf_match
 
@@ -203,8 +212,16 @@ class CoaddStep(Step):
         target = target_fwhm(fwhms)
         matched = [psf_match(w, f, target) for w, f in zip(warps, fwhms)]
         clipped = find_artifacts(matched, cfg.artifacts)
+        if getattr(self.config, "homogenize_psf", False):
+            sigmas = [math.sqrt(max(target ** 2 - f ** 2, 0.0)) / FWHM_PER_SIGMA for f in fwhms]
+            for m, w in zip(matched, warps):
+                # the smoothed pixels' own variance is smaller, but their noise is correlated: a
+                # PSF-sized measurement sees about the unsmoothed variance, so the plane keeps it
+                m.variance = w.variance
+            res = combine(matched, clipped, cfg, psf_smoothing=sigmas)
+        else:
+            res = combine(warps, clipped, cfg)  # on the tile grid the warps share
         del matched
-        res = combine(warps, clipped, cfg)  # on the tile grid the warps share
         extra = coadd_hdus(res, exposures)
         written = products.write(ProductRef(self.kind, p["band"], tile_id=p["tile"]), res.coadd, extra)
         return CoaddOutput(written, exposures, [int(c) for c in res.n_clipped])

@@ -300,12 +300,15 @@ class CoaddResult:
 
 
 def combine(warps: list[Exposure], clipped: list[np.ndarray] | None = None,
-            config: CoaddConfig | None = None, target_wcs=None) -> CoaddResult:
+            config: CoaddConfig | None = None, target_wcs=None,
+            psf_smoothing: list[float] | None = None) -> CoaddResult:
     """Combine warps of one tile and band into a coadd (see the module docstring).
 
     ``clipped``: per-warp planes from :func:`find_artifacts` (marked CLIPPED and left out).
     ``target_wcs``: the full tile WCS (pixel origin of the tile); the coadd covers the union
-    of the warps' boxes, with ``xy0`` and WCS of that part."""
+    of the warps' boxes, with ``xy0`` and WCS of that part.  ``psf_smoothing``: per warp, the
+    sigma (px) of the Gaussian it was convolved with (:func:`archive.process.warp.psf_match`),
+    so that the coadd's PSF is that of the smoothed inputs."""
     cfg = config or CoaddConfig()
     if not warps:
         raise ValidationError("combine: no warps")
@@ -356,16 +359,20 @@ def combine(warps: list[Exposure], clipped: list[np.ndarray] | None = None,
                              "n_clipped": [int(c.sum()) for c in clipped] if clipped is not None else None}}
     coadd = Exposure(img.astype(np.float32), mask, var.astype(np.float32), wcs=wcs,
                      photo_calib=warps[0].photo_calib, info=info, mask_planes=planes, xy0=(bbox[0], bbox[1]))
-    coadd.psf = coadd_psf(warps, ok, weights, bbox, cfg)
+    coadd.psf = coadd_psf(warps, ok, weights, bbox, cfg, psf_smoothing)
     return CoaddResult(coadd, n_image, input_map, weights, offsets,
                        np.array([int(c.sum()) for c in clipped]) if clipped is not None
                        else np.zeros(len(warps), int))
 
 
-def coadd_psf(warps: list[Exposure], ok: np.ndarray, weights: np.ndarray, bbox, cfg: CoaddConfig):
+def coadd_psf(warps: list[Exposure], ok: np.ndarray, weights: np.ndarray, bbox, cfg: CoaddConfig,
+              smoothing: list[float] | None = None):
     """The coadd's PSF: at each node of a ``psf_grid`` x ``psf_grid`` grid, the weighted mean
     of the PSFs (on the tile grid, see :func:`archive.process.warp.warp_psf`) of the inputs
-    accepted there, fitted as a spatially varying pixel PSF in coadd pixels."""
+    accepted there (each convolved with a Gaussian of ``smoothing[k]`` px where given), fitted
+    as a spatially varying pixel PSF in coadd pixels."""
+    from scipy import ndimage
+
     from archive.image.psf import PixelPSF, poly_design
 
     x0, y0, x1, y1 = bbox
@@ -386,7 +393,11 @@ def coadd_psf(warps: list[Exposure], ok: np.ndarray, weights: np.ndarray, bbox, 
                 if w.psf is None or not ok[k, iy, ix]:
                     continue
                 # the warp's PSF is in its own (tile) pixels, origin at its xy0
-                acc += weights[k] * w.psf.kernel(xx + x0 - w.xy0[0], yy + y0 - w.xy0[1], size)
+                kern = w.psf.kernel(xx + x0 - w.xy0[0], yy + y0 - w.xy0[1], size)
+                if smoothing is not None and smoothing[k] > 0.05:
+                    kern = ndimage.gaussian_filter(kern, smoothing[k], mode="constant", truncate=5.0)
+                    kern = kern / kern.sum()
+                acc += weights[k] * kern
                 wsum += weights[k]
             if wsum > 0:
                 nodes.append((xx, yy))
