@@ -145,3 +145,28 @@ def test_configs_are_checked():
         subtract(p.science, p.template)
     with pytest.raises(ValueError, match="same"):
         AlardLuptonConfig(sigmas=(1.0,), degrees=(1, 2)).validate()
+
+
+def test_matching_error_is_measured_and_quiets_the_score_at_bright_stars_only(pair_and_diff):
+    from archive.process.diffim.alard_lupton import score_image
+
+    p, res = pair_and_diff
+    eps = res.metadata["matching_error"]
+    assert 0 <= eps < 0.02  # a pair made with known PSFs: the kernel matches its stars to ~1%
+    d = res.difference.copy()
+    n = d.shape[0]
+    # a residual of 5% of a bright template star's flux, and a transient of the same flux on empty sky
+    yy, xx = np.mgrid[0:n, 0:n]
+    star = np.zeros(d.shape, np.float32)
+    blob = lambda x0, y0: np.exp(-0.5 * ((xx - x0) ** 2 + (yy - y0) ** 2) / (4.0 / 2.3548) ** 2)  # noqa: E731
+    star += (2e6 * blob(100, 100) / blob(100, 100).sum()).astype(np.float32)
+    res_img = d.image + 0.05 * star + (1e5 * blob(400, 400) / blob(400, 400).sum()).astype(np.float32)
+    d.image = res_img
+    plain = score_image(d)
+    quiet = score_image(d, star, 0.05)
+    # the residual is one epsilon of the star's flux: about 1 sigma once epsilon counts
+    assert plain[100, 100] > 20 and quiet[100, 100] < 1.5
+    # away from the template's light nothing changes: the transient and the empty sky
+    assert quiet[400, 400] == pytest.approx(plain[400, 400], rel=1e-3)
+    sky = (slice(300, 350), slice(200, 250))
+    np.testing.assert_allclose(quiet[sky], plain[sky], rtol=1e-4, atol=1e-4)

@@ -31,6 +31,20 @@ Decorrelation (Reiss & Lupton 2016)
 
 The result is science - template in both cases (:class:`DifferenceResult`); the score
 is the difference filtered with its own PSF over its noise (unit variance on sky).
+Matching error
+    No kernel matches every star to better than a percent or two (the PSFs of both
+    images vary in ways a smooth kernel does not follow), so a bright constant star
+    leaves a residual of a fixed fraction of its flux. That fraction, ``epsilon``, is
+    measured on the stamps (the PSF-weighted residual over the PSF-weighted flux of each,
+    clipped ones included; 1.4826 MAD), and the score counts it as noise: its variance
+    gets (epsilon x the template's PSF flux there)^2 besides the pixels' noise, as ZOGY's
+    score counts astrometric and source noise, scaled by ``model_error_scale``. On empty
+    sky the score is unchanged; on a star it needs a larger change. The scale trades false
+    detections at bright stars against changes on bright hosts: on the simulated demo
+    field (8 differences of 1024 px) false DIASources away from bright stars went
+    36 / 19 / 17 / 11 at scale 0 / 0.3 / 0.5 / 1 and completeness at S/N >= 7 94% / 91% /
+    84% / 75% (transients in bright galaxies are the changes lost). ``model_error=False``
+    leaves the score without it; the variance plane and the fluxes never include it.
 """
 
 from __future__ import annotations
@@ -81,6 +95,8 @@ class AlardLuptonConfig:
     clip_rounds: int = dataclasses.field(default=2, metadata={"min": 0, "max": 10})
     block: int = dataclasses.field(default=512, metadata={"min": 64})
     decorrelate: bool = True
+    model_error: bool = True
+    model_error_scale: float = dataclasses.field(default=0.3, metadata={"min": 0.0})
     fit_flux_ratio: bool = False
     background_mesh: int = dataclasses.field(default=128, metadata={"min": 0, "max": 4096})
 
@@ -384,10 +400,14 @@ def subtract(science: Exposure, template: Exposure, config: AlardLuptonConfig | 
     diff = np.where(no_data, 0.0, diff).astype(np.float32)
     out = Exposure(diff, mask, variance, wcs=science.wcs, psf=psf, photo_calib=science.photo_calib,
                    info=science.info.copy(), mask_planes=dict(science.mask_planes))
-    score = score_image(out)
+    eps = cfg.model_error_scale * matching_error(source, target, sol, stamps, half, convolve) \
+        if cfg.model_error else 0.0
+    tpl_side = conv if convolve == "template" else target.image  # the template's light, matched
+    score = score_image(out, np.where(no_data, 0.0, tpl_side), eps)
     meta = {"convolved": convolve, "kernel_size": size, "n_basis": int(len(basis)), "n_stamps": int(len(sol.stamps)),
             "kernel_chi2": sol.chi2, "kernel_sum": float(sol.kernel(cx, cy).sum()), "fwhm_science": f_sci,
-            "fwhm_template": f_tpl, "background": sol.bg.tolist(), "decorrelated": bool(cfg.decorrelate)}
+            "fwhm_template": f_tpl, "background": sol.bg.tolist(), "decorrelated": bool(cfg.decorrelate),
+            "matching_error": eps}
     return DifferenceResult(out, score, "alard_lupton", meta)
 
 
@@ -413,14 +433,46 @@ def _translate(template: Exposure, planes: dict[str, int]) -> np.ndarray:
     return out
 
 
-def score_image(diff: Exposure) -> np.ndarray:
+def matching_error(source: Exposure, target: Exposure, sol: KernelSolution, stamps: np.ndarray, half: int,
+                   convolve: str) -> float:
+    """The kernel's fractional matching error on the stars of ``stamps`` (all candidates,
+    clipped ones too): 1.4826 MAD of sum P (model - target) / sum P target over the stamps,
+    P the target's PSF there (0 with fewer than 3 stamps)."""
+    if len(stamps) < 3:
+        return 0.0
+    kh = sol.basis.shape[-1] // 2
+    side = 2 * half + 1
+    fr = []
+    for x, y in stamps:
+        region = source.image[y - half - kh:y + half + kh + 1, x - half - kh:x + half + kh + 1].astype(np.float64)
+        tgt = target.image[y - half:y + half + 1, x - half:x + half + 1].astype(np.float64)
+        if region.shape != (side + 2 * kh, side + 2 * kh) or not (np.isfinite(region).all()
+                                                                   and np.isfinite(tgt).all()):
+            continue
+        model = signal.fftconvolve(region, sol.kernel(x, y), mode="valid")
+        p = target.psf.kernel(float(x), float(y), side)
+        flux = float((p * tgt).sum())
+        if flux > 0:
+            fr.append(float((p * (model - tgt)).sum()) / flux)
+    if len(fr) < 3:
+        return 0.0
+    fr = np.asarray(fr)
+    return float(min(0.2, 1.4826 * np.median(np.abs(fr - np.median(fr))) + abs(np.median(fr))))
+
+
+def score_image(diff: Exposure, template: np.ndarray | None = None, epsilon: float = 0.0) -> np.ndarray:
     """The difference filtered with its own PSF over the noise of that sum: a per-pixel S/N of
-    a point source there (unit variance on empty sky when the variance plane is right)."""
+    a point source there (unit variance on empty sky when the variance plane is right).
+    ``template`` (the template's light on the difference's grid and units) and ``epsilon``:
+    a matching error of ``epsilon`` times the template's PSF flux counted as noise too."""
     ny, nx = diff.shape
     k = diff.psf.kernel((nx - 1) / 2.0, (ny - 1) / 2.0, None)
     var = np.where(np.isfinite(diff.variance), diff.variance, 0.0)
     num = signal.fftconvolve(diff.image, k[::-1, ::-1], mode="same")
     den = signal.fftconvolve(var, (k * k)[::-1, ::-1], mode="same")
+    if template is not None and epsilon > 0:
+        t = signal.fftconvolve(np.where(np.isfinite(template), template, 0.0), k[::-1, ::-1], mode="same")
+        den = den + (epsilon * t) ** 2
     with np.errstate(invalid="ignore", divide="ignore"):
         s = num / np.sqrt(den)  # sum k D over its noise sqrt(sum k^2 V)
     return np.where(np.isfinite(diff.variance) & (den > 0), s, 0.0).astype(np.float32)
