@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import healpy as hp
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,7 +15,7 @@ from archive.api import Archive
 from archive.cli.main import main
 from archive.pipeline.products import sha256_file
 from archive.sim.config import SimConfig
-from archive.sim.survey import simulate_survey
+from simrun import simulate_and_run, tile_centre
 
 ORDER = 9
 CONFIG = {"warp": {"skymap": {"order": ORDER}}, "template": {"select": {"max_inputs": 3}}}
@@ -26,17 +25,10 @@ CONFIG = {"warp": {"skymap": {"order": ORDER}}, "template": {"select": {"max_inp
 def archive_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("coaddsim")
     # the field centred on a tile's centre: one tile holds it
-    ra0, dec0 = (float(v) for v in hp.pix2ang(1 << ORDER, hp.ang2pix(1 << ORDER, 150.0, 2.0, nest=True, lonlat=True),
-                                                nest=True, lonlat=True))
-    simulate_survey(root / "sim", SimConfig(seed=21, n_epochs=5, size=640, ra0=ra0, dec0=dec0, star_density=60,
-                                            n_transients=3, bad_epochs={}, n_bias=2, n_dark=2, n_flat=2,
-                                            dither_arcsec=8.0))
-    repo = root / "arc"
-    with Archive.init(repo) as arc:
-        arc.ingest_images([*sorted((root / "sim" / "raw").rglob("*.fits")),
-                           *sorted((root / "sim" / "calib").rglob("*.fits"))])
-        arc.ingest_refcat(root / "sim" / "refcat.parquet")
-        reports = arc.run(config=CONFIG, jobs=2, progress=False)
+    ra0, dec0 = tile_centre(ORDER)
+    repo, reports = simulate_and_run(root, SimConfig(seed=21, n_epochs=5, size=640, ra0=ra0, dec0=dec0,
+                                                     star_density=60, n_transients=3, bad_epochs={}, n_bias=2,
+                                                     n_dark=2, n_flat=2, dither_arcsec=8.0), CONFIG)
     return root, repo, reports
 
 

@@ -19,7 +19,7 @@ from archive.api import Archive
 from archive.cli.main import main
 from archive.errors import ValidationError
 from archive.sim.config import SimConfig
-from archive.sim.survey import simulate_survey
+from simrun import simulate_and_run, tile_centre
 
 ORDER = 9
 CONFIG = {"warp": {"skymap": {"order": ORDER}}, "template": {"select": {"max_inputs": 3}}}
@@ -32,7 +32,7 @@ def _on_tile_edge() -> tuple[float, float]:
     """A point on the border of two order-9 HEALPix pixels: a field there lies on two tiles' cores."""
     nside = 1 << ORDER
     p = hp.ang2pix(nside, 150.0, 2.0, nest=True, lonlat=True)
-    ra0, dec0 = (float(v) for v in hp.pix2ang(nside, p, nest=True, lonlat=True))
+    ra0, dec0 = tile_centre(ORDER)
     lo, hi = ra0, ra0
     while hp.ang2pix(nside, hi, dec0, nest=True, lonlat=True) == p:
         hi += 0.001
@@ -46,15 +46,10 @@ def _on_tile_edge() -> tuple[float, float]:
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("forcedlists")
     ra0, dec0 = _on_tile_edge()
-    simulate_survey(root / "sim", SimConfig(seed=21, n_epochs=6, size=512, ra0=ra0, dec0=dec0, star_density=60,
-                                            n_transients=2, bad_epochs={}, n_bias=2, n_dark=2, n_flat=2,
-                                            dither_arcsec=4.0, variable_fraction=0.3))
-    repo = root / "arc"
-    with Archive.init(repo) as arc:
-        arc.ingest_images([*sorted((root / "sim" / "raw").rglob("*.fits")),
-                           *sorted((root / "sim" / "calib").rglob("*.fits"))])
-        arc.ingest_refcat(root / "sim" / "refcat.parquet")
-        reports = arc.run(config=CONFIG, jobs=2, progress=False)
+    repo, reports = simulate_and_run(root, SimConfig(seed=21, n_epochs=6, size=512, ra0=ra0, dec0=dec0,
+                                                     star_density=60, n_transients=2, bad_epochs={}, n_bias=2,
+                                                     n_dark=2, n_flat=2, dither_arcsec=4.0,
+                                                     variable_fraction=0.3), CONFIG)
     return root, repo, reports
 
 

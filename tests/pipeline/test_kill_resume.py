@@ -19,6 +19,7 @@ from archive.api import Archive
 from archive.pipeline.products import sha256_file
 from archive.sim.config import SimConfig
 from archive.sim.survey import simulate_survey
+from simrun import register_simulation
 
 TABLES = ("input_file", "exposure", "image_product", "provenance", "source", "matched_source", "pipeline_unit",
           "dia_source", "dia_object", "dia_forced_source")
@@ -48,8 +49,7 @@ def reference(survey, tmp_path_factory):
 
 def _register(repo: str, survey: pathlib.Path, products: pathlib.Path) -> None:
     with Archive.open(repo) as arc:
-        arc.ingest_images([*sorted((survey / "raw").rglob("*.fits")), *sorted((survey / "calib").rglob("*.fits"))])
-        arc.ingest_refcat(survey / "refcat.parquet", products=products)
+        register_simulation(arc, survey, products)
 
 
 def snapshot(repo: str, products: pathlib.Path) -> dict:
