@@ -18,7 +18,6 @@ import os
 import pathlib
 import time
 
-import numpy as np
 import pandas as pd
 
 from archive.api import Archive
@@ -154,7 +153,3 @@ def _examples(arc, changes: pd.DataFrame, per_kind: int = 1) -> dict:
             out[int(oid)] = (kind, int(sim_id))
     return out
 
-
-def per_4k(n: float, area_deg2: float, pixel_scale_arcsec: float) -> float:
-    """``n`` per 4096 x 4096 pixels of ``pixel_scale_arcsec`` given that it was counted over ``area_deg2``."""
-    return float(n) * (4096 * pixel_scale_arcsec / 3600.0) ** 2 / area_deg2 if area_deg2 > 0 else float(np.nan)

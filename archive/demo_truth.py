@@ -85,8 +85,8 @@ def score_archive(arc, sim_dir, products=None, snr_min: float = 7.0, radius_arcs
     whether a DIASource found each.
     """
     from archive.process.diffim.detection import FLAG_NEAR_BRIGHT_STAR
+    from archive.process.flags import FLAG_OFF_IMAGE
     from archive.process.forced import ForcedConfig, forced_at_sky
-    from archive.sim.scoring import match_to_changes
 
     sim = pathlib.Path(sim_dir)
     manifest = json.loads((sim / "manifest.json").read_text())
@@ -121,7 +121,7 @@ def score_archive(arc, sim_dir, products=None, snr_min: float = 7.0, radius_arcs
         diff = Exposure.read(root / r.path)
         f = forced_at_sky(diff, changes["ra"].to_numpy()[sel], changes["dec"].to_numpy()[sel], ForcedConfig())
         e = f["psf_flux_err"].to_numpy(float)
-        off = (f["flags"].to_numpy(np.int64) & _off_image_flag()) != 0
+        off = (f["flags"].to_numpy(np.int64) & int(FLAG_OFF_IMAGE)) != 0
         err[sel] = np.where(off, np.nan, e)
     changes["delta_flux_err"] = err
     changes = changes[np.isfinite(err)].reset_index(drop=True)
@@ -130,13 +130,5 @@ def score_archive(arc, sim_dir, products=None, snr_min: float = 7.0, radius_arcs
     scale = float(manifest["config"].get("pixel_scale", 0.2))
     score = score_changes(changes, dia, covered_area_deg2(diffs["footprint"]), scale, snr_min=snr_min,
                           radius_arcsec=radius_arcsec, ignore_flags=FLAG_NEAR_BRIGHT_STAR)
-    found, _ = match_to_changes(dia, changes, radius_arcsec)
-    changes["found"] = found["found"].to_numpy()
-    changes["snr_true"] = changes["delta_flux"] / changes["delta_flux_err"]
-    return score, changes
+    return score, score.changes
 
-
-def _off_image_flag() -> int:
-    from archive.process.flags import FLAG_OFF_IMAGE
-
-    return int(FLAG_OFF_IMAGE)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import pathlib
 import sys
 
 from archive.api import Archive
 from archive.cli.common import expand_paths, note, repo_option
-from archive.errors import ArchiveError
 
 
 def _summary(rep) -> str:
@@ -83,14 +81,12 @@ def print_demo(rep) -> None:
               f"{row.delta_flux:.0f} +- {row.delta_flux_err:.0f} nJy")
     ra, dec, radius = rep.field
     repo = shlex.quote(str(rep.repo))
-    for oid, (kind, sim_id) in rep.examples.items():
-        from archive.api import Archive
-
-        with Archive.open(rep.repo) as arc:
+    with Archive.open(rep.repo) as arc:
+        for oid, (kind, sim_id) in rep.examples.items():
             lc = arc.light_curve(oid)
-        png = rep.directory / f"lightcurve_{kind}_{oid}.png"
-        plot_light_curve(lc, oid, str(png))
-        print(f"  {kind} (simulated object {sim_id}) is DIAObject {oid}: {len(lc)} points, drawn in {png}")
+            png = rep.directory / f"lightcurve_{kind}_{oid}.png"
+            plot_light_curve(lc, oid, str(png))
+            print(f"  {kind} (simulated object {sim_id}) is DIAObject {oid}: {len(lc)} points, drawn in {png}")
     first = next(iter(rep.examples), None)
     print("\nexplore it:")
     print(f"  archive cone --repo {repo} dia_object {ra:.4f} {dec:.4f} {radius:.0f}")

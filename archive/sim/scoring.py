@@ -115,7 +115,8 @@ class ChangeScore:
 
     ``completeness``: the fraction of expected changes with a true S/N of at least
     ``snr_min`` (``|delta_flux| / delta_flux_err``) found; ``n_expected``, ``n_found``:
-    its terms; ``missed``: those not found. ``n_false_sources`` /
+    its terms; ``missed``: those not found; ``changes``: every expected change with
+    ``found`` and ``snr_true`` (``delta_flux / delta_flux_err``). ``n_false_sources`` /
     ``n_false_objects``: DIASources / DIAObjects that no change explains, leaving out
     those carrying ``ignore_flags`` (e.g. near a bright star); ``area_deg2``: the
     area they were counted over; ``false_per_4k``: false DIAObjects per
@@ -133,6 +134,7 @@ class ChangeScore:
     n_real_objects: int
     area_deg2: float
     false_per_4k: float
+    changes: pd.DataFrame
 
 
 def score_changes(changes: pd.DataFrame, dia_sources: pd.DataFrame, area_deg2: float,
@@ -149,7 +151,8 @@ def score_changes(changes: pd.DataFrame, dia_sources: pd.DataFrame, area_deg2: f
     if "delta_flux_err" not in changes:
         raise ValueError("score_changes: changes need a delta_flux_err column (nJy)")
     ch, d = match_to_changes(dia_sources, changes, radius_arcsec)
-    snr = np.abs(ch["delta_flux"].to_numpy(float)) / ch["delta_flux_err"].to_numpy(float)
+    ch["snr_true"] = ch["delta_flux"].to_numpy(float) / ch["delta_flux_err"].to_numpy(float)
+    snr = np.abs(ch["snr_true"].to_numpy())
     want = ch[np.isfinite(snr) & (snr >= snr_min)]
     n_found = int(want["found"].sum())
     flagged = (d["flags"].to_numpy(np.int64) & int(ignore_flags)) != 0
@@ -164,4 +167,5 @@ def score_changes(changes: pd.DataFrame, dia_sources: pd.DataFrame, area_deg2: f
                        missed=want[~want["found"]].reset_index(drop=True),
                        n_false_sources=int(false_src.sum()), n_false_objects=n_false_obj,
                        n_objects=len(g), n_real_objects=int(g["real"].sum()), area_deg2=float(area_deg2),
-                       false_per_4k=n_false_obj * area_4k / area_deg2 if area_deg2 > 0 else float("nan"))
+                       false_per_4k=n_false_obj * area_4k / area_deg2 if area_deg2 > 0 else float("nan"),
+                       changes=ch)

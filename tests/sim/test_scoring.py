@@ -67,6 +67,7 @@ def test_matching_and_score_count_found_missed_and_false():
     assert s.n_expected == 4 and s.n_found == 1 and s.completeness == pytest.approx(0.25)
     assert set(zip(s.missed["visit"], s.missed["object_id"])) == {(4, 3), (3, 4), (4, 4)}
     assert s.n_false_sources == 1 and s.n_false_objects == 1 and s.n_real_objects == 2
+    assert int(s.changes["found"].sum()) == 2 and s.changes["snr_true"].max() == pytest.approx(50.0)
     assert s.false_per_4k == pytest.approx(1 * (4096 * 0.2 / 3600) ** 2 / 0.01)
     with pytest.raises(ValueError, match="delta_flux_err"):
         score_changes(ch.drop(columns="delta_flux_err"), dia, 0.01, 0.2)
