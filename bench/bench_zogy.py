@@ -47,6 +47,9 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import vmhwm_mb as _vmhwm_mb, vmrss_mb as _vmrss_mb  # noqa: E402
 
 SIG_N, SIG_R = 10.0, 6.0
 PSF_N = {"fwhm": 3.6, "beta": 3.0, "variation": [0.05, 0.03]}
@@ -132,20 +135,6 @@ def prepare(work: pathlib.Path, size: int, seed: int) -> None:
     (work / "done").write_text("ok")
 
 
-def _vmhwm_mb() -> float:
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return float(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def _vmrss_mb() -> float:
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return float(line.split()[1]) / 1024.0
-    return float("nan")
-
-
 def detect(score: np.ndarray, bad: np.ndarray, threshold: float = 5.0, border: int = 8):
     """Local maxima (5x5) of |score| above threshold: x, y, signed peak value."""
     from scipy import ndimage
@@ -189,28 +178,39 @@ def run_zogy(work: pathlib.Path, threads: int) -> dict:
                     f"{m['refined_pixels']} masked pixels re-solved, threads {threads or os.cpu_count()}"}
 
 
-def run_properimage(work: pathlib.Path) -> dict:
+def properimage_subtract(a: dict) -> dict:
+    """properimage's ZOGY on the arrays of :func:`_load` (consumed): images in counts (the sky
+    level added back: it models the noise as Poisson counts), masks as masked arrays,
+    ``beta=False, shift=False``.  Returns D, P_D, S_corr (float64), the NO_DATA pixels, the
+    call's wall and CPU seconds and the RSS before it (MB)."""
     import logging
 
     logging.disable(logging.WARNING)
     from properimage.operations import subtract
-    from archive.process.robust import mad_sigma
 
-    a = _load(work)
-    # counts: sky level added back (variance = sky + flux, as properimage models it)
     new = np.ma.MaskedArray(a["sci_image"].astype(np.float64) + SIG_N ** 2, mask=a["sci_mask"] != 0)
     ref = np.ma.MaskedArray(a["tpl_image"].astype(np.float64) + SIG_R ** 2, mask=a["tpl_mask"] != 0)
     nodata = (a["tpl_mask"] != 0) & (a["tpl_image"] == 0)
-    del a
+    a.clear()
     base = _vmrss_mb()
     c0, t0 = time.process_time(), time.perf_counter()
-    d, p, s_corr, mix_mask = subtract(ref=ref, new=new, align=False, fitted_psf=True, beta=False, shift=False)
+    d, p, s_corr, _mix_mask = subtract(ref=ref, new=new, align=False, fitted_psf=True, beta=False, shift=False)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    s_corr = np.asarray(s_corr, dtype=np.float64)
+    return {"d": np.asarray(d, dtype=np.float64), "p": np.asarray(p, dtype=np.float64),
+            "s_corr": np.asarray(s_corr, dtype=np.float64), "nodata": nodata, "wall": wall, "cpu": cpu,
+            "base_mb": base}
+
+
+def run_properimage(work: pathlib.Path) -> dict:
+    from archive.process.robust import mad_sigma
+
+    r = properimage_subtract(_load(work))
+    s_corr, nodata = r["s_corr"], r["nodata"]
     raw = detect(s_corr, nodata)
     scale = float(mad_sigma(s_corr[~nodata]))
     x, y, v = detect(s_corr / scale, nodata)
-    return {"wall": wall, "cpu": cpu, "base_mb": base, "x": x.tolist(), "y": y.tolist(), "v": v.tolist(),
+    return {"wall": r["wall"], "cpu": r["cpu"], "base_mb": r["base_mb"], "x": x.tolist(), "y": y.tolist(),
+            "v": v.tolist(),
             "note": f"S_corr robust scatter {scale:.3g} (detections on S_corr / that; "
                     f"{len(raw[0])} at |S_corr| > 5 as returned)"}
 

@@ -209,3 +209,21 @@ def git_rev() -> str:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()
     return "?"
+
+
+def vmhwm_mb() -> float:
+    """Peak resident memory of this process so far (VmHWM), MB."""
+    return _proc_status_mb("VmHWM:")
+
+
+def vmrss_mb() -> float:
+    """Resident memory of this process now (VmRSS), MB."""
+    return _proc_status_mb("VmRSS:")
+
+
+def _proc_status_mb(key: str) -> float:
+    with contextlib.suppress(OSError):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return float(line.split()[1]) / 1024.0
+    return float("nan")
