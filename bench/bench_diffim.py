@@ -3,7 +3,7 @@
 properimage (PyPI, ZOGY) and sfft (PyPI, CPU "Numpy" backend) on the same pair in the same run.
 
     python bench/bench_diffim.py [--sizes 2048,4096] [--methods al,zogy,properimage,sfft]
-                                 [--workdir /tmp/bench_diffim] [--peer-timeout 900]
+                                 [--workdir /tmp/bench_diffim] [--peer-timeout 900] [--peer-mem-gib 14]
                                  [--profile al,zogy --profile-size 4096]
 
 The pair and its truth are bench_zogy.py's (``prepare``: seeded numpy simulation; spatially
@@ -69,7 +69,8 @@ from common import git_rev, machine_line, vmhwm_mb, vmrss_mb  # noqa: E402
 BORDER, X_MIN = 8, 64 + 16
 SNR_MIN, MATCH_PX, OFFSET_PX = 7.0, 1.0, 3.0
 BRIGHT_FLUX, BRIGHT_FWHM = 3e4, 3.0
-SFFT_KER_HW = 8
+SFFT_KER_HW = int(os.environ.get("BENCH_SFFT_KERHW", "8"))  # --sfft-kerhw, --sfft-poly set them for the children
+SFFT_POLY = int(os.environ.get("BENCH_SFFT_POLY", "1"))
 PEERS = {"properimage": "properimage", "sfft": "sfft"}
 
 
@@ -174,7 +175,7 @@ def sub_sfft(a: dict, size: int):
     def run():
         with contextlib.redirect_stdout(log):
             t0 = time.perf_counter()
-            cfg = SingleSFFTConfigure.SSC(NX=size, NY=size, KerHW=SFFT_KER_HW, KerPolyOrder=2, BGPolyOrder=2,
+            cfg = SingleSFFTConfigure.SSC(NX=size, NY=size, KerHW=SFFT_KER_HW, KerPolyOrder=SFFT_POLY, BGPolyOrder=SFFT_POLY,
                                           ConstPhotRatio=True, BACKEND_4SUBTRACT="Numpy",
                                           NUM_CPU_THREADS_4SUBTRACT=threads, NUMBA_CACHE=True, VERBOSE_LEVEL=0)
             t_cfg = time.perf_counter() - t0
@@ -187,7 +188,7 @@ def sub_sfft(a: dict, size: int):
     diff = np.ascontiguousarray(diff_t.T)  # ForceConv REF: science - convolved template
     diff[nodata] = np.nan
     t["note"] = (f"configure (numba, cached) {t_cfg:.2f} s + subtract {t['wall'] - t_cfg:.2f} s; "
-                 f"kernel half-width {SFFT_KER_HW}, {threads} threads; generic score")
+                 f"kernel half-width {SFFT_KER_HW}, polynomial orders {SFFT_POLY}, {threads} threads; generic score")
     exp = _peer_exposure(diff, mask, size)
     return exp, generic_score(exp), t
 
@@ -299,13 +300,25 @@ def installed(method: str) -> bool:
     return method not in PEERS or importlib.util.find_spec(PEERS[method]) is not None
 
 
-def run_child(method: str, work: pathlib.Path, size: int, timeout: float | None, profile: bool = False):
+def _limit_memory(gib: float):
+    """preexec_fn: cap the child's address space (a peer that outgrows the machine fails alone)."""
+    def f():
+        import resource
+
+        lim = int(gib * 2 ** 30)
+        resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
+    return f if gib > 0 else None
+
+
+def run_child(method: str, work: pathlib.Path, size: int, timeout: float | None, profile: bool = False,
+              mem_gib: float = 0.0):
     cmd = [sys.executable, __file__, "--child", method, "--workdir", str(work), "--size", str(size)]
     if profile:
         cmd.append("--profile-child")
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                           preexec_fn=_limit_memory(mem_gib))
     except subprocess.TimeoutExpired:
         return None, f"no result within {timeout:.0f} s (killed)"
     if profile:
@@ -326,6 +339,11 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/bench_diffim")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--peer-timeout", type=float, default=900.0, help="seconds allowed to a peer per pair")
+    ap.add_argument("--peer-mem-gib", type=float, default=14.0,
+                    help="address-space cap of a peer's process (0: none)")
+    ap.add_argument("--sfft-kerhw", type=int, default=8, help="sfft's kernel half-width (px)")
+    ap.add_argument("--sfft-poly", type=int, default=1,
+                    help="sfft's KerPolyOrder and BGPolyOrder (its default 2 needs > 20 GiB at 2048^2 on the CPU)")
     ap.add_argument("--profile", default="", help="methods of the project to run once under cProfile")
     ap.add_argument("--profile-size", type=int, default=4096)
     ap.add_argument("--prewarm-gib", type=float, default=2.0)
@@ -336,9 +354,16 @@ def main() -> None:
     if args.child:
         child(args.child, pathlib.Path(args.workdir), args.size, args.profile_child)
         return
+    os.environ["BENCH_SFFT_KERHW"] = str(args.sfft_kerhw)
+    os.environ["BENCH_SFFT_POLY"] = str(args.sfft_poly)
     prewarm_memory(args.prewarm_gib)
     methods = [m for m in args.methods.split(",") if m]
     print(machine_line(), f"git={git_rev()}")
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "archive/process/diffim"], capture_output=True,
+                           text=True, cwd=ROOT).stdout.split()[1::2]
+    for f in dirty:  # the code measured is the working tree's: say which files differ from the commit
+        blob = subprocess.run(["git", "hash-object", f], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        print(f"  working tree: {f} modified (blob {blob[:10]})")
     for m in methods:
         if not installed(m):
             print(f"{m}: NOT INSTALLED, skipped (see /work/shared/PEERS.md: bench-only peer)")
@@ -353,7 +378,8 @@ def main() -> None:
         rows, notes = [], []
         for m in methods:
             load0 = os.getloadavg()[0]
-            out, err = run_child(m, work, size, args.peer_timeout if m in PEERS else None)
+            out, err = run_child(m, work, size, args.peer_timeout if m in PEERS else None,
+                                 mem_gib=args.peer_mem_gib if m in PEERS else 0.0)
             if out is None:
                 print(f"{m}: {err}")
                 rows.append((m, None, None, load0))
