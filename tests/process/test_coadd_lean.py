@@ -137,3 +137,26 @@ def test_combine_leaves_its_inputs_alone():
     off = res.offsets - res.offsets[0]
     np.testing.assert_allclose(off, 2.0 * np.arange(5), atol=0.6)
     assert res.n_clipped[1] >= 6 and res.coadd.image.dtype == np.float32
+
+
+@pytest.mark.parametrize("sigma", [2.0, 4.0, 8.0])
+def test_fill_by_blocks_equals_the_whole_frame_filter(sigma):
+    """Masked pixels are filled by filtering only blocks around them (psf_match, warps):
+    the values there are the whole frame's, bit for bit."""
+    from scipy import ndimage
+
+    from archive.process import warp
+
+    rng = np.random.default_rng(0)
+    img = rng.normal(0, 1, (700, 650)).astype(np.float32)
+    bad = np.zeros(img.shape, bool)
+    bad[:20] = True  # a NO_DATA band, a hole, an EDGE column, scattered pixels
+    bad[300:340, 100:400] = True
+    bad[:, -7:] = True
+    bad[rng.integers(0, 700, 500), rng.integers(0, 650, 500)] = True
+    todo = np.flatnonzero(bad)
+    want = ndimage.gaussian_filter(img, sigma, mode="nearest").ravel()[todo]
+    for tile in (32, 64, 128):
+        (got,), area = warp._smooth_blocks([img], sigma, todo, tile)
+        np.testing.assert_array_equal(got, want)
+        assert area == warp._block_area(img.shape, todo, int(4 * sigma + 0.5), tile)
