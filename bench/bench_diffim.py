@@ -41,7 +41,12 @@ stars' (no truth star brighter than 3e4 nJy within 3 FWHM_sci = 10.8 px); the fa
 that lie 1-3 px from a change (offset detections of a real change) are counted apart.
 
 ``--profile al,zogy``: also runs each named method of the project once under cProfile on
-the ``--profile-size`` pair and prints the top functions (cumulative and own time).
+the ``--profile-size`` pair and prints the top functions (cumulative and own time); ZOGY
+runs on one thread there (cProfile sees the main thread only).
+False positives at equal completeness: the detection step of ``detect_dia_sources`` (its
+peaks; every peak is a row) repeated at thresholds 4.5 .. 10 sigma; at the highest threshold
+where a method's completeness reaches ``--target-completeness`` (0.95) its false positives
+(all / away from bright stars) are given.
 Not run as a test.
 """
 
@@ -69,6 +74,8 @@ from common import git_rev, machine_line, vmhwm_mb, vmrss_mb  # noqa: E402
 BORDER, X_MIN = 8, 64 + 16
 SNR_MIN, MATCH_PX, OFFSET_PX = 7.0, 1.0, 3.0
 BRIGHT_FLUX, BRIGHT_FWHM = 3e4, 3.0
+#: Detection thresholds (sigma) tried for the false positives at equal completeness.
+SWEEP = np.round(np.arange(4.5, 10.01, 0.5), 2)
 SFFT_KER_HW = int(os.environ.get("BENCH_SFFT_KERHW", "8"))  # --sfft-kerhw, --sfft-poly set them for the children
 SFFT_POLY = int(os.environ.get("BENCH_SFFT_POLY", "1"))
 PEERS = {"properimage": "properimage", "sfft": "sfft"}
@@ -109,7 +116,8 @@ def sub_zogy(a: dict, size: int):
 
     sci, tpl = _exposures(a, size)
     a.clear()
-    res, t = _timed(lambda: zogy_difference(sci, tpl, ZogyConfig(threads=0)))
+    threads = int(os.environ.get("BENCH_ZOGY_THREADS", "0"))  # 1 under cProfile: it sees the main thread only
+    res, t = _timed(lambda: zogy_difference(sci, tpl, ZogyConfig(threads=threads)))
     m = res.metadata
     t["note"] = (f"{m['n_subimages']} cores, FFT {m['fft_shape']}, kernel {m['kernel_size']}, "
                  f"{m['refined_pixels']} masked pixels re-solved")
@@ -234,12 +242,39 @@ def dia_detect(diff, score: np.ndarray) -> dict:
             "detect_s": time.perf_counter() - t0}
 
 
+def sweep(diff, score: np.ndarray) -> dict:
+    """The detection step of detect_dia_sources (its peaks: every peak becomes a row) at each
+    threshold of SWEEP, for the false positives at equal completeness."""
+    from archive.process.diffim.detection import DetectionConfig, _peaks
+
+    usable = _usable(diff) & np.isfinite(score)
+    out = {}
+    for t in SWEEP:
+        cfg = DetectionConfig(threshold=float(t))
+        parts = [(_peaks(score, usable, sign, cfg)[0], sign) for sign in (1, -1)]
+        out[f"{t:g}"] = {"x": np.concatenate([xy[:, 0] for xy, _ in parts]).tolist(),
+                         "y": np.concatenate([xy[:, 1] for xy, _ in parts]).tolist(),
+                         "sign": np.concatenate([np.full(len(xy), sg) for xy, sg in parts]).tolist()}
+    return out
+
+
+def detect_all(diff, score: np.ndarray) -> dict:
+    out = dia_detect(diff, score)
+    out["sweep"] = sweep(diff, score)
+    return out
+
+
 def child(method: str, work: pathlib.Path, size: int, profile: bool) -> None:
     a = _load(work)
     if profile:
         import cProfile
         import pstats
 
+        import archive.process.diffim.alard_lupton  # noqa: F401  (imports outside the profile)
+        import archive.process.diffim.detection  # noqa: F401
+        import archive.process.diffim.zogy  # noqa: F401
+
+        os.environ["BENCH_ZOGY_THREADS"] = "1"
         prof = cProfile.Profile()
         prof.enable()
         _, _, t = METHODS[method](a, size)
@@ -251,13 +286,23 @@ def child(method: str, work: pathlib.Path, size: int, profile: bool) -> None:
             pstats.Stats(prof).sort_stats(key).print_stats(22)
         return
     diff, score, t = METHODS[method](a, size)
-    out = {"timing": t, "runs": {method: dia_detect(diff, score)}}
+    out = {"timing": t, "runs": {method: detect_all(diff, score)}}
     if method in GENERIC_TOO:
-        out["runs"][f"{method}/generic"] = dia_detect(diff, generic_score(diff))
+        out["runs"][f"{method}/generic"] = detect_all(diff, generic_score(diff))
     (work / f"diffim_{method}.json").write_text(json.dumps(out))
 
 
 # --------------------------------------------------------------------------- scoring
+
+def at_completeness(work: pathlib.Path, size: int, det: dict, target: float) -> dict:
+    """False positives at the highest swept threshold whose completeness reaches ``target``."""
+    best = None
+    for t, d in sorted(det.get("sweep", {}).items(), key=lambda kv: float(kv[0])):
+        sc = score(work, size, d)
+        if sc["complete"] >= target:
+            best = dict(sc, threshold=float(t))
+    return best or {"threshold": float("nan"), "fp": -1, "fp_away": -1, "complete": float("nan")}
+
 
 def score(work: pathlib.Path, size: int, det: dict) -> dict:
     from scipy.spatial import cKDTree
@@ -341,6 +386,8 @@ def main() -> None:
     ap.add_argument("--peer-timeout", type=float, default=900.0, help="seconds allowed to a peer per pair")
     ap.add_argument("--peer-mem-gib", type=float, default=14.0,
                     help="address-space cap of a peer's process (0: none)")
+    ap.add_argument("--target-completeness", type=float, default=0.95,
+                    help="completeness at which the false positives are compared (threshold swept)")
     ap.add_argument("--sfft-kerhw", type=int, default=8, help="sfft's kernel half-width (px)")
     ap.add_argument("--sfft-poly", type=int, default=1,
                     help="sfft's KerPolyOrder and BGPolyOrder (its default 2 needs > 20 GiB at 2048^2 on the CPU)")
@@ -387,10 +434,13 @@ def main() -> None:
             t = out["timing"]
             notes.append(f"  {m}: {t['note']}; process {out['process_s']:.1f} s in all; load at start {load0:.2f}")
             for name, det in out["runs"].items():
-                rows.append((name, t, score(work, size, det), load0))
+                sc = score(work, size, det)
+                sc["eq"] = at_completeness(work, size, det, args.target_completeness)
+                rows.append((name, t, sc, load0))
             print(f"  done {m}: {t['wall']:.2f} s", flush=True)
         hdr = (f"{'method':<18} {'wall s':>8} {'CPU s':>7} {'peak RSS MB':>11} {'+ inputs':>8} "
-               f"{'complete S/N>=7':>17} {'FP all':>7} {'FP away':>8} {'FP 1-3px':>8} {'detections':>10}")
+               f"{'complete S/N>=7':>17} {'FP all':>7} {'FP away':>8} {'FP 1-3px':>8} {'detections':>10}   "
+               f"at completeness >= {args.target_completeness:g}: threshold, complete, FP all, FP away")
         print(hdr)
         for name, t, sc, _ in rows:
             if t is None:
@@ -398,7 +448,8 @@ def main() -> None:
                 continue
             print(f"{name:<18} {t['wall']:>8.2f} {t['cpu']:>7.2f} {t['rss_mb']:>11.0f} "
                   f"{t['rss_mb'] - t['base_mb']:>8.0f} {sc['complete']:>7.3f} ({sc['n_found']:>3}/{sc['n_sel']:>3}) "
-                  f"{sc['fp']:>7d} {sc['fp_away']:>8d} {sc['fp_offset']:>8d} {sc['n_det']:>10d}")
+                  f"{sc['fp']:>7d} {sc['fp_away']:>8d} {sc['fp_offset']:>8d} {sc['n_det']:>10d}   "
+                  f"{sc['eq']['threshold']:>5.1f} {sc['eq']['complete']:.3f} {sc['eq']['fp']:>6d} {sc['eq']['fp_away']:>6d}")
         print("\n".join(notes))
     for m in (p for p in args.profile.split(",") if p):
         work = pathlib.Path(args.workdir) / f"pair{args.profile_size}"
