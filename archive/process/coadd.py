@@ -167,6 +167,18 @@ def _usable(w: Exposure, planes) -> np.ndarray:
     return ok
 
 
+def _map(fn, items, threads: int) -> list:
+    """``[fn(x) for x in items]``, on a pool of ``threads`` threads when more than one (the
+    numpy and scipy calls inside release the GIL)."""
+    items = list(items)
+    if threads <= 1 or len(items) < 2:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(threads, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
 def _strip_rows(n: int, nx: int, ny: int) -> int:
     """Rows per strip of an (n, ny, nx) float32 stack (:data:`STRIP_BYTES`)."""
     return int(min(ny, max(16, STRIP_BYTES // max(1, 4 * n * nx))))
@@ -192,83 +204,199 @@ def clipped_median(d: np.ndarray, sigma: float = 3.0, maxiters: int = 5) -> floa
     median ``astropy.stats.sigma_clipped_stats(d, sigma=sigma, maxiters=maxiters)`` returns,
     NaN when nothing is left.  Non-finite values are ignored.
 
-    ``d`` is sorted once; every round's kept values are then a contiguous run of it, whose
-    median is read off and whose standard deviation comes from prefix sums (float64), so the
-    rounds cost no more passes over the data (astropy takes two medians per round)."""
+    Every round's kept values are a contiguous run of ``d`` sorted, so a round needs only an
+    order statistic (its median), two counts (values below and above its bounds) and sums
+    over a run of ranks (its standard deviation, float64), never another pass over the data.
+    For large ``d`` only what the rounds can touch is ordered: the tails outside a window
+    about a guessed centre are sorted (the clipping bounds fall there), the middle is summed
+    whole and only its central ranks (where the medians fall) are sorted.  When a bound or a
+    median falls outside what is ordered, the whole of ``d`` is sorted instead (same result)."""
     d = np.asarray(d).ravel()
     fin = np.isfinite(d)
-    s = np.sort(d if fin.all() else d[fin])
+    if not fin.all():
+        d = d[fin]
     del fin
-    if not s.size:
+    if not d.size:
         return float("nan")
-    s64 = s.astype(np.float64)
-    c1 = np.concatenate(([0.0], np.cumsum(s64)))
-    c2 = np.concatenate(([0.0], np.cumsum(s64 * s64)))
-    del s64
-    lo, hi = 0, s.size
+    if d.size >= 200_000:
+        try:
+            return _clip_rounds(_SplitRanks(d), sigma, maxiters)
+        except _Unordered:
+            pass
+    return _clip_rounds(_SortedRanks(d), sigma, maxiters)
+
+
+class _Unordered(Exception):
+    """A rank or a value outside the part of the data that :class:`_SplitRanks` ordered."""
+
+
+class _SortedRanks:
+    """The data sorted: order statistics, counts below a value and sums over rank runs."""
+
+    def __init__(self, d: np.ndarray):
+        self.s = np.sort(d)
+        self.n, self.dtype = self.s.size, d.dtype
+        s64 = self.s.astype(np.float64)
+        self.c1 = np.concatenate(([0.0], np.cumsum(s64)))
+        self.c2 = np.concatenate(([0.0], np.cumsum(s64 * s64)))
+
+    def value(self, r: int) -> float:
+        return float(self.s[r])
+
+    def n_below(self, v) -> int:  # values < v
+        return int(np.searchsorted(self.s, v, side="left"))
+
+    def n_upto(self, v) -> int:  # values <= v
+        return int(np.searchsorted(self.s, v, side="right"))
+
+    def sums(self, lo: int, hi: int) -> tuple[float, float]:  # sum, sum of squares of ranks lo:hi
+        return self.c1[hi] - self.c1[lo], self.c2[hi] - self.c2[lo]
+
+
+class _SplitRanks:
+    """The data as sorted low tail (< a), middle [a, b] and sorted high tail (> b), the
+    window a, b = centre -+ 2 sigma guessed from a subsample (its quartiles).  The middle is
+    summed whole and ordered only around the ranks a median can have while every clipping
+    bound falls in a tail (the values between two quantiles of the subsample, checked to
+    hold those ranks); anything else raises :class:`_Unordered`."""
+
+    def __init__(self, d: np.ndarray):
+        sub = np.sort(d[:: max(1, d.size // 65536)])
+
+        def quantile(f: float) -> float:
+            return float(sub[min(sub.size - 1, max(0, int(f * (sub.size - 1))))])
+
+        q1, q2, q3 = quantile(0.25), quantile(0.5), quantile(0.75)
+        scale = (q3 - q1) / 1.349
+        if not scale > 0:
+            raise _Unordered
+        self.a = np.asarray(q2 - 2.0 * scale).astype(d.dtype)
+        self.b = np.asarray(q2 + 2.0 * scale).astype(d.dtype)
+        low, high = d < self.a, d > self.b
+        self.tl, self.th = np.sort(d[low]), np.sort(d[high])
+        mid = d[~(low | high)]
+        del low, high
+        self.n, self.dtype = d.size, d.dtype
+        n, nl, nm = d.size, self.tl.size, mid.size
+        self.nl, self.nm = nl, nm
+        if nm == 0:
+            raise _Unordered
+        self.sm = float(np.einsum("i->", mid, dtype=np.float64))
+        self.sm2 = float(np.einsum("i,i->", mid, mid, dtype=np.float64))
+        tl64, th64 = self.tl.astype(np.float64), self.th.astype(np.float64)
+        self.cl1, self.cl2 = np.concatenate(([0.0], np.cumsum(tl64))), np.concatenate(([0.0], np.cumsum(tl64 * tl64)))
+        self.ch1, self.ch2 = np.concatenate(([0.0], np.cumsum(th64))), np.concatenate(([0.0], np.cumsum(th64 * th64)))
+        # with lo <= nl and hi >= nl + nm, the median ranks lo + (hi - lo) // 2 (and one less)
+        # lie in [(nl + nm) // 2 - 1, nl + (n - nl) // 2]: take the middle values between
+        # the subsample's quantiles of those ranks, widened by 1 % (sampling error ~0.2 %)
+        r0, r1 = (nl + nm) // 2 - 1, nl + (n - nl) // 2
+        c0 = max(np.asarray(quantile(r0 / n - 0.01)).astype(d.dtype), self.a)
+        c1 = min(np.asarray(quantile(r1 / n + 0.01)).astype(d.dtype), self.b)
+        centre = (mid >= c0) & (mid <= c1)
+        self.ka = nl + int(np.count_nonzero(mid < c0))  # the global rank of central[0]
+        self.central = np.sort(mid[centre])
+        if not (self.ka <= r0 and r1 < self.ka + self.central.size):
+            raise _Unordered
+
+    def value(self, r: int) -> float:
+        j = r - self.ka
+        if not 0 <= j < self.central.size:
+            raise _Unordered
+        return float(self.central[j])
+
+    def n_below(self, v) -> int:
+        if v > self.a:  # the bound falls in the middle, which is not sorted
+            raise _Unordered
+        return int(np.searchsorted(self.tl, v, side="left"))
+
+    def n_upto(self, v) -> int:
+        if v < self.b:
+            raise _Unordered
+        return self.nl + self.nm + int(np.searchsorted(self.th, v, side="right"))
+
+    def sums(self, lo: int, hi: int) -> tuple[float, float]:
+        if lo > self.nl or hi < self.nl + self.nm:
+            raise _Unordered
+        h = hi - self.nl - self.nm
+        return (self.cl1[self.nl] - self.cl1[lo] + self.sm + self.ch1[h],
+                self.cl2[self.nl] - self.cl2[lo] + self.sm2 + self.ch2[h])
+
+
+def _clip_rounds(r: _SortedRanks | _SplitRanks, sigma: float, maxiters: int) -> float:
+    """The rounds of :func:`clipped_median` on ranked data: the kept run of ranks lo:hi."""
+    def median(lo: int, hi: int) -> float:
+        m = hi - lo
+        mid = lo + m // 2
+        return r.value(mid) if m % 2 else 0.5 * (r.value(mid - 1) + r.value(mid))
+
+    dtype = r.dtype
+    lo, hi = 0, r.n
     for _ in range(maxiters):
         m = hi - lo
         if m == 0:
             break
-        med = _sorted_median(s, lo, hi)
-        mean = (c1[hi] - c1[lo]) / m
-        std = math.sqrt(max((c2[hi] - c2[lo]) / m - mean * mean, 0.0))
+        med = median(lo, hi)
+        s1, s2 = r.sums(lo, hi)
+        mean = s1 / m
+        std = math.sqrt(max(s2 / m - mean * mean, 0.0))
         # the bounds in the data's precision, as astropy compares them
-        vmin = np.asarray(med - std * sigma).astype(s.dtype)
-        vmax = np.asarray(med + std * sigma).astype(s.dtype)
-        nlo = lo + int(np.searchsorted(s[lo:hi], vmin, side="left"))
-        nhi = lo + int(np.searchsorted(s[lo:hi], vmax, side="right"))
+        vmin = np.asarray(med - std * sigma).astype(dtype)
+        vmax = np.asarray(med + std * sigma).astype(dtype)
+        nlo = min(max(r.n_below(vmin), lo), hi)
+        nhi = min(max(r.n_upto(vmax), lo), hi)
         lo, hi = nlo, max(nlo, nhi)
         if hi - lo == m:
             break
-    return _sorted_median(s, lo, hi) if hi > lo else float("nan")
-
-
-def _sorted_median(s: np.ndarray, lo: int, hi: int) -> float:
-    m = hi - lo
-    mid = lo + m // 2
-    return float(s[mid]) if m % 2 else 0.5 * (float(s[mid - 1]) + float(s[mid]))
+    return median(lo, hi) if hi > lo else float("nan")
 
 
 def match_backgrounds(warps: list[Exposure], min_overlap: int = 400,
-                      clipped: list[np.ndarray] | None = None) -> np.ndarray:
+                      clipped: list[np.ndarray] | None = None, *, threads: int = 1) -> np.ndarray:
     """One additive offset per warp (image units) that best aligns their backgrounds,
     relative to the warp with the most usable pixels (offset 0); see the module docstring.
-    ``clipped``: per-warp planes (own grids) of pixels also left out (CLIPPED)."""
+    ``clipped``: per-warp planes (own grids) of pixels also left out (CLIPPED); ``threads``:
+    pairs compared at once (same result)."""
     oks = [_usable(w, REJECT_PLANES + ("DETECTED",)) for w in warps]
     if clipped is not None:
         for ok, c in zip(oks, clipped):
             ok &= ~c
-    return _match_backgrounds(warps, oks, min_overlap)
+    return _match_backgrounds(warps, oks, min_overlap, threads)
 
 
-def _match_backgrounds(warps: list[Exposure], oks: list[np.ndarray], min_overlap: int = 400) -> np.ndarray:
+def _match_backgrounds(warps: list[Exposure], oks: list[np.ndarray], min_overlap: int = 400,
+                       threads: int = 1) -> np.ndarray:
     """:func:`match_backgrounds` with the usable pixels of each warp given (own grids).
     Pairs are compared on the overlap of their boxes only: no stack is built."""
     n = len(warps)
     if n < 2:
         return np.zeros(n)
+
+    def pair(ij: tuple[int, int]) -> float | None:
+        """The clipped median of warp i - warp j over their common usable pixels (None
+        when fewer than ``min_overlap``)."""
+        wi, wj = warps[ij[0]], warps[ij[1]]
+        # the overlap of the two boxes, in tile pixels
+        x0, y0 = max(wi.xy0[0], wj.xy0[0]), max(wi.xy0[1], wj.xy0[1])
+        x1 = min(wi.xy0[0] + wi.shape[1], wj.xy0[0] + wj.shape[1])
+        y1 = min(wi.xy0[1] + wi.shape[0], wj.xy0[1] + wj.shape[0])
+        if x1 <= x0 or y1 <= y0 or (x1 - x0) * (y1 - y0) < min_overlap:
+            return None
+        si = (slice(y0 - wi.xy0[1], y1 - wi.xy0[1]), slice(x0 - wi.xy0[0], x1 - wi.xy0[0]))
+        sj = (slice(y0 - wj.xy0[1], y1 - wj.xy0[1]), slice(x0 - wj.xy0[0], x1 - wj.xy0[0]))
+        both = oks[ij[0]][si] & oks[ij[1]][sj]
+        if np.count_nonzero(both) < min_overlap:
+            return None
+        return clipped_median(wi.image[si][both] - wj.image[sj][both], sigma=3.0, maxiters=5)
+
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     rows, rhs = [], []
-    for i in range(n):
-        wi = warps[i]
-        for j in range(i + 1, n):
-            wj = warps[j]
-            # the overlap of the two boxes, in tile pixels
-            x0, y0 = max(wi.xy0[0], wj.xy0[0]), max(wi.xy0[1], wj.xy0[1])
-            x1 = min(wi.xy0[0] + wi.shape[1], wj.xy0[0] + wj.shape[1])
-            y1 = min(wi.xy0[1] + wi.shape[0], wj.xy0[1] + wj.shape[0])
-            if (x1 - x0) * (y1 - y0) < min_overlap or x1 <= x0 or y1 <= y0:
-                continue
-            si = (slice(y0 - wi.xy0[1], y1 - wi.xy0[1]), slice(x0 - wi.xy0[0], x1 - wi.xy0[0]))
-            sj = (slice(y0 - wj.xy0[1], y1 - wj.xy0[1]), slice(x0 - wj.xy0[0], x1 - wj.xy0[0]))
-            both = oks[i][si] & oks[j][sj]
-            if np.count_nonzero(both) < min_overlap:
-                continue
-            d = wi.image[si][both] - wj.image[sj][both]
-            r = np.zeros(n)
-            r[i], r[j] = 1.0, -1.0
-            rows.append(r)
-            rhs.append(clipped_median(d, sigma=3.0, maxiters=5))
+    for (i, j), med in zip(pairs, _map(pair, pairs, threads)):
+        if med is None:
+            continue
+        r = np.zeros(n)
+        r[i], r[j] = 1.0, -1.0
+        rows.append(r)
+        rhs.append(med)
     ref = int(np.argmax([np.count_nonzero(ok) for ok in oks]))
     r = np.zeros(n)
     r[ref] = 1.0
@@ -348,12 +476,14 @@ def static_sky_model(imgs: np.ndarray, vars_: np.ndarray, ok: np.ndarray, cfg: A
     return mean, var
 
 
-def find_artifacts(psf_warps: list[Exposure], config: ArtifactConfig | None = None) -> list[np.ndarray]:
+def find_artifacts(psf_warps: list[Exposure], config: ArtifactConfig | None = None, *,
+                   threads: int = 1) -> list[np.ndarray]:
     """Per epoch, a bool plane (on that warp's own grid) of pixels to mark CLIPPED.
 
     The model and residuals are computed strip by strip of the union box (float32; no full
     stack is held); what is kept for the footprints is two bool planes per epoch (pixels
-    above ``detect_sigma`` and above ``grow_sigma``) and per-pixel counts."""
+    above ``detect_sigma`` and above ``grow_sigma``) and per-pixel counts.  ``threads``:
+    strips, then epochs, processed at once (same result)."""
     cfg = config or ArtifactConfig()
     n = len(psf_warps)
     clipped = [np.zeros(w.shape, bool) for w in psf_warps]
@@ -372,7 +502,9 @@ def find_artifacts(psf_warps: list[Exposure], config: ArtifactConfig | None = No
     n_cover = np.zeros((ny, nx), np.int16)
     me = np.float32(cfg.model_error)
     step = _strip_rows(n, nx, ny)
-    for r0 in range(0, ny, step):
+
+    def strip(r0: int) -> None:
+        """Model and residuals of rows r0:r0 + step (written to disjoint rows)."""
         r1 = min(ny, r0 + step)
         imgs = _stack_rows(imgs_k, psf_warps, bbox, r0, r1, 0.0, np.float32)
         vars_ = _stack_rows(vars_k, psf_warps, bbox, r0, r1, np.inf, np.float32)
@@ -397,42 +529,52 @@ def find_artifacts(psf_warps: list[Exposure], config: ArtifactConfig | None = No
             seeds[:, r0:r1] = resid > hi_sigma
             if grown is not None:
                 grown[:, r0:r1] = resid > cfg.grow_sigma
+
+    _map(strip, range(0, ny, step), threads)
     if simple:
         return [seeds[i][_box(w, bbox)].copy() for i, w in enumerate(psf_warps)]
     often = grown.sum(axis=0, dtype=np.int16)  # epochs in which each pixel deviates
     limit = max_artifact_epochs(n, cfg)
     struct = np.ones((3, 3), bool)
-    for i, w in enumerate(psf_warps):
+
+    def epoch(i: int) -> None:
+        """The artifacts of epoch i (into clipped[i])."""
         # a warp's footprints lie inside its own box (its residuals are 0 elsewhere), and
         # growing them there and cropping is the same as growing them on the union box
-        box = _box(w, bbox)
+        box = _box(psf_warps[i], bbox)
         seed_i = seeds[i][box]
         if not seed_i.any():
-            continue
+            return
         often_i = often[box]
         lab, nlab = ndimage.label(grown[i][box], structure=struct)
         ids = np.unique(lab[seed_i])
         ids = ids[ids > 0]
         if not ids.size:
-            continue
+            return
         # per footprint: the fraction of its pixels that deviate in more epochs than an
         # artifact would (the spatial threshold); a footprint mostly made of such pixels is
         # a variable source or a star's PSF residual, not an artifact
         flat = lab.ravel()
         size = np.bincount(flat, minlength=nlab + 1)[ids]
         frequent = np.bincount(flat, weights=(often_i > limit).ravel(), minlength=nlab + 1)[ids] / np.maximum(size, 1)
-        enough = np.asarray(ndimage.maximum(n_cover[box], lab, ids))
-        artifact = (frequent <= cfg.spatial_fraction) & (enough >= 3)
+        # judged only where at least 3 inputs cover some pixel of the footprint
+        enough = np.bincount(flat, weights=(n_cover[box] >= 3).ravel(), minlength=nlab + 1)[ids] > 0
+        artifact = (frequent <= cfg.spatial_fraction) & enough
         if not artifact.any():
-            continue
+            return
         is_artifact = np.zeros(nlab + 1, bool)
         is_artifact[ids[artifact]] = True
         plane = is_artifact[lab]
         if cfg.grow_px:
-            plane = ndimage.binary_dilation(plane, structure=struct, iterations=cfg.grow_px)
+            # grow_px dilations by the 3 x 3 square are one by the (2 grow_px + 1)^2 square:
+            # a separable running maximum, several times faster than binary_dilation
+            plane = ndimage.maximum_filter(plane.view(np.uint8), size=2 * cfg.grow_px + 1,
+                                           mode="constant", cval=0).view(bool)
         # the temporal threshold, pixel by pixel: where an artifact crosses a variable star,
         # the star's pixels (deviating in many epochs) are not clipped with it
         clipped[i] = plane & (often_i <= limit)
+
+    _map(epoch, range(n), threads)
     return clipped
 
 
@@ -454,7 +596,7 @@ class CoaddResult:
 
 def combine(warps: list[Exposure], clipped: list[np.ndarray] | None = None,
             config: CoaddConfig | None = None, target_wcs=None,
-            psf_smoothing: list[float] | None = None) -> CoaddResult:
+            psf_smoothing: list[float] | None = None, *, threads: int = 1) -> CoaddResult:
     """Combine warps of one tile and band into a coadd (see the module docstring).
 
     ``clipped``: per-warp planes from :func:`find_artifacts` (marked CLIPPED and left out).
@@ -464,7 +606,8 @@ def combine(warps: list[Exposure], clipped: list[np.ndarray] | None = None,
     so that the coadd's PSF is that of the smoothed inputs.
 
     The warps are accumulated one by one into float64 sums on the union box (no stack, no
-    copy of the inputs; the inputs are not modified)."""
+    copy of the inputs; the inputs are not modified).  ``threads``: background pairs
+    compared at once (same result)."""
     cfg = config or CoaddConfig()
     if not warps:
         raise ValidationError("combine: no warps")
@@ -478,7 +621,8 @@ def combine(warps: list[Exposure], clipped: list[np.ndarray] | None = None,
             ok &= ~c
     if cfg.match_backgrounds:
         det = [w.mask_of("DETECTED") if "DETECTED" in w.mask_planes else None for w in warps]
-        offsets = _match_backgrounds(warps, [ok & ~d if d is not None else ok for ok, d in zip(oks, det)])
+        offsets = _match_backgrounds(warps, [ok & ~d if d is not None else ok for ok, d in zip(oks, det)],
+                                     threads=threads)
         del det
     else:
         offsets = np.zeros(n)
