@@ -17,7 +17,8 @@ writing the coadd; peak RSS: VmHWM of the process, or of SWarp), in the same run
   :func:`~archive.process.warp.psf_match`, then :func:`archive.process.coadd.find_artifacts`
   (CompareWarp) and :func:`~archive.process.coadd.combine`, as the ``coadd`` step runs them;
   on 2 threads the epochs are read, warped and PSF-matched two at a time (as the runner's
-  two workers warp two exposures at once); rejection and combination are one thread.
+  two workers warp two exposures at once), and rejection (row strips, then epochs) and the
+  background pairs of ``combine`` run on 2 threads (their ``threads`` argument).
 * ``swarp-clipped``, ``swarp-median``: SWarp (Debian ``swarp``; ``SWarp`` on PATH),
   LANCZOS3, COMBINE_TYPE CLIPPED (its defaults: CLIP_SIGMA 4, CLIP_AMPFRAC 0.3; GAIN_DEFAULT 1,
   the field's gain: without a gain SWarp's clipping rejects nothing) or MEDIAN,
@@ -263,10 +264,10 @@ def run_archive(wd: pathlib.Path, threads: int, n_ep: int) -> np.ndarray:
         target = target_fwhm(fw)
         matched = list(pool.map(lambda a: psf_match(a[0], a[1], target), zip(warps, fw)))
     t.append(time.perf_counter())
-    clipped = find_artifacts(matched)
+    clipped = find_artifacts(matched, threads=threads)
     del matched
     t.append(time.perf_counter())
-    res = combine(warps, clipped, CoaddConfig(), target_wcs=twcs)
+    res = combine(warps, clipped, CoaddConfig(), target_wcs=twcs, threads=threads)
     t.append(time.perf_counter())
     res.coadd.writeto(wd / "archive_coadd.fits")
     t.append(time.perf_counter())

@@ -44,7 +44,7 @@ Combination (:func:`combine`)
 Cost
     No full stack of the inputs is built.  The static-sky model and the residuals run in
     row strips of float32 stacks (:data:`STRIP_BYTES`; the model's final sums in float64),
-    ``combine`` adds the warps one by one into float64 sums on the union box, and each
+    ``combine`` adds the warps one by one into float64 sums, strip by strip, and each
     pair's background offset is one sort of its differences (:func:`clipped_median`).
     Outputs equal those of float64 full-stack arithmetic to float32 rounding.
 
@@ -605,8 +605,8 @@ def combine(warps: list[Exposure], clipped: list[np.ndarray] | None = None,
     sigma (px) of the Gaussian it was convolved with (:func:`archive.process.warp.psf_match`),
     so that the coadd's PSF is that of the smoothed inputs.
 
-    The warps are accumulated one by one into float64 sums on the union box (no stack, no
-    copy of the inputs; the inputs are not modified).  ``threads``: background pairs
+    The warps are accumulated one by one into float64 sums, row strip by row strip of the
+    union box (no stack, no copy of the inputs; the inputs are not modified).  ``threads``: background pairs
     compared at once (same result)."""
     cfg = config or CoaddConfig()
     if not warps:
@@ -630,37 +630,50 @@ def combine(warps: list[Exposure], clipped: list[np.ndarray] | None = None,
     ny, nx = bbox[3] - bbox[1], bbox[2] - bbox[0]
     weights = np.array([1.0 / float(np.median(w.variance[np.isfinite(w.variance) & (w.variance > 0)]))
                         if np.isfinite(w.variance).any() else 0.0 for w in warps])
-    num = np.zeros((ny, nx))  # sum w_i I_i
-    wsum = np.zeros((ny, nx))  # sum w_i
-    vnum = np.zeros((ny, nx))  # sum w_i^2 V_i
+    img = np.empty((ny, nx), np.float32)
+    var = np.empty((ny, nx), np.float32)
+    mask = np.zeros((ny, nx), np.int32)
     n_image = np.zeros((ny, nx), np.int16)
     input_map = np.zeros((ny, nx), np.int64)
-    covered = np.zeros((ny, nx), bool)
-    edge_any = np.zeros((ny, nx), bool)  # within reach of an input's edge: the depth changes there
-    for k, (w, ok) in enumerate(zip(warps, oks)):
-        box = _box(w, bbox)
-        img = w.image
-        if cfg.subtract_backgrounds:
-            img = (img - np.float32(offsets[k])).astype(np.float32)
-        wk = weights[k]
-        num[box] += wk * np.where(ok, img, np.float32(0.0))
-        wsum[box] += wk * ok
-        vnum[box] += wk ** 2 * np.where(ok, w.variance, np.float32(0.0))
-        n_image[box] += ok
-        input_map[box] |= ok.astype(np.int64) << np.int64(k)
-        covered[box] = True
-        if "EDGE" in w.mask_planes:
-            edge_any[box] |= w.mask_of("EDGE")
-    has = wsum > 0
-    den = np.where(has, wsum, 1.0)
-    img = np.where(has, num / den, 0.0).astype(np.float32)
-    del num
-    var = np.where(has, vnum / den ** 2, np.inf).astype(np.float32)
-    del vnum, den
-    mask = np.zeros((ny, nx), np.int32)
-    mask[~has] |= np.int32(1 << planes["NO_DATA"])
-    mask[has & edge_any] |= np.int32(1 << planes["EDGE"])
-    mask[~covered] |= np.int32(1 << planes["NO_DATA"])
+    no_data, edge_bit = np.int32(1 << planes["NO_DATA"]), np.int32(1 << planes["EDGE"])
+    # row strips: the float64 sums exist for one strip at a time (three planes of
+    # STRIP_BYTES / 4 / n float64 rows), whatever the tile size
+    step = _strip_rows(n, nx, ny)
+    for r0 in range(0, ny, step):
+        r1 = min(ny, r0 + step)
+        num = np.zeros((r1 - r0, nx))  # sum w_i I_i
+        wsum = np.zeros((r1 - r0, nx))  # sum w_i
+        vnum = np.zeros((r1 - r0, nx))  # sum w_i^2 V_i
+        covered = np.zeros((r1 - r0, nx), bool)
+        edge_any = np.zeros((r1 - r0, nx), bool)  # within reach of an input's edge: the depth changes there
+        for k, (w, ok) in enumerate(zip(warps, oks)):
+            ys, xs = _box(w, bbox)
+            lo, hi = max(r0, ys.start), min(r1, ys.stop)
+            if lo >= hi:
+                continue
+            src = slice(lo - ys.start, hi - ys.start)  # the strip's rows in w's own grid
+            dst = (slice(lo - r0, hi - r0), xs)
+            okk = ok[src]
+            im = w.image[src]
+            if cfg.subtract_backgrounds:
+                im = (im - np.float32(offsets[k])).astype(np.float32)
+            wk = weights[k]
+            num[dst] += wk * np.where(okk, im, np.float32(0.0))
+            wsum[dst] += wk * okk
+            vnum[dst] += wk ** 2 * np.where(okk, w.variance[src], np.float32(0.0))
+            n_image[lo:hi, xs] += okk
+            input_map[lo:hi, xs] |= okk.astype(np.int64) << np.int64(k)
+            covered[dst] = True
+            if "EDGE" in w.mask_planes:
+                edge_any[dst] |= (w.mask[src] & np.int32(w.get_plane_bitmask("EDGE"))) != 0
+        has = wsum > 0
+        den = np.where(has, wsum, 1.0)
+        img[r0:r1] = np.where(has, num / den, 0.0)
+        var[r0:r1] = np.where(has, vnum / den ** 2, np.inf)
+        m = mask[r0:r1]
+        m[~has] |= no_data
+        m[has & edge_any] |= edge_bit
+        m[~covered] |= no_data
     wcs = (target_wcs or warps[0].wcs).deepcopy()
     if target_wcs is not None:
         wcs.wcs.crpix = [target_wcs.wcs.crpix[0] - bbox[0], target_wcs.wcs.crpix[1] - bbox[1]]
