@@ -546,25 +546,30 @@ def find_artifacts(psf_warps: list[Exposure], config: ArtifactConfig | None = No
         if not seed_i.any():
             return
         often_i = often[box]
-        lab, nlab = ndimage.label(grown[i][box], structure=struct)
+        g = grown[i][box]
+        lab, nlab = ndimage.label(g, structure=struct)
         ids = np.unique(lab[seed_i])
         ids = ids[ids > 0]
         if not ids.size:
             return
         # per footprint: the fraction of its pixels that deviate in more epochs than an
         # artifact would (the spatial threshold); a footprint mostly made of such pixels is
-        # a variable source or a star's PSF residual, not an artifact
-        flat = lab.ravel()
-        size = np.bincount(flat, minlength=nlab + 1)[ids]
-        frequent = np.bincount(flat, weights=(often_i > limit).ravel(), minlength=nlab + 1)[ids] / np.maximum(size, 1)
+        # a variable source or a star's PSF residual, not an artifact.  Counted over the
+        # footprints' own pixels (a few % of the box), not the whole box.
+        ys, xs = np.nonzero(g)
+        lab_at = lab[ys, xs]
+        size = np.bincount(lab_at, minlength=nlab + 1)[ids]
+        frequent = np.bincount(lab_at, weights=often_i[ys, xs] > limit, minlength=nlab + 1)[ids] / np.maximum(size, 1)
         # judged only where at least 3 inputs cover some pixel of the footprint
-        enough = np.bincount(flat, weights=(n_cover[box] >= 3).ravel(), minlength=nlab + 1)[ids] > 0
+        enough = np.bincount(lab_at, weights=n_cover[box][ys, xs] >= 3, minlength=nlab + 1)[ids] > 0
         artifact = (frequent <= cfg.spatial_fraction) & enough
         if not artifact.any():
             return
         is_artifact = np.zeros(nlab + 1, bool)
         is_artifact[ids[artifact]] = True
-        plane = is_artifact[lab]
+        hit = is_artifact[lab_at]
+        plane = np.zeros(g.shape, bool)
+        plane[ys[hit], xs[hit]] = True
         if cfg.grow_px:
             # grow_px dilations by the 3 x 3 square are one by the (2 grow_px + 1)^2 square:
             # a separable running maximum, several times faster than binary_dilation
