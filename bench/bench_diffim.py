@@ -290,6 +290,7 @@ def child(method: str, work: pathlib.Path, size: int, profile: bool) -> None:
     if method in GENERIC_TOO:
         out["runs"][f"{method}/generic"] = detect_all(diff, generic_score(diff))
     (work / f"diffim_{method}.json").write_text(json.dumps(out))
+    (work / f"kept_{method}.json").write_text(json.dumps(out))  # for --rescore
 
 
 # --------------------------------------------------------------------------- scoring
@@ -394,6 +395,9 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="methods of the project to run once under cProfile")
     ap.add_argument("--profile-size", type=int, default=4096)
     ap.add_argument("--prewarm-gib", type=float, default=2.0)
+    ap.add_argument("--rescore", action="store_true",
+                    help="run nothing: score the last run's results again (kept_*.json), e.g. at another "
+                         "--target-completeness")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--profile-child", action="store_true", help=argparse.SUPPRESS)
@@ -403,7 +407,8 @@ def main() -> None:
         return
     os.environ["BENCH_SFFT_KERHW"] = str(args.sfft_kerhw)
     os.environ["BENCH_SFFT_POLY"] = str(args.sfft_poly)
-    prewarm_memory(args.prewarm_gib)
+    if not args.rescore:
+        prewarm_memory(args.prewarm_gib)
     methods = [m for m in args.methods.split(",") if m]
     print(machine_line(), f"git={git_rev()}")
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "archive/process/diffim"], capture_output=True,
@@ -425,14 +430,19 @@ def main() -> None:
         rows, notes = [], []
         for m in methods:
             load0 = os.getloadavg()[0]
-            out, err = run_child(m, work, size, args.peer_timeout if m in PEERS else None,
-                                 mem_gib=args.peer_mem_gib if m in PEERS else 0.0)
+            if args.rescore:
+                kept = work / f"kept_{m}.json"
+                out, err = (json.loads(kept.read_text()), None) if kept.exists() else (None, "no kept result")
+            else:
+                (work / f"kept_{m}.json").unlink(missing_ok=True)
+                out, err = run_child(m, work, size, args.peer_timeout if m in PEERS else None,
+                                     mem_gib=args.peer_mem_gib if m in PEERS else 0.0)
             if out is None:
                 print(f"{m}: {err}")
                 rows.append((m, None, None, load0))
                 continue
             t = out["timing"]
-            notes.append(f"  {m}: {t['note']}; process {out['process_s']:.1f} s in all; load at start {load0:.2f}")
+            notes.append(f"  {m}: {t['note']}; process {out.get('process_s', float('nan')):.1f} s in all; load at start {load0:.2f}")
             for name, det in out["runs"].items():
                 sc = score(work, size, det)
                 sc["eq"] = at_completeness(work, size, det, args.target_completeness)
@@ -451,7 +461,7 @@ def main() -> None:
                   f"{sc['fp']:>7d} {sc['fp_away']:>8d} {sc['fp_offset']:>8d} {sc['n_det']:>10d}   "
                   f"{sc['eq']['threshold']:>5.1f} {sc['eq']['complete']:.3f} {sc['eq']['fp']:>6d} {sc['eq']['fp_away']:>6d}")
         print("\n".join(notes))
-    for m in (p for p in args.profile.split(",") if p):
+    for m in (p for p in args.profile.split(",") if p and not args.rescore):
         work = pathlib.Path(args.workdir) / f"pair{args.profile_size}"
         prepare(work, args.profile_size, args.seed)
         print(f"\n== cProfile: {m}, {args.profile_size}^2, load {os.getloadavg()[0]:.2f} ==")
