@@ -89,7 +89,7 @@ class DifferenceStep(Step):
         from archive.errors import ArchiveError
         from archive.process.diffim.alard_lupton import subtract
         from archive.process.diffim.detection import detect_dia_sources
-        from archive.process.diffim.template import template_on_grid
+        from archive.process.diffim.template import join_templates
         from archive.process.warp import in_njy
 
         cfg = self.config
@@ -98,7 +98,9 @@ class DifferenceStep(Step):
             raise ArchiveError("no template covers this exposure (run the template step, or build templates "
                                "from more epochs of this field and band)")
         science = in_njy(products.read(p["calexp"]))
-        template = template_on_grid(science, [products.read(t) for t in p["templates"]])
+        joined = join_templates(science, [products.read(t) for t in p["templates"]],
+                                fractions=[_own_share(products.path(t), p["exposure_id"]) for t in p["templates"]])
+        template = joined.exposure
         if template.info.extras["template"]["coverage"] == 0:
             raise ArchiveError("no template covers this exposure")
         if cfg.method == "zogy":
@@ -106,7 +108,8 @@ class DifferenceStep(Step):
 
             res = zogy_difference(science, template)
         else:
-            res = subtract(science, template, cfg.alard_lupton)
+            cov = None if joined.fraction is None else joined.fraction * science.variance
+            res = subtract(science, template, cfg.alard_lupton, covariance=cov)
         src = detect_dia_sources(res.difference, res.score, science, template, cfg.detection)
         written = products.write(ProductRef("diff", p["band"], p["exposure_id"]), res.difference)
         cover = template.info.extras["template"]["coverage"]
@@ -147,6 +150,23 @@ class DifferenceStep(Step):
 @dataclasses.dataclass
 class ForcedStepConfig:
     forced: ForcedConfig = dataclasses.field(default_factory=ForcedConfig)
+
+
+def _own_share(path, exposure_id: int):
+    """The share of a template's weight carried by exposure ``exposure_id`` per template pixel
+    (:func:`~archive.process.diffim.template.input_fraction`), or None when it is not an input."""
+    from astropy.io import fits
+
+    from archive.process.diffim.template import input_fraction
+
+    with fits.open(path, memmap=False) as hdul:
+        if "INPUTS" not in hdul or "INPUT_MAP" not in hdul:
+            return None
+        ids = np.asarray(hdul["INPUTS"].data["exposure_id"], np.int64)
+        if int(exposure_id) not in set(ids.tolist()):
+            return None
+        return input_fraction(hdul["INPUT_MAP"].data, hdul["INPUTS"].data["weight"],
+                              int(np.nonzero(ids == int(exposure_id))[0][0]))
 
 
 def _positions_digest(objs: pd.DataFrame) -> str:

@@ -74,7 +74,9 @@ class AlardLuptonConfig:
     ``"science"``; stamp_snr: least peak S/N of a kernel-fit star; stamp_isolation: no
     other peak within this many stamp half-widths (0: neighbours are allowed: the kernel
     maps every static source, and stamps holding something that changed are clipped by
-    their chi^2); decorrelate: apply the afterburner; fit_flux_ratio: fit the kernel's
+    their chi^2); stamp_flux_tolerance: with a kernel of sum 1, a stamp whose flux differs
+    between the images by more than 3 sigma plus this fraction is left out (a star that
+    varied: see :func:`same_flux`); decorrelate: apply the afterburner; fit_flux_ratio: fit the kernel's
     sum; by default it is 1 (both images calibrated in nJy: what the difference is for),
     which keeps a kernel too small for a PSF's far wings from scaling the template instead;
     background_mesh: cell size (px) of a smooth background estimated on the difference and
@@ -91,6 +93,7 @@ class AlardLuptonConfig:
     max_stamps: int = dataclasses.field(default=250, metadata={"min": 5})
     stamp_snr: float = dataclasses.field(default=20.0, metadata={"min": 5.0})
     stamp_isolation: float = dataclasses.field(default=0.0, metadata={"min": 0.0})
+    stamp_flux_tolerance: float = dataclasses.field(default=0.05, metadata={"min": 0.0})
     clip_sigma: float = dataclasses.field(default=4.0, metadata={"min": 1.0})
     clip_rounds: int = dataclasses.field(default=2, metadata={"min": 0, "max": 10})
     block: int = dataclasses.field(default=512, metadata={"min": 64})
@@ -167,6 +170,30 @@ def select_stamps(a: Exposure, b: Exposure, half: int, cfg: AlardLuptonConfig) -
         xs, ys = xs[n_bad == 0], ys[n_bad == 0]
     order = np.argsort(-snr[ys, xs])[: cfg.max_stamps]
     return np.column_stack([xs[order], ys[order]]).astype(np.int64)
+
+
+def same_flux(source: Exposure, target: Exposure, stamps: np.ndarray, half: int, tolerance: float) -> np.ndarray:
+    """Which stamps hold the same flux on both images: |F_t - F_s| <= 3 sigma + tolerance x |F_t|,
+    F the sum over the stamp's disk of radius ``half`` (pixels unmasked on both; a kernel of
+    sum 1 keeps that sum), sigma from both variance planes.  A star that varied between the
+    two images (or a changed neighbour) fails: a kernel of fixed sum cannot fit it, and
+    bright ones would otherwise bend the kernel's shape to take their change (with a few
+    stamps, a chi^2 clip does not single them out)."""
+    keep = np.zeros(len(stamps), bool)
+    yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
+    disk = xx ** 2 + yy ** 2 <= half ** 2
+    bad_planes = [p for p in STAMP_BAD if p in source.mask_planes]
+    for k, (x, y) in enumerate(stamps):  # a few hundred stamps at most, each a whole-array sum
+        sl = (slice(y - half, y + half + 1), slice(x - half, x + half + 1))
+        ok = disk & np.isfinite(source.image[sl]) & np.isfinite(target.image[sl]) \
+            & np.isfinite(source.variance[sl]) & np.isfinite(target.variance[sl])
+        if bad_planes:  # the stamp's own mask pixels only (a whole-frame mask per stamp costs seconds at 4k)
+            ok &= ((source.mask[sl] & source.get_plane_bitmask(*bad_planes)) == 0) \
+                & ((target.mask[sl] & target.get_plane_bitmask(*[p for p in bad_planes if p in target.mask_planes])) == 0)
+        fs, ft = float(source.image[sl][ok].sum()), float(target.image[sl][ok].sum())
+        sigma = math.sqrt(float(source.variance[sl][ok].sum() + target.variance[sl][ok].sum()))
+        keep[k] = abs(ft - fs) <= 3.0 * sigma + tolerance * abs(ft)
+    return keep
 
 
 # -- fit ---------------------------------------------------------------------------------------
@@ -331,8 +358,16 @@ def _median_var(e: Exposure, ok: np.ndarray) -> float:
     return float(np.median(v)) if v.size else float("nan")
 
 
-def subtract(science: Exposure, template: Exposure, config: AlardLuptonConfig | None = None) -> DifferenceResult:
-    """science - PSF-matched template (see the module docstring)."""
+def subtract(science: Exposure, template: Exposure, config: AlardLuptonConfig | None = None,
+             covariance: np.ndarray | None = None) -> DifferenceResult:
+    """science - PSF-matched template (see the module docstring).
+
+    ``covariance``: per pixel (science grid, flux units squared), the covariance of the two
+    images' noise where the science is one of the template's inputs (its share of the
+    template's weight times its variance: :func:`archive.process.diffim.template.join_templates`).
+    That noise is in both images and cancels in part, so the difference's variance is
+    lowered by twice it (on PSF scales, where measurements are made), never below
+    :data:`MIN_VARIANCE_FRACTION` of the independent-noise value."""
     cfg = config or AlardLuptonConfig()
     if science.shape != template.shape:
         raise ValidationError(f"subtract: science {science.shape} and template {template.shape} grids differ")
@@ -350,6 +385,8 @@ def subtract(science: Exposure, template: Exposure, config: AlardLuptonConfig | 
     basis = kernel_basis(size, [s * match_sigma for s in cfg.sigmas], list(cfg.degrees))
     half = size // 2 + int(math.ceil(1.5 * f_tgt))  # the kernel's reach plus the star's core
     stamps = select_stamps(target, source, half + size // 2, cfg)
+    if not cfg.fit_flux_ratio:
+        stamps = stamps[same_flux(source, target, stamps, half, cfg.stamp_flux_tolerance)]
     sol = fit_kernel(source, target, basis, cfg, stamps, half)
 
     # fill masked pixels of the convolved image so they do not spread; keep their masks
@@ -391,6 +428,11 @@ def subtract(science: Exposure, template: Exposure, config: AlardLuptonConfig | 
             k = signal.fftconvolve(k, phi_at(x, y), mode="same")
         kernels.append(k / k.sum())
     psf = psf_from_kernels(nodes, np.asarray(kernels), science.shape)
+    rho = None
+    if covariance is not None:
+        rho = shared_noise_factor(science.psf.kernel(cx, cy, psf_size), template.psf.kernel(cx, cy, psf_size),
+                                  sol.kernel(cx, cy), phi_at(cx, cy) if phi_at is not None else None, convolve)
+        variance = shared_noise_variance(variance, rho * covariance)
     mask = science.mask | _translate(template, science.mask_planes)
     no_data = ~np.isfinite(template.variance) | ((template.mask & template.get_plane_bitmask("NO_DATA")) != 0)
     if no_data.any():  # the convolutions reach that far from the filled pixels: not a difference there
@@ -407,8 +449,54 @@ def subtract(science: Exposure, template: Exposure, config: AlardLuptonConfig | 
     meta = {"convolved": convolve, "kernel_size": size, "n_basis": int(len(basis)), "n_stamps": int(len(sol.stamps)),
             "kernel_chi2": sol.chi2, "kernel_sum": float(sol.kernel(cx, cy).sum()), "fwhm_science": f_sci,
             "fwhm_template": f_tpl, "background": sol.bg.tolist(), "decorrelated": bool(cfg.decorrelate),
-            "matching_error": eps}
+            "matching_error": eps, "shared_noise_factor": rho}
     return DifferenceResult(out, score, "alard_lupton", meta)
+
+
+#: The least a difference's variance keeps of its independent-noise value where the science
+#: shares noise with the template (one input alone would otherwise leave no noise at all).
+MIN_VARIANCE_FRACTION = 0.05
+
+
+def _centred_fft(k: np.ndarray, n: int) -> np.ndarray:
+    pad = np.zeros((n, n))
+    h0, h1 = k.shape[0] // 2, k.shape[1] // 2
+    pad[:k.shape[0], :k.shape[1]] = k
+    return np.fft.fft2(np.roll(pad, (-h0, -h1), axis=(0, 1)))
+
+
+def shared_noise_factor(psf_science: np.ndarray, psf_template: np.ndarray, kernel: np.ndarray,
+                        phi: np.ndarray | None, convolve: str) -> float:
+    """How much of the science's noise, shared with the template, cancels in a PSF-fit flux on
+    the difference, per unit of their per-pixel covariance (1: all of it).
+
+    The science's noise n enters the difference as (phi K) n and, through the template, as
+    -f (phi G) n (science convolved; phi n and -f phi K G n when the template is), G the
+    smoothing that took the science to the template's PSF (G = P_t / P_s in Fourier space:
+    a PSF-homogenized template; |G| <= 1).  The cross term of a PSF fit with the difference's
+    PSF P_d then scales the covariance by  int |P_d|^2 |phi|^2 Re(K conj G) / int |P_d|^2
+    (conj K G for a convolved template): one for identical PSFs, less where the template
+    smoothed the science's noise on scales the fit weighs."""
+    n = 1 << int(math.ceil(math.log2(4 * max(psf_science.shape[0], psf_template.shape[0], kernel.shape[0]))))
+    ps, pt = _centred_fft(psf_science / psf_science.sum(), n), _centred_fft(psf_template / psf_template.sum(), n)
+    kf = _centred_fft(kernel / kernel.sum(), n)
+    ph = _centred_fft(phi / phi.sum(), n) if phi is not None else np.ones((n, n))
+    aps = np.abs(ps)
+    g = np.where(aps > 1e-6, pt / np.where(aps > 1e-6, ps, 1.0), 0.0)
+    g = np.where(np.abs(g) > 1.0, g / np.maximum(np.abs(g), 1e-300), g)
+    target = pt if convolve == "science" else ps
+    pd2 = np.abs(target * ph) ** 2
+    cross = (kf * np.conj(g)) if convolve == "science" else np.conj(kf * g)
+    return float(np.clip((pd2 * np.abs(ph) ** 2 * cross.real).sum() / pd2.sum(), 0.0, 1.0))
+
+
+def shared_noise_variance(variance: np.ndarray, covariance: np.ndarray) -> np.ndarray:
+    """``variance - 2 covariance`` (science and template noise shared), floored at
+    :data:`MIN_VARIANCE_FRACTION` of ``variance``; covariance not finite counts as 0."""
+    if covariance.shape != variance.shape:
+        raise ValidationError(f"subtract: covariance {covariance.shape} and images {variance.shape} differ")
+    cov = np.where(np.isfinite(covariance), covariance, 0.0)
+    return np.maximum(variance - 2.0 * cov, MIN_VARIANCE_FRACTION * variance).astype(np.float32)
 
 
 def difference_background(diff: np.ndarray, variance: np.ndarray, bad: np.ndarray, mesh: int) -> np.ndarray:
