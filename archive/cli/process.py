@@ -68,8 +68,11 @@ def print_demo(rep) -> None:
           f"{c['dia_forced_source']} forced measurements")
     print("against the simulator's truth (variables, transients, the moving object on each difference image):")
     if s.n_expected:
+        ch = s.changes
+        n_blend = int((ch["blended"] & (ch["snr_true"].abs() >= s.snr_min)).sum()) if "blended" in ch else 0
         print(f"  found {s.n_found} of the {s.n_expected} changes with S/N >= {s.snr_min:g} in the difference "
-              f"(completeness {s.completeness:.1%})")
+              f"(completeness {s.completeness:.1%})"
+              + (f"; {n_blend} of them blended with another change on that visit (within 0.5\")" if n_blend else ""))
     else:
         print(f"  no change reached S/N >= {s.snr_min:g} on a difference image")
     if s.n_objects:

@@ -79,18 +79,26 @@ def _tangent(ra, dec, ra0, dec0) -> np.ndarray:
     return np.degrees(np.column_stack([xi, eta])) * 3600.0
 
 
-def match_to_changes(dia: pd.DataFrame, changes: pd.DataFrame, radius_arcsec: float = 1.0):
+#: Changes on one visit closer than this (arcsec) are one source on the image: no detection
+#: can split two transients 0.2" apart in one host (the simulator does place such pairs).
+BLEND_ARCSEC = 0.5
+
+
+def match_to_changes(dia: pd.DataFrame, changes: pd.DataFrame, radius_arcsec: float = 1.0,
+                     blend_arcsec: float = BLEND_ARCSEC):
     """Match DIASources to expected changes on the same visit.
 
     ``dia`` needs ``visit``, ``ra``, ``dec``; ``changes`` as from :func:`true_changes`.
-    Returns (``changes`` with ``found``: a DIASource lies within ``radius_arcsec``;
-    ``dia`` with ``real``: it lies within ``radius_arcsec`` of an expected change,
-    and ``object_id``: the nearest such, or -1).
+    Returns (``changes`` with ``found``: a DIASource lies within ``radius_arcsec``, or the
+    change is blended (within ``blend_arcsec``, same visit) with a found one, and
+    ``blended``: that last case; ``dia`` with ``real``: it lies within ``radius_arcsec`` of
+    an expected change, and ``object_id``: the nearest such, or -1).
     """
     from scipy.spatial import cKDTree
 
     ch = changes.copy()
     ch["found"] = False
+    ch["blended"] = False
     d = dia.copy()
     d["real"] = False
     d["object_id"] = np.int64(-1)
@@ -105,7 +113,13 @@ def match_to_changes(dia: pd.DataFrame, changes: pd.DataFrame, radius_arcsec: fl
         hit = np.isfinite(dist)
         d.loc[dv.index[hit], "real"] = True
         d.loc[dv.index[hit], "object_id"] = cv["object_id"].to_numpy()[idx[hit]]
-        ch.loc[cv.index[np.unique(idx[hit])], "found"] = True
+        found = np.unique(idx[hit])
+        ch.loc[cv.index[found], "found"] = True
+        if blend_arcsec > 0 and len(found):
+            near = cKDTree(pc).query_ball_point(pc[found], r=blend_arcsec)
+            partners = np.setdiff1d(np.unique(np.concatenate([np.asarray(n, np.int64) for n in near])), found)
+            ch.loc[cv.index[partners], "found"] = True
+            ch.loc[cv.index[partners], "blended"] = True
     return ch, d
 
 

@@ -71,3 +71,16 @@ def test_matching_and_score_count_found_missed_and_false():
     assert s.false_per_4k == pytest.approx(1 * (4096 * 0.2 / 3600) ** 2 / 0.01)
     with pytest.raises(ValueError, match="delta_flux_err"):
         score_changes(ch.drop(columns="delta_flux_err"), dia, 0.01, 0.2)
+
+
+def test_changes_closer_than_a_blend_are_found_together_but_not_farther_ones():
+    changes = pd.DataFrame({"visit": [5, 5, 5], "object_id": [10, 11, 12], "kind": "transient",
+                            "ra": [150.0, 150.0 + 0.2 / 3600, 150.0 + 2.0 / 3600], "dec": 2.0,
+                            "delta_flux": [60000.0, 4000.0, 3000.0]})
+    dia = pd.DataFrame({"visit": [5], "ra": [150.0 + 0.05 / 3600], "dec": [2.0]})  # one detection, at the bright one
+    ch, d = match_to_changes(dia, changes)
+    assert ch["found"].tolist() == [True, True, False]  # 0.2" away: one source on the image; 2" away: missed
+    assert ch["blended"].tolist() == [False, True, False]
+    assert d["object_id"].tolist() == [10]
+    ch, _ = match_to_changes(dia, changes, blend_arcsec=0.0)
+    assert ch["found"].tolist() == [True, False, False]
