@@ -86,9 +86,6 @@ def test_steps_ran_and_template_catalog_counts_each_object_once(run):
     assert (in_two["primary"] == 1).mean() > 0.9
 
 
-@pytest.mark.xfail(reason="open: pooled constant-star pulls sd 1.47 on this field (0.92-1.0 per flux bin below "
-                          "3000 nJy on most epochs, ~2 on visit 1); mean -0.2 also at the true positions: under study",
-                   strict=False)
 def test_template_forced_pulls_of_constant_stars(run):
     root, repo, _ = run
     truth = _truth(root)
@@ -113,8 +110,6 @@ def test_template_forced_pulls_of_constant_stars(run):
 PULL_MEAN_TOLERANCE = 0.5
 
 
-@pytest.mark.xfail(reason="open: changes recovered to a median 41% of themselves; the expected template flux "
-                          "(INPUTS weights) may not be what the coadd holds: under study", strict=False)
 def test_variable_stars_follow_their_truth_light_curves(run):
     root, repo, _ = run
     truth = _truth(root)
