@@ -20,7 +20,9 @@ Fit
 Convolution
     The spatially varying kernel is applied block by block (``block`` px): the kernel at
     each block's centre, by FFT, on the block and a margin (the kernel varies little
-    across a block).
+    across a block).  Masked pixels (``FILL_PLANES``) of both images are filled from
+    their neighbours first, so neither the kernel nor the decorrelation spreads them (a
+    science cosmic ray would otherwise be a bright "change"); they keep their mask bits.
 Decorrelation (Reiss & Lupton 2016)
     Convolving one image correlates its noise.  The difference is filtered with
     phi(k) = sqrt((s_t^2 + s_c^2) / (s_t^2 + s_c^2 |K(k)|^2)), s_c and s_t the noise of the
@@ -399,8 +401,13 @@ def subtract(science: Exposure, template: Exposure, config: AlardLuptonConfig | 
     conv_var = convolve_varying(src_var, sol.kernel, cfg.block, square=True)
     bg = sol.background(source.shape)
     matched = conv + bg
-    diff = (target.image - matched) if convolve == "template" else (matched - target.image)
-    ok = ~bad_src & np.isfinite(target.variance) & np.isfinite(source.variance)
+    # the target's masked pixels (a science cosmic ray, a bad column) are filled too: the
+    # decorrelation would spread them, and a masked pixel is not a change (its mask stays set)
+    planes_t = [p for p in FILL_PLANES if p in target.mask_planes]
+    bad_tgt = (target.mask_of(*planes_t) if planes_t else np.zeros(target.shape, bool)) | ~np.isfinite(target.image)
+    tgt_img = fill_masked(target.image, bad_tgt) if bad_tgt.any() else target.image
+    diff = (tgt_img - matched) if convolve == "template" else (matched - tgt_img)
+    ok = ~bad_src & ~bad_tgt & np.isfinite(target.variance) & np.isfinite(source.variance)
     if cfg.background_mesh:
         diff = diff - difference_background(diff, target.variance + conv_var, ~ok, cfg.background_mesh)
     var_t = target.variance.astype(np.float32)

@@ -3,9 +3,12 @@
 Detection
     Peaks of the score image (a per-pixel point-source S/N: ZOGY's corrected score,
     or the difference filtered with its PSF) above ``threshold`` sigma, positive
-    (brightening) and negative (fading), each connected region one detection at its
-    extreme pixel, refined to sub-pixel by a parabola through the score around it.
-    Peaks on NO_DATA pixels are dropped; a region needs ``min_pixels`` pixels.
+    (brightening) and negative (fading): each connected region gives its highest peak, and
+    each further peak that the score dips before (a saddle test), so two changes a few PSFs
+    apart are two detections.  Each position then moves uphill to the peak of the
+    PSF-filtered difference (a score lowered by source noise peaks off a varying star's
+    centre) and is refined to sub-pixel by a parabola there.  Peaks on NO_DATA pixels are
+    dropped; a region needs ``min_pixels`` pixels.
 Measurement
     PSF flux and error on the difference (:func:`archive.process.forced.forced_photometry`
     at the detected position; neighbours fitted jointly), aperture flux in a circle of
@@ -44,7 +47,8 @@ class DetectionConfig:
     aperture_fwhm: aperture radius in FWHM; bright_snr, bright_radius_fwhm: a template pixel
     of S/N above bright_snr within bright_radius_fwhm FWHM makes a detection NEAR_BRIGHT_STAR; dipole_fwhm: the largest lobe separation of a dipole;
     dipole_ratio: the lobes' |flux| ratio must lie within [1/r, r]; negative: also detect
-    fading sources."""
+    fading sources; refine: move each position to the peak of the PSF-filtered difference
+    (:func:`refine_on_difference`)."""
 
     threshold: float = dataclasses.field(default=5.0, metadata={"min": 2.0})
     min_pixels: int = dataclasses.field(default=2, metadata={"min": 1})
@@ -54,31 +58,75 @@ class DetectionConfig:
     dipole_fwhm: float = dataclasses.field(default=1.5, metadata={"min": 0.1})
     dipole_ratio: float = dataclasses.field(default=4.0, metadata={"min": 1.0})
     negative: bool = True
+    refine: bool = True
 
 
-def _peaks(score: np.ndarray, usable: np.ndarray, sign: int, cfg: DetectionConfig):
-    above = (sign * score > cfg.threshold) & usable
-    lab, n = ndimage.label(above, structure=np.ones((3, 3), bool))
-    if n == 0:
+def _peaks(score: np.ndarray, usable: np.ndarray, sign: int, cfg: DetectionConfig,
+           separation: float = 1.5):
+    """Peaks of ``sign * score`` above the threshold: (N, 2) sub-pixel x, y and their scores.
+
+    Every connected region above the threshold gives its highest peak; a fainter peak of the
+    same region is a detection of its own when the score dips between them (the saddle test
+    of :func:`archive.process.detect.find_peaks`): two changes a few PSFs apart, or a
+    transient beside a variable star, are two DIASources, not one.  Peaks closer than
+    ``separation`` px to a brighter one are merged into it."""
+    from archive.process.detect import DetectionConfig as PeakConfig, find_peaks
+
+    s = np.where(usable, sign * score, -np.inf).astype(np.float32, copy=False)
+    pk = find_peaks(s, PeakConfig(threshold=cfg.threshold, min_pixels=cfg.min_pixels, deblend=True,
+                                  min_separation=separation, deblend_min_contrast=0.0))
+    if not len(pk):
         return np.empty((0, 2)), np.empty(0)
-    idx = np.arange(1, n + 1)
-    size = ndimage.sum_labels(above, lab, idx)
-    pos = np.asarray(ndimage.maximum_position(sign * score, lab, idx), dtype=np.int64).reshape(-1, 2)
-    keep = size >= cfg.min_pixels
-    pos = pos[keep]
-    ny, nx = score.shape
-    y, x = pos[:, 0], pos[:, 1]
-    # parabolic sub-pixel refinement along each axis
-    xm, xp = np.clip(x - 1, 0, nx - 1), np.clip(x + 1, 0, nx - 1)
-    ym, yp = np.clip(y - 1, 0, ny - 1), np.clip(y + 1, 0, ny - 1)
-    s0 = sign * score[y, x]
-    dx_den = 2 * s0 - sign * score[y, xm] - sign * score[y, xp]
-    dy_den = 2 * s0 - sign * score[ym, x] - sign * score[yp, x]
+    return pk[["x", "y"]].to_numpy(float), pk["peak_snr"].to_numpy(float)
+
+
+def refine_on_difference(difference: Exposure, xy: np.ndarray, sign: np.ndarray, fwhm: float) -> np.ndarray:
+    """Positions of peaks moved to the peak of the PSF-filtered difference (matched filter).
+
+    A score that includes the template's source noise or a matching-error term (ZOGY's
+    S_corr, AL's score) is lowered most at the centre of a star, so a varying star's score
+    peaks in its wings, a pixel or two off; the PSF-filtered difference peaks at the change
+    itself (the maximum-likelihood position of a point source in white noise).  From each
+    score peak, uphill on ``sign`` x the filtered difference, at most ``ceil(fwhm)`` px,
+    then a parabola through the 3 x 3 pixels there.  Returns (N, 2) x, y (0-based px)."""
+    n = len(xy)
+    if n == 0:
+        return np.asarray(xy, float).reshape(0, 2)
+    ny, nx = difference.shape
+    kern = difference.psf.kernel((nx - 1) / 2.0, (ny - 1) / 2.0, 2 * int(np.ceil(1.5 * fwhm)) + 1)
+    kern = (kern / kern.sum()).astype(np.float64)
+    kh = kern.shape[0] // 2
+    reach = int(np.ceil(fwhm))
+    fh = reach + 1  # the filtered grid: offsets -fh..fh, so the parabola has its 3 x 3 at the edge
+    h = fh + kh
+    ix0 = np.floor(xy[:, 0] + 0.5).astype(np.int64)
+    iy0 = np.floor(xy[:, 1] + 0.5).astype(np.int64)
+    g = np.arange(-h, h + 1)
+    yy, xx = iy0[:, None, None] + g[None, :, None], ix0[:, None, None] + g[None, None, :]
+    inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+    yy, xx = np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)
+    img = difference.image[yy, xx].astype(np.float64)
+    good = inside & np.isfinite(img) & np.isfinite(difference.variance[yy, xx])
+    img = np.where(good, img, 0.0) * np.asarray(sign, float)[:, None, None]
+    win = np.lib.stride_tricks.sliding_window_view(img, kern.shape, axis=(1, 2))  # (n, 2fh+1, 2fh+1, k, k)
+    filt = np.einsum("nabuv,uv->nab", win, kern)
+    cy = np.full(n, fh)
+    cx = np.full(n, fh)
+    rows = np.arange(n)
+    for _ in range(reach):  # steepest ascent over the 3 x 3 neighbourhood
+        nb = np.stack([filt[rows, cy + dy, cx + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=1)
+        best = np.argmax(nb, axis=1)
+        ny_, nx_ = cy + best // 3 - 1, cx + best % 3 - 1
+        ok = (np.abs(ny_ - fh) <= reach) & (np.abs(nx_ - fh) <= reach)
+        cy, cx = np.where(ok, ny_, cy), np.where(ok, nx_, cx)
+    c = filt[rows, cy, cx]
+    l, r = filt[rows, cy, cx - 1], filt[rows, cy, cx + 1]
+    d, u = filt[rows, cy - 1, cx], filt[rows, cy + 1, cx]
     with np.errstate(invalid="ignore", divide="ignore"):
-        dx = np.where(dx_den > 0, 0.5 * (sign * score[y, xp] - sign * score[y, xm]) / dx_den, 0.0)
-        dy = np.where(dy_den > 0, 0.5 * (sign * score[yp, x] - sign * score[ym, x]) / dy_den, 0.0)
-    xy = np.column_stack([x + np.clip(dx, -0.5, 0.5), y + np.clip(dy, -0.5, 0.5)])
-    return xy, s0
+        dx = np.where(l + r - 2 * c < 0, 0.5 * (l - r) / (l + r - 2 * c), 0.0)
+        dy = np.where(d + u - 2 * c < 0, 0.5 * (d - u) / (d + u - 2 * c), 0.0)
+    dx, dy = np.clip(np.nan_to_num(dx), -0.5, 0.5), np.clip(np.nan_to_num(dy), -0.5, 0.5)
+    return np.column_stack([ix0 + (cx - fh) + dx, iy0 + (cy - fh) + dy])
 
 
 def detect_dia_sources(difference: Exposure, score: np.ndarray, science: Exposure | None = None,
@@ -96,13 +144,16 @@ def detect_dia_sources(difference: Exposure, score: np.ndarray, science: Exposur
         raise ValidationError("detect_dia_sources: score and difference shapes differ")
     no_data = (difference.mask & difference.get_plane_bitmask("NO_DATA")) != 0
     usable = ~no_data & np.isfinite(difference.variance) & np.isfinite(score)
+    fwhm0 = float(difference.psf.fwhm((difference.shape[1] - 1) / 2.0, (difference.shape[0] - 1) / 2.0))
     parts, signs = [], []
     for sign in ((1, -1) if cfg.negative else (1,)):
-        xy, s = _peaks(score, usable, sign, cfg)
+        xy, s = _peaks(score, usable, sign, cfg, separation=fwhm0)
         parts.append(xy)
         signs.append(np.full(len(xy), sign))
     xy = np.concatenate(parts) if parts else np.empty((0, 2))
     sign = np.concatenate(signs) if signs else np.empty(0)
+    if cfg.refine and len(xy):
+        xy = refine_on_difference(difference, xy, sign, fwhm0)
     cols = ["x", "y", "x_err", "y_err", "ra", "dec", "ra_err", "dec_err", "psf_flux", "psf_flux_err", "ap_flux",
             "ap_flux_err", "science_flux", "science_flux_err", "snr", "is_dipole", "flags"]
     if len(xy) == 0:
