@@ -93,7 +93,13 @@ larger: the same for an isolated position, larger for a close blend, where a shi
 flux between the neighbours).  Neighbours stay at their given positions while a position
 is recentred, and the recentring fits see the image as it is (no bright models removed);
 the final fit of all positions uses every position's final place.  Positions fainter than
-``recenter_min_snr`` are not recentred (not moved, not flagged).
+``recenter_min_snr`` are not recentred (not moved, not flagged).  The S/N is that of the
+joint fit: a list entry within the blend radius of another that sits on the star (a
+catalogue duplicate 2 px off, say) gets little of the star's light, is faint, and is left
+alone; an entry with no such neighbour is flagged CENTROID however far it is from the star
+(the linearised shift of its first iteration is past ``max_shift`` from ~0.25 px up to
+several FWHM, as long as the star's light at the position keeps it above
+``recenter_min_snr``).
 
 Flags (int64)
 -------------

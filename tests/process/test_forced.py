@@ -354,6 +354,37 @@ def test_recentring_follows_last_rule():
     assert not faint["moved"].iloc[0] and faint["flags"].iloc[0] == 0
 
 
+def test_recentring_refuses_every_offset_beyond_the_cap():
+    """Stars given 0.3 to 6 px off (FWHM 4.7, S/N ~ 450 at the star): every one is kept at the
+    given position with CENTROID set, however far (the linearised shift of the first iteration
+    is already past 0.2 px); 0.1 px off, every one moves back.  A second list entry 2 px from a
+    star that is listed at its place is fitted jointly with it: the listed one takes the light
+    and moves, the other is faint (below recenter_min_snr), neither moved nor flagged."""
+    psf = MoffatPSF(4.7, beta=3.5, oversample=3)
+    rng = np.random.default_rng(21)
+    gx0, gy0 = np.meshgrid(np.arange(8) * 60 + 40.0, np.arange(8) * 60 + 40.0)
+    n = gx0.size
+    tx = gx0.ravel() + rng.uniform(-0.5, 0.5, n)
+    ty = gy0.ravel() + rng.uniform(-0.5, 0.5, n)
+    exp = exposure_of(draw((512, 512), psf, tx, ty, np.full(n, 2e4), size=61), psf, rng)
+    cfg = ForcedConfig(recenter=True)
+    for d in (0.1, 0.3, 1.0, 2.0, 4.0, 6.0):
+        ang = rng.uniform(0.0, 2 * np.pi, n)
+        gx, gy = tx + d * np.cos(ang), ty + d * np.sin(ang)
+        df = forced_photometry(exp, gx, gy, cfg)
+        centroid = (df["flags"].to_numpy() & int(F_.FLAG_CENTROID)) != 0
+        assert np.hypot(df["x"] - gx, df["y"] - gy).max() <= 0.2 + 1e-12
+        if d < 0.2:
+            assert df["moved"].all() and not centroid.any(), d
+        else:
+            assert centroid.all() and not df["moved"].any(), d
+            assert np.array_equal(df["x"], gx) and np.array_equal(df["y"], gy)
+    twins = forced_photometry(exp, np.r_[tx + 0.1, tx + 2.0], np.r_[ty, ty], cfg)
+    centroid = (twins["flags"].to_numpy() & int(F_.FLAG_CENTROID)) != 0
+    assert twins["moved"][:n].all() and not centroid[:n].any()
+    assert not twins["moved"][n:].any() and not centroid[n:].any()
+
+
 def test_background_in_the_variance_plane_and_fitted():
     """A calexp-like image: sky 400 counts/px subtracted, leaving a residual of 3 + 4e-3 x
     counts; variance plane = sky + stars.  With the background fitted the pulls (412 stars,
