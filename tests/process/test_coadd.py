@@ -16,7 +16,7 @@ from astropy.wcs import WCS
 from archive.image.exposure import Exposure, ExposureInfo
 from archive.image.psf import GaussianPSF, fwhm_from_image
 from archive.process.coadd import (ArtifactConfig, CoaddConfig, SelectConfig, combine, find_artifacts,
-                                   max_artifact_epochs, select_inputs, target_fwhm)
+                                   match_backgrounds, max_artifact_epochs, select_inputs, target_fwhm)
 from archive.process.warp import footprint_bbox, psf_match, warp_exposure
 
 N_EP = 8
@@ -276,3 +276,29 @@ def test_template_selection_by_seeing_and_time():
     assert select_inputs(exp, SelectConfig(max_inputs=2))["exposure_id"].tolist() == [2, 5]
     assert select_inputs(exp, SelectConfig(max_inputs=2, mjd_max=60005))["exposure_id"].tolist() == [2, 4]
     assert select_inputs(exp, SelectConfig(max_seeing_arcsec=0.85))["exposure_id"].tolist() == [2, 5]
+
+
+def test_background_offsets_are_solved_recorded_and_subtracted_on_request(coadded):
+    warps, clipped, _ = coadded
+    added = np.array([0.0, 7.5, -4.0, 12.0, 3.0, -9.0, 5.5, 1.0, -2.0, 6.0][:len(warps)])
+    shifted = [Exposure(w.image + np.float32(a), w.mask.copy(), w.variance.copy(), wcs=w.wcs, psf=w.psf, info=w.info,
+                        mask_planes=dict(w.mask_planes), xy0=w.xy0) for w, a in zip(warps, added)]
+    found = match_backgrounds(shifted, clipped=clipped)
+    base = match_backgrounds(warps, clipped=clipped)  # the inputs' own small offsets (noise)
+    # the added offsets, up to one constant (offsets are relative to a reference warp, whose is 0)
+    rel = found - base - added
+    assert np.ptp(rel) < 0.05 * SKY_SIGMA and np.min(np.abs(found)) < 1e-6
+    kept = combine(shifted, clipped, CoaddConfig(match_backgrounds=True, subtract_backgrounds=False))
+    sub = combine(shifted, clipped, CoaddConfig(match_backgrounds=True, subtract_backgrounds=True))
+    plain = combine(warps, clipped, CoaddConfig(match_backgrounds=False))
+    assert np.allclose(sub.offsets, kept.offsets) and np.abs(sub.offsets - found).max() < 0.05 * SKY_SIGMA
+    meta = sub.coadd.info.extras["coadd"]
+    assert meta["background_offsets"] == pytest.approx(list(sub.offsets)) and meta["backgrounds_subtracted"]
+    assert not kept.coadd.info.extras["coadd"]["backgrounds_subtracted"]
+    good = (plain.coadd.mask == 0) & (sub.coadd.mask == 0)
+    # kept: the coadd carries the weighted mean of the added offsets; subtracted: every epoch is
+    # brought to the reference's level (the added offsets and the inputs' own, less the reference's)
+    d_kept = np.median((kept.coadd.image - plain.coadd.image)[good])
+    d_sub = np.median((sub.coadd.image - plain.coadd.image)[good])
+    assert d_kept == pytest.approx(np.average(added, weights=kept.weights), abs=0.05 * SKY_SIGMA)
+    assert d_sub == pytest.approx(np.average(added - sub.offsets, weights=sub.weights), abs=0.05 * SKY_SIGMA)
