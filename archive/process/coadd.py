@@ -37,9 +37,11 @@ Combination (:func:`combine`)
     masked input contributes neither flux nor variance, so no high-variance
     relic is left where a cosmic ray was.  The coadd carries ``n_image``
     (accepted inputs per pixel), an input map (bit i: input i used), EDGE /
-    NO_DATA masks and a PSF: at each node of a grid over the coadd, the
-    weighted mean of the inputs' PSFs over the inputs accepted there,
-    represented as a spatially varying pixel PSF.
+    NO_DATA masks and a PSF: at each node of a grid over the coadd, the weighted mean of
+    the inputs' PSFs over the inputs accepted there, represented as a spatially varying
+    pixel PSF.  An input's EDGE pixels (its resampling kernel reached past its edge: a
+    star there lost part of its flux) are combined only where no other input covers the
+    pixel, and such coadd pixels are EDGE.
 
 Cost
     No full stack of the inputs is built.  The static-sky model and the residuals run in
@@ -646,11 +648,15 @@ def combine(warps: list[Exposure], clipped: list[np.ndarray] | None = None,
     step = _strip_rows(n, nx, ny)
     for r0 in range(0, ny, step):
         r1 = min(ny, r0 + step)
-        num = np.zeros((r1 - r0, nx))  # sum w_i I_i
-        wsum = np.zeros((r1 - r0, nx))  # sum w_i
-        vnum = np.zeros((r1 - r0, nx))  # sum w_i^2 V_i
+        # [0]: the inputs' pixels away from their edges; [1]: their EDGE pixels (a resampling
+        # kernel that reached past the input's edge: biased, a star there loses part of its
+        # flux), used only where no input covers a pixel otherwise, and then marked EDGE
+        num = np.zeros((2, r1 - r0, nx))  # sum w_i I_i
+        wsum = np.zeros((2, r1 - r0, nx))  # sum w_i
+        vnum = np.zeros((2, r1 - r0, nx))  # sum w_i^2 V_i
+        nimg = np.zeros((2, r1 - r0, nx), np.int16)
+        imap = np.zeros((2, r1 - r0, nx), np.int64)
         covered = np.zeros((r1 - r0, nx), bool)
-        edge_any = np.zeros((r1 - r0, nx), bool)  # within reach of an input's edge: the depth changes there
         for k, (w, ok) in enumerate(zip(warps, oks)):
             ys, xs = _box(w, bbox)
             lo, hi = max(r0, ys.start), min(r1, ys.stop)
@@ -663,21 +669,30 @@ def combine(warps: list[Exposure], clipped: list[np.ndarray] | None = None,
             if cfg.subtract_backgrounds:
                 im = (im - np.float32(offsets[k])).astype(np.float32)
             wk = weights[k]
-            num[dst] += wk * np.where(okk, im, np.float32(0.0))
-            wsum[dst] += wk * okk
-            vnum[dst] += wk ** 2 * np.where(okk, w.variance[src], np.float32(0.0))
-            n_image[lo:hi, xs] += okk
-            input_map[lo:hi, xs] |= okk.astype(np.int64) << np.int64(k)
+            edge = ((w.mask[src] & np.int32(w.get_plane_bitmask("EDGE"))) != 0 if "EDGE" in w.mask_planes
+                    else np.zeros(okk.shape, bool))
+            for j, use in enumerate((okk & ~edge, okk & edge)):
+                if j and not use.any():
+                    continue
+                num[j][dst] += wk * np.where(use, im, np.float32(0.0))
+                wsum[j][dst] += wk * use
+                vnum[j][dst] += wk ** 2 * np.where(use, w.variance[src], np.float32(0.0))
+                nimg[j][dst] += use
+                imap[j][dst] |= use.astype(np.int64) << np.int64(k)
             covered[dst] = True
-            if "EDGE" in w.mask_planes:
-                edge_any[dst] |= (w.mask[src] & np.int32(w.get_plane_bitmask("EDGE"))) != 0
+        main = wsum[0] > 0
+        fall = ~main & (wsum[1] > 0)
+        sel = np.where(main, 0, 1)[None]
+        num, wsum, vnum = (np.take_along_axis(a, sel, 0)[0] for a in (num, wsum, vnum))
+        n_image[r0:r1] = np.take_along_axis(nimg, sel, 0)[0]
+        input_map[r0:r1] = np.take_along_axis(imap, sel, 0)[0]
         has = wsum > 0
         den = np.where(has, wsum, 1.0)
         img[r0:r1] = np.where(has, num / den, 0.0)
         var[r0:r1] = np.where(has, vnum / den ** 2, np.inf)
         m = mask[r0:r1]
         m[~has] |= no_data
-        m[has & edge_any] |= edge_bit
+        m[fall] |= edge_bit
         m[~covered] |= no_data
     wcs = (target_wcs or warps[0].wcs).deepcopy()
     if target_wcs is not None:

@@ -302,3 +302,33 @@ def test_background_offsets_are_solved_recorded_and_subtracted_on_request(coadde
     d_sub = np.median((sub.coadd.image - plain.coadd.image)[good])
     assert d_kept == pytest.approx(np.average(added, weights=kept.weights), abs=0.05 * SKY_SIGMA)
     assert d_sub == pytest.approx(np.average(added - sub.offsets, weights=sub.weights), abs=0.05 * SKY_SIGMA)
+
+
+def test_an_inputs_edge_through_a_star_does_not_bias_the_coadd():
+    # three epochs cover the tile; a fourth ends 1.3 px past a row of stars: the resampling
+    # kernel of its last columns reaches past its edge (EDGE), where those stars lose flux
+    rng = np.random.default_rng(4)
+    n, psf = 120, GaussianPSF(fwhm=3.0)
+    tile_wcs = _wcs(n)
+    ys = np.array([20.3, 45.7, 70.1, 95.4])
+    xs = np.full(4, 60.2)
+    epochs = []
+    for k, width in enumerate((n, n, n, 62)):
+        w = _wcs(n, dx=0.37 * k, dy=-0.21 * k)
+        x, y = w.all_world2pix(*tile_wcs.all_pix2world(xs, ys, 0), 0)
+        img = np.zeros((n, width))
+        for xi, yi in zip(x, y):
+            _add(img, psf, xi, yi, 2e4)
+        var = np.full(img.shape, 25.0) + img
+        img = img + rng.normal(0, 1, img.shape) * np.sqrt(var)
+        w.wcs.crpix = list(w.wcs.crpix)  # the cut frame keeps the same sky (crpix unchanged)
+        epochs.append(Exposure(img.astype(np.float32), variance=var.astype(np.float32), wcs=w, psf=psf,
+                               info=ExposureInfo(band="r", visit=k + 1, detector=0, mjd=60000.0 + k)))
+    warps = [warp_exposure(e, tile_wcs, (n, n), footprint_bbox(e, tile_wcs, (n, n))) for e in epochs]
+    assert ((warps[3].mask & warps[3].get_plane_bitmask("EDGE")) != 0).any()
+    co = combine(warps, None, CoaddConfig(match_backgrounds=False), target_wcs=tile_wcs).coadd
+    edge = (co.mask & co.get_plane_bitmask("EDGE")) != 0
+    assert not edge[5:-5, 5:-5].any()  # other inputs cover those pixels: not EDGE, not biased
+    for xi, yi in zip(xs, ys):
+        sl = (slice(int(yi) - 6, int(yi) + 7), slice(int(xi) - 6, int(xi) + 7))
+        assert co.image[sl].sum() == pytest.approx(2e4 * 0.99, rel=0.02)  # 13 x 13 px hold 99% of it
