@@ -91,3 +91,41 @@ def test_varying_stars_are_found_at_the_star(method):
     raw = detect_dia_sources(res.difference, res.score, config=DetectionConfig(refine=False))
     d0, _ = cKDTree(raw[["x", "y"]].to_numpy()).query(var[["x", "y"]].to_numpy()[ok])
     assert np.median(d0) >= np.median(d[ok])
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_star_under_a_masked_streak_is_no_diasource(method):
+    p = make_pair(n=384, seed=11, n_stars=80, n_transients=0, n_variables=0)
+    # a 5 px wide satellite trail across the science, masked STREAK (the calexp's own step)
+    yy, xx = np.mgrid[0:384, 0:384]
+    trail = np.abs((yy - 0.6 * xx - 40.0) / np.hypot(1.0, 0.6)) < 2.5
+    p.science.image[trail] += np.float32(800.0)
+    p.science.mask[trail] |= np.int32(p.science.get_plane_bitmask("STREAK"))
+    res = METHODS[method](p)
+    det = detect_dia_sources(res.difference, res.score, p.science, p.template)
+    if len(det):
+        ix = np.floor(det["x"].to_numpy() + 0.5).astype(int)
+        iy = np.floor(det["y"].to_numpy() + 0.5).astype(int)
+        assert not trail[iy, ix].any(), det[trail[iy, ix]]
+    # and with no plane dropped, the stars under the trail are there (what the rule removes)
+    keep_all = detect_dia_sources(res.difference, res.score, p.science, p.template,
+                                  DetectionConfig(masked_centre=("NO_DATA", "EDGE")))
+    ix = np.floor(keep_all["x"].to_numpy() + 0.5).astype(int)
+    iy = np.floor(keep_all["y"].to_numpy() + 0.5).astype(int)
+    assert trail[iy, ix].any()
+
+
+def test_a_saturated_core_makes_its_neighbours_near_a_bright_star():
+    p = make_pair(n=256, seed=12, n_stars=40, n_transients=0, n_variables=0)
+    x, y = 128, 128
+    sat = (np.abs(np.arange(256)[:, None] - y) <= 2) & (np.abs(np.arange(256)[None, :] - x) <= 2)
+    p.template.mask[sat] |= np.int32(p.template.get_plane_bitmask("SAT"))  # sky pixels: only the bit says "bright"
+    ch = pd.DataFrame({"x": [x + 9.0], "y": [y + 0.3], "flux": [8e3]})
+    img = np.zeros(p.science.shape)
+    add_point_sources(img, p.science.psf, ch["x"].to_numpy(), ch["y"].to_numpy(), ch["flux"].to_numpy())
+    p.science.image[:] += img.astype(np.float32)
+    res = subtract(p.science, p.template)
+    det = detect_dia_sources(res.difference, res.score, p.science, p.template)
+    d, i = cKDTree(det[["x", "y"]].to_numpy()).query([[x + 9.0, y + 0.3]])
+    from archive.process.diffim.detection import FLAG_NEAR_BRIGHT_STAR
+    assert d[0] < 1.0 and (int(det["flags"].iloc[int(i[0])]) & int(FLAG_NEAR_BRIGHT_STAR))

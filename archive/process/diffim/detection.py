@@ -7,7 +7,9 @@ Detection
     each further peak that the score dips before (a saddle test), so two changes a few PSFs
     apart are two detections.  Each position then moves uphill to the peak of the
     PSF-filtered difference (a score lowered by source noise peaks off a varying star's
-    centre) and is refined to sub-pixel by a parabola there.  Peaks on NO_DATA pixels are
+    centre) and is refined to sub-pixel by a parabola there.  Peaks are not looked for on
+    NO_DATA or EDGE pixels (no difference, or a biased one, there), and a peak that lands on
+    a pixel of ``masked_centre`` (filled or interpolated in the science or the template) is
     dropped; a region needs ``min_pixels`` pixels.
 Measurement
     PSF flux and error on the difference (:func:`archive.process.forced.forced_photometry`
@@ -17,7 +19,7 @@ Measurement
 Flags
     The mask bits within the PSF core (from both images: SAT, BAD, CR, EDGE, NO_DATA,
     STREAK...), NEAR_BRIGHT_STAR where a template pixel within ``bright_radius_fwhm`` FWHM
-    has an S/N above ``bright_snr``, and DIPOLE for pairs of a positive and a negative detection closer
+    has an S/N above ``bright_snr`` or is saturated (SAT in either image), and DIPOLE for pairs of a positive and a negative detection closer
     than ``dipole_fwhm`` FWHM with fluxes of comparable size.
 Dipoles
     A dipole's two lobes are fitted jointly (two PSFs of free flux at the lobes'
@@ -48,7 +50,9 @@ class DetectionConfig:
     of S/N above bright_snr within bright_radius_fwhm FWHM makes a detection NEAR_BRIGHT_STAR; dipole_fwhm: the largest lobe separation of a dipole;
     dipole_ratio: the lobes' |flux| ratio must lie within [1/r, r]; negative: also detect
     fading sources; refine: move each position to the peak of the PSF-filtered difference
-    (:func:`refine_on_difference`)."""
+    (:func:`refine_on_difference`); masked_centre: mask planes of the difference (the
+    science's and the template's) on which a peak is no detection (its pixel was filled or
+    interpolated: a star under a satellite streak or a cosmic ray, a saturated core)."""
 
     threshold: float = dataclasses.field(default=5.0, metadata={"min": 2.0})
     min_pixels: int = dataclasses.field(default=2, metadata={"min": 1})
@@ -59,6 +63,7 @@ class DetectionConfig:
     dipole_ratio: float = dataclasses.field(default=4.0, metadata={"min": 1.0})
     negative: bool = True
     refine: bool = True
+    masked_centre: tuple[str, ...] = ("NO_DATA", "EDGE", "BAD", "SAT", "CR", "STREAK", "INTRP")
 
 
 def _peaks(score: np.ndarray, usable: np.ndarray, sign: int, cfg: DetectionConfig,
@@ -73,8 +78,9 @@ def _peaks(score: np.ndarray, usable: np.ndarray, sign: int, cfg: DetectionConfi
     from archive.process.detect import DetectionConfig as PeakConfig, find_peaks
 
     s = np.where(usable, sign * score, -np.inf).astype(np.float32, copy=False)
-    pk = find_peaks(s, PeakConfig(threshold=cfg.threshold, min_pixels=cfg.min_pixels, deblend=True,
-                                  min_separation=separation, deblend_min_contrast=0.0))
+    with np.errstate(invalid="ignore"):  # a peak beside an unusable (-inf) pixel: no sub-pixel step
+        pk = find_peaks(s, PeakConfig(threshold=cfg.threshold, min_pixels=cfg.min_pixels, deblend=True,
+                                      min_separation=separation, deblend_min_contrast=0.0))
     if not len(pk):
         return np.empty((0, 2)), np.empty(0)
     return pk[["x", "y"]].to_numpy(float), pk["peak_snr"].to_numpy(float)
@@ -142,8 +148,8 @@ def detect_dia_sources(difference: Exposure, score: np.ndarray, science: Exposur
         raise ValidationError("detect_dia_sources: the difference image has no PSF")
     if score.shape != difference.shape:
         raise ValidationError("detect_dia_sources: score and difference shapes differ")
-    no_data = (difference.mask & difference.get_plane_bitmask("NO_DATA")) != 0
-    usable = ~no_data & np.isfinite(difference.variance) & np.isfinite(score)
+    not_data = difference.mask_of(*[p for p in ("NO_DATA", "EDGE") if p in difference.mask_planes])
+    usable = ~not_data & np.isfinite(difference.variance) & np.isfinite(score)
     fwhm0 = float(difference.psf.fwhm((difference.shape[1] - 1) / 2.0, (difference.shape[0] - 1) / 2.0))
     parts, signs = [], []
     for sign in ((1, -1) if cfg.negative else (1,)):
@@ -154,6 +160,12 @@ def detect_dia_sources(difference: Exposure, score: np.ndarray, science: Exposur
     sign = np.concatenate(signs) if signs else np.empty(0)
     if cfg.refine and len(xy):
         xy = refine_on_difference(difference, xy, sign, fwhm0)
+    drop = [p for p in cfg.masked_centre if p in difference.mask_planes]
+    if drop and len(xy):  # a peak on masked pixels is the mask's doing (filled, interpolated): no detection
+        ix = np.clip(np.floor(xy[:, 0] + 0.5).astype(int), 0, difference.shape[1] - 1)
+        iy = np.clip(np.floor(xy[:, 1] + 0.5).astype(int), 0, difference.shape[0] - 1)
+        keep = (difference.mask[iy, ix] & difference.get_plane_bitmask(*drop)) == 0
+        xy, sign = xy[keep], sign[keep]
     cols = ["x", "y", "x_err", "y_err", "ra", "dec", "ra_err", "dec_err", "psf_flux", "psf_flux_err", "ap_flux",
             "ap_flux_err", "science_flux", "science_flux_err", "snr", "is_dipole", "flags"]
     if len(xy) == 0:
@@ -181,6 +193,8 @@ def detect_dia_sources(difference: Exposure, score: np.ndarray, science: Exposur
         with np.errstate(invalid="ignore", divide="ignore"):
             tsnr = np.where(np.isfinite(template.variance) & (template.variance > 0),
                             template.image / np.sqrt(template.variance), 0.0)
+        if "SAT" in difference.mask_planes:  # a saturated core (science or template) is a bright star
+            tsnr = np.where(difference.mask_of("SAT"), np.inf, tsnr)
         r = max(1, int(round(cfg.bright_radius_fwhm * fwhm)))
         near = ndimage.maximum_filter(tsnr, size=2 * r + 1)
         ix = np.clip(np.round(x).astype(int), 0, template.shape[1] - 1)

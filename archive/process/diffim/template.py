@@ -5,7 +5,9 @@ Each tile's template is warped onto the calexp grid (:func:`archive.process.warp
 over the box it covers); the tiles' backgrounds are aligned in their overlaps (their
 margins; :func:`archive.process.coadd.match_backgrounds`), and where tiles overlap the
 pixels are the inverse-variance mean of the tiles that cover them.  Pixels no tile covers are NO_DATA
-(value 0, variance inf); where tiles overlap, the variance is that of the tiles' pixels
+(value 0, variance inf); a tile's EDGE pixels (its warp's kernel reached past the tile)
+count only where no tile covers the place otherwise, and are EDGE there; where tiles
+overlap, the variance is that of the tiles' pixels
 (their noise is the same inputs' noise, not independent).  The PSF is that of the tile covering most of the calexp,
 carried onto the calexp grid; templates of neighbouring tiles share their inputs, so
 their PSFs differ little.
@@ -29,6 +31,11 @@ from archive.errors import ValidationError
 from archive.image.exposure import Exposure, ExposureInfo
 from archive.process.coadd import match_backgrounds
 from archive.process.warp import WarpConfig, footprint_bbox, pixel_map, warp_exposure
+
+
+#: The weight of a tile's EDGE pixel relative to a pixel away from its edge (tiny: such a pixel
+#: counts only where no tile covers the place otherwise).
+EDGE_WEIGHT = 1e-6
 
 
 def input_fraction(input_map: np.ndarray, weights, index: int) -> np.ndarray:
@@ -99,26 +106,33 @@ def join_templates(calexp: Exposure, templates: list[Exposure], config: WarpConf
     # show in the difference as steps at the tile borders; align them in their overlaps
     offsets = match_backgrounds(warped) if len(warped) > 1 else np.zeros(len(warped))
     share = np.zeros((ny, nx), np.float64) if fractions is not None else None
+    # a tile's EDGE pixels (its warp's kernel reached past the tile: biased) count only where no
+    # tile covers the pixel otherwise: their weight is scaled down by EDGE_WEIGHT
+    edge_bit = np.int32(1 << planes["EDGE"]) if "EDGE" in planes else np.int32(0)
+    best_edge = np.ones((ny, nx), bool)  # no tile covers the pixel away from its edge (yet)
     for w, off, frac in zip(warped, offsets, shares):
         x0, y0 = w.xy0
         w.image = (w.image - np.float32(off)).astype(np.float32)
         sl = (slice(y0, y0 + w.shape[0]), slice(x0, x0 + w.shape[1]))
         ok = np.isfinite(w.variance) & (w.variance > 0) & ((w.mask & (1 << w.mask_planes["NO_DATA"])) == 0)
-        weight = np.where(ok, 1.0 / np.where(ok, w.variance, 1.0), 0.0)
+        edge = ((w.mask & (1 << w.mask_planes["EDGE"])) != 0) if "EDGE" in w.mask_planes else np.zeros(ok.shape, bool)
+        weight = np.where(ok, 1.0 / np.where(ok, w.variance, 1.0), 0.0) * np.where(edge, EDGE_WEIGHT, 1.0)
         num[sl] += weight * np.where(ok, w.image, 0.0)
         wsum[sl] += weight
         sigsum[sl] += weight * np.sqrt(np.where(ok, w.variance, 0.0))
+        best_edge[sl] &= ~(ok & ~edge)
         if share is not None and frac is not None:
             share[sl] += weight * frac
-        # mask bits of the covering tiles, translated to the calexp's layout
+        # mask bits of the covering tiles, translated to the calexp's layout (EDGE: below)
         for name, bit in w.mask_planes.items():
-            if name in planes and name != "NO_DATA":
+            if name in planes and name not in ("NO_DATA", "EDGE"):
                 mask[sl] |= np.where(ok & ((w.mask & (1 << bit)) != 0), np.int32(1 << planes[name]), 0)
         cover = int(ok.sum())
         used.append(cover)
         if cover > best and w.psf is not None:
             psf, best = w.psf.shifted(-x0, -y0), cover
     has = wsum > 0
+    mask[has & best_edge] |= edge_bit  # only EDGE pixels of tiles there
     image = np.where(has, num / np.where(has, wsum, 1.0), 0.0).astype(np.float32)
     # overlapping tiles' templates are made of the same inputs: their noise is one noise, not
     # independent draws, so the weighted mean keeps the weighted mean sigma (a variance of
