@@ -129,3 +129,27 @@ def test_a_saturated_core_makes_its_neighbours_near_a_bright_star():
     d, i = cKDTree(det[["x", "y"]].to_numpy()).query([[x + 9.0, y + 0.3]])
     from archive.process.diffim.detection import FLAG_NEAR_BRIGHT_STAR
     assert d[0] < 1.0 and (int(det["flags"].iloc[int(i[0])]) & int(FLAG_NEAR_BRIGHT_STAR))
+
+
+def test_the_convolution_border_is_edge_and_not_searched():
+    from archive.image.psf import GaussianPSF
+    from archive.process.diffim.alard_lupton import convolution_border
+
+    # the science is the sharper image: it is convolved, and has nothing beyond its frame
+    p = make_pair(n=256, seed=13, n_stars=60, n_transients=0, n_variables=0,
+                  science_psf=GaussianPSF(fwhm=2.6), template_psf=GaussianPSF(fwhm=4.4))
+    for e in (p.science, p.template):  # bright stars right at the left and top borders
+        img = np.zeros(e.shape)
+        add_point_sources(img, e.psf, np.array([1.5, 130.0]), np.array([120.0, 254.0]), np.array([6e4, 6e4]))
+        e.image[:] += img.astype(np.float32)
+    res = subtract(p.science, p.template)
+    assert res.metadata["convolved"] == "science"
+    edge = res.difference.mask_of("EDGE")
+    ny, nx = edge.shape
+    assert edge[:, 0].all() and edge[0, :].all() and not edge[40:-40, 40:-40].any()
+    bx = int(edge[ny // 2, :nx // 2].sum())
+    assert bx >= 2  # a kernel widening 2.6 px to 4.4 px reaches a few pixels
+    det = detect_dia_sources(res.difference, res.score, p.science, p.template)
+    if len(det):
+        assert (det["x"] > bx - 0.5).all() and (det["y"] < ny - bx - 0.5).all()
+    assert convolution_border(np.pad(np.ones((1, 1)), 3)) == (0, 0)

@@ -445,6 +445,12 @@ def subtract(science: Exposure, template: Exposure, config: AlardLuptonConfig | 
     if no_data.any():  # the convolutions reach that far from the filled pixels: not a difference there
         no_data = ndimage.binary_dilation(no_data, structure=np.ones((3, 3), bool), iterations=size)
     mask[no_data] |= np.int32(science.get_plane_bitmask("NO_DATA"))
+    # the convolved image has nothing beyond the frame: where the kernel reaches past it, the
+    # difference is biased (a star at the border loses flux in one image only): EDGE there
+    bx, by = convolution_border(sol.kernel(cx, cy))
+    edge = np.zeros(mask.shape, bool)
+    edge[:by], edge[ny - by:], edge[:, :bx], edge[:, nx - bx:] = True, True, True, True
+    mask[edge] |= np.int32(science.get_plane_bitmask("EDGE"))
     variance = np.where(no_data, np.inf, variance).astype(np.float32)
     diff = np.where(no_data, 0.0, diff).astype(np.float32)
     out = Exposure(diff, mask, variance, wcs=science.wcs, psf=psf, photo_calib=science.photo_calib,
@@ -458,6 +464,24 @@ def subtract(science: Exposure, template: Exposure, config: AlardLuptonConfig | 
             "fwhm_template": f_tpl, "background": sol.bg.tolist(), "decorrelated": bool(cfg.decorrelate),
             "matching_error": eps, "shared_noise_factor": rho}
     return DifferenceResult(out, score, "alard_lupton", meta)
+
+
+#: The fraction of a kernel's weight that may fall past the frame before a pixel is EDGE.
+EDGE_KERNEL_FRACTION = 1e-3
+
+
+def convolution_border(kernel: np.ndarray, fraction: float = EDGE_KERNEL_FRACTION) -> tuple[int, int]:
+    """Widths (x, y; px) of the frame border where more than ``fraction`` of the kernel's
+    absolute weight lies beyond the frame when the kernel is centred on a pixel."""
+    a = np.abs(np.asarray(kernel, np.float64))
+    total = a.sum()
+    out = []
+    for prof in (a.sum(axis=0), a.sum(axis=1)):  # x profile, y profile
+        h = len(prof) // 2
+        # weight beyond offset d on the far side of either direction: d = 0 .. h
+        tail = np.array([max(prof[:h - d].sum(), prof[h + d + 1:].sum()) for d in range(h + 1)])
+        out.append(int(np.argmax(tail <= fraction * total)) if total > 0 else 0)
+    return out[0], out[1]
 
 
 #: The least a difference's variance keeps of its independent-noise value where the science
