@@ -153,3 +153,22 @@ def test_the_convolution_border_is_edge_and_not_searched():
     if len(det):
         assert (det["x"] > bx - 0.5).all() and (det["y"] < ny - bx - 0.5).all()
     assert convolution_border(np.pad(np.ones((1, 1)), 3)) == (0, 0)
+
+
+def test_a_few_percent_residual_of_a_star_is_near_bright_and_a_transient_beside_a_faint_one_is_not():
+    from archive.process.diffim.detection import FLAG_NEAR_BRIGHT_STAR, near_bright
+
+    p = make_pair(n=256, seed=14, n_stars=30, n_transients=0, n_variables=0)
+    res = subtract(p.science, p.template)
+    st = p.stars.sort_values("flux")
+    faint, bright = st.iloc[0], st.iloc[-1]
+    cfg = DetectionConfig(bright_snr=1e9)  # the flux-ratio test alone
+    fwhm = 4.2
+    # 3% of the bright star's flux at its position: a residual; the same flux beside the faintest star: not
+    near = near_bright(p.template, res.difference, [bright.x, faint.x + 6], [bright.y, faint.y],
+                       np.array([0.03 * bright.flux, 0.03 * bright.flux]), fwhm, cfg)
+    assert near.tolist() == [True, bright.flux * 0.03 * 20 < faint.flux]
+    off = near_bright(p.template, res.difference, [bright.x], [bright.y], np.array([0.03 * bright.flux]), fwhm,
+                      DetectionConfig(bright_snr=1e9, bright_ratio=0.0))
+    assert not off[0]
+    assert FLAG_NEAR_BRIGHT_STAR > 0

@@ -19,7 +19,9 @@ Measurement
 Flags
     The mask bits within the PSF core (from both images: SAT, BAD, CR, EDGE, NO_DATA,
     STREAK...), NEAR_BRIGHT_STAR where a template pixel within ``bright_radius_fwhm`` FWHM
-    has an S/N above ``bright_snr`` or is saturated (SAT in either image), and DIPOLE for pairs of a positive and a negative detection closer
+    has an S/N above ``bright_snr`` or is saturated (SAT in either image), or a template
+    source there is more than ``bright_ratio`` times brighter than the detection; and
+    DIPOLE for pairs of a positive and a negative detection closer
     than ``dipole_fwhm`` FWHM with fluxes of comparable size.
 Dipoles
     A dipole's two lobes are fitted jointly (two PSFs of free flux at the lobes'
@@ -32,7 +34,6 @@ import dataclasses
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 
 from archive.errors import ValidationError
 from archive.image.exposure import Exposure
@@ -46,8 +47,10 @@ DIA_FLAGS = {"NEAR_BRIGHT_STAR": FLAG_NEAR_BRIGHT_STAR, "DIPOLE": FLAG_DIPOLE}
 @dataclasses.dataclass
 class DetectionConfig:
     """threshold: score sigma; min_pixels: pixels above threshold a detection needs;
-    aperture_fwhm: aperture radius in FWHM; bright_snr, bright_radius_fwhm: a template pixel
-    of S/N above bright_snr within bright_radius_fwhm FWHM makes a detection NEAR_BRIGHT_STAR; dipole_fwhm: the largest lobe separation of a dipole;
+    aperture_fwhm: aperture radius in FWHM; bright_snr, bright_radius_fwhm, bright_ratio: a
+    template pixel of S/N above bright_snr, or a template source brighter than bright_ratio
+    times the detection (0: no such test), within bright_radius_fwhm FWHM makes a detection
+    NEAR_BRIGHT_STAR; dipole_fwhm: the largest lobe separation of a dipole;
     dipole_ratio: the lobes' |flux| ratio must lie within [1/r, r]; negative: also detect
     fading sources; refine: move each position to the peak of the PSF-filtered difference
     (:func:`refine_on_difference`); masked_centre: mask planes of the difference (the
@@ -58,6 +61,7 @@ class DetectionConfig:
     min_pixels: int = dataclasses.field(default=2, metadata={"min": 1})
     aperture_fwhm: float = dataclasses.field(default=1.0, metadata={"min": 0.3, "max": 5.0})
     bright_snr: float = dataclasses.field(default=100.0, metadata={"min": 1.0})
+    bright_ratio: float = dataclasses.field(default=20.0, metadata={"min": 0.0})
     bright_radius_fwhm: float = dataclasses.field(default=3.0, metadata={"min": 0.0})
     dipole_fwhm: float = dataclasses.field(default=1.5, metadata={"min": 0.1})
     dipole_ratio: float = dataclasses.field(default=4.0, metadata={"min": 1.0})
@@ -188,18 +192,8 @@ def detect_dia_sources(difference: Exposure, score: np.ndarray, science: Exposur
     else:
         sflux = serr = np.full(len(x), np.nan)
     if template is not None:
-        # a bright template source within bright_radius_fwhm: residuals of bright stars (PSF and
-        # alignment errors scale with their flux) are flagged, not trusted
-        with np.errstate(invalid="ignore", divide="ignore"):
-            tsnr = np.where(np.isfinite(template.variance) & (template.variance > 0),
-                            template.image / np.sqrt(template.variance), 0.0)
-        if "SAT" in difference.mask_planes:  # a saturated core (science or template) is a bright star
-            tsnr = np.where(difference.mask_of("SAT"), np.inf, tsnr)
-        r = max(1, int(round(cfg.bright_radius_fwhm * fwhm)))
-        near = ndimage.maximum_filter(tsnr, size=2 * r + 1)
-        ix = np.clip(np.round(x).astype(int), 0, template.shape[1] - 1)
-        iy = np.clip(np.round(y).astype(int), 0, template.shape[0] - 1)
-        flags = np.where(near[iy, ix] > cfg.bright_snr, flags | FLAG_NEAR_BRIGHT_STAR, flags)
+        near = near_bright(template, difference, x, y, np.abs(flux), fwhm, cfg)
+        flags = np.where(near, flags | FLAG_NEAR_BRIGHT_STAR, flags)
     is_dipole = np.zeros(len(x), bool)
     pairs = dipole_pairs(x, y, sign, flux, fwhm * cfg.dipole_fwhm, cfg.dipole_ratio)
     if len(pairs):
@@ -216,6 +210,40 @@ def detect_dia_sources(difference: Exposure, score: np.ndarray, science: Exposur
                          "psf_flux": flux, "psf_flux_err": err, "ap_flux": ap, "ap_flux_err": ap_err,
                          "science_flux": sflux, "science_flux_err": serr, "snr": snr, "is_dipole": is_dipole,
                          "flags": flags})
+
+
+def near_bright(template: Exposure, difference: Exposure, x, y, flux, fwhm: float,
+                cfg: DetectionConfig) -> np.ndarray:
+    """Which detections at (x, y) (0-based px) of |PSF flux| ``flux`` lie within
+    ``bright_radius_fwhm`` FWHM of a bright template source: a template pixel of S/N above
+    ``bright_snr``, a saturated pixel (SAT in either image), or a source whose flux
+    (its peak pixel over the PSF's peak fraction) is more than ``bright_ratio`` times the
+    detection's -- a residual of a few percent of a star's light (PSF matching, alignment)
+    looks like a change of that size.  Only the pixels around each detection are read."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) == 0:
+        return np.zeros(0, bool)
+    ny, nx = template.shape
+    r = max(1, int(round(cfg.bright_radius_fwhm * fwhm)))
+    g = np.arange(-r, r + 1)
+    disk = (g[:, None] ** 2 + g[None, :] ** 2) <= r * r
+    ix0, iy0 = np.floor(x + 0.5).astype(np.int64), np.floor(y + 0.5).astype(np.int64)
+    yy, xx = iy0[:, None, None] + g[None, :, None], ix0[:, None, None] + g[None, None, :]
+    inside = disk[None] & (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+    yy, xx = np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)
+    img = template.image[yy, xx].astype(np.float64)
+    var = template.variance[yy, xx].astype(np.float64)
+    good = inside & np.isfinite(img) & np.isfinite(var) & (var > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = np.where(good, img / np.sqrt(np.where(good, var, 1.0)), 0.0)
+    bright = snr.max(axis=(1, 2)) > cfg.bright_snr
+    if "SAT" in difference.mask_planes:
+        bright |= (inside & ((difference.mask[yy, xx] & difference.get_plane_bitmask("SAT")) != 0)).any(axis=(1, 2))
+    if template.psf is not None and cfg.bright_ratio > 0:
+        peak = float(np.max(template.psf.kernel((nx - 1) / 2.0, (ny - 1) / 2.0, None)))
+        brightest = np.where(good, img, 0.0).max(axis=(1, 2)) / max(peak, 1e-6)
+        bright |= brightest > cfg.bright_ratio * np.where(np.isfinite(flux), flux, np.inf)
+    return bright
 
 
 def aperture_flux(exposure: Exposure, x, y, radius: float) -> tuple[np.ndarray, np.ndarray]:
