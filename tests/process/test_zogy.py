@@ -159,8 +159,13 @@ def test_result_shape_and_mask(static_pair):
     assert res.method == "zogy"
     assert d.shape == (SIZE, SIZE) and res.score.shape == (SIZE, SIZE)
     assert d.image.dtype == np.float32 and res.score.dtype == np.float32
-    # the mask is the OR of both inputs' masks, not grown
-    expected = static_pair["sci"].mask | static_pair["tpl"].mask
+    # the mask is the OR of both inputs' masks, not grown, and EDGE on the frame's border
+    # where a PSF reaches past it (edge_border_px: x, y)
+    bx, by = res.metadata["edge_border_px"]
+    assert 1 <= bx <= res.metadata["edge_reach_px"] and 1 <= by <= res.metadata["edge_reach_px"]
+    edge = np.zeros(d.shape, bool)
+    edge[:by], edge[-by:], edge[:, :bx], edge[:, -bx:] = True, True, True, True
+    expected = static_pair["sci"].mask | static_pair["tpl"].mask | np.where(edge, np.int32(d.get_plane_bitmask("EDGE")), 0)
     np.testing.assert_array_equal(d.mask, expected)
     nd = d.mask_of("NO_DATA")
     assert nd.sum() == 224 * 200

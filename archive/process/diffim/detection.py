@@ -90,6 +90,20 @@ def _peaks(score: np.ndarray, usable: np.ndarray, sign: int, cfg: DetectionConfi
     return pk[["x", "y"]].to_numpy(float), pk["peak_snr"].to_numpy(float)
 
 
+def _distinct(xy: np.ndarray, sign: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (and signs) with each same-sign pair closer than ``radius`` px kept once
+    (the first: detections come brightest first within each sign)."""
+    from scipy.spatial import cKDTree
+
+    keep = np.ones(len(xy), bool)
+    for s in np.unique(sign):
+        idx = np.flatnonzero(sign == s)
+        for i, j in sorted(cKDTree(xy[idx]).query_pairs(radius)):
+            if keep[idx[i]]:
+                keep[idx[j]] = False
+    return xy[keep], sign[keep]
+
+
 def refine_on_difference(difference: Exposure, xy: np.ndarray, sign: np.ndarray, fwhm: float) -> np.ndarray:
     """Positions of peaks moved to the peak of the PSF-filtered difference (matched filter).
 
@@ -164,6 +178,8 @@ def detect_dia_sources(difference: Exposure, score: np.ndarray, science: Exposur
     sign = np.concatenate(signs) if signs else np.empty(0)
     if cfg.refine and len(xy):
         xy = refine_on_difference(difference, xy, sign, fwhm0)
+    if len(xy) > 1:  # two peaks of one sign that climbed to the same place are one detection
+        xy, sign = _distinct(xy, sign, 0.5)
     drop = [p for p in cfg.masked_centre if p in difference.mask_planes]
     if drop and len(xy):  # a peak on masked pixels is the mask's doing (filled, interpolated): no detection
         ix = np.clip(np.floor(xy[:, 0] + 0.5).astype(int), 0, difference.shape[1] - 1)

@@ -842,6 +842,16 @@ def zogy_difference(science: Exposure, template: Exposure, config: ZogyConfig | 
     out["score"][no_data] = 0.0
     uncovered = ~np.isfinite(out["variance"])
     mask[uncovered] |= np.int32(1 << no_data_bit)
+    # each image is convolved with the other's PSF, which has nothing beyond the frame: where
+    # a PSF reaches past it the difference is biased (a star at the border): EDGE there
+    from archive.process.diffim.alard_lupton import convolution_border
+
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    bx, by = (max(v) for v in zip(convolution_border(science.psf.kernel(cx, cy, ks)),
+                                  convolution_border(template.psf.kernel(cx, cy, ks))))
+    edge = np.zeros((h, w), bool)
+    edge[:by], edge[h - by:], edge[:, :bx], edge[:, w - bx:] = True, True, True, True
+    mask[edge] |= np.int32(1 << maskmod.add_plane(planes, "EDGE"))
 
     # -- the difference's PSF: P_D at the core centres (and corners) fitted by a polynomial
     done = [r for r in records if r is not None]
@@ -870,6 +880,7 @@ def zogy_difference(science: Exposure, template: Exposure, config: ZogyConfig | 
         "psf_interpolation": cfg.psf_interpolation,
         "kernel_size": ks,
         "edge_reach_px": ks // 2,
+        "edge_border_px": [int(bx), int(by)],
         "variance_plane": cfg.variance_plane,
         "margin": margin,
         "fft_shape": list(fshape),
