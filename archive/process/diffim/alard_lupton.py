@@ -53,9 +53,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import numpy as np
+import scipy.fft as sfft
 from scipy import ndimage, signal
+from threadpoolctl import threadpool_limits
 
 from archive.errors import ValidationError
 from archive.image.exposure import Exposure
@@ -67,6 +70,11 @@ from archive.process.warp import fill_masked
 STAMP_BAD = ("BAD", "SAT", "CR", "NO_DATA", "EDGE", "STREAK", "INTRP", "SUSPECT")
 #: Mask planes filled before convolution (so they do not spread), and carried to the difference.
 FILL_PLANES = ("BAD", "SAT", "CR", "NO_DATA", "STREAK")
+#: How far (px) a filled pixel's value reaches for its neighbours' (:func:`fill_masked`'s
+#: three rounds of Gaussian widths 2, 4, 8 px, truncated at 4 sigma).
+FILL_REACH = 33
+#: binary_dilation's default (cross) structure, for a stack of 2-D masks.
+_CROSS3 = ndimage.generate_binary_structure(2, 1)[None]
 
 
 @dataclasses.dataclass
@@ -83,7 +91,8 @@ class AlardLuptonConfig:
     which keeps a kernel too small for a PSF's far wings from scaling the template instead;
     background_mesh: cell size (px) of a smooth background estimated on the difference and
     removed (the two images' background subtractions differ on scales the kernel fit's
-    polynomial does not follow); 0: none."""
+    polynomial does not follow); 0: none; threads: cores used (0: all; the result does not
+    depend on it)."""
 
     kernel_size: int = dataclasses.field(default=0, metadata={"min": 0, "max": 101})
     sigmas: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
@@ -104,6 +113,7 @@ class AlardLuptonConfig:
     model_error_scale: float = dataclasses.field(default=0.3, metadata={"min": 0.0})
     fit_flux_ratio: bool = False
     background_mesh: int = dataclasses.field(default=128, metadata={"min": 0, "max": 4096})
+    threads: int = dataclasses.field(default=0, metadata={"min": 0, "max": 256})
 
     def validate(self) -> None:
         if len(self.sigmas) != len(self.degrees) or not self.sigmas:
@@ -138,37 +148,53 @@ def kernel_basis(size: int, sigmas_px: list[float], degrees: list[int]) -> np.nd
 
 
 # -- stamp selection --------------------------------------------------------------------------
+def _bad_pixels(e: Exposure, planes, sl=None) -> np.ndarray:
+    """Pixels (of the slice ``sl``) with any of ``planes`` set or a value or variance not finite."""
+    sl = sl if sl is not None else (slice(None), slice(None))
+    names = [p for p in planes if p in e.mask_planes]
+    img, var = e.image[sl], e.variance[sl]
+    bad = ~np.isfinite(img) | ~np.isfinite(var)
+    if names:
+        bad |= (e.mask[sl] & e.get_plane_bitmask(*names)) != 0
+    return bad
+
+
 def select_stamps(a: Exposure, b: Exposure, half: int, cfg: AlardLuptonConfig) -> np.ndarray:
     """Centres (x, y) of bright, isolated, unmasked stars on both images, brightest first."""
     ny, nx = a.shape
-    bad = np.zeros((ny, nx), bool)
-    for e in (a, b):
-        planes = [p for p in STAMP_BAD if p in e.mask_planes]
-        bad |= e.mask_of(*planes) if planes else False
-        bad |= ~np.isfinite(e.image) | ~np.isfinite(e.variance) | (e.variance <= 0)
+    bad = _bad_pixels(a, STAMP_BAD) | _bad_pixels(b, STAMP_BAD) | (a.variance <= 0) | (b.variance <= 0)
     snr = np.where(bad, 0.0, a.image / np.sqrt(np.where(bad, 1.0, a.variance)))
     smooth = ndimage.gaussian_filter(snr, 1.0)
-    peaks = (smooth == ndimage.maximum_filter(smooth, size=5)) & (snr > cfg.stamp_snr)
-    ys, xs = np.nonzero(peaks)
+    # local maxima (of 5 x 5) of the smoothed S/N above the threshold: tested at the pixels
+    # above it only (the same test as a whole-frame maximum filter there)
+    ys, xs = np.nonzero(snr > cfg.stamp_snr)
     inside = (xs >= half) & (xs < nx - half) & (ys >= half) & (ys < ny - half)
     xs, ys = xs[inside], ys[inside]
+    if len(xs):
+        top = smooth[ys, xs]
+        peak = np.ones(len(xs), bool)
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                if dy or dx:
+                    peak &= smooth[ys + dy, xs + dx] <= top
+        xs, ys = xs[peak], ys[peak]
     # isolation: no other (fainter) peak above 5 sigma within the stamp radius
-    faint = (smooth == ndimage.maximum_filter(smooth, size=3)) & (snr > 5.0)
-    fy, fx = np.nonzero(faint)
-    if len(xs) and len(fx) and cfg.stamp_isolation > 0:
-        from scipy.spatial import cKDTree
+    if len(xs) and cfg.stamp_isolation > 0:
+        faint = (smooth == ndimage.maximum_filter(smooth, size=3)) & (snr > 5.0)
+        fy, fx = np.nonzero(faint)
+        if len(fx):
+            from scipy.spatial import cKDTree
 
-        tree = cKDTree(np.column_stack([fx, fy]))
-        counts = np.array([len(n) for n in tree.query_ball_point(np.column_stack([xs, ys]),
-                                                                 r=max(1.0, cfg.stamp_isolation * half))])
-        keep = counts <= 1
-        xs, ys = xs[keep], ys[keep]
+            tree = cKDTree(np.column_stack([fx, fy]))
+            counts = np.array([len(n) for n in tree.query_ball_point(np.column_stack([xs, ys]),
+                                                                     r=max(1.0, cfg.stamp_isolation * half))])
+            keep = counts <= 1
+            xs, ys = xs[keep], ys[keep]
     # no masked pixel in the star's core (elsewhere in the stamp masked pixels get no weight)
     if len(xs):
         core = max(2, half // 4)
-        integral = np.pad(bad.astype(np.int32), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-        n_bad = (integral[ys + core + 1, xs + core + 1] - integral[ys - core, xs + core + 1]
-                 - integral[ys + core + 1, xs - core] + integral[ys - core, xs - core])
+        d = np.arange(-core, core + 1)
+        n_bad = bad[ys[:, None, None] + d[None, :, None], xs[:, None, None] + d[None, None, :]].sum(axis=(1, 2))
         xs, ys = xs[n_bad == 0], ys[n_bad == 0]
     order = np.argsort(-snr[ys, xs])[: cfg.max_stamps]
     return np.column_stack([xs[order], ys[order]]).astype(np.int64)
@@ -227,7 +253,7 @@ class KernelSolution:
 
 
 def fit_kernel(source: Exposure, target: Exposure, basis: np.ndarray, cfg: AlardLuptonConfig,
-               stamps: np.ndarray, half: int) -> KernelSolution:
+               stamps: np.ndarray, half: int, threads: int = 1) -> KernelSolution:
     """Least-squares kernel taking ``source`` to ``target`` on (2 half + 1)^2 stamps centred on
     ``stamps`` (see the module docstring)."""
     ny, nx = source.shape
@@ -237,31 +263,47 @@ def fit_kernel(source: Exposure, target: Exposure, basis: np.ndarray, cfg: Alard
     if ns < 3:
         raise ValidationError(f"PSF matching: only {ns} usable stars for the kernel fit (need 3 or more)")
     side = 2 * half + 1
-    bad = {}
-    for name, e in (("source", source), ("target", target)):
-        planes = [p for p in STAMP_BAD if p in e.mask_planes]
-        bad[name] = ((e.mask_of(*planes) if planes else np.zeros(e.shape, bool)) | ~np.isfinite(e.image)
-                     | ~np.isfinite(e.variance))
-    src_img = fill_masked(source.image, bad["source"])  # masked source pixels must not spread
     first = 0 if cfg.fit_flux_ratio else 1  # with a known flux ratio the first basis is fixed at 1
     nb = len(basis)
-    # every stamp's source region convolved with every basis image, by one batched FFT
+    # every stamp's source region (the stamp and the kernel's reach), its masked pixels filled
+    # (they must not spread), and which of its pixels are masked on either image: all from the
+    # regions alone (the fill at a pixel sees FILL_REACH px around it, the frame's own edges
+    # where the window meets them)
     rs = side + 2 * kh
-    regions = np.stack([src_img[y - half - kh:y + half + kh + 1, x - half - kh:x + half + kh + 1]
-                        for x, y in stamps]).astype(np.float64)
-    fshape = (rs + 2 * kh + 1, rs + 2 * kh + 1)
-    fr = np.fft.rfft2(regions, fshape)
-    fb = np.fft.rfft2(basis, fshape)
+    r0 = half + kh
+    regions = np.empty((ns, rs, rs))
+    bad_src = np.empty((ns, rs, rs), bool)
+    bad_tgt = np.empty((ns, side, side), bool)
+    for i, (x, y) in enumerate(stamps):
+        sl = (slice(y - r0, y + r0 + 1), slice(x - r0, x + r0 + 1))
+        bs = _bad_pixels(source, STAMP_BAD, sl)
+        bad_src[i] = bs
+        bad_tgt[i] = _bad_pixels(target, STAMP_BAD, (slice(y - half, y + half + 1), slice(x - half, x + half + 1)))
+        if bs.any():
+            wy0, wy1 = max(0, y - r0 - FILL_REACH), min(ny, y + r0 + 1 + FILL_REACH)
+            wx0, wx1 = max(0, x - r0 - FILL_REACH), min(nx, x + r0 + 1 + FILL_REACH)
+            win = (slice(wy0, wy1), slice(wx0, wx1))
+            filled = fill_masked(source.image[win], _bad_pixels(source, STAMP_BAD, win))
+            regions[i] = filled[y - r0 - wy0:y + r0 + 1 - wy0, x - r0 - wx0:x + r0 + 1 - wx0]
+        else:
+            regions[i] = source.image[sl]
+    # every stamp's region convolved with every basis image, by batched FFTs (circular of a size
+    # of at least the region: the stamp's pixels are those the kernel does not wrap at)
+    fs = sfft.next_fast_len(rs, real=True)
+    fr = sfft.rfft2(regions, (fs, fs), workers=threads)
+    fb = sfft.rfft2(basis, (fs, fs), workers=threads)
     conv = np.empty((ns, nb, side * side))
     for b in range(nb):  # per basis: the (ns, ...) product stays small
-        full = np.fft.irfft2(fr * fb[b][None], fshape)
+        full = sfft.irfft2(fr * fb[b][None], (fs, fs), workers=threads)
         conv[:, b] = full[:, 2 * kh:2 * kh + side, 2 * kh:2 * kh + side].reshape(ns, -1)
     tgt = np.stack([target.image[y - half:y + half + 1, x - half:x + half + 1] for x, y in stamps]).reshape(ns, -1)
     var = np.stack([target.variance[y - half:y + half + 1, x - half:x + half + 1]
                     + source.variance[y - half:y + half + 1, x - half:x + half + 1] for x, y in stamps])
-    # no weight where either image is masked (around a masked source pixel: the kernel's reach)
-    near_bad = ndimage.binary_dilation(bad["source"], iterations=kh) | bad["target"]
-    nb_st = np.stack([near_bad[y - half:y + half + 1, x - half:x + half + 1] for x, y in stamps])
+    # no weight where either image is masked (around a masked source pixel: the kernel's reach;
+    # the dilation of a region reaches its stamp's pixels from inside the region only)
+    near_bad = ndimage.binary_dilation(bad_src, structure=_CROSS3, iterations=kh)[:, kh:kh + side, kh:kh + side] \
+        if kh else bad_src
+    nb_st = near_bad | bad_tgt
     w = np.where(nb_st | ~(np.isfinite(var) & (var > 0)), 0.0, 1.0 / np.where(var > 0, var, 1.0)).reshape(ns, -1)
     ws = poly_design(stamps[:, 0].astype(float), stamps[:, 1].astype(float), cfg.spatial_degree, bbox)  # (ns, nt)
     wb = poly_design(stamps[:, 0].astype(float), stamps[:, 1].astype(float), cfg.background_degree, bbox)
@@ -271,7 +313,8 @@ def fit_kernel(source: Exposure, target: Exposure, basis: np.ndarray, cfg: Alard
     rhs = tgt - (conv[:, 0] if first else 0.0)
     cw = c * w[:, None, :]
     # per-stamp normal-equation pieces; the spatial terms are constant over a stamp
-    gram = cw @ c.transpose(0, 2, 1)              # (ns, nbk, nbk)
+    with threadpool_limits(limits=1, user_api="blas"):  # small products: BLAS threads only spin (seconds, loaded)
+        gram = cw @ c.transpose(0, 2, 1)          # (ns, nbk, nbk)
     cr = (cw @ rhs[:, :, None])[:, :, 0]          # (ns, nbk)
     cbg = cw.sum(axis=2)                          # (ns, nbk)
     wsum = w.sum(axis=1)
@@ -375,6 +418,7 @@ def subtract(science: Exposure, template: Exposure, config: AlardLuptonConfig | 
         raise ValidationError(f"subtract: science {science.shape} and template {template.shape} grids differ")
     if science.psf is None or template.psf is None:
         raise ValidationError("subtract: both images need a PSF")
+    threads = cfg.threads or os.cpu_count() or 1
     ny, nx = science.shape
     cx, cy = (nx - 1) / 2.0, (ny - 1) / 2.0
     f_sci, f_tpl = float(science.psf.fwhm(cx, cy)), float(template.psf.fwhm(cx, cy))
@@ -389,7 +433,7 @@ def subtract(science: Exposure, template: Exposure, config: AlardLuptonConfig | 
     stamps = select_stamps(target, source, half + size // 2, cfg)
     if not cfg.fit_flux_ratio:
         stamps = stamps[same_flux(source, target, stamps, half, cfg.stamp_flux_tolerance)]
-    sol = fit_kernel(source, target, basis, cfg, stamps, half)
+    sol = fit_kernel(source, target, basis, cfg, stamps, half, threads)
 
     # fill masked pixels of the convolved image so they do not spread; keep their masks
     planes = [p for p in FILL_PLANES if p in source.mask_planes]
@@ -458,7 +502,7 @@ def subtract(science: Exposure, template: Exposure, config: AlardLuptonConfig | 
     eps = cfg.model_error_scale * matching_error(source, target, sol, stamps, half, convolve) \
         if cfg.model_error else 0.0
     tpl_side = conv if convolve == "template" else target.image  # the template's light, matched
-    score = score_image(out, np.where(no_data, 0.0, tpl_side), eps)
+    score = score_image(out, np.where(no_data, np.float32(0.0), tpl_side), eps, threads)
     meta = {"convolved": convolve, "kernel_size": size, "n_basis": int(len(basis)), "n_stamps": int(len(sol.stamps)),
             "kernel_chi2": sol.chi2, "kernel_sum": float(sol.kernel(cx, cy).sum()), "fwhm_science": f_sci,
             "fwhm_template": f_tpl, "background": sol.bg.tolist(), "decorrelated": bool(cfg.decorrelate),
@@ -579,19 +623,44 @@ def matching_error(source: Exposure, target: Exposure, sol: KernelSolution, stam
     return float(min(0.2, 1.4826 * np.median(np.abs(fr - np.median(fr))) + abs(np.median(fr))))
 
 
-def score_image(diff: Exposure, template: np.ndarray | None = None, epsilon: float = 0.0) -> np.ndarray:
+def _correlate_same(planes: list[np.ndarray], kernels: list[np.ndarray], which: list[int], threads: int) -> np.ndarray:
+    """Each plane correlated with ``kernels[which[i]]`` (odd squares), the size of the plane,
+    zero beyond its edges (``fftconvolve(plane, kernel[::-1, ::-1], "same")``): one real FFT per
+    plane, in float32 (the planes are float32; rounding ~1e-7 of a plane's scale)."""
+    ny, nx = planes[0].shape
+    h = max(k.shape[0] for k in kernels) // 2
+    shape = (sfft.next_fast_len(ny + h, real=True), sfft.next_fast_len(nx + h, real=True))
+    kf = []
+    for k in kernels:  # the flipped kernel with its centre at (0, 0), wrapped; its transform in float64
+        pad = np.zeros(shape)
+        kh = k.shape[0] // 2
+        pad[:k.shape[0], :k.shape[1]] = k[::-1, ::-1]
+        kf.append(sfft.rfft2(np.roll(pad, (-kh, -kh), axis=(0, 1))).astype(np.complex64))
+    spec = sfft.rfft2(np.stack(planes).astype(np.float32, copy=False), shape, workers=threads)
+    for i, j in enumerate(which):
+        spec[i] *= kf[j]
+    return sfft.irfft2(spec, shape, workers=threads)[:, :ny, :nx]
+
+
+def score_image(diff: Exposure, template: np.ndarray | None = None, epsilon: float = 0.0,
+                threads: int = 1) -> np.ndarray:
     """The difference filtered with its own PSF over the noise of that sum: a per-pixel S/N of
     a point source there (unit variance on empty sky when the variance plane is right).
     ``template`` (the template's light on the difference's grid and units) and ``epsilon``:
     a matching error of ``epsilon`` times the template's PSF flux counted as noise too."""
     ny, nx = diff.shape
     k = diff.psf.kernel((nx - 1) / 2.0, (ny - 1) / 2.0, None)
-    var = np.where(np.isfinite(diff.variance), diff.variance, 0.0)
-    num = signal.fftconvolve(diff.image, k[::-1, ::-1], mode="same")
-    den = signal.fftconvolve(var, (k * k)[::-1, ::-1], mode="same")
-    if template is not None and epsilon > 0:
-        t = signal.fftconvolve(np.where(np.isfinite(template), template, 0.0), k[::-1, ::-1], mode="same")
-        den = den + (epsilon * t) ** 2
+    fin = np.isfinite(diff.variance)
+    var = np.where(fin, diff.variance, np.float32(0.0))
+    planes, which = [diff.image, var], [0, 1]
+    with_tpl = template is not None and epsilon > 0
+    if with_tpl:
+        planes.append(np.where(np.isfinite(template), template, np.float32(0.0)))
+        which.append(0)
+    out = _correlate_same(planes, [k, k * k], which, threads)
+    num, den = out[0], out[1]
+    if with_tpl:
+        den += np.float32(epsilon) ** 2 * out[2] ** 2
     with np.errstate(invalid="ignore", divide="ignore"):
         s = num / np.sqrt(den)  # sum k D over its noise sqrt(sum k^2 V)
-    return np.where(np.isfinite(diff.variance) & (den > 0), s, 0.0).astype(np.float32)
+    return np.where(fin & (den > 0), s, np.float32(0.0)).astype(np.float32, copy=False)
