@@ -103,12 +103,12 @@ class DifferenceStep(Step):
         template = joined.exposure
         if template.info.extras["template"]["coverage"] == 0:
             raise ArchiveError("no template covers this exposure")
+        cov = None if joined.fraction is None else joined.fraction * science.variance
         if cfg.method == "zogy":
             from archive.process.diffim.zogy import zogy_difference
 
-            res = zogy_difference(science, template)
+            res = zogy_difference(science, template, covariance=cov)
         else:
-            cov = None if joined.fraction is None else joined.fraction * science.variance
             res = subtract(science, template, cfg.alard_lupton, covariance=cov)
         src = detect_dia_sources(res.difference, res.score, science, template, cfg.detection)
         written = products.write(ProductRef("diff", p["band"], p["exposure_id"]), res.difference)

@@ -13,6 +13,7 @@ from archive.image.exposure import Exposure, ExposureInfo
 from archive.image.psf import GaussianPSF, add_point_sources
 from archive.process.diffim.alard_lupton import AlardLuptonConfig, same_flux, subtract
 from archive.process.diffim.template import input_fraction, join_templates
+from archive.process.diffim.zogy import zogy_difference
 from diffim_pairs import psf_flux
 
 N = 384
@@ -55,8 +56,8 @@ def test_input_fraction_reads_the_input_map():
         input_fraction(imap, [1.0, 3.0, 1.0], 5)
 
 
-@pytest.mark.parametrize("seed", [3, 4])
-def test_a_template_input_differenced_has_pulls_of_one_with_the_covariance(seed):
+@pytest.mark.parametrize("seed,method", [(3, "al"), (4, "al"), (3, "zogy")])
+def test_a_template_input_differenced_has_pulls_of_one_with_the_covariance(seed, method):
     imgs, var, psf, stars = _epochs(seed)
     science = Exposure(imgs[0], variance=var, wcs=_wcs(), psf=psf, info=ExposureInfo(band="r", visit=1))
     tile = Exposure(np.mean(imgs, axis=0).astype(np.float32), variance=(var / 3).astype(np.float32),
@@ -68,7 +69,10 @@ def test_a_template_input_differenced_has_pulls_of_one_with_the_covariance(seed)
     pulls = {}
     for shared in (False, True):
         cov = joined.fraction * science.variance if shared else None
-        res = subtract(science, joined.exposure, AlardLuptonConfig(), covariance=cov)
+        if method == "zogy":
+            res = zogy_difference(science, joined.exposure, covariance=cov)
+        else:
+            res = subtract(science, joined.exposure, AlardLuptonConfig(), covariance=cov)
         f, e = psf_flux(res.difference, pts[:, 0], pts[:, 1])
         pulls[shared] = f / e
         if shared:

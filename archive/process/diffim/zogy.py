@@ -722,7 +722,32 @@ def _by_rows(subs: list[_Sub], nodes: _Nodes, fn, pool, workers: int) -> list:
     return results
 
 
-def zogy_difference(science: Exposure, template: Exposure, config: ZogyConfig | None = None) -> DifferenceResult:
+def shared_noise_factor(psf_science: np.ndarray, psf_template: np.ndarray, var_science: float,
+                        var_template: float, b: float = 1.0) -> float:
+    """What of the science's noise shared with the template cancels in a PSF fit on D, per unit
+    of their per-pixel covariance (1: all of it).
+
+    The science's noise n enters D as P_r^ n / sqrt(den) and, through the template (which
+    holds it smoothed by G = P_r^ / P_n^, |G| <= 1), as -P_n^ G n / sqrt(den) (b cancels: the
+    template's share is in its own units); the cross term of a fit with P_D then scales the
+    covariance by  sum |P_D|^2 Re(P_r conj(P_n G)) / den / sum |P_D|^2."""
+    from archive.process.diffim.alard_lupton import _centred_fft
+
+    n = 1 << int(math.ceil(math.log2(4 * max(psf_science.shape[0], psf_template.shape[0]))))
+    pn = _centred_fft(psf_science / psf_science.sum(), n)
+    pr = _centred_fft(psf_template / psf_template.sum(), n)
+    s = var_science + b * b * var_template
+    den = np.maximum(var_science / s * np.abs(pr) ** 2 + b * b * var_template / s * np.abs(pn) ** 2, 1e-300)
+    apn = np.abs(pn)
+    g = np.where(apn > 1e-6, pr / np.where(apn > 1e-6, pn, 1.0), 0.0)
+    g = np.where(np.abs(g) > 1.0, g / np.maximum(np.abs(g), 1e-300), g)
+    pd2 = np.abs(pr * pn) ** 2 / den
+    cross = (pr * np.conj(pn * g)).real / den
+    return float(np.clip((pd2 * cross).sum() / pd2.sum(), 0.0, 1.0))
+
+
+def zogy_difference(science: Exposure, template: Exposure, config: ZogyConfig | None = None,
+                    covariance: np.ndarray | None = None) -> DifferenceResult:
     """The ZOGY proper difference of ``science`` minus ``template`` (same grid, same flux units,
     both with variance planes, masks and PSFs), its PSF and the corrected score.
 
@@ -736,6 +761,11 @@ def zogy_difference(science: Exposure, template: Exposure, config: ZogyConfig | 
     offset, masked pixels re-solved).  The difference's values within ``edge_reach_px`` of
     NO_DATA pixels were computed partly from filled pixels: a star cut by the NO_DATA edge can
     leave a residual there, which a detection step should flag as an edge.
+
+    ``covariance``: per pixel (flux units squared), the covariance of the two images' noise
+    where the science is one of the template's inputs (as for
+    :func:`archive.process.diffim.alard_lupton.subtract`): the variance plane is lowered by
+    twice it times :func:`shared_noise_factor` (what of it cancels in a PSF fit on D).
     """
     cfg = config or ZogyConfig()
     try:
@@ -868,6 +898,17 @@ def zogy_difference(science: Exposure, template: Exposure, config: ZogyConfig | 
     sol, *_ = np.linalg.lstsq(design, kernels.reshape(len(centres), -1).astype(np.float64), rcond=None)
     psf_d = PixelPSF(sol.reshape(-1, ks, ks), None, oversample=1, degree=degree, bbox=bb)
 
+    rho = None
+    if covariance is not None:
+        from archive.process.diffim.alard_lupton import shared_noise_variance
+
+        cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+        vn = float(np.median([r["sigma_science"] for r in done])) ** 2
+        vr = float(np.median([r["sigma_template"] for r in done])) ** 2
+        rho = shared_noise_factor(science.psf.kernel(cx, cy, ks), template.psf.kernel(cx, cy, ks), vn, vr, b)
+        good = np.isfinite(out["variance"])
+        out["variance"] = np.where(good, shared_noise_variance(np.where(good, out["variance"], 0.0), rho * covariance),
+                                   np.inf).astype(np.float32)
     diff = Exposure(out["image"], mask, out["variance"],
                     wcs=science.wcs.deepcopy() if science.wcs is not None else None, psf=psf_d,
                     photo_calib=science.photo_calib, info=science.info.copy(), mask_planes=planes, xy0=science.xy0)
@@ -881,6 +922,7 @@ def zogy_difference(science: Exposure, template: Exposure, config: ZogyConfig | 
         "kernel_size": ks,
         "edge_reach_px": ks // 2,
         "edge_border_px": [int(bx), int(by)],
+        "shared_noise_factor": rho,
         "variance_plane": cfg.variance_plane,
         "margin": margin,
         "fft_shape": list(fshape),
