@@ -68,7 +68,8 @@ def demo_config(epochs: int, size: int, seed: int):
 
 
 def run_demo(directory, repo: str | None = None, epochs: int = 10, size: int = 1024, seed: int = 1,
-             jobs: int | None = None, simulate=None, progress: bool | None = None) -> DemoReport:
+             jobs: int | None = None, simulate=None, progress: bool | None = None,
+             method: str = "alard_lupton") -> DemoReport:
     """Simulate into ``directory``/data, run the whole chain into a new archive, score it.
 
     ``repo``: a Postgres URL (its database must hold no exposure yet) or None for an
@@ -76,13 +77,16 @@ def run_demo(directory, repo: str | None = None, epochs: int = 10, size: int = 1
     image products of a Postgres archive go to ``directory``/products.
     ``simulate(outdir, config)``: the simulation function (default
     :func:`archive.sim.simulate_survey`; the command line passes one with a progress bar).
-    ``jobs``: worker processes (default: the number of cores).
+    ``jobs``: worker processes (default: the number of cores).  ``method``: the difference
+    imaging, ``"alard_lupton"`` or ``"zogy"``.
     """
     from archive.demo_truth import score_archive
 
     out = pathlib.Path(directory)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ArchiveError(f"{out} exists and is not an empty directory; choose a new directory")
+    if method not in ("alard_lupton", "zogy"):
+        raise ArchiveError(f"demo: method {method!r}: use alard_lupton or zogy")
     cfg = demo_config(epochs, size, seed)
     if repo is not None and "://" not in str(repo):
         raise ArchiveError(f"demo: --repo {repo!r}: give a PostgreSQL URL (the embedded archive goes in DIR)")
@@ -107,7 +111,7 @@ def run_demo(directory, repo: str | None = None, epochs: int = 10, size: int = 1
         mjds = sorted(r["mjd"] for r in manifest["raws"])
         # the template: the first epochs only, so that what happens later is a change
         mjd_max = mjds[0] + TEMPLATE_SHARE * (mjds[-1] - mjds[0])
-        config = {"template": {"select": {"mjd_max": float(mjd_max)}}}
+        config = {"template": {"select": {"mjd_max": float(mjd_max)}}, "difference": {"method": method}}
         t1 = time.perf_counter()
         reports = arc.run(config=config, products=products, jobs=jobs, progress=progress)
         t_run = time.perf_counter() - t1

@@ -37,7 +37,7 @@ def cmd_demo(args) -> int:
     from archive.demo import run_demo
 
     rep = run_demo(args.directory, repo=args.repo, epochs=args.epochs, size=args.size, seed=args.seed,
-                   jobs=args.workers, simulate=simulate_with_progress)
+                   jobs=args.workers, simulate=simulate_with_progress, method=args.method)
     print_demo(rep)
     if not rep.counts["diff"]:
         print("demo: no difference image was made (see the rejected visits above)", file=sys.stderr)
@@ -130,6 +130,8 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=int, default=10, help="number of visits (at least 5)")
     p.add_argument("--size", type=int, default=1024, help="detector size in pixels")
     p.add_argument("--seed", type=int, default=1, help="random seed of the simulation")
+    p.add_argument("--method", choices=["alard_lupton", "zogy"], default="alard_lupton",
+                   help="difference imaging: Alard-Lupton (default) or ZOGY")
     p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1),
                    help="worker processes (default: the number of cores)")
     p.set_defaults(func=cmd_demo)

@@ -172,3 +172,26 @@ def test_a_few_percent_residual_of_a_star_is_near_bright_and_a_transient_beside_
                       DetectionConfig(bright_snr=1e9, bright_ratio=0.0))
     assert not off[0]
     assert FLAG_NEAR_BRIGHT_STAR > 0
+
+
+def test_a_peak_on_the_rim_of_a_template_hole_is_dropped():
+    from archive.image.exposure import Exposure
+    from archive.image.psf import GaussianPSF
+    from archive.process.diffim.alard_lupton import score_image
+
+    rng = np.random.default_rng(15)
+    n, psf = 200, GaussianPSF(fwhm=4.0)
+    img = np.zeros((n, n))
+    add_point_sources(img, psf, np.array([60.3, 150.2]), np.array([102.0, 60.7]), np.array([3e3, 3e3]))
+    img += rng.normal(0, 10, (n, n))
+    diff = Exposure(img.astype(np.float32), variance=np.full((n, n), 100.0, np.float32), psf=psf)
+    hole = np.zeros((n, n), bool)
+    hole[:, :57] = True  # a template hole 3.3 px from the first source
+    diff.mask[hole] |= np.int32(diff.get_plane_bitmask("NO_DATA"))
+    diff.variance[hole] = np.inf
+    diff.image[hole] = 0.0
+    score = score_image(diff)
+    det = detect_dia_sources(diff, score)
+    assert len(det) == 1 and abs(det["x"].iloc[0] - 150.2) < 0.5
+    kept = detect_dia_sources(diff, score, config=DetectionConfig(edge_clearance_fwhm=0.0))
+    assert len(kept) == 2

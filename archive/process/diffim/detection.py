@@ -9,8 +9,9 @@ Detection
     PSF-filtered difference (a score lowered by source noise peaks off a varying star's
     centre) and is refined to sub-pixel by a parabola there.  Peaks are not looked for on
     NO_DATA or EDGE pixels (no difference, or a biased one, there), and a peak that lands on
-    a pixel of ``masked_centre`` (filled or interpolated in the science or the template) is
-    dropped; a region needs ``min_pixels`` pixels.
+    a pixel of ``masked_centre`` (filled or interpolated in the science or the template), or
+    within ``edge_clearance_fwhm`` FWHM of a NO_DATA or EDGE pixel, is dropped; a region
+    needs ``min_pixels`` pixels.
 Measurement
     PSF flux and error on the difference (:func:`archive.process.forced.forced_photometry`
     at the detected position; neighbours fitted jointly), aperture flux in a circle of
@@ -55,7 +56,9 @@ class DetectionConfig:
     fading sources; refine: move each position to the peak of the PSF-filtered difference
     (:func:`refine_on_difference`); masked_centre: mask planes of the difference (the
     science's and the template's) on which a peak is no detection (its pixel was filled or
-    interpolated: a star under a satellite streak or a cosmic ray, a saturated core)."""
+    interpolated: a star under a satellite streak or a cosmic ray, a saturated core);
+    edge_clearance_fwhm: a peak within this many FWHM of a NO_DATA or EDGE pixel is dropped
+    (the rim of a template hole or of the frame)."""
 
     threshold: float = dataclasses.field(default=5.0, metadata={"min": 2.0})
     min_pixels: int = dataclasses.field(default=2, metadata={"min": 1})
@@ -68,6 +71,7 @@ class DetectionConfig:
     negative: bool = True
     refine: bool = True
     masked_centre: tuple[str, ...] = ("NO_DATA", "EDGE", "BAD", "SAT", "CR", "STREAK", "INTRP")
+    edge_clearance_fwhm: float = dataclasses.field(default=1.0, metadata={"min": 0.0})
 
 
 def _peaks(score: np.ndarray, usable: np.ndarray, sign: int, cfg: DetectionConfig,
@@ -88,6 +92,20 @@ def _peaks(score: np.ndarray, usable: np.ndarray, sign: int, cfg: DetectionConfi
     if not len(pk):
         return np.empty((0, 2)), np.empty(0)
     return pk[["x", "y"]].to_numpy(float), pk["peak_snr"].to_numpy(float)
+
+
+def _any_within(mask: np.ndarray, bits: int, xy: np.ndarray, radius: float) -> np.ndarray:
+    """Whether any pixel with ``bits`` set lies within ``radius`` px of each position
+    (off the frame counts as not set); only the pixels around each position are read."""
+    ny, nx = mask.shape
+    r = max(1, int(np.ceil(radius)))
+    g = np.arange(-r, r + 1)
+    disk = (g[:, None] ** 2 + g[None, :] ** 2) <= radius * radius
+    ix0, iy0 = np.floor(xy[:, 0] + 0.5).astype(np.int64), np.floor(xy[:, 1] + 0.5).astype(np.int64)
+    yy, xx = iy0[:, None, None] + g[None, :, None], ix0[:, None, None] + g[None, None, :]
+    inside = disk[None] & (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+    hit = (mask[np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)] & np.int32(bits)) != 0
+    return (hit & inside).any(axis=(1, 2))
 
 
 def _distinct(xy: np.ndarray, sign: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
@@ -186,6 +204,13 @@ def detect_dia_sources(difference: Exposure, score: np.ndarray, science: Exposur
         iy = np.clip(np.floor(xy[:, 1] + 0.5).astype(int), 0, difference.shape[0] - 1)
         keep = (difference.mask[iy, ix] & difference.get_plane_bitmask(*drop)) == 0
         xy, sign = xy[keep], sign[keep]
+    edge_planes = [p for p in ("NO_DATA", "EDGE") if p in difference.mask_planes]
+    if edge_planes and len(xy) and cfg.edge_clearance_fwhm > 0:
+        # within a PSF core of pixels without (or with a biased) difference: the rim of a hole
+        # in the template or of the frame, where filled pixels and convolutions meet
+        near = _any_within(difference.mask, difference.get_plane_bitmask(*edge_planes), xy,
+                           cfg.edge_clearance_fwhm * fwhm0)
+        xy, sign = xy[~near], sign[~near]
     cols = ["x", "y", "x_err", "y_err", "ra", "dec", "ra_err", "dec_err", "psf_flux", "psf_flux_err", "ap_flux",
             "ap_flux_err", "science_flux", "science_flux_err", "snr", "is_dipole", "flags"]
     if len(xy) == 0:
