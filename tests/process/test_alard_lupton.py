@@ -170,3 +170,40 @@ def test_matching_error_is_measured_and_quiets_the_score_at_bright_stars_only(pa
     assert quiet[400, 400] == pytest.approx(plain[400, 400], rel=1e-3)
     sky = (slice(300, 350), slice(200, 250))
     np.testing.assert_allclose(quiet[sky], plain[sky], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_difference_background_is_estimate_background_of_the_masked_difference(threads):
+    """The banded, threaded difference background gives estimate_background's, bit for bit."""
+    from scipy import ndimage
+
+    from archive.process.background import BackgroundConfig, estimate_background
+    from archive.process.diffim.alard_lupton import difference_background
+
+    rng = np.random.default_rng(3)
+    ny, nx, mesh = 700, 520, 64
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    var = np.full((ny, nx), 100.0, np.float32)
+    diff = (rng.normal(0, 10, (ny, nx)) + 3.0 * np.sin(xx / 150.0) + 0.01 * yy).astype(np.float32)
+    for x, y in rng.uniform(0, [nx, ny], (40, 2)):  # residuals and changes
+        diff += (rng.choice([-1, 1]) * 400 * np.exp(-0.5 * ((xx - x) ** 2 + (yy - y) ** 2) / 2.0)).astype(np.float32)
+    bad = np.zeros((ny, nx), bool)
+    bad[:, :37] = True
+    bad[rng.integers(0, ny, 200), rng.integers(0, nx, 200)] = True
+    diff[bad & (rng.random((ny, nx)) < 0.5)] = np.nan
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.abs(diff) / np.sqrt(np.where(var > 0, var, np.inf))
+    hot = ndimage.binary_dilation(ndimage.uniform_filter(np.nan_to_num(z), 3) > 3.0, iterations=4)
+    want = estimate_background(np.where(bad, np.nan, diff), mask=bad | hot,
+                               config=BackgroundConfig(mesh_size=mesh, passes=1)).background
+    got = difference_background(diff, var, bad, mesh, threads=threads)
+    assert np.array_equal(got, want)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    p = make_pair(n=300, seed=7, n_stars=60, n_transients=5)
+    a = subtract(p.science, p.template, AlardLuptonConfig(threads=1, block=128))
+    b = subtract(p.science, p.template, AlardLuptonConfig(threads=3, block=128))
+    assert np.array_equal(a.difference.image, b.difference.image) and np.array_equal(a.score, b.score)
+    assert np.array_equal(a.difference.variance, b.difference.variance)
+    assert np.array_equal(a.difference.mask, b.difference.mask)

@@ -371,20 +371,27 @@ BLOCK_FFT_DTYPE = np.float32
 
 
 def _block_convolve(planes: list[np.ndarray], kernels: list[np.ndarray], y0: int, y1: int, x0: int, x1: int,
-                    dtype=BLOCK_FFT_DTYPE) -> np.ndarray:
+                    dtype=BLOCK_FFT_DTYPE, mode: str = "edge", cache: dict | None = None) -> np.ndarray:
     """(n, y1 - y0, x1 - x0): each plane's block convolved with its kernel (odd squares of one
-    size), from the block and a margin of the kernel's half-width (the frame's edge pixels
-    repeated beyond it), by one real FFT of all planes (circular, of at least the region's
-    size: the block's pixels are those the kernels do not wrap at)."""
+    size), from the block and a margin of the kernel's half-width (beyond the frame: its edge
+    pixels repeated, ``mode="edge"``, or zeros, ``"constant"``), by one real FFT of all planes
+    (circular, of at least the region's size: the block's pixels are those the kernels do not
+    wrap at).  ``cache``: a dict keeping the kernels' transforms by size (kernels that are the
+    same for every block)."""
     ny, nx = planes[0].shape
     h = kernels[0].shape[0] // 2
     ya, yb = max(0, y0 - h), min(ny, y1 + h)
     xa, xb = max(0, x0 - h), min(nx, x1 + h)
     pad = ((h - (y0 - ya), h - (yb - y1)), (h - (x0 - xa), h - (xb - x1)))
-    regions = np.stack([np.pad(p[ya:yb, xa:xb], pad, mode="edge") for p in planes]).astype(dtype, copy=False)
+    regions = np.stack([np.pad(p[ya:yb, xa:xb], pad, mode=mode) for p in planes]).astype(dtype, copy=False)
     shape = (sfft.next_fast_len(regions.shape[1], real=True), sfft.next_fast_len(regions.shape[2], real=True))
+    kf = cache.get(shape) if cache is not None else None
+    if kf is None:
+        kf = sfft.rfft2(np.stack(kernels).astype(dtype, copy=False), shape)
+        if cache is not None:
+            cache[shape] = kf
     spec = sfft.rfft2(regions, shape)
-    spec *= sfft.rfft2(np.stack(kernels).astype(dtype, copy=False), shape)
+    spec *= kf
     return sfft.irfft2(spec, shape)[:, 2 * h:2 * h + (y1 - y0), 2 * h:2 * h + (x1 - x0)]
 
 
@@ -508,7 +515,7 @@ def subtract(science: Exposure, template: Exposure, config: AlardLuptonConfig | 
     _each_block(source.shape, cfg.block, match, threads)
     ok = ~bad_src & ~bad_tgt & np.isfinite(target.variance) & np.isfinite(source.variance)
     if cfg.background_mesh:
-        diff = diff - difference_background(diff, target.variance + conv_var, ~ok, cfg.background_mesh)
+        diff = diff - difference_background(diff, target.variance + conv_var, ~ok, cfg.background_mesh, threads)
     var_t = target.variance.astype(np.float32)
     # per-pixel variance before decorrelation (correlated noise); after it: white, s_t^2 + s_c^2
     if cfg.decorrelate:
@@ -558,7 +565,7 @@ def subtract(science: Exposure, template: Exposure, config: AlardLuptonConfig | 
     eps = cfg.model_error_scale * matching_error(source, target, sol, stamps, half, convolve) \
         if cfg.model_error else 0.0
     tpl_side = conv if convolve == "template" else target.image  # the template's light, matched
-    score = score_image(out, np.where(no_data, np.float32(0.0), tpl_side), eps, threads)
+    score = score_image(out, np.where(no_data, np.float32(0.0), tpl_side), eps, threads, cfg.block)
     meta = {"convolved": convolve, "kernel_size": size, "n_basis": int(len(basis)), "n_stamps": int(len(sol.stamps)),
             "kernel_chi2": sol.chi2, "kernel_sum": float(sol.kernel(cx, cy).sum()), "fwhm_science": f_sci,
             "fwhm_template": f_tpl, "background": sol.bg.tolist(), "decorrelated": bool(cfg.decorrelate),
@@ -630,17 +637,51 @@ def shared_noise_variance(variance: np.ndarray, covariance: np.ndarray) -> np.nd
     return np.maximum(variance - 2.0 * cov, MIN_VARIANCE_FRACTION * variance).astype(np.float32)
 
 
-def difference_background(diff: np.ndarray, variance: np.ndarray, bad: np.ndarray, mesh: int) -> np.ndarray:
+def difference_background(diff: np.ndarray, variance: np.ndarray, bad: np.ndarray, mesh: int,
+                          threads: int = 1) -> np.ndarray:
     """A smooth background of a difference image (cells of ``mesh`` px), leaving out ``bad``
     pixels and everything within a few pixels of a 3-sigma excursion (real changes,
-    residuals of bright sources)."""
-    from archive.process.background import BackgroundConfig, estimate_background
+    residuals of bright sources).
 
-    with np.errstate(invalid="ignore", divide="ignore"):
-        z = np.abs(diff) / np.sqrt(np.where(variance > 0, variance, np.inf))
-    hot = ndimage.binary_dilation(ndimage.uniform_filter(np.nan_to_num(z, copy=False), 3) > 3.0, iterations=4)
-    cfg = BackgroundConfig(mesh_size=int(mesh), passes=1)
-    return estimate_background(np.where(bad, np.nan, diff), mask=bad | hot, config=cfg).background
+    :func:`archive.process.background.estimate_background` (one pass) of the difference with
+    those pixels masked, its ``background`` only; the cells' statistics (and the excursion
+    mask they need) are computed in bands of cell rows on ``threads`` threads (a cell's
+    statistics are its own pixels'; the excursion mask of a band from the band and 5 px
+    around it), then joined, filled, filtered and interpolated as there."""
+    from archive.process import background as bgm
+
+    cfg = bgm.BackgroundConfig(mesh_size=int(mesh), passes=1)
+    ny, nx = diff.shape
+    mesh = int(mesh)
+    my = -(-ny // mesh)
+    per = max(1, -(-my // (4 * max(threads, 1))))
+    bands = [(j * mesh, min(ny, (j + per) * mesh)) for j in range(0, my, per)]
+    reach = 5  # the 3 x 3 box filter (1 px) and the 4 dilations (4 px)
+    stats: list = [None] * len(bands)
+
+    def one(i):
+        r0, r1 = bands[i]
+        a0, a1 = max(0, r0 - reach), min(ny, r1 + reach)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            v = variance[a0:a1]
+            z = np.abs(diff[a0:a1]) / np.sqrt(np.where(v > 0, v, np.inf))
+        hot = ndimage.binary_dilation(ndimage.uniform_filter(np.nan_to_num(z, copy=False), 3) > 3.0,
+                                      iterations=4)[r0 - a0:r1 - a0]
+        d = diff[r0:r1]
+        good = np.isfinite(d) & ~bad[r0:r1] & ~hot
+        stats[i] = bgm._cell_stats(d, good, mesh, cfg.clip_sigma, cfg.clip_iters, cfg.estimator)
+
+    if threads > 1 and len(bands) > 1:
+        with concurrent.futures.ThreadPoolExecutor(min(threads, len(bands))) as pool:
+            list(pool.map(one, range(len(bands))))
+    else:
+        for i in range(len(bands)):
+            one(i)
+    mode, std, n, cell_pix = (np.concatenate([st[k] for st in stats]) for k in range(4))
+    ok = (n >= cfg.min_good_fraction * cell_pix) & np.isfinite(mode) & (std > 0)
+    if not ok.any():
+        ok = (n >= 8) & (std > 0)
+    return bgm._interpolate(bgm._fill_and_filter(mode, ok, cfg.filter_size, cfg.smooth_size), diff.shape, mesh)
 
 
 def _dilate_within(bad: np.ndarray, n: int) -> np.ndarray:
@@ -694,44 +735,36 @@ def matching_error(source: Exposure, target: Exposure, sol: KernelSolution, stam
     return float(min(0.2, 1.4826 * np.median(np.abs(fr - np.median(fr))) + abs(np.median(fr))))
 
 
-def _correlate_same(planes: list[np.ndarray], kernels: list[np.ndarray], which: list[int], threads: int) -> np.ndarray:
-    """Each plane correlated with ``kernels[which[i]]`` (odd squares), the size of the plane,
-    zero beyond its edges (``fftconvolve(plane, kernel[::-1, ::-1], "same")``): one real FFT per
-    plane, in float32 (the planes are float32; rounding ~1e-7 of a plane's scale)."""
-    ny, nx = planes[0].shape
-    h = max(k.shape[0] for k in kernels) // 2
-    shape = (sfft.next_fast_len(ny + h, real=True), sfft.next_fast_len(nx + h, real=True))
-    kf = []
-    for k in kernels:  # the flipped kernel with its centre at (0, 0), wrapped; its transform in float64
-        pad = np.zeros(shape)
-        kh = k.shape[0] // 2
-        pad[:k.shape[0], :k.shape[1]] = k[::-1, ::-1]
-        kf.append(sfft.rfft2(np.roll(pad, (-kh, -kh), axis=(0, 1))).astype(np.complex64))
-    spec = sfft.rfft2(np.stack(planes).astype(np.float32, copy=False), shape, workers=threads)
-    for i, j in enumerate(which):
-        spec[i] *= kf[j]
-    return sfft.irfft2(spec, shape, workers=threads)[:, :ny, :nx]
-
-
 def score_image(diff: Exposure, template: np.ndarray | None = None, epsilon: float = 0.0,
-                threads: int = 1) -> np.ndarray:
+                threads: int = 1, block: int = 512) -> np.ndarray:
     """The difference filtered with its own PSF over the noise of that sum: a per-pixel S/N of
     a point source there (unit variance on empty sky when the variance plane is right).
     ``template`` (the template's light on the difference's grid and units) and ``epsilon``:
-    a matching error of ``epsilon`` times the template's PSF flux counted as noise too."""
+    a matching error of ``epsilon`` times the template's PSF flux counted as noise too.
+    The filters (the PSF at the frame's centre, zero beyond the frame) by float32 FFTs of
+    ``block`` px blocks, on ``threads`` threads."""
     ny, nx = diff.shape
     k = diff.psf.kernel((nx - 1) / 2.0, (ny - 1) / 2.0, None)
+    kf = k[::-1, ::-1]
     fin = np.isfinite(diff.variance)
-    var = np.where(fin, diff.variance, np.float32(0.0))
-    planes, which = [diff.image, var], [0, 1]
+    planes = [diff.image, np.where(fin, diff.variance, np.float32(0.0))]
+    kernels = [kf, kf * kf]
     with_tpl = template is not None and epsilon > 0
     if with_tpl:
         planes.append(np.where(np.isfinite(template), template, np.float32(0.0)))
-        which.append(0)
-    out = _correlate_same(planes, [k, k * k], which, threads)
-    num, den = out[0], out[1]
-    if with_tpl:
-        den += np.float32(epsilon) ** 2 * out[2] ** 2
-    with np.errstate(invalid="ignore", divide="ignore"):
-        s = num / np.sqrt(den)  # sum k D over its noise sqrt(sum k^2 V)
-    return np.where(fin & (den > 0), s, np.float32(0.0)).astype(np.float32, copy=False)
+        kernels.append(kf)
+    out = np.empty((ny, nx), np.float32)
+    cache: dict = {}
+    eps2 = np.float32(epsilon) ** 2
+
+    def one(y0, y1, x0, x1):
+        c = _block_convolve(planes, kernels, y0, y1, x0, x1, np.float32, "constant", cache)
+        num, den = c[0], c[1]
+        if with_tpl:
+            den = den + eps2 * c[2] ** 2
+        with np.errstate(invalid="ignore", divide="ignore"):
+            s = num / np.sqrt(den)  # sum k D over its noise sqrt(sum k^2 V)
+        out[y0:y1, x0:x1] = np.where(fin[y0:y1, x0:x1] & (den > 0), s, np.float32(0.0))
+
+    _each_block((ny, nx), block, one, threads)
+    return out
