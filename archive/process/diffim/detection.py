@@ -58,7 +58,7 @@ class DetectionConfig:
     science's and the template's) on which a peak is no detection (its pixel was filled or
     interpolated: a star under a satellite streak or a cosmic ray, a saturated core);
     edge_clearance_fwhm: a peak within this many FWHM of a NO_DATA or EDGE pixel is dropped
-    (the rim of a template hole or of the frame)."""
+    (the rim of a template hole or of the frame: half the PSF core on it)."""
 
     threshold: float = dataclasses.field(default=5.0, metadata={"min": 2.0})
     min_pixels: int = dataclasses.field(default=2, metadata={"min": 1})
@@ -71,7 +71,7 @@ class DetectionConfig:
     negative: bool = True
     refine: bool = True
     masked_centre: tuple[str, ...] = ("NO_DATA", "EDGE", "BAD", "SAT", "CR", "STREAK", "INTRP")
-    edge_clearance_fwhm: float = dataclasses.field(default=1.0, metadata={"min": 0.0})
+    edge_clearance_fwhm: float = dataclasses.field(default=0.5, metadata={"min": 0.0})
 
 
 def _peaks(score: np.ndarray, usable: np.ndarray, sign: int, cfg: DetectionConfig,
