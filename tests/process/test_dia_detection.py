@@ -186,7 +186,7 @@ def test_a_peak_on_the_rim_of_a_template_hole_is_dropped():
     img += rng.normal(0, 10, (n, n))
     diff = Exposure(img.astype(np.float32), variance=np.full((n, n), 100.0, np.float32), psf=psf)
     hole = np.zeros((n, n), bool)
-    hole[:, :59] = True  # a template hole 1.3 px (a third of the FWHM) from the first source
+    hole[:, :60] = True  # a template hole 0.3 px from the first source (its core half on the rim)
     diff.mask[hole] |= np.int32(diff.get_plane_bitmask("NO_DATA"))
     diff.variance[hole] = np.inf
     diff.image[hole] = 0.0
