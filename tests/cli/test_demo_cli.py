@@ -34,9 +34,11 @@ def test_demo_runs_the_whole_chain_and_finds_the_changes(tmp_path, capsys):
         from archive.demo_truth import score_archive
 
         score, changes = score_archive(arc, out / "data")
-    # the changes the differences allow at S/N >= 7 are found (seeded: 7 of 7 today)
+    # the changes the differences allow at S/N >= 7 are found (seeded: 6 of 7 today; the one
+    # missed, a fading transient on its host's core, scores 4.96), and no DIAObject away from
+    # bright stars is false (0 today)
     assert score.n_expected >= 5 and score.completeness >= 0.85
-    assert score.n_real_objects >= 2
+    assert score.n_real_objects >= 2 and score.n_false_objects <= 1
     # light curves drawn for DIAObjects that are simulated changes
     pngs = sorted(out.glob("lightcurve_*.png"))
     assert pngs and all(p.stat().st_size > 10_000 for p in pngs)
@@ -49,12 +51,28 @@ def test_demo_runs_the_whole_chain_and_finds_the_changes(tmp_path, capsys):
     assert "exists and is not an empty directory" in capsys.readouterr().err
 
 
+def test_demo_with_zogy(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", str(out), *SMALL, "--method", "zogy"]) == 0
+    text = capsys.readouterr()
+    _check_report(text.out, text.err)
+    with Archive.open(out / "archive") as arc:
+        from archive.demo_truth import score_archive
+
+        score, _ = score_archive(arc, out / "data")
+        assert arc.sql("SELECT DISTINCT config_hash FROM pipeline_unit WHERE step = 'difference'").shape[0] == 1
+    assert score.completeness >= 0.85  # 8 of 9 today
+
+
 def test_demo_refuses_bad_arguments_in_one_line(tmp_path, capsys):
     assert main(["demo", str(tmp_path / "a"), "--epochs", "3"]) == 2
     assert "at least 5 visits" in capsys.readouterr().err
     assert main(["demo", str(tmp_path / "b"), "--repo", str(tmp_path / "not-a-url")]) == 2
     assert "PostgreSQL URL" in capsys.readouterr().err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(SystemExit):
+        main(["demo", str(tmp_path / "c"), "--method", "hotpants"])
+    assert "invalid choice: 'hotpants'" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
 @pytest.mark.postgres
