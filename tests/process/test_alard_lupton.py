@@ -178,7 +178,7 @@ def test_difference_background_is_estimate_background_of_the_masked_difference(t
     from scipy import ndimage
 
     from archive.process.background import BackgroundConfig, estimate_background
-    from archive.process.diffim.alard_lupton import difference_background
+    from archive.process.diffim.alard_lupton import _box3_mean, difference_background
 
     rng = np.random.default_rng(3)
     ny, nx, mesh = 700, 520, 64
@@ -193,7 +193,8 @@ def test_difference_background_is_estimate_background_of_the_masked_difference(t
     diff[bad & (rng.random((ny, nx)) < 0.5)] = np.nan
     with np.errstate(invalid="ignore", divide="ignore"):
         z = np.abs(diff) / np.sqrt(np.where(var > 0, var, np.inf))
-    hot = ndimage.binary_dilation(ndimage.uniform_filter(np.nan_to_num(z), 3) > 3.0, iterations=4)
+    hot = ndimage.binary_dilation(_box3_mean(np.nan_to_num(z)) > 3.0, iterations=4)
+    assert np.allclose(_box3_mean(np.nan_to_num(z)), ndimage.uniform_filter(np.nan_to_num(z), 3), rtol=1e-6, atol=1e-6)
     want = estimate_background(np.where(bad, np.nan, diff), mask=bad | hot,
                                config=BackgroundConfig(mesh_size=mesh, passes=1)).background
     got = difference_background(diff, var, bad, mesh, threads=threads)
@@ -207,3 +208,14 @@ def test_results_do_not_depend_on_the_thread_count():
     assert np.array_equal(a.difference.image, b.difference.image) and np.array_equal(a.score, b.score)
     assert np.array_equal(a.difference.variance, b.difference.variance)
     assert np.array_equal(a.difference.mask, b.difference.mask)
+
+
+def test_the_cross_dilation_is_binary_dilations():
+    from scipy import ndimage
+
+    from archive.process.diffim.alard_lupton import _dilate_cross
+
+    m = np.random.default_rng(4).random((61, 47)) > 0.97
+    m[0, 5] = m[-1, -1] = m[30, 0] = True
+    for n in (0, 1, 4, 9):
+        assert np.array_equal(_dilate_cross(m, n), ndimage.binary_dilation(m, iterations=n) if n else m)

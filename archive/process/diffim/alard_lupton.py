@@ -647,7 +647,8 @@ def difference_background(diff: np.ndarray, variance: np.ndarray, bad: np.ndarra
     those pixels masked, its ``background`` only; the cells' statistics (and the excursion
     mask they need) are computed in bands of cell rows on ``threads`` threads (a cell's
     statistics are its own pixels'; the excursion mask of a band from the band and 5 px
-    around it), then joined, filled, filtered and interpolated as there."""
+    around it), then joined, filled, filtered and interpolated as there.  The excursions:
+    the 3 x 3 mean of |diff| / sigma above 3, grown by 4 px (a cross, 4 times)."""
     from archive.process import background as bgm
 
     cfg = bgm.BackgroundConfig(mesh_size=int(mesh), passes=1)
@@ -665,8 +666,7 @@ def difference_background(diff: np.ndarray, variance: np.ndarray, bad: np.ndarra
         with np.errstate(invalid="ignore", divide="ignore"):
             v = variance[a0:a1]
             z = np.abs(diff[a0:a1]) / np.sqrt(np.where(v > 0, v, np.inf))
-        hot = ndimage.binary_dilation(ndimage.uniform_filter(np.nan_to_num(z, copy=False), 3) > 3.0,
-                                      iterations=4)[r0 - a0:r1 - a0]
+        hot = _dilate_cross(_box3_mean(np.nan_to_num(z, copy=False)) > 3.0, 4)[r0 - a0:r1 - a0]
         d = diff[r0:r1]
         good = np.isfinite(d) & ~bad[r0:r1] & ~hot
         stats[i] = bgm._cell_stats(d, good, mesh, cfg.clip_sigma, cfg.clip_iters, cfg.estimator)
@@ -682,6 +682,31 @@ def difference_background(diff: np.ndarray, variance: np.ndarray, bad: np.ndarra
     if not ok.any():
         ok = (n >= 8) & (std > 0)
     return bgm._interpolate(bgm._fill_and_filter(mode, ok, cfg.filter_size, cfg.smooth_size), diff.shape, mesh)
+
+
+def _box3_mean(z: np.ndarray) -> np.ndarray:
+    """``ndimage.uniform_filter(z, 3)`` (mirrored edges) as sums of shifted slices in float32:
+    the same values but for rounding (the filter's running sums are in float64)."""
+    p = np.pad(z, 1, mode="symmetric")
+    rows = p[:-2] + p[1:-1]
+    rows += p[2:]
+    out = rows[:, :-2] + rows[:, 1:-1]
+    out += rows[:, 2:]
+    out *= np.float32(1.0 / 9.0)
+    return out
+
+
+def _dilate_cross(mask: np.ndarray, n: int) -> np.ndarray:
+    """``ndimage.binary_dilation(mask, iterations=n)`` (the 3 x 3 cross, nothing beyond the
+    edges) by shifted ORs of whole rows and columns: the same pixels, ~8x faster."""
+    out = mask.copy()
+    for _ in range(n):
+        prev = out.copy()
+        out[1:] |= prev[:-1]
+        out[:-1] |= prev[1:]
+        out[:, 1:] |= prev[:, :-1]
+        out[:, :-1] |= prev[:, 1:]
+    return out
 
 
 def _dilate_within(bad: np.ndarray, n: int) -> np.ndarray:
