@@ -20,7 +20,9 @@ Fit
 Convolution
     The spatially varying kernel is applied block by block (``block`` px): the kernel at
     each block's centre, by FFT, on the block and a margin (the kernel varies little
-    across a block).  Masked pixels (``FILL_PLANES``) of both images are filled from
+    across a block); the image and its variance (with the kernel's square) in one float32
+    transform per block, the background polynomial and the difference in the same pass,
+    blocks spread over ``threads`` threads (the result does not depend on their number).  Masked pixels (``FILL_PLANES``) of both images are filled from
     their neighbours first, so neither the kernel nor the decorrelation spreads them (a
     science cosmic ray would otherwise be a bright "change"); they keep their mask bits.
 Decorrelation (Reiss & Lupton 2016)
