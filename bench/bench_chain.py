@@ -6,9 +6,11 @@ fresh process (peak memory = that process's maxrss), and prints per step the sec
 per unit (an exposure, a warp, a tile). Then it scales the per-exposure cost by pixel
 count to a ZTF night (~700 exposures x 16 CCDs of 6k x 6k) and an LSST night (~1,000
 visits x 189 CCDs of 4k x 4k) and says how many cores each needs to keep up within a
-10-hour night.
+10-hour night: with every step (the template building included) and per visit alone (the
+steps of PER_VISIT; warp, coadd, template, template_catalog and dia_template are built once
+per tile).
 
-    python bench/bench_chain.py --sizes 1024 2048 --epochs 6
+    python bench/bench_chain.py --sizes 2048 4096 --epochs 6
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import sys
 import tempfile
 
 NIGHT_S = 10 * 3600.0
+# steps run for every visit (the rest build a tile's template once: warp, coadd, template, ...)
+PER_VISIT = ("calexp", "epoch_quality", "astrometry", "sources", "difference", "forced", "template_forced")
 SURVEYS = {"ZTF": (700 * 16, 6144 * 6144), "LSST": (1000 * 189, 4096 * 4096)}
 
 
@@ -51,7 +55,7 @@ def main(argv=None) -> int:
         print(json.dumps(one(args.child, args.epochs, args.seed)))
         return 0
     print(f"cores: {os.cpu_count()}, load average at start: {os.getloadavg()[0]:.1f}")
-    per_px = None
+    per_px = visit_px = None
     for size in args.sizes:
         done = subprocess.run([sys.executable, __file__, "--child", str(size), "--epochs", str(args.epochs),
                                "--seed", str(args.seed)], capture_output=True, text=True)
@@ -64,21 +68,29 @@ def main(argv=None) -> int:
               f"{r['maxrss_mb']:.0f} MB; completeness {r['completeness']:.2f} of {r['n_expected']} changes "
               f"at S/N >= 7, false DIAObjects {r['false_per_4k']:.0f} per 4k^2")
         print(f"  {'step':14s} {'units':>6s} {'seconds':>8s} {'s/unit':>7s}")
-        total = 0.0
+        total = visit = 0.0
         for st in r["steps"]:
             per = st["seconds"] / st["done"] if st["done"] else 0.0
             print(f"  {st['step']:14s} {st['done']:6d} {st['seconds']:8.1f} {per:7.2f}")
             total += st["seconds"]
+            if st["step"] == "astrometry":  # one unit per field: its share per raw exposure
+                n_raw = next((x["done"] for x in r["steps"] if x["step"] == "calexp"), 1)
+                visit += st["seconds"] / max(n_raw, 1)
+            elif st["step"] in PER_VISIT:
+                visit += per
         per_exposure = total / max(r["processed"], 1)
         print(f"  all steps per processed exposure: {per_exposure:.1f} CPU-s "
               f"({per_exposure / (size * size) * 1e6:.2f} CPU-s per Mpx)")
-        per_px = per_exposure / (size * size)
+        print(f"  per visit, template building left out (s/unit of {', '.join(PER_VISIT)}): {visit:.1f} CPU-s "
+              f"({visit / (size * size) * 1e6:.2f} CPU-s per Mpx)")
+        per_px, visit_px = per_exposure / (size * size), visit / (size * size)
     if per_px:
         print("\nscaled by pixel count from the largest size (one core per worker):")
         for name, (n, px) in SURVEYS.items():
-            cpu = n * px * per_px
-            print(f"  {name}: {n} CCD-exposures of {px / 1e6:.0f} Mpx -> {cpu / 3600:.0f} core-hours, "
-                  f"{cpu / NIGHT_S:.0f} cores to keep up within a 10-hour night")
+            cpu, cpu_v = n * px * per_px, n * px * visit_px
+            print(f"  {name}: {n} CCD-exposures of {px / 1e6:.1f} Mpx -> {cpu / 3600:.0f} core-hours, "
+                  f"{cpu / NIGHT_S:.0f} cores to keep up within a 10-hour night; per visit alone "
+                  f"{cpu_v / 3600:.0f} core-hours, {cpu_v / NIGHT_S:.0f} cores")
     return 0
 
 
