@@ -44,7 +44,6 @@ Not run as a test.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import pathlib
 import sys
