@@ -66,6 +66,9 @@ MEANINGS = {
     "LOW_TRANSPARENCY": "zero point well below the other epochs of the band (clouds)",
     "POOR_SEEING": "seeing much worse than the other epochs of the band",
     "NO_PHOTOCAL": "processed, but not photometrically calibrated: zero_point and lim_mag are null",
+    "NEAR_BRIGHT_STAR": "within 3 FWHM of a bright template source (pixel S/N > 100, saturated, or over 20x "
+                        "the DIASource's flux): may be a residual of its light",
+    "DIPOLE": "a lobe of a positive/negative pair (fitted jointly): a moving or misaligned source",
 }
 
 
@@ -82,6 +85,9 @@ def bits() -> list[dict]:
     for column in ("source.flags", "dia_source.flags"):
         found = mask + measured
         if column == "dia_source.flags":
+            from archive.process.diffim.detection import DIA_FLAGS
+
+            found = found + sorted((int(v).bit_length() - 1, k) for k, v in DIA_FLAGS.items())
             found = found + [(int(DUPLICATE_FLAG).bit_length() - 1, "DUPLICATE")]
         rows += [{"column": column, "bit": b, "name": n, "meaning": MEANINGS.get(n, "")} for b, n in found]
     rows += [{"column": "exposure.quality_flags", "bit": b, "name": n, "meaning": MEANINGS.get(n, "")}

@@ -44,6 +44,9 @@ def test_every_flag_the_code_defines_is_explained():
     assert {k: src[k] for k in DEFAULT_MASK_PLANES} == DEFAULT_MASK_PLANES
     assert all(1 << src[k] == int(v) for k, v in MEASUREMENT_FLAGS.items())
     assert 1 << dia["DUPLICATE"] == int(DUPLICATE_FLAG) and dia["DUPLICATE"] == 56 and "DUPLICATE" not in src
+    from archive.process.diffim.detection import DIA_FLAGS
+
+    assert all(1 << dia[k] == int(v) for k, v in DIA_FLAGS.items()) and not set(DIA_FLAGS) & set(src)
     assert qual == QUALITY_BITS
     for column in ("source.flags", "dia_source.flags", "exposure.quality_flags"):  # one name per bit
         bits_of = [r["bit"] for r in rows if r["column"] == column]
