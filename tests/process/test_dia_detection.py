@@ -195,3 +195,13 @@ def test_a_peak_on_the_rim_of_a_template_hole_is_dropped():
     assert len(det) == 1 and abs(det["x"].iloc[0] - 150.2) < 0.5
     kept = detect_dia_sources(diff, score, config=DetectionConfig(edge_clearance_fwhm=0.0))
     assert len(kept) == 2
+
+
+def test_detection_config_names_an_unknown_mask_plane():
+    from archive.errors import ValidationError
+    from archive.pipeline.config import config_from_dict
+
+    with pytest.raises(ValidationError, match="masked_centre: unknown mask plane.*'STREEK'"):
+        config_from_dict(DetectionConfig, {"masked_centre": ["STREAK", "STREEK"]}, "difference.detection")
+    ok = config_from_dict(DetectionConfig, {"masked_centre": ["NO_DATA", "SAT"]}, "difference.detection")
+    assert ok.masked_centre == ("NO_DATA", "SAT")

@@ -73,6 +73,15 @@ class DetectionConfig:
     masked_centre: tuple[str, ...] = ("NO_DATA", "EDGE", "BAD", "SAT", "CR", "STREAK", "INTRP")
     edge_clearance_fwhm: float = dataclasses.field(default=0.5, metadata={"min": 0.0})
 
+    def validate(self) -> None:
+        """Raise ValueError naming a mask plane of ``masked_centre`` that no image has."""
+        from archive.image.mask import DEFAULT_MASK_PLANES
+
+        unknown = [p for p in self.masked_centre if p not in DEFAULT_MASK_PLANES]
+        if unknown:
+            raise ValueError(f"masked_centre: unknown mask plane(s) {', '.join(map(repr, unknown))}; "
+                             f"known: {', '.join(sorted(DEFAULT_MASK_PLANES))}")
+
 
 def _peaks(score: np.ndarray, usable: np.ndarray, sign: int, cfg: DetectionConfig,
            separation: float = 1.5):
