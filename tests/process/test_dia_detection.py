@@ -133,7 +133,7 @@ def test_a_saturated_core_makes_its_neighbours_near_a_bright_star():
 
 def test_the_convolution_border_is_edge_and_not_searched():
     from archive.image.psf import GaussianPSF
-    from archive.process.diffim.alard_lupton import convolution_border
+    from archive.process.diffim.common import convolution_border
 
     # the science is the sharper image: it is convolved, and has nothing beyond its frame
     p = make_pair(n=256, seed=13, n_stars=60, n_transients=0, n_variables=0,

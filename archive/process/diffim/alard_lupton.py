@@ -67,6 +67,7 @@ from threadpoolctl import threadpool_limits
 from archive.errors import ValidationError
 from archive.image.exposure import Exposure
 from archive.image.psf import FWHM_PER_SIGMA, PixelPSF, normalized_coords, poly_design, poly_terms
+from archive.process.diffim.common import centred_fft, mark_border, shared_noise_variance, template_smoothing
 from archive.process.diffim.result import DifferenceResult
 from archive.process.warp import fill_masked, fill_masked_planes
 
@@ -464,7 +465,7 @@ def subtract(science: Exposure, template: Exposure, config: AlardLuptonConfig | 
     template's weight times its variance: :func:`archive.process.diffim.template.join_templates`).
     That noise is in both images and cancels in part, so the difference's variance is
     lowered by twice it (on PSF scales, where measurements are made), never below
-    :data:`MIN_VARIANCE_FRACTION` of the independent-noise value."""
+    :data:`~archive.process.diffim.common.MIN_VARIANCE_FRACTION` of the independent-noise value."""
     cfg = config or AlardLuptonConfig()
     if science.shape != template.shape:
         raise ValidationError(f"subtract: science {science.shape} and template {template.shape} grids differ")
@@ -557,10 +558,7 @@ def subtract(science: Exposure, template: Exposure, config: AlardLuptonConfig | 
     mask[no_data] |= np.int32(science.get_plane_bitmask("NO_DATA"))
     # the convolved image has nothing beyond the frame: where the kernel reaches past it, the
     # difference is biased (a star at the border loses flux in one image only): EDGE there
-    bx, by = convolution_border(sol.kernel(cx, cy))
-    edge = np.zeros(mask.shape, bool)
-    edge[:by], edge[ny - by:], edge[:, :bx], edge[:, nx - bx:] = True, True, True, True
-    mask[edge] |= np.int32(science.get_plane_bitmask("EDGE"))
+    mark_border(mask, science.mask_planes, [sol.kernel(cx, cy)])
     variance = np.where(no_data, np.inf, variance).astype(np.float32)
     diff = np.where(no_data, 0.0, diff).astype(np.float32)
     out = Exposure(diff, mask, variance, wcs=science.wcs, psf=psf, photo_calib=science.photo_calib,
@@ -576,36 +574,6 @@ def subtract(science: Exposure, template: Exposure, config: AlardLuptonConfig | 
     return DifferenceResult(out, score, "alard_lupton", meta)
 
 
-#: The fraction of a kernel's weight that may fall past the frame before a pixel is EDGE.
-EDGE_KERNEL_FRACTION = 1e-3
-
-
-def convolution_border(kernel: np.ndarray, fraction: float = EDGE_KERNEL_FRACTION) -> tuple[int, int]:
-    """Widths (x, y; px) of the frame border where more than ``fraction`` of the kernel's
-    absolute weight lies beyond the frame when the kernel is centred on a pixel."""
-    a = np.abs(np.asarray(kernel, np.float64))
-    total = a.sum()
-    out = []
-    for prof in (a.sum(axis=0), a.sum(axis=1)):  # x profile, y profile
-        h = len(prof) // 2
-        # weight beyond offset d on the far side of either direction: d = 0 .. h
-        tail = np.array([max(prof[:h - d].sum(), prof[h + d + 1:].sum()) for d in range(h + 1)])
-        out.append(int(np.argmax(tail <= fraction * total)) if total > 0 else 0)
-    return out[0], out[1]
-
-
-#: The least a difference's variance keeps of its independent-noise value where the science
-#: shares noise with the template (one input alone would otherwise leave no noise at all).
-MIN_VARIANCE_FRACTION = 0.05
-
-
-def _centred_fft(k: np.ndarray, n: int) -> np.ndarray:
-    pad = np.zeros((n, n))
-    h0, h1 = k.shape[0] // 2, k.shape[1] // 2
-    pad[:k.shape[0], :k.shape[1]] = k
-    return np.fft.fft2(np.roll(pad, (-h0, -h1), axis=(0, 1)))
-
-
 def shared_noise_factor(psf_science: np.ndarray, psf_template: np.ndarray, kernel: np.ndarray,
                         phi: np.ndarray | None, convolve: str) -> float:
     """How much of the science's noise, shared with the template, cancels in a PSF-fit flux on
@@ -619,25 +587,14 @@ def shared_noise_factor(psf_science: np.ndarray, psf_template: np.ndarray, kerne
     (conj K G for a convolved template): one for identical PSFs, less where the template
     smoothed the science's noise on scales the fit weighs."""
     n = 1 << int(math.ceil(math.log2(4 * max(psf_science.shape[0], psf_template.shape[0], kernel.shape[0]))))
-    ps, pt = _centred_fft(psf_science / psf_science.sum(), n), _centred_fft(psf_template / psf_template.sum(), n)
-    kf = _centred_fft(kernel / kernel.sum(), n)
-    ph = _centred_fft(phi / phi.sum(), n) if phi is not None else np.ones((n, n))
-    aps = np.abs(ps)
-    g = np.where(aps > 1e-6, pt / np.where(aps > 1e-6, ps, 1.0), 0.0)
-    g = np.where(np.abs(g) > 1.0, g / np.maximum(np.abs(g), 1e-300), g)
+    ps, pt = centred_fft(psf_science / psf_science.sum(), n), centred_fft(psf_template / psf_template.sum(), n)
+    kf = centred_fft(kernel / kernel.sum(), n)
+    ph = centred_fft(phi / phi.sum(), n) if phi is not None else np.ones((n, n))
+    g = template_smoothing(ps, pt)
     target = pt if convolve == "science" else ps
     pd2 = np.abs(target * ph) ** 2
     cross = (kf * np.conj(g)) if convolve == "science" else np.conj(kf * g)
     return float(np.clip((pd2 * np.abs(ph) ** 2 * cross.real).sum() / pd2.sum(), 0.0, 1.0))
-
-
-def shared_noise_variance(variance: np.ndarray, covariance: np.ndarray) -> np.ndarray:
-    """``variance - 2 covariance`` (science and template noise shared), floored at
-    :data:`MIN_VARIANCE_FRACTION` of ``variance``; covariance not finite counts as 0."""
-    if covariance.shape != variance.shape:
-        raise ValidationError(f"subtract: covariance {covariance.shape} and images {variance.shape} differ")
-    cov = np.where(np.isfinite(covariance), covariance, 0.0)
-    return np.maximum(variance - 2.0 * cov, MIN_VARIANCE_FRACTION * variance).astype(np.float32)
 
 
 def difference_background(diff: np.ndarray, variance: np.ndarray, bad: np.ndarray, mesh: int,

@@ -85,6 +85,7 @@ from archive.errors import ValidationError
 from archive.image import mask as maskmod
 from archive.image.exposure import Exposure
 from archive.image.psf import FWHM_PER_SIGMA, PixelPSF, poly_design
+from archive.process.diffim.common import centred_fft, mark_border, shared_noise_variance, template_smoothing
 from archive.process.diffim.result import DifferenceResult
 from archive.process.robust import mad_sigma
 
@@ -731,16 +732,12 @@ def shared_noise_factor(psf_science: np.ndarray, psf_template: np.ndarray, var_s
     holds it smoothed by G = P_r^ / P_n^, |G| <= 1), as -P_n^ G n / sqrt(den) (b cancels: the
     template's share is in its own units); the cross term of a fit with P_D then scales the
     covariance by  sum |P_D|^2 Re(P_r conj(P_n G)) / den / sum |P_D|^2."""
-    from archive.process.diffim.alard_lupton import _centred_fft
-
     n = 1 << int(math.ceil(math.log2(4 * max(psf_science.shape[0], psf_template.shape[0]))))
-    pn = _centred_fft(psf_science / psf_science.sum(), n)
-    pr = _centred_fft(psf_template / psf_template.sum(), n)
+    pn = centred_fft(psf_science / psf_science.sum(), n)
+    pr = centred_fft(psf_template / psf_template.sum(), n)
     s = var_science + b * b * var_template
     den = np.maximum(var_science / s * np.abs(pr) ** 2 + b * b * var_template / s * np.abs(pn) ** 2, 1e-300)
-    apn = np.abs(pn)
-    g = np.where(apn > 1e-6, pr / np.where(apn > 1e-6, pn, 1.0), 0.0)
-    g = np.where(np.abs(g) > 1.0, g / np.maximum(np.abs(g), 1e-300), g)
+    g = template_smoothing(pn, pr)
     pd2 = np.abs(pr * pn) ** 2 / den
     cross = (pr * np.conj(pn * g)).real / den
     return float(np.clip((pd2 * cross).sum() / pd2.sum(), 0.0, 1.0))
@@ -874,14 +871,10 @@ def zogy_difference(science: Exposure, template: Exposure, config: ZogyConfig | 
     mask[uncovered] |= np.int32(1 << no_data_bit)
     # each image is convolved with the other's PSF, which has nothing beyond the frame: where
     # a PSF reaches past it the difference is biased (a star at the border): EDGE there
-    from archive.process.diffim.alard_lupton import convolution_border
-
     cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
-    bx, by = (max(v) for v in zip(convolution_border(science.psf.kernel(cx, cy, ks)),
-                                  convolution_border(template.psf.kernel(cx, cy, ks))))
-    edge = np.zeros((h, w), bool)
-    edge[:by], edge[h - by:], edge[:, :bx], edge[:, w - bx:] = True, True, True, True
-    mask[edge] |= np.int32(1 << maskmod.add_plane(planes, "EDGE"))
+    kn_c, kr_c = science.psf.kernel(cx, cy, ks), template.psf.kernel(cx, cy, ks)  # the PSFs at the centre
+    maskmod.add_plane(planes, "EDGE")
+    bx, by = mark_border(mask, planes, [kn_c, kr_c])
 
     # -- the difference's PSF: P_D at the core centres (and corners) fitted by a polynomial
     done = [r for r in records if r is not None]
@@ -900,12 +893,9 @@ def zogy_difference(science: Exposure, template: Exposure, config: ZogyConfig | 
 
     rho = None
     if covariance is not None:
-        from archive.process.diffim.alard_lupton import shared_noise_variance
-
-        cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
         vn = float(np.median([r["sigma_science"] for r in done])) ** 2
         vr = float(np.median([r["sigma_template"] for r in done])) ** 2
-        rho = shared_noise_factor(science.psf.kernel(cx, cy, ks), template.psf.kernel(cx, cy, ks), vn, vr, b)
+        rho = shared_noise_factor(kn_c, kr_c, vn, vr, b)
         good = np.isfinite(out["variance"])
         out["variance"] = np.where(good, shared_noise_variance(np.where(good, out["variance"], 0.0), rho * covariance),
                                    np.inf).astype(np.float32)
