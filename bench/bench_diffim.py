@@ -242,23 +242,14 @@ def dia_detect(diff, score: np.ndarray) -> dict:
 
 
 def sweep(diff, score: np.ndarray) -> dict:
-    """The detection step of detect_dia_sources (its peaks: every peak becomes a row) at each
-    threshold of SWEEP, for the false positives at equal completeness."""
-    from archive.process.diffim.detection import DetectionConfig, _peaks, refine_on_difference
+    """The detection step of detect_dia_sources (its positions: every one becomes a row) at
+    each threshold of SWEEP, for the false positives at equal completeness."""
+    from archive.process.diffim.detection import DetectionConfig, find_dia_peaks
 
-    usable = _usable(diff) & np.isfinite(score)
-    ny, nx = diff.shape
-    fwhm = float(diff.psf.fwhm((nx - 1) / 2.0, (ny - 1) / 2.0))
     out = {}
     for t in SWEEP:
-        cfg = DetectionConfig(threshold=float(t))
-        parts = []
-        for sign in (1, -1):
-            xy = _peaks(score, usable, sign, cfg, separation=fwhm)[0]
-            parts.append((refine_on_difference(diff, xy, np.full(len(xy), sign), fwhm), sign))
-        out[f"{t:g}"] = {"x": np.concatenate([xy[:, 0] for xy, _ in parts]).tolist(),
-                         "y": np.concatenate([xy[:, 1] for xy, _ in parts]).tolist(),
-                         "sign": np.concatenate([np.full(len(xy), sg) for xy, sg in parts]).tolist()}
+        xy, sign = find_dia_peaks(diff, score, DetectionConfig(threshold=float(t)))
+        out[f"{t:g}"] = {"x": xy[:, 0].tolist(), "y": xy[:, 1].tolist(), "sign": sign.tolist()}
     return out
 
 

@@ -103,18 +103,25 @@ def _peaks(score: np.ndarray, usable: np.ndarray, sign: int, cfg: DetectionConfi
     return pk[["x", "y"]].to_numpy(float), pk["peak_snr"].to_numpy(float)
 
 
-def _any_within(mask: np.ndarray, bits: int, xy: np.ndarray, radius: float) -> np.ndarray:
-    """Whether any pixel with ``bits`` set lies within ``radius`` px of each position
-    (off the frame counts as not set); only the pixels around each position are read."""
-    ny, nx = mask.shape
-    r = max(1, int(np.ceil(radius)))
-    g = np.arange(-r, r + 1)
-    disk = (g[:, None] ** 2 + g[None, :] ** 2) <= radius * radius
+def _windows(shape: tuple[int, int], xy: np.ndarray, half: int, radius: float | None = None):
+    """Pixel indices of the (2 half + 1)^2 windows centred on the pixels nearest to ``xy``:
+    ``yy, xx`` (n, w, w), clipped into the frame, and ``inside`` (n, w, w): on the frame
+    (and, with ``radius``, within ``radius`` px of the centre pixel)."""
+    ny, nx = shape
+    g = np.arange(-half, half + 1)
     ix0, iy0 = np.floor(xy[:, 0] + 0.5).astype(np.int64), np.floor(xy[:, 1] + 0.5).astype(np.int64)
     yy, xx = iy0[:, None, None] + g[None, :, None], ix0[:, None, None] + g[None, None, :]
-    inside = disk[None] & (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
-    hit = (mask[np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)] & np.int32(bits)) != 0
-    return (hit & inside).any(axis=(1, 2))
+    inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+    if radius is not None:
+        inside &= ((g[:, None] ** 2 + g[None, :] ** 2) <= radius * radius)[None]
+    return np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1), inside
+
+
+def _any_within(mask: np.ndarray, bits: int, xy: np.ndarray, radius: float) -> np.ndarray:
+    """Whether any pixel with ``bits`` set lies within ``radius`` px of each position's pixel
+    (off the frame counts as not set; 0: that pixel alone); only those pixels are read."""
+    yy, xx, inside = _windows(mask.shape, xy, max(0, int(np.ceil(radius))), radius)
+    return (((mask[yy, xx] & np.int32(bits)) != 0) & inside).any(axis=(1, 2))
 
 
 def _distinct(xy: np.ndarray, sign: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
@@ -152,10 +159,7 @@ def refine_on_difference(difference: Exposure, xy: np.ndarray, sign: np.ndarray,
     h = fh + kh
     ix0 = np.floor(xy[:, 0] + 0.5).astype(np.int64)
     iy0 = np.floor(xy[:, 1] + 0.5).astype(np.int64)
-    g = np.arange(-h, h + 1)
-    yy, xx = iy0[:, None, None] + g[None, :, None], ix0[:, None, None] + g[None, None, :]
-    inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
-    yy, xx = np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)
+    yy, xx, inside = _windows(difference.shape, xy, h)
     img = difference.image[yy, xx].astype(np.float64)
     good = inside & np.isfinite(img) & np.isfinite(difference.variance[yy, xx])
     img = np.where(good, img, 0.0) * np.asarray(sign, float)[:, None, None]
@@ -180,6 +184,38 @@ def refine_on_difference(difference: Exposure, xy: np.ndarray, sign: np.ndarray,
     return np.column_stack([ix0 + (cx - fh) + dx, iy0 + (cy - fh) + dy])
 
 
+def find_dia_peaks(difference: Exposure, score: np.ndarray, config: DetectionConfig | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The detection step of :func:`detect_dia_sources` (see the module docstring): (N, 2)
+    positions x, y (0-based px) and their signs (+1 brightening, -1 fading), positive ones
+    first, each sign brightest first."""
+    cfg = config or DetectionConfig()
+    not_data = [p for p in ("NO_DATA", "EDGE") if p in difference.mask_planes]
+    usable = ~difference.mask_of(*not_data) & np.isfinite(difference.variance) & np.isfinite(score)
+    fwhm = float(difference.psf.fwhm((difference.shape[1] - 1) / 2.0, (difference.shape[0] - 1) / 2.0))
+    parts, signs = [], []
+    for sign in ((1, -1) if cfg.negative else (1,)):
+        xy, _ = _peaks(score, usable, sign, cfg, separation=fwhm)
+        parts.append(xy)
+        signs.append(np.full(len(xy), sign))
+    xy, sign = np.concatenate(parts), np.concatenate(signs)
+    if cfg.refine and len(xy):
+        xy = refine_on_difference(difference, xy, sign, fwhm)
+    if len(xy) > 1:  # two peaks of one sign that climbed to the same place are one detection
+        xy, sign = _distinct(xy, sign, 0.5)
+    drop = [p for p in cfg.masked_centre if p in difference.mask_planes]
+    if drop and len(xy):  # a peak on masked pixels is the mask's doing (filled, interpolated): no detection
+        on = _any_within(difference.mask, difference.get_plane_bitmask(*drop), xy, 0.0)
+        xy, sign = xy[~on], sign[~on]
+    if not_data and len(xy) and cfg.edge_clearance_fwhm > 0:
+        # within a PSF core of pixels without (or with a biased) difference: the rim of a hole
+        # in the template or of the frame, where filled pixels and convolutions meet
+        near = _any_within(difference.mask, difference.get_plane_bitmask(*not_data), xy,
+                           cfg.edge_clearance_fwhm * fwhm)
+        xy, sign = xy[~near], sign[~near]
+    return xy, sign
+
+
 def detect_dia_sources(difference: Exposure, score: np.ndarray, science: Exposure | None = None,
                        template: Exposure | None = None, config: DetectionConfig | None = None) -> pd.DataFrame:
     """DIASources of a difference image (see the module docstring): one row per detection with
@@ -193,33 +229,7 @@ def detect_dia_sources(difference: Exposure, score: np.ndarray, science: Exposur
         raise ValidationError("detect_dia_sources: the difference image has no PSF")
     if score.shape != difference.shape:
         raise ValidationError("detect_dia_sources: score and difference shapes differ")
-    not_data = difference.mask_of(*[p for p in ("NO_DATA", "EDGE") if p in difference.mask_planes])
-    usable = ~not_data & np.isfinite(difference.variance) & np.isfinite(score)
-    fwhm0 = float(difference.psf.fwhm((difference.shape[1] - 1) / 2.0, (difference.shape[0] - 1) / 2.0))
-    parts, signs = [], []
-    for sign in ((1, -1) if cfg.negative else (1,)):
-        xy, s = _peaks(score, usable, sign, cfg, separation=fwhm0)
-        parts.append(xy)
-        signs.append(np.full(len(xy), sign))
-    xy = np.concatenate(parts) if parts else np.empty((0, 2))
-    sign = np.concatenate(signs) if signs else np.empty(0)
-    if cfg.refine and len(xy):
-        xy = refine_on_difference(difference, xy, sign, fwhm0)
-    if len(xy) > 1:  # two peaks of one sign that climbed to the same place are one detection
-        xy, sign = _distinct(xy, sign, 0.5)
-    drop = [p for p in cfg.masked_centre if p in difference.mask_planes]
-    if drop and len(xy):  # a peak on masked pixels is the mask's doing (filled, interpolated): no detection
-        ix = np.clip(np.floor(xy[:, 0] + 0.5).astype(int), 0, difference.shape[1] - 1)
-        iy = np.clip(np.floor(xy[:, 1] + 0.5).astype(int), 0, difference.shape[0] - 1)
-        keep = (difference.mask[iy, ix] & difference.get_plane_bitmask(*drop)) == 0
-        xy, sign = xy[keep], sign[keep]
-    edge_planes = [p for p in ("NO_DATA", "EDGE") if p in difference.mask_planes]
-    if edge_planes and len(xy) and cfg.edge_clearance_fwhm > 0:
-        # within a PSF core of pixels without (or with a biased) difference: the rim of a hole
-        # in the template or of the frame, where filled pixels and convolutions meet
-        near = _any_within(difference.mask, difference.get_plane_bitmask(*edge_planes), xy,
-                           cfg.edge_clearance_fwhm * fwhm0)
-        xy, sign = xy[~near], sign[~near]
+    xy, sign = find_dia_peaks(difference, score, cfg)
     cols = ["x", "y", "x_err", "y_err", "ra", "dec", "ra_err", "dec_err", "psf_flux", "psf_flux_err", "ap_flux",
             "ap_flux_err", "science_flux", "science_flux_err", "snr", "is_dipole", "flags"]
     if len(xy) == 0:
@@ -275,12 +285,7 @@ def near_bright(template: Exposure, difference: Exposure, x, y, flux, fwhm: floa
         return np.zeros(0, bool)
     ny, nx = template.shape
     r = max(1, int(round(cfg.bright_radius_fwhm * fwhm)))
-    g = np.arange(-r, r + 1)
-    disk = (g[:, None] ** 2 + g[None, :] ** 2) <= r * r
-    ix0, iy0 = np.floor(x + 0.5).astype(np.int64), np.floor(y + 0.5).astype(np.int64)
-    yy, xx = iy0[:, None, None] + g[None, :, None], ix0[:, None, None] + g[None, None, :]
-    inside = disk[None] & (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
-    yy, xx = np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)
+    yy, xx, inside = _windows(template.shape, np.column_stack([x, y]), r, r)
     img = template.image[yy, xx].astype(np.float64)
     var = template.variance[yy, xx].astype(np.float64)
     good = inside & np.isfinite(img) & np.isfinite(var) & (var > 0)
