@@ -22,7 +22,8 @@ class Pair:
     transients: pd.DataFrame  # x, y, flux (science only)
 
 
-def _wcs(n: int) -> WCS:
+def tan_wcs(n: int) -> WCS:
+    """A TAN grid of n x n pixels of 0.2" centred on (150, +2) deg."""
     w = WCS(naxis=2)
     w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
     w.wcs.crval = [150.0, 2.0]
@@ -62,8 +63,8 @@ def make_pair(n: int = 512, seed: int = 1, n_stars: int = 150, n_transients: int
     s_img, s_var = render(sci_psf, flux + dflux, sky_sigma, transients)
     t_img, t_var = render(tpl_psf, flux, template_sigma)
     info = ExposureInfo(band="r", visit=1, detector=0, mjd=60010.0)
-    science = Exposure(s_img, variance=s_var, wcs=_wcs(n), psf=sci_psf, info=info)
-    template = Exposure(t_img, variance=t_var, wcs=_wcs(n), psf=tpl_psf, info=ExposureInfo(band="r"))
+    science = Exposure(s_img, variance=s_var, wcs=tan_wcs(n), psf=sci_psf, info=info)
+    template = Exposure(t_img, variance=t_var, wcs=tan_wcs(n), psf=tpl_psf, info=ExposureInfo(band="r"))
     return Pair(science, template, stars, transients)
 
 

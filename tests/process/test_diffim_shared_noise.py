@@ -7,25 +7,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from astropy.wcs import WCS
 
 from archive.image.exposure import Exposure, ExposureInfo
 from archive.image.psf import GaussianPSF, add_point_sources
 from archive.process.diffim.alard_lupton import AlardLuptonConfig, same_flux, subtract
 from archive.process.diffim.template import input_fraction, join_templates
 from archive.process.diffim.zogy import zogy_difference
-from diffim_pairs import psf_flux
+from diffim_pairs import psf_flux, tan_wcs
 
 N = 384
-
-
-def _wcs(n: int = N) -> WCS:
-    w = WCS(naxis=2)
-    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    w.wcs.crval = [150.0, 2.0]
-    w.wcs.crpix = [n / 2 + 0.5, n / 2 + 0.5]
-    w.wcs.cdelt = [-0.2 / 3600, 0.2 / 3600]
-    return w
 
 
 def _epochs(seed: int, n_epochs: int = 3, sky_sigma: float = 20.0):
@@ -59,9 +49,9 @@ def test_input_fraction_reads_the_input_map():
 @pytest.mark.parametrize("seed,method", [(3, "al"), (4, "al"), (3, "zogy")])
 def test_a_template_input_differenced_has_pulls_of_one_with_the_covariance(seed, method):
     imgs, var, psf, stars = _epochs(seed)
-    science = Exposure(imgs[0], variance=var, wcs=_wcs(), psf=psf, info=ExposureInfo(band="r", visit=1))
+    science = Exposure(imgs[0], variance=var, wcs=tan_wcs(N), psf=psf, info=ExposureInfo(band="r", visit=1))
     tile = Exposure(np.mean(imgs, axis=0).astype(np.float32), variance=(var / 3).astype(np.float32),
-                    wcs=_wcs(), psf=psf, info=ExposureInfo(band="r"))
+                    wcs=tan_wcs(N), psf=psf, info=ExposureInfo(band="r"))
     imap = np.full((N, N), 0b111, np.int64)
     joined = join_templates(science, [tile], fractions=[input_fraction(imap, [1.0, 1.0, 1.0], 0)])
     assert np.median(joined.fraction) == pytest.approx(1 / 3, rel=1e-3)
@@ -85,8 +75,8 @@ def test_a_template_input_differenced_has_pulls_of_one_with_the_covariance(seed,
 
 def test_overlapping_tiles_of_the_same_inputs_keep_their_noise():
     imgs, var, psf, _ = _epochs(5, n_epochs=1)
-    calexp = Exposure(imgs[0], variance=var, wcs=_wcs(), psf=psf, info=ExposureInfo(band="r"))
-    tile = Exposure(imgs[0].copy(), variance=var.copy(), wcs=_wcs(), psf=psf, info=ExposureInfo(band="r"))
+    calexp = Exposure(imgs[0], variance=var, wcs=tan_wcs(N), psf=psf, info=ExposureInfo(band="r"))
+    tile = Exposure(imgs[0].copy(), variance=var.copy(), wcs=tan_wcs(N), psf=psf, info=ExposureInfo(band="r"))
     frac = np.full((N, N), 0.5, np.float32)
     joined = join_templates(calexp, [tile, tile.copy()], fractions=[frac, None])
     inner = (slice(40, -40), slice(40, -40))
@@ -102,10 +92,10 @@ def test_a_star_that_varied_is_no_kernel_stamp():
     imgs, var, psf, stars = _epochs(6, n_epochs=2)
     inside = (stars[:, 0] > 25) & (stars[:, 0] < N - 25) & (stars[:, 1] > 25) & (stars[:, 1] < N - 25)
     xy = np.rint(stars[inside]).astype(np.int64)
-    src = Exposure(imgs[0], variance=var, wcs=_wcs(), psf=psf)
+    src = Exposure(imgs[0], variance=var, wcs=tan_wcs(N), psf=psf)
     tgt_img = imgs[1].copy()
     add_point_sources(tgt_img, psf, xy[:1, 0].astype(float), xy[:1, 1].astype(float), np.array([4e4]))  # one varied
-    tgt = Exposure(tgt_img, variance=var, wcs=_wcs(), psf=psf)
+    tgt = Exposure(tgt_img, variance=var, wcs=tan_wcs(N), psf=psf)
     keep = same_flux(src, tgt, xy, 12, 0.05)
     assert not keep[0]
     assert keep[1:].mean() > 0.8  # the others (a few with that star as a neighbour) stay
